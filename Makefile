@@ -1,0 +1,53 @@
+# fmnist: `make help` lists the targets. `make test` and `make run` work on a fresh clone: they
+# create .venv and install the project into it first when needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+# `mlflow run` starts commands through `bash -c` and `mlflow models serve` starts `uvicorn` by
+# name: the project's environment must come first on PATH.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+EXPERIMENT ?= fashion-mnist
+UI_PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-all lint run demo ui bench clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
+
+test: $(STAMP) ## Run the test suite (not `slow`; `realdata` tests run when FMNIST_DATA_DIR is set)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: $(STAMP) ## Run every test, slow ones included
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## Run ruff
+	$(BIN)/ruff check fmnist tests bench
+	$(BIN)/ruff format --check fmnist tests bench
+
+run: $(STAMP) ## Full reproduction of the study: MLproject `main` on the embedded store
+	$(BIN)/mlflow run . --env-manager local -e main --experiment-name $(EXPERIMENT)
+
+demo: $(STAMP) ## The same pipeline with quick=true (a few minutes)
+	$(BIN)/mlflow run . --env-manager local -e main --experiment-name $(EXPERIMENT) -P quick=true
+
+ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(UI_PORT) against the project's store
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
+
+bench: $(STAMP) ## Benchmarks against the study's pipeline (needs the real data)
+	$(BIN)/python bench/bench.py
+
+clean: ## Remove caches (keeps .venv and the tracking store)
+	rm -rf .pytest_cache .ruff_cache build *.egg-info

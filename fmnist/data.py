@@ -1,0 +1,315 @@
+"""Fashion-MNIST data layer: locate, validate and load the IDX files, split them as the study did.
+
+The dataset is read through ``torchvision.datasets.FashionMNIST`` from the data directory
+(``--data-dir``, else ``FMNIST_DATA_DIR``, else ``./data``), downloaded only when the files are
+missing and downloading is allowed (``FMNIST_OFFLINE=1`` forbids it). Every file is checked before
+torchvision parses it, so a truncated or corrupt file fails with a message naming it. The whole
+dataset is held as uint8 tensors; batches are index slices converted to float in [0, 1] on demand.
+The train/validation split is the study's stratified 80/20 scikit-learn split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fmnist.errors import DataError
+
+CLASS_NAMES: tuple[str, ...] = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 28
+
+# (file name, IDX magic number, number of dimensions) in torchvision's raw layout.
+RAW_FILES: dict[str, tuple[int, int]] = {
+    "train-images-idx3-ubyte": (2051, 3),
+    "train-labels-idx1-ubyte": (2049, 1),
+    "t10k-images-idx3-ubyte": (2051, 3),
+    "t10k-labels-idx1-ubyte": (2049, 1),
+}
+
+
+@dataclass(frozen=True)
+class FashionMNIST:
+    """The whole dataset in memory as uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    root: Path
+    digest: str
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split's uint8 images and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def float_images(self) -> torch.Tensor:
+        return to_float(self.images)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The study's train / validation / test splits and the indices that define them."""
+
+    train: Split
+    val: Split
+    test: Split
+    train_indices: np.ndarray
+    val_indices: np.ndarray
+    digest: str
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """Return the data directory: the argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
+    chosen = data_dir or os.environ.get("FMNIST_DATA_DIR") or "data"
+    return Path(chosen).expanduser()
+
+
+def offline() -> bool:
+    """True when ``FMNIST_OFFLINE`` forbids download attempts (tests set it)."""
+    return os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def raw_dir(root: Path) -> Path:
+    return root / "FashionMNIST" / "raw"
+
+
+def missing_files(root: Path) -> list[str]:
+    return [name for name in RAW_FILES if not (raw_dir(root) / name).is_file()]
+
+
+def missing_data_message(root: Path, reason: str) -> str:
+    files = ", ".join(RAW_FILES)
+    return (
+        f"Fashion-MNIST was not found in {raw_dir(root.resolve())} and could not be downloaded "
+        f"({reason}). Expected the four uncompressed IDX files {files} in that folder "
+        "(the layout torchvision.datasets.FashionMNIST uses). Point the project at a folder that "
+        "holds them with --data-dir or the FMNIST_DATA_DIR environment variable "
+        "(for example FMNIST_DATA_DIR=../shared/data), or run once with network access so they "
+        "can be downloaded."
+    )
+
+
+def check_idx_file(path: Path, magic: int, ndim: int) -> int:
+    """Check an IDX file's header and size; return the item count. Raises DataError naming it."""
+    size = path.stat().st_size
+    header_len = 4 + 4 * ndim
+    with path.open("rb") as handle:
+        header = handle.read(header_len)
+    if len(header) < header_len:
+        raise DataError(f"{path} is truncated: {size} bytes, shorter than its IDX header.")
+    found_magic = struct.unpack(">I", header[:4])[0]
+    if found_magic != magic:
+        raise DataError(
+            f"{path} is not a valid IDX file: magic number {found_magic}, expected {magic}."
+        )
+    dims = struct.unpack(f">{ndim}I", header[4:])
+    expected = header_len + int(np.prod(dims))
+    if size != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs {expected}."
+        )
+    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, expected 28x28.")
+    return int(dims[0])
+
+
+def ensure_files(root: Path, download: bool | None = None) -> None:
+    """Make sure the four raw files exist, downloading them when allowed."""
+    if not missing_files(root):
+        return
+    allowed = (not offline()) if download is None else download
+    if not allowed:
+        raise DataError(missing_data_message(root, "downloading is disabled by FMNIST_OFFLINE"))
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    try:
+        TorchvisionFashionMNIST(root=str(root), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any network or disk failure means "not available"
+        raise DataError(missing_data_message(root, f"{type(exc).__name__}: {exc}")) from None
+    if missing_files(root):
+        raise DataError(missing_data_message(root, "the download left files missing"))
+
+
+def validate_arrays(images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
+    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"{name}: images must be uint8 28x28, got {images.dtype} {images.shape}.")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"{name}: {images.shape[0]} images but {labels.shape[0]} labels; counts must match."
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
+        raise DataError(
+            f"{name}: labels must lie in 0..9, found {int(labels.min())}..{int(labels.max())}."
+        )
+
+
+def compute_digest(*tensors: torch.Tensor) -> str:
+    """A short sha256 of the arrays' bytes: names the exact data a run used."""
+    sha = hashlib.sha256()
+    for tensor in tensors:
+        sha.update(tensor.contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
+def load_fashion_mnist(
+    data_dir: str | os.PathLike | None = None, download: bool | None = None
+) -> FashionMNIST:
+    """Load and validate both splits of the dataset from the data directory."""
+    root = resolve_data_dir(data_dir)
+    ensure_files(root, download)
+    for name, (magic, ndim) in RAW_FILES.items():
+        check_idx_file(raw_dir(root) / name, magic, ndim)
+    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+
+    parts = {}
+    for train in (True, False):
+        try:
+            dataset = TorchvisionFashionMNIST(root=str(root), train=train, download=False)
+        except Exception as exc:  # noqa: BLE001 - torchvision reports corrupt files generically
+            which = "training" if train else "test"
+            raise DataError(
+                f"Could not read the {which} files in {raw_dir(root)}: {exc}"
+            ) from None
+        images, labels = dataset.data.to(torch.uint8), dataset.targets.to(torch.int64)
+        validate_arrays(images, labels, f"{raw_dir(root)} ({'train' if train else 't10k'})")
+        parts[train] = (images, labels)
+    (train_x, train_y), (test_x, test_y) = parts[True], parts[False]
+    digest = compute_digest(train_x, train_y, test_x, test_y)
+    return FashionMNIST(train_x, train_y, test_x, test_y, root, digest)
+
+
+def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """The study's stratified 80/20 split of the training file, as index arrays."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(
+        indices, test_size=0.2, stratify=labels, random_state=split_seed
+    )
+    return train_idx, val_idx
+
+
+def make_splits(data: FashionMNIST, split_seed: int = 42) -> Splits:
+    train_idx, val_idx = split_indices(data.train_labels.numpy(), split_seed)
+    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return Splits(
+        train=Split(data.train_images[train_t], data.train_labels[train_t]),
+        val=Split(data.train_images[val_t], data.train_labels[val_t]),
+        test=Split(data.test_images, data.test_labels),
+        train_indices=train_idx,
+        val_indices=val_idx,
+        digest=data.digest,
+    )
+
+
+def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42) -> Splits:
+    return make_splits(load_fashion_mnist(data_dir), split_seed)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels to float32 in [0, 1], as torchvision's ToTensor scales them."""
+    return images.to(torch.float32).div_(255.0)
+
+
+def iterate_batches(
+    n: int,
+    batch_size: int,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    drop_last: bool = False,
+    device: torch.device | str | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield index tensors covering ``range(n)`` in batches, shuffled with a seeded generator."""
+    if batch_size <= 0:
+        raise ValueError("batch_size must be positive")
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device="cpu").to(device or "cpu")
+    else:
+        order = torch.arange(n, device=device or "cpu")
+    stop = n - (n % batch_size) if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield order[start : start + batch_size]
+
+
+def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:
+    values = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return np.bincount(values, minlength=NUM_CLASSES)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in IDX format (used for synthetic datasets and exports)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = 2051 if array.ndim == 3 else 2049
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        handle.write(struct.pack(">I", magic))
+        handle.write(struct.pack(f">{array.ndim}I", *array.shape))
+        handle.write(array.tobytes())
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array."""
+    raw = Path(path).read_bytes()
+    if len(raw) < 8:
+        raise DataError(f"{path} is too short to be an IDX file.")
+    zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
+    if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
+        raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    body = raw[4 + 4 * ndim :]
+    if len(body) != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated or corrupt: size does not match its header {dims}.")
+    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
+
+
+def write_synthetic_dataset(
+    root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> Path:
+    """Write a tiny learnable Fashion-MNIST look-alike in the real raw layout under ``root``.
+
+    Each class gets its own bright pattern plus noise, so small models can learn it and tests
+    can assert on accuracy; every class is present in both files.
+    """
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))
+    prototypes = (prototypes > 160).astype(np.float64) * 200.0
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n) % NUM_CLASSES
+        rng.shuffle(labels)
+        noise = rng.normal(0.0, 40.0, size=(n, IMAGE_SIZE, IMAGE_SIZE))
+        images = np.clip(prototypes[labels] + noise + 20.0, 0, 255).astype(np.uint8)
+        return images, labels.astype(np.uint8)
+
+    folder = raw_dir(Path(root))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = make(n)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return Path(root)

@@ -1,0 +1,25 @@
+"""Errors the project reports to users as one clear message and exit code 2, without a traceback.
+
+Library code raises these; the CLI turns them into a message on stderr and, under ``mlflow run``,
+ends the run FAILED with the message recorded on it.
+"""
+
+from __future__ import annotations
+
+
+class FmnistError(Exception):
+    """A problem the user can fix (bad option, missing data, malformed definition)."""
+
+    exit_code = 2
+
+
+class DataError(FmnistError):
+    """The dataset is missing, truncated or invalid."""
+
+
+class ConfigError(FmnistError):
+    """An option or an experiment definition is invalid."""
+
+
+class TrainingDiverged(FmnistError):
+    """The loss became NaN or infinite; the run or trial failed for a final reason."""

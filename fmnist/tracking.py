@@ -1,0 +1,230 @@
+"""MLflow tracking: one way for every command to open, tag, fill and close its runs.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded ``sqlite:///mlflow.db`` in
+the working directory. Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``): the first
+run a command opens resumes it and never switches experiment; called directly, a command creates
+its own run in ``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the
+error recorded, and params that ``mlflow run`` already logged are never re-logged with another
+value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fashion-mnist"
+DATASET_URL = "https://github.com/zalandoresearch/fashion-mnist"
+# An unreachable server must fail fast, not after MLflow's default minutes of retries.
+HTTP_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def redact_uri(uri: str) -> str:
+    """Hide a password in a URI (``user:secret@host`` becomes ``user:***@host``)."""
+    return re.sub(r"(//[^/:@]+):[^@/]+@", r"\1:***@", uri)
+
+
+def configure() -> str:
+    """Point MLflow at the project's store; return the URI in use."""
+    import mlflow
+
+    for key, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def under_mlflow_run() -> bool:
+    """True when ``mlflow run`` started this process and created its run."""
+    return bool(os.environ.get("MLFLOW_RUN_ID"))
+
+
+def fail_pending_run(message: str) -> None:
+    """Under ``mlflow run``, record ``message`` on the run it created and end it FAILED."""
+    if not under_mlflow_run():
+        return
+    import mlflow
+
+    try:
+        configure()
+        client = mlflow.MlflowClient()
+        run_id = os.environ["MLFLOW_RUN_ID"]
+        client.set_tag(run_id, "error", message[:5000])
+        client.set_tag(run_id, "mlflow.note.content", f"Failed: {message}")
+        client.set_terminated(run_id, status="FAILED")
+    except Exception:  # noqa: BLE001 - the store itself may be the problem; the message still prints
+        pass
+
+
+@contextmanager
+def start_run(
+    entry_point: str,
+    model_family: str = "none",
+    experiment_name: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    nested: bool = False,
+) -> Iterator[Any]:
+    """Open (or resume, under ``mlflow run``) a run tagged with entry point and model family.
+
+    The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set; runs opened inside
+    another active run, or with ``parent_run_id``, are nested children. The run ends FINISHED,
+    FAILED (exception, error recorded as a tag) or KILLED (KeyboardInterrupt).
+    """
+    import mlflow
+
+    configure()
+    active = mlflow.active_run()
+    is_child = nested or parent_run_id is not None or active is not None
+    all_tags = {"entry_point": entry_point, "model_family": model_family, **(tags or {})}
+    if not is_child and under_mlflow_run():
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+        if run_name and not run.info.run_name:
+            mlflow.set_tag("mlflow.runName", run_name)
+    elif not is_child:
+        mlflow.set_experiment(experiment_name)
+        run = mlflow.start_run(run_name=run_name, tags=all_tags)
+    else:
+        run = start_child_run(parent_run_id or active.info.run_id, run_name, all_tags)
+    mlflow.set_tags(all_tags)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        record_error("interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        record_error(f"{type(exc).__name__}: {exc}")
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str, str]):
+    """Create a child run explicitly and make it active.
+
+    ``mlflow.start_run()`` would resume ``MLFLOW_RUN_ID`` under ``mlflow run``, and the active run
+    is per thread, so neither names the parent reliably.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    child = client.create_run(
+        parent.info.experiment_id,
+        run_name=run_name,
+        tags={**tags, "mlflow.parentRunId": parent_run_id},
+    )
+    return mlflow.start_run(run_id=child.info.run_id, nested=mlflow.active_run() is not None)
+
+
+def record_error(message: str) -> None:
+    import mlflow
+
+    try:
+        mlflow.set_tag("error", message[:5000])
+    except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
+        pass
+
+
+def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Log params, skipping keys already logged with the same value; return what was logged.
+
+    A key already logged with a different value (``mlflow run`` logs entry-point parameters
+    first) is kept as it is and the new value goes under ``cfg.<key>`` instead.
+    """
+    import mlflow
+
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    to_log: dict[str, str] = {}
+    for key, value in params.items():
+        full = f"{prefix}{key}"
+        text = format_param(value)
+        if full in existing:
+            if existing[full] == text:
+                continue
+            full = f"cfg.{full}"
+            if existing.get(full) == text:
+                continue
+        to_log[full] = text
+    if to_log:
+        mlflow.log_params(to_log)
+    return to_log
+
+
+def format_param(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value))
+    if isinstance(value, Path):
+        return value.name
+    return str(value)
+
+
+def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Log the finite numeric entries of ``metrics`` (NaN would break charts and comparisons)."""
+    import mlflow
+
+    clean = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:
+    """Name the exact data of a run: a dataset input with the arrays' digest, and a tag."""
+    import mlflow
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(source=HTTPDatasetSource(DATASET_URL), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context)
+    mlflow.set_tag("data_digest", digest)
+
+
+def log_text_artifact(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def log_json_artifact(obj: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(obj, artifact_file)
+
+
+def log_file_artifacts(files: Mapping[str, bytes], artifact_path: str | None = None) -> None:
+    """Write raw bytes to a temp folder and log them as artifacts."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            path = Path(tmp) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        mlflow.log_artifacts(tmp, artifact_path)

@@ -1,0 +1,60 @@
+"""Tracking helpers: run creation and resumption, failure status, params never re-logged."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from fmnist import tracking
+
+
+def test_direct_call_creates_a_tagged_run_in_the_experiment(tracking_store):
+    with tracking.start_run("eda", "none", "exp-a", run_name="r1") as run:
+        pass
+    got = mlflow.get_run(run.info.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.tags["entry_point"] == "eda"
+    assert mlflow.get_experiment(got.info.experiment_id).name == "exp-a"
+
+
+def test_resumes_the_run_named_by_mlflow_run_id(tracking_store, monkeypatch):
+    mlflow.set_experiment("made-by-mlflow-run")
+    outer = mlflow.start_run()
+    mlflow.log_param("epochs", "3")
+    mlflow.end_run("RUNNING")
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer.info.run_id)
+    with tracking.start_run("cnn", "cnn", "some-other-experiment") as run:
+        logged = tracking.log_params_safe({"epochs": 5, "lr": 0.1})
+    assert run.info.run_id == outer.info.run_id
+    got = mlflow.get_run(outer.info.run_id)
+    assert got.data.params["epochs"] == "3"
+    assert got.data.params["cfg.epochs"] == "5"
+    assert logged == {"cfg.epochs": "5", "lr": "0.1"}
+    assert mlflow.get_experiment(got.info.experiment_id).name == "made-by-mlflow-run"
+
+
+def test_exception_ends_the_run_failed_with_the_error(tracking_store):
+    with pytest.raises(ValueError):
+        with tracking.start_run("x", "none", "exp-b") as run:
+            raise ValueError("boom")
+    got = mlflow.get_run(run.info.run_id)
+    assert got.info.status == "FAILED"
+    assert "boom" in got.data.tags["error"]
+
+
+def test_child_runs_nest_under_parent_by_id(tracking_store):
+    with tracking.start_run("main", "pipeline", "exp-c") as parent:
+        pass
+    with tracking.start_run("eda", parent_run_id=parent.info.run_id) as child:
+        pass
+    got = mlflow.get_run(child.info.run_id)
+    assert got.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert got.info.experiment_id == parent.info.experiment_id
+
+
+def test_redacts_passwords_in_uris():
+    assert (
+        tracking.redact_uri("postgresql://bob:s3cret@db:5432/x")
+        == "postgresql://bob:***@db:5432/x"
+    )
+    assert tracking.redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
