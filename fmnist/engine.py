@@ -1,8 +1,8 @@
 """The one training engine for every model: ``fit`` trains, ``evaluate`` scores.
 
 In the spirit of pytorch/examples' mnist train/test pair and timm's dict-returning epoch
-functions: plain values in (optimizer name, learning rate, batch size, ...), a per-epoch metrics dict
-out, handed to an ``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna
+functions: plain values in (optimizer name, learning rate, batch size, ...), a per-epoch metrics
+dict out, handed to an ``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna
 pruning. The engine never imports mlflow. Data stays in memory (on the GPU when training there) and
 batches are index slices; uint8 images become float in [0, 1] per batch. Metrics accumulate on the
 device and are read once per epoch, so a GPU run has no per-batch host synchronisation. The best
