@@ -19,6 +19,7 @@ from fmnist.errors import FmnistError
 COMMANDS: dict[str, str] = {
     "info": "fmnist.commands.info:info",
     "pipeline": "fmnist.commands.pipeline:pipeline",
+    "predict": "fmnist.commands.predict:predict",
 }
 
 
