@@ -9,6 +9,7 @@ code 2; under ``mlflow run`` it also ends the run FAILED with the message.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -61,7 +62,13 @@ def cli() -> None:
     """
 
 
+def raise_interrupt(signum, frame) -> None:
+    """SIGTERM behaves like Ctrl-C: open runs end KILLED and trials are marked interrupted."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, raise_interrupt)
     cli.main(prog_name="fmnist", standalone_mode=True)
 
 
