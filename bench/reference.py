@@ -46,6 +46,14 @@ def load_arrays(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
 
+def split_train(x: np.ndarray, y: np.ndarray, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """The training part of the stratified 80/20 split (no PCA: the CNN takes images)."""
+    from sklearn.model_selection import train_test_split
+
+    x_train, _, y_train, _ = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+    return x_train, y_train
+
+
 def split_and_project(x: np.ndarray, y: np.ndarray, seed: int = 42):
     """Stratified 80/20 split and PCA(0.95) fitted on the training part."""
     from sklearn.decomposition import PCA

@@ -1,0 +1,320 @@
+"""Benchmark fmnist against a faithful reference of the study's notebook, in one process run.
+
+Measures, on the real data and on this machine: (1) loading the dataset into arrays, (2) the whole
+dense grid (wall time and best validation accuracy, ours over several seeds), (3) the ``paper``
+CNN's seconds per epoch, (4) pyfunc inference of the registered models (images/s on a batch, p50 latency
+of one image), (5) peak resident memory of the entry points, (6) tracking overhead (the same
+training with and without MLflow logging). Prints a table of ratios reference / ours and writes
+JSON. ``--quick`` shrinks every measurement to finish in about two minutes; ratios then compare
+like with like on the shrunk workloads. Usage: ``python bench/bench.py [--quick] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def time_call(function, *args, **kwargs) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - start, result
+
+
+def bench_loading(data_dir: str) -> dict:
+    """Reference per-sample ToTensor loop vs our validated in-memory loader (torchvision warm)."""
+    from fmnist.data import load_fashion_mnist
+
+    load_fashion_mnist(data_dir)  # imports and page cache warm for both sides
+    ref_seconds, arrays = time_call(reference.load_arrays, data_dir)
+    ours_seconds, _ = time_call(load_fashion_mnist, data_dir)
+    return {"reference_s": ref_seconds, "ours_s": ours_seconds, "arrays": arrays}
+
+
+def bench_dense(arrays, data_dir: str, epochs: int, seeds: list[int], quick: bool) -> dict:
+    """The whole dense grid: the notebook's loop vs ``fmnist dnn-search`` (tracked, registered)."""
+    x, y = arrays[0], arrays[1]
+    points = reference.GRID[::4] if quick else reference.GRID
+    x_train, x_val, y_train, y_val, _ = reference.split_and_project(x, y)
+    ref_seconds, ref = time_call(
+        reference.run_dense_grid, x_train, y_train, x_val, y_val, epochs, 0, points
+    )
+    ours = [run_our_search(data_dir, epochs, seed, quick) for seed in seeds]
+    walls = [o["seconds"] for o in ours]
+    accs = [o["best_val_accuracy"] for o in ours]
+    return {
+        "reference_s": ref_seconds + 0.0,
+        "reference_best_val": ref["best_val_accuracy"],
+        "ours_s": statistics.median(walls),
+        "ours_s_all": walls,
+        "ours_best_val_mean": statistics.mean(accs),
+        "ours_best_val_std": statistics.pstdev(accs),
+        "ours_best_val_all": accs,
+        "ours_test_all": [o["test_accuracy"] for o in ours],
+        "points": len(points),
+        "epochs": epochs,
+    }
+
+
+def run_our_search(data_dir: str, epochs: int, seed: int, quick: bool) -> dict:
+    """One ``fmnist dnn-search`` in a subprocess on a fresh store, timed end to end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        grid = ROOT / "experiments" / ("dnn_bench_quick.yaml" if quick else "dnn_grid.yaml")
+        command = [
+            sys.executable,
+            "-m",
+            "fmnist",
+            "dnn-search",
+            "--data-dir",
+            data_dir,
+            "--seed",
+            str(seed),
+            "--epochs",
+            str(epochs),
+            "--grid",
+            str(grid),
+            "--quiet",
+            "--experiment-name",
+            "bench",
+        ]
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        start = time.perf_counter()
+        done = subprocess.run(
+            command, cwd=tmp, env=env, capture_output=True, text=True, check=False
+        )
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"dnn-search failed: {done.stderr[-2000:]}")
+        import mlflow
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        runs = mlflow.search_runs(
+            experiment_names=["bench"],
+            output_format="list",
+            filter_string="tags.entry_point = 'dnn_search'",
+        )
+        parent = [r for r in runs if "best_val_accuracy" in r.data.metrics][0]
+        return {
+            "seconds": seconds,
+            "best_val_accuracy": parent.data.metrics["best_val_accuracy"],
+            "test_accuracy": parent.data.metrics.get("test_accuracy"),
+        }
+
+
+def bench_paper_cnn(arrays, data_dir: str, limit: int | None) -> dict:
+    """One epoch of the paper CNN at batch 128: DataLoader reference vs our engine."""
+    from fmnist.data import Split, load_fashion_mnist, make_splits
+    from fmnist.engine import train_one_epoch
+    from fmnist.models import build_model
+
+    x_train, y_train = reference.split_train(arrays[0], arrays[1])
+    ref = reference.time_paper_cnn_epoch(x_train, y_train, limit=limit)
+    splits = make_splits(load_fashion_mnist(data_dir), 42)
+    n = len(splits.train) if limit is None else min(limit, len(splits.train))
+    train = Split(splits.train.images[:n], splits.train.labels[:n])
+    torch.manual_seed(0)
+    model = build_model({"family": "cnn", "arch": "paper"})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    seconds, _ = time_call(
+        train_one_epoch,
+        model,
+        train,
+        optimizer,
+        batch_size=128,
+        generator=generator,
+        device=torch.device("cpu"),
+    )
+    return {
+        "reference_s": ref["seconds"],
+        "ours_s": seconds,
+        "images": n,
+        "reference_images_per_s": ref["images_per_second"],
+        "ours_images_per_s": n / seconds,
+    }
+
+
+def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
+    """One dense grid point trained by the engine, without and with per-epoch MLflow logging."""
+    import mlflow
+
+    from fmnist import tracking
+    from fmnist.data import Split, load_fashion_mnist, make_splits
+    from fmnist.engine import fit
+    from fmnist.models.dense import build_mlp, fit_pca, project
+
+    splits = make_splits(load_fashion_mnist(data_dir), 42)
+    layer = fit_pca(splits.train.images, 0.95).layer()
+    train = Split(project(layer, splits.train.images), splits.train.labels)
+    val = Split(project(layer, splits.val.images), splits.val.labels)
+
+    def train_once(callback) -> float:
+        torch.manual_seed(0)
+        model = build_mlp(train.images.shape[1], [64])
+        seconds, _ = time_call(
+            fit,
+            model,
+            train,
+            val,
+            optimizer="adam",
+            batch_size=64,
+            epochs=epochs,
+            quiet=True,
+            on_epoch_end=callback,
+        )
+        return seconds
+
+    plain = train_once(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        with tracking.start_run("bench", "dnn", "bench-overhead"):
+            logged = train_once(lambda epoch, m: tracking.log_metrics_finite(m, step=epoch))
+            mlflow.end_run()
+    return {"plain_s": plain, "tracked_s": logged, "overhead": logged / plain - 1}
+
+
+def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
+    """Train tiny tracked models through the entry points (peak RSS each), then time pyfunc."""
+    from fmnist.compare import measure_inference
+    from fmnist.data import load_fashion_mnist
+
+    results: dict = {"rss_mb": {}, "inference": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        grid = ROOT / "experiments" / "dnn_bench_quick.yaml"
+        commands = {
+            "eda": ["eda", "--tsne-samples", "1000" if quick else "5000"],
+            "dnn_search": ["dnn-search", "--epochs", "2" if quick else "30"]
+            + (["--grid", str(grid)] if quick else []),
+            "cnn": ["cnn", "--recipe", "paper", "--epochs", "1"],
+        }
+        for name, args in commands.items():
+            results["rss_mb"][name] = peak_rss_mb(
+                [
+                    sys.executable,
+                    "-m",
+                    "fmnist",
+                    *args,
+                    "--data-dir",
+                    data_dir,
+                    "--quiet",
+                    "--experiment-name",
+                    "bench",
+                ],
+                env,
+                tmp,
+            )
+        os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+        images = load_fashion_mnist(data_dir).test_images.numpy().astype(np.float32) / 255.0
+        images = images[:2000] if quick else images
+        for model in ("fmnist-dnn", "fmnist-cnn"):
+            results["inference"][model] = measure_inference(f"models:/{model}@champion", images)
+    return results
+
+
+def peak_rss_mb(command: list[str], env: dict, cwd: str) -> float:
+    """Peak resident memory of a command and its children, in MB (ru_maxrss of the waiter)."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *command],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{command[3:5]} failed: {done.stderr[-2000:]}")
+    return int(done.stdout.strip().splitlines()[-1]) / 1024
+
+
+def table(results: dict) -> str:
+    d, c, t = results["dense"], results["cnn"], results["tracking"]
+    lines = [
+        f"machine: {results['machine']}",
+        "",
+        "| measurement | reference | ours | ratio ref/ours | target |",
+        "|---|---|---|---|---|",
+        f"| load dataset (s) | {results['loading']['reference_s']:.2f} | "
+        f"{results['loading']['ours_s']:.3f} | "
+        f"{results['loading']['reference_s'] / results['loading']['ours_s']:.0f}x | >= 10x |",
+        f"| dense grid {d['points']} pts x {d['epochs']} ep, wall (s) | "
+        f"{d['reference_s']:.1f} | {d['ours_s']:.1f} | "
+        f"{d['reference_s'] / d['ours_s']:.1f}x | >= 4x |",
+        f"| dense grid best val acc | {d['reference_best_val']:.4f} | "
+        f"{d['ours_best_val_mean']:.4f} ± {d['ours_best_val_std']:.4f} "
+        f"({len(d['ours_best_val_all'])} seeds) | | equal within spread |",
+        f"| paper CNN epoch ({c['images']} images, s) | {c['reference_s']:.1f} | "
+        f"{c['ours_s']:.1f} | {c['reference_s'] / c['ours_s']:.2f}x | >= 1.5x |",
+        f"| tracking overhead (dense point) | {t['plain_s']:.1f} s untracked | "
+        f"{t['tracked_s']:.1f} s tracked | {100 * t['overhead']:+.1f}% | <= 5% |",
+    ]
+    for name, mb in results["memory"]["rss_mb"].items():
+        lines.append(f"| peak RSS `{name}` (MB) | | {mb:.0f} | | <= 2048 |")
+    for name, inf in results["memory"]["inference"].items():
+        lines.append(
+            f"| pyfunc `{name}` images/s, p50 1 image | | "
+            f"{inf['inference_images_per_second']:.0f} /s, "
+            f"{inf['latency_p50_ms']:.2f} ms | | |"
+        )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="Shrunk workloads, about two minutes.")
+@click.option("--data-dir", default=lambda: os.environ.get("FMNIST_DATA_DIR", "data"))
+@click.option("--seeds", default=3, show_default=True, help="Seeds for our dense grid.")
+@click.option("--out", default="bench/results/bench.json", show_default=True)
+def main(quick: bool, data_dir: str, seeds: int, out: str) -> None:
+    """Run every benchmark, print the table, write JSON."""
+    os.environ.setdefault("FMNIST_OFFLINE", "1")
+    loading = bench_loading(data_dir)
+    arrays = loading.pop("arrays")
+    epochs = 2 if quick else 30
+    results = {
+        "machine": machine(),
+        "quick": quick,
+        "loading": loading,
+        "dense": bench_dense(arrays, data_dir, epochs, list(range(1 if quick else seeds)), quick),
+        "cnn": bench_paper_cnn(arrays, data_dir, 6000 if quick else None),
+        "tracking": bench_tracking_overhead(data_dir, 2 if quick else 10),
+    }
+    results["memory"] = bench_inference_and_memory(data_dir, quick)
+    text = table(results)
+    click.echo(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(results, indent=2, default=float))
+    click.echo(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
