@@ -1,12 +1,13 @@
 """Benchmark fmnist against a faithful reference of the study's notebook, in one process run.
 
-Measures, on the real data and on this machine: (1) loading the dataset into arrays, (2) the whole
-dense grid (wall time and best validation accuracy, ours over several seeds), (3) the ``paper``
-CNN's seconds per epoch, (4) pyfunc inference of the registered models (images/s on a batch, p50 latency
-of one image), (5) peak resident memory of the entry points, (6) tracking overhead (the same
-training with and without MLflow logging). Prints a table of ratios reference / ours and writes
-JSON. ``--quick`` shrinks every measurement to finish in about two minutes; ratios then compare
-like with like on the shrunk workloads. Usage: ``python bench/bench.py [--quick] [--out FILE]``.
+Measures, on the real data and on this machine: (1) loading the dataset into arrays, (2) the
+whole dense grid (wall time and best validation accuracy, ours over several seeds), (3) the
+``paper`` CNN's seconds per epoch, (4) pyfunc inference of the registered models (images/s on a
+batch, p50 latency of one image), (5) peak resident memory of the entry points, (6) tracking
+overhead (the same training with and without MLflow logging). Prints a table of ratios
+reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two minutes;
+ratios then compare like with like on the shrunk workloads. Usage:
+``python bench/bench.py [--quick] [--out FILE]``.
 """
 
 from __future__ import annotations
