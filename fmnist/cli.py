@@ -18,6 +18,10 @@ from fmnist.errors import FmnistError
 
 # command name -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
+    "eda": "fmnist.commands.eda:eda",
+    "compare": "fmnist.commands.compare:compare",
+    "cnn": "fmnist.commands.cnn:cnn",
+    "dnn-search": "fmnist.commands.dnn_search:dnn_search",
     "info": "fmnist.commands.info:info",
     "pipeline": "fmnist.commands.pipeline:pipeline",
     "predict": "fmnist.commands.predict:predict",

@@ -117,6 +117,9 @@ def find_model_uri(run_id: str) -> str | None:
     import mlflow
 
     client = mlflow.MlflowClient()
+    tagged = client.get_run(run_id).data.tags.get("registered_model_uri")
+    if tagged:
+        return tagged
     run_ids = [run_id] + [
         r.info.run_id
         for r in client.search_runs(

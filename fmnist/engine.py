@@ -147,9 +147,20 @@ class WeightEMA:
             ema_buf.copy_(buf)
 
 
+def cpu_bf16_supported() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def autocast_for(device: torch.device, bf16: bool):
+    """bf16 autocast for the forward pass on CUDA, and on CPUs with native bf16; else a no-op."""
     if bf16 and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if bf16 and device.type == "cpu" and cpu_bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 

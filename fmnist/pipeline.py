@@ -17,6 +17,10 @@ from fmnist.commands import CommonConfig
 # (step name, "module:function"), in run order.
 STEPS: list[tuple[str, str]] = [
     ("data", "fmnist.pipeline:run_data_step"),
+    ("eda", "fmnist.eda:run_eda_step"),
+    ("dnn_search", "fmnist.dnn:run_dnn_step"),
+    ("cnn", "fmnist.cnn:run_cnn_step"),
+    ("compare", "fmnist.compare:run_compare_step"),
 ]
 
 

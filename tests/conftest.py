@@ -26,6 +26,15 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("fmnist-data"), 200, 50, seed=0)
 
 
+def forget_active_experiment() -> None:
+    """``mlflow.set_experiment`` caches the experiment id in a global and in the environment;
+    a later test on another store must not inherit it."""
+    import mlflow.tracking.fluent as fluent
+
+    fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
 @pytest.fixture()
 def tracking_store(tmp_path, monkeypatch) -> str:
     """A fresh SQLite tracking store (and artifact folder) for one test."""
@@ -36,10 +45,12 @@ def tracking_store(tmp_path, monkeypatch) -> str:
     monkeypatch.chdir(tmp_path)
     import mlflow
 
+    forget_active_experiment()
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    forget_active_experiment()
 
 
 @pytest.fixture()
@@ -47,3 +58,55 @@ def real_data_dir() -> Path:
     if not REAL_DATA_DIR or not Path(REAL_DATA_DIR).is_dir():
         pytest.skip("FMNIST_DATA_DIR is not set to the real Fashion-MNIST")
     return Path(REAL_DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline(synthetic_data_dir, tmp_path_factory):
+    """Run the `main` pipeline once with quick=true on the synthetic data, in its own store.
+
+    Tests that need trained and registered models (predict, serving, compare, registry loading)
+    share it instead of training their own. Yields (tracking URI, the pipeline's step results).
+    """
+    import mlflow
+
+    from fmnist.commands import CommonConfig
+    from fmnist.pipeline import PipelineConfig, run_pipeline
+
+    folder = tmp_path_factory.mktemp("pipeline-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        mlflow.set_tracking_uri(uri)
+        common = CommonConfig(data_dir=str(synthetic_data_dir), experiment_name="pipeline",
+                              quiet=True)
+        results = run_pipeline(PipelineConfig(common=common, quick=True))
+    finally:
+        forget_active_experiment()
+        os.chdir(cwd)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    yield uri, results
+
+
+@pytest.fixture()
+def use_pipeline_store(quick_pipeline, monkeypatch, tmp_path):
+    """Point MLflow at the quick pipeline's store for one test."""
+    import mlflow
+
+    uri, results = quick_pipeline
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    forget_active_experiment()
+    mlflow.set_tracking_uri(uri)
+    yield uri, results
+    while mlflow.active_run():
+        mlflow.end_run()
+    forget_active_experiment()

@@ -1,0 +1,101 @@
+"""Batched image augmentation in pure torch ops, for training on whichever device holds the data.
+
+Every transform works on a whole float batch (B, 28, 28) at once, with per-image randomness drawn
+as tensors on the batch's device: random translation (a random crop of the zero-padded image),
+horizontal flip and random erasing. There is no per-image Python loop and no host round trip, so a
+GPU step stays asynchronous. ``make_augment`` returns the ``augment(images, generator)`` callable
+the engine applies to each training batch, or None when every transform is off. Randomness comes
+from ``generator`` when one is given (it must live on the batch's device), else from torch's
+global generator, which the engine seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+
+
+def uniform(n: int, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, device=images.device, generator=generator)
+
+
+def random_crop(
+    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Shift each image by up to ``padding`` pixels each way, filling with zeros (black)."""
+    if padding <= 0:
+        return images
+    batch, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    span = 2 * padding + 1
+    dy = (uniform(batch, images, generator) * span).long().clamp_max(span - 1)
+    dx = (uniform(batch, images, generator) * span).long().clamp_max(span - 1)
+    rows = dy[:, None] + torch.arange(height, device=images.device)  # (B, H)
+    cols = dx[:, None] + torch.arange(width, device=images.device)  # (B, W)
+    index = torch.arange(batch, device=images.device)[:, None, None]
+    return padded[index, rows[:, :, None], cols[:, None, :]]
+
+
+def random_flip(
+    images: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    if p <= 0:
+        return images
+    flip = uniform(images.shape[0], images, generator) < p
+    return torch.where(flip[:, None, None], images.flip(-1), images)
+
+
+def random_erasing(
+    images: torch.Tensor,
+    p: float,
+    generator: torch.Generator | None = None,
+    scale: tuple[float, float] = (0.02, 0.33),
+    ratio: tuple[float, float] = (0.3, 3.3),
+) -> torch.Tensor:
+    """Zero one random rectangle per image with probability ``p`` (as torchvision's RandomErasing).
+
+    The rectangle covers ``scale`` of the image area with aspect ratio in ``ratio`` (log-uniform),
+    clipped to the image.
+    """
+    if p <= 0:
+        return images
+    batch, height, width = images.shape
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniform(batch, images, generator))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(batch, images, generator))
+    h = torch.sqrt(area * aspect).round().clamp(1, height)
+    w = torch.sqrt(area / aspect).round().clamp(1, width)
+    top = (uniform(batch, images, generator) * (height - h + 1)).floor()
+    left = (uniform(batch, images, generator) * (width - w + 1)).floor()
+    apply = uniform(batch, images, generator) < p
+    ys = torch.arange(height, device=images.device)[None, :, None]
+    xs = torch.arange(width, device=images.device)[None, None, :]
+    inside = (
+        (ys >= top[:, None, None])
+        & (ys < (top + h)[:, None, None])
+        & (xs >= left[:, None, None])
+        & (xs < (left + w)[:, None, None])
+        & apply[:, None, None]
+    )
+    return images.masked_fill(inside, 0.0)
+
+
+def make_augment(
+    crop_padding: int = 0, flip: bool = False, erasing: float = 0.0
+) -> Augment | None:
+    """The engine's ``augment`` callable for these settings, or None when all are off."""
+    if crop_padding <= 0 and not flip and erasing <= 0:
+        return None
+
+    def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        images = random_crop(images, crop_padding, generator)
+        if flip:
+            images = random_flip(images, 0.5, generator)
+        return random_erasing(images, erasing, generator)
+
+    return augment

@@ -1,0 +1,68 @@
+"""``fmnist cnn`` (MLproject ``cnn``): train a CNN recipe, evaluate it, register ``fmnist-cnn``.
+
+The overrides ``--epochs``, ``--batch-size``, ``--lr`` and ``--weight-decay`` default to ``auto``,
+which means "the recipe's value"; the resolved values are logged under ``cfg.*``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from fmnist.commands import common_options, pop_common
+from fmnist.errors import ConfigError
+
+AUTO = "auto"
+
+
+def parse_override(name: str, text: str, kind: type) -> int | float | None:
+    """``auto`` (or empty) -> None; otherwise the number, as ``kind``."""
+    text = str(text).strip()
+    if text.lower() in {"", AUTO}:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--{name} must be a number or {AUTO!r}, got {text!r}.") from None
+    if kind is int:
+        if not value.is_integer():
+            raise ConfigError(f"--{name} must be a whole number or {AUTO!r}, got {text!r}.")
+        return int(value)
+    return value
+
+
+@click.command()
+@click.option(
+    "--recipe",
+    default="fast",
+    show_default=True,
+    help="Recipe in experiments/cnn (paper, fast, best) or a path to a recipe YAML file.",
+)
+@click.option("--epochs", default=AUTO, show_default=True, help="Epochs (auto: the recipe's).")
+@click.option(
+    "--batch-size", default=AUTO, show_default=True, help="Batch size (auto: the recipe's)."
+)
+@click.option("--lr", default=AUTO, show_default=True, help="Learning rate (auto: the recipe's).")
+@click.option(
+    "--weight-decay", default=AUTO, show_default=True, help="Weight decay (auto: the recipe's)."
+)
+@common_options
+def cnn(recipe: str, epochs: str, batch_size: str, lr: str, weight_decay: str, **kwargs) -> None:
+    """Train a CNN recipe, log it to MLflow and register it as fmnist-cnn."""
+    from fmnist.cnn import CnnConfig, run_cnn
+
+    cfg = CnnConfig(
+        common=pop_common(kwargs),
+        recipe=recipe,
+        epochs=parse_override("epochs", epochs, int),
+        batch_size=parse_override("batch-size", batch_size, int),
+        lr=parse_override("lr", lr, float),
+        weight_decay=parse_override("weight-decay", weight_decay, float),
+    )
+    summary = run_cnn(cfg)
+    click.echo(
+        f"recipe {summary['recipe']}: test accuracy {summary['test_accuracy']:.4f}, best "
+        f"validation accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+        f"{summary['parameter_count']:,} parameters, training {summary['train_seconds']} s"
+    )
+    click.echo(f"run {summary['run_id']}; version alias: {summary['alias']}")
+    click.echo(f"model URI: {summary['model_uri']}")

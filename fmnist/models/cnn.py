@@ -1,0 +1,168 @@
+"""Convolutional classifiers: the study's ``paper`` network and a configurable residual family.
+
+``paper`` is the network of the study's published notebook, layer for layer: four 3x3 convolutions
+without padding (1→16, max-pool, 16→32, 32→64, max-pool, 64→128), BatchNorm and LeakyReLU(0.2)
+after all but the last, flattened to 512 features, then a 512→256→128→10 ReLU head. ``resnet`` is
+the stronger family the ``fast`` and ``best`` recipes and the CNN search use: a padded 3x3 stem,
+then ``stages`` stages that each widen (``width`` doubling per stage), max-pool and add ``blocks``
+residual blocks, global average pooling, dropout and one linear layer. Its spec keys (``width``,
+``blocks``, ``stages``, ``dropout``, ``stem_pool``) are plain numbers so a search can sample them.
+Every model takes float32 (N, 28, 28) images in [0, 1], adds the channel dimension itself and
+returns (N, 10) logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ARCHITECTURES = ("paper", "resnet")
+
+
+def conv_bn(c_in: int, c_out: int, padding: int, activation: nn.Module) -> list[nn.Module]:
+    # The conv bias is redundant in front of BatchNorm, except in the paper network (kept as is).
+    return [
+        nn.Conv2d(c_in, c_out, 3, padding=padding, bias=padding == 0),
+        nn.BatchNorm2d(c_out),
+        activation,
+    ]
+
+
+class PaperCNN(nn.Module):
+    """The study's CNN as its notebook builds it (convolutions without padding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *conv_bn(1, 16, 0, nn.LeakyReLU(0.2)),  # 28 -> 26
+            nn.MaxPool2d(2),  # -> 13
+            *conv_bn(16, 32, 0, nn.LeakyReLU(0.2)),  # -> 11
+            *conv_bn(32, 64, 0, nn.LeakyReLU(0.2)),  # -> 9
+            nn.MaxPool2d(2),  # -> 4
+            nn.Conv2d(64, 128, 3),  # -> 2: 128 x 2 x 2 = 512 features
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(512, 256),
+            nn.ReLU(),
+            nn.Linear(256, 128),
+            nn.ReLU(),
+            nn.Linear(128, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images.unsqueeze(1)))
+
+
+class ResidualBlock(nn.Module):
+    """Two padded 3x3 conv-BN-ReLU layers added to their input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_bn(channels, channels, 1, nn.ReLU(inplace=True)),
+            *conv_bn(channels, channels, 1, nn.ReLU(inplace=True)),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNet(nn.Module):
+    """Stem, ``stages`` x (widen, max-pool, ``blocks`` residual blocks), pool, dropout, linear."""
+
+    def __init__(
+        self,
+        width: int = 32,
+        blocks: int = 1,
+        stages: int = 3,
+        dropout: float = 0.0,
+        stem_pool: bool = False,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = conv_bn(1, width, 1, nn.ReLU(inplace=True))
+        if stem_pool:
+            # Halving the 28x28 map right after the stem makes every later layer 4x cheaper.
+            layers.append(nn.MaxPool2d(2))
+        channels = width
+        for stage in range(stages):
+            out = width * 2**stage
+            layers += conv_bn(channels, out, 1, nn.ReLU(inplace=True))
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            layers += [ResidualBlock(out) for _ in range(blocks)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(channels, 10),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images.unsqueeze(1)))
+
+
+def build_cnn(arch: str = "paper", **options) -> nn.Module:
+    """Build a CNN from its spec (``family`` already removed): ``arch`` plus its options."""
+    if arch == "paper":
+        if options:
+            raise ValueError(f"the paper CNN takes no options, got {sorted(options)}")
+        return PaperCNN()
+    if arch == "resnet":
+        return build_resnet(**options)
+    raise ValueError(f"unknown CNN arch {arch!r} (known: {', '.join(ARCHITECTURES)})")
+
+
+def build_resnet(
+    width: int = 32,
+    blocks: int = 1,
+    stages: int = 3,
+    dropout: float = 0.0,
+    stem_pool: bool = False,
+) -> ResNet:
+    """Validate the residual family's options (they may come from a search) and build it."""
+    if int(width) < 1 or int(blocks) < 0 or not 1 <= int(stages) <= 4:
+        raise ValueError(f"invalid resnet spec: width {width}, blocks {blocks}, stages {stages}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return ResNet(int(width), int(blocks), int(stages), float(dropout), bool(stem_pool))
+
+
+def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str, tuple]]:
+    """(name, layer type, output shape) of every leaf layer for a dummy batch, in call order."""
+    rows: list[tuple[str, str, tuple]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if not list(module.children()):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, _i, out, name=name: rows.append(
+                        (name, type(m).__name__, tuple(out.shape[1:]))
+                    )
+                )
+            )
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(batch, 28, 28, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return rows
+
+
+def describe(model: nn.Module) -> str:
+    """Text summary: each layer's output shape and parameter count, the total, the module tree."""
+    sizes = layer_output_sizes(model)
+    params = dict(model.named_modules())
+    lines = [f"{'layer':<28} {'type':<18} {'output':<16} {'params':>9}"]
+    for name, kind, shape in sizes:
+        count = sum(p.numel() for p in params[name].parameters())
+        lines.append(f"{name:<28} {kind:<18} {str(shape):<16} {count:>9,}")
+    total = sum(p.numel() for p in model.parameters())
+    lines += ["", f"total parameters: {total:,}", "", str(model)]
+    return "\n".join(lines) + "\n"

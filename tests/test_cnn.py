@@ -1,0 +1,234 @@
+"""Tests for the CNN entry point: the paper network's shapes, batched augmentation, every recipe
+for one epoch on the synthetic fixture (params, per-epoch metrics, evaluation artifacts, a
+registered ``fmnist-cnn`` version that loads in a fresh process and scores as the run logged),
+clear errors for bad options, and one run through ``mlflow run . -e cnn``.
+
+The three recipe runs share one module-scoped tracking store (each registration exports a graph);
+``best`` is shrunk to width 8 so it trains in a second on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fmnist.augment import make_augment, random_crop, random_erasing, random_flip
+from fmnist.cli import cli
+from fmnist.cnn import CnnConfig, run_cnn
+from fmnist.commands import CommonConfig
+from fmnist.evaluation import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
+from fmnist.models.cnn import build_cnn, describe, layer_output_sizes
+from tests.helpers import mlflow_run
+
+RECIPES = ("paper", "fast", "best")
+SHRINK = {"best": {"width": 8}}
+EPOCH_METRICS = ("train_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
+
+
+def test_paper_network_matches_the_study_layer_sizes():
+    model = build_cnn(arch="paper")
+    sizes = layer_output_sizes(model)
+    convs = [shape for _, kind, shape in sizes if kind == "Conv2d"]
+    assert convs == [(16, 26, 26), (32, 11, 11), (64, 9, 9), (128, 2, 2)]
+    assert [shape for _, kind, shape in sizes if kind == "Flatten"] == [(512,)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (512, 256),
+        (256, 128),
+        (128, 10),
+    ]
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 3
+    assert model(torch.rand(3, 28, 28)).shape == (3, 10)
+    assert "total parameters" in describe(model)
+
+
+@pytest.mark.parametrize("spec", [{"width": 4, "blocks": 2}, {"width": 4, "stem_pool": True}])
+def test_resnet_family_maps_images_to_logits(spec):
+    model = build_cnn(arch="resnet", dropout=0.1, **spec)
+    assert model(torch.rand(2, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError):
+        build_cnn(arch="resnet", width=0)
+
+
+def test_augmentations_are_batched_and_keep_shapes():
+    torch.manual_seed(0)
+    images = torch.rand(64, 28, 28)
+    shifted = random_crop(images, 2)
+    assert shifted.shape == images.shape
+    # a shift by (dy, dx) keeps a 24x24 window of the original somewhere
+    assert not torch.equal(shifted, images)
+    flipped = random_flip(images, 1.0)
+    assert torch.equal(flipped, images.flip(-1))
+    erased = random_erasing(images, 1.0)
+    zeroed = (erased == 0).flatten(1).sum(1)
+    assert bool((zeroed >= 1).all()) and bool((zeroed <= 0.4 * 784).all())
+    assert make_augment() is None
+    augment = make_augment(crop_padding=2, flip=True, erasing=0.5)
+    torch.manual_seed(1)
+    first = augment(images, None)
+    torch.manual_seed(1)
+    assert torch.equal(first, augment(images, None))
+
+
+def run_through_mlflow_run(recipe: str, data_dir, uri: str) -> dict:
+    """Train ``recipe`` via ``mlflow run . -e cnn``; return its run id and model URI."""
+    params = {"recipe": recipe, "epochs": "1", "device": "cpu", "seed": "0"}
+    done = mlflow_run("cnn", {**params, "data_dir": str(data_dir)}, uri)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = mlflow.search_runs(
+        experiment_names=["tests"],
+        filter_string=f"tags.recipe = '{recipe}'",
+        output_format="list",
+    )
+    (version,) = mlflow.MlflowClient().search_model_versions(
+        f"name = 'fmnist-cnn' and run_id = '{run.info.run_id}'"
+    )
+    assert f"models:/fmnist-cnn/{version.version}" in done.stdout
+    return {"run_id": run.info.run_id, "model_uri": f"models:/fmnist-cnn/{version.version}"}
+
+
+def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
+    """bf16 autocast (native-bf16 CPUs; float32 elsewhere) plus augmentation still learns."""
+    from fmnist.data import load_splits
+    from fmnist.engine import fit
+
+    splits = load_splits(synthetic_data_dir)
+    torch.manual_seed(0)
+    model = build_cnn(arch="resnet", width=8, blocks=0, stem_pool=True)
+    model = model.to(memory_format=torch.channels_last)
+    result = fit(
+        model,
+        splits.train,
+        splits.val,
+        optimizer="adamw",
+        lr=0.02,
+        batch_size=32,
+        epochs=8,
+        schedule="onecycle",
+        augment=make_augment(crop_padding=1, flip=True),
+        bf16=True,
+        quiet=True,
+    )
+    assert result.best_val_accuracy >= 0.5, [h["val_accuracy"] for h in result.history]
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(synthetic_data_dir, tmp_path_factory):
+    """Each recipe trained for one epoch into one temp store (``paper`` through ``mlflow run``,
+    the others in-process); yields their run ids and model URIs."""
+    folder = tmp_path_factory.mktemp("cnn-store")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        summaries = {"paper": run_through_mlflow_run("paper", synthetic_data_dir, uri)}
+        common = CommonConfig(
+            data_dir=str(synthetic_data_dir),
+            seed=0,
+            device="cpu",
+            experiment_name="tests",
+            quiet=True,
+        )
+        for name in RECIPES[1:]:
+            config = CnnConfig(
+                common=common, recipe=name, epochs=1, model_overrides=SHRINK.get(name)
+            )
+            summaries[name] = run_cnn(config)
+        yield {"uri": uri, "summaries": summaries, "data_dir": synthetic_data_dir}
+        while mlflow.active_run():
+            mlflow.end_run()
+    mlflow.set_tracking_uri(previous_uri)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_run_logs_params_metrics_and_artifacts(recipe_runs, recipe):
+    summary = recipe_runs["summaries"][recipe]
+    run = mlflow.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["entry_point"] == "cnn" and run.data.tags["model_family"] == "cnn"
+    params = run.data.params
+    assert params["recipe"] == recipe and params["epochs"] == "1" and params["lr"] == "auto"
+    assert params["cfg.epochs"] == "1" and params["seed"] == "0"
+    if recipe == "paper":  # the notebook's settings, resolved from the recipe
+        assert (params["cfg.lr"], params["cfg.batch_size"], params["cfg.optimizer"]) == (
+            "0.001",
+            "128",
+            "adam",
+        )
+    assert params["cfg.model.arch"] == ("paper" if recipe == "paper" else "resnet")
+    assert run.data.metrics["parameter_count"] > 0
+    client = mlflow.MlflowClient()
+    for key in EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1], key
+    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    artifacts = set()
+    for folder in ("", "evaluation", "evaluation/test"):
+        artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder or None)}
+    assert "architecture.txt" in artifacts
+    for name in SPLIT_ARTIFACTS:
+        assert f"evaluation/test/{name}" in artifacts
+    for name in HISTORY_ARTIFACTS:
+        assert f"evaluation/{name}" in artifacts
+
+
+def test_registered_versions_load_in_a_fresh_process_and_score_as_logged(recipe_runs):
+    """Every version (flip averaging included) maps (N, 28, 28) float32 to (N, 10) probabilities
+    and reproduces the test accuracy its run logged; the champion is loaded as @champion."""
+    summaries = recipe_runs["summaries"]
+    assert sorted(s["model_uri"] for s in summaries.values()) == [
+        f"models:/fmnist-cnn/{v}" for v in (1, 2, 3)
+    ]
+    champion = mlflow.MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
+    expected = {}
+    for summary in summaries.values():
+        uri = summary["model_uri"]
+        if uri == f"models:/fmnist-cnn/{champion.version}":
+            uri = "models:/fmnist-cnn@champion"
+        expected[uri] = mlflow.get_run(summary["run_id"]).data.metrics["test_accuracy"]
+    assert "models:/fmnist-cnn@champion" in expected
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import mlflow, numpy as np
+        from fmnist.data import raw_dir, read_idx
+        from pathlib import Path
+        mlflow.set_tracking_uri({recipe_runs["uri"]!r})
+        folder = raw_dir(Path({str(recipe_runs["data_dir"])!r}))
+        images = read_idx(folder / "t10k-images-idx3-ubyte").astype(np.float32) / 255.0
+        labels = read_idx(folder / "t10k-labels-idx1-ubyte")
+        out = {{}}
+        for uri in {sorted(expected)!r}:
+            probs = np.asarray(mlflow.pyfunc.load_model(uri).predict(images))
+            assert probs.shape == (len(images), 10) and probs.dtype == np.float32, probs.shape
+            assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+            out[uri] = float((probs.argmax(axis=1) == labels).mean())
+        print(json.dumps(out))
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = json.loads(done.stdout.strip().splitlines()[-1])
+    for uri, accuracy in expected.items():
+        assert scored[uri] == pytest.approx(accuracy, abs=1e-6), uri
+
+
+def test_bad_override_and_unknown_recipe_fail_cleanly(tracking_store, synthetic_data_dir):
+    runner = CliRunner()
+    done = runner.invoke(cli, ["cnn", "--epochs", "two", "--data-dir", str(synthetic_data_dir)])
+    assert done.exit_code == 2 and "--epochs" in done.output
+    done = runner.invoke(cli, ["cnn", "--recipe", "nope", "--data-dir", str(synthetic_data_dir)])
+    assert done.exit_code == 2 and "paper" in done.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

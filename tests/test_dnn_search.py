@@ -1,0 +1,304 @@
+"""``fmnist dnn-search`` on the synthetic data: parent and child runs, Table I, registry, resume.
+
+One tiny grid (2 points x 2 epochs) is searched once per module in its own store; the tests read
+that store. Resume and failure tests use their own stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmnist import search
+from fmnist.commands import CommonConfig
+from fmnist.dnn import DnnSearchConfig, run_dnn_search
+from fmnist.errors import ConfigError, TrainingDiverged
+from tests.helpers import mlflow_run
+
+TINY_GRID = """\
+pca_variance: 0.95
+hidden: [[16]]
+optimizers: [adam, rmsprop]
+batch_sizes: [32]
+learning_rates: {adam: 0.003, rmsprop: 0.003}
+"""
+POINTS = {"dnn-h16-adam-bs32", "dnn-h16-rmsprop-bs32"}
+
+
+@pytest.fixture(scope="module")
+def store_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store: copying it saves each test the table creation."""
+    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture()
+def store(tracking_store, tmp_path, store_template) -> str:
+    shutil.copy(store_template, tmp_path / "mlflow.db")
+    return tracking_store
+
+
+def write_grid(folder: Path) -> Path:
+    path = folder / "tiny_grid.yaml"
+    path.write_text(TINY_GRID)
+    return path
+
+
+def config(data_dir: Path, grid: Path, epochs: int = 2, **overrides) -> DnnSearchConfig:
+    common = CommonConfig(data_dir=str(data_dir), experiment_name="tests", quiet=True, seed=0)
+    return DnnSearchConfig(common=common, grid=str(grid), epochs=epochs, n_jobs=1, **overrides)
+
+
+@pytest.fixture(scope="module")
+def searched(synthetic_data_dir, tmp_path_factory, store_template):
+    """One search of the tiny grid in a fresh store; yields (URI, result, grid path, folder)."""
+    folder = tmp_path_factory.mktemp("dnn-search")
+    shutil.copy(store_template, folder / "mlflow.db")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        grid = write_grid(folder)
+        result = run_dnn_search(config(synthetic_data_dir, grid))
+        yield uri, result, grid, folder
+
+
+def runs_of(experiment: str = "tests") -> list:
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def children_of(runs: list, parent_id: str) -> list:
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def test_one_parent_and_a_child_per_point_with_params_and_histories(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    runs = runs_of()
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert [p.info.run_id for p in parents] == [result["run_id"]]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["entry_point"] == "dnn_search"
+    assert parent.data.tags["model_family"] == "dnn"
+    children = children_of(runs, parent.info.run_id)
+    assert {c.info.run_name for c in children} == POINTS
+    client = mlflow.MlflowClient()
+    for child in children:
+        params = child.data.params
+        assert params["batch_size"] == "32" and params["hidden"] == "16"
+        assert params["optimizer"] in {"adam", "rmsprop"} and params["lr"] == "0.003"
+        assert params["epochs"] == "2"
+        assert child.data.tags["optuna_state"] == "COMPLETE"
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2]
+        for name in ("train_loss", "val_loss", "train_accuracy"):
+            assert len(client.get_metric_history(child.info.run_id, name)) == 2
+        files = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert files == {"checkpoint/state_dict.pt", "checkpoint/model_spec.json"}
+    assert result["trained_now"] == 2
+
+
+def test_parent_logs_table_figures_best_and_test_metrics(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    parent_id = result["run_id"]
+    table = mlflow.load_table("search/table.json", run_ids=[parent_id])
+    assert len(table) == 2
+    assert {"val_accuracy", "study_val_accuracy", "nodes", "optimizer"} <= set(table.columns)
+    assert set(table["run_name"]) == POINTS
+    client = mlflow.MlflowClient()
+    files = {a.path for a in client.list_artifacts(parent_id, "search")}
+    assert {"search/table.md", "search/optimization_history.png"} <= files
+    assert files & {"search/param_importances.png", "search/param_importances.png.txt"}
+    parent = client.get_run(parent_id)
+    assert parent.data.params["best_optimizer"] in {"adam", "rmsprop"}
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result["best_val_accuracy"])
+    assert 0 <= parent.data.metrics["test_accuracy"] <= 1
+    assert parent.data.tags["best_point"] in POINTS
+
+
+def test_winner_is_registered_as_champion(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-dnn", "champion")
+    assert result["alias"] == "champion"
+    assert result["model_uri"] == f"models:/fmnist-dnn/{version.version}"
+    assert version.run_id == result["run_id"]
+
+
+def test_champion_loads_in_a_fresh_process_and_returns_probabilities(searched):
+    uri, _, _, folder = searched
+    code = (
+        "import mlflow, numpy as np\n"
+        "model = mlflow.pyfunc.load_model('models:/fmnist-dnn@champion')\n"
+        "images = np.random.default_rng(0).random((5, 28, 28), dtype=np.float32)\n"
+        "out = np.asarray(model.predict(images))\n"
+        "assert out.shape == (5, 10), out.shape\n"
+        "assert np.allclose(out.sum(axis=1), 1, atol=1e-5), out.sum(axis=1)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=folder, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_a_finished_search_is_not_run_again_and_a_worse_one_is_challenger(
+    searched, synthetic_data_dir
+):
+    uri, first, grid, folder = searched
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        before = len(runs_of())
+        again = run_dnn_search(config(synthetic_data_dir, grid))
+        assert again["trained_now"] == 0 and again["run_id"] == first["run_id"]
+        assert again["model_uri"] == first["model_uri"]
+        assert len(runs_of()) == before
+        worse = run_dnn_search(config(synthetic_data_dir, grid, epochs=1))
+    assert worse["best_val_accuracy"] <= first["best_val_accuracy"]
+    assert worse["alias"] == "challenger"
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("fmnist-dnn", "champion")
+    assert f"models:/fmnist-dnn/{champion.version}" == first["model_uri"]
+
+
+def study_of(result: dict, folder: Path) -> optuna.Study:
+    storage = search.make_storage(str(folder / search.JOURNAL_FILE))
+    return optuna.load_study(study_name=result["study_name"], storage=storage)
+
+
+def test_an_interrupted_search_trains_only_the_missing_point(
+    synthetic_data_dir, store, tmp_path, monkeypatch
+):
+    """rmsprop (queued first: costlier) diverges for good, then Ctrl-C hits adam's training;
+    running again trains adam only and registers it."""
+    grid = write_grid(tmp_path)
+    real_fit = search.engine.fit
+
+    def diverge_then_interrupt(*args, **kwargs):
+        if kwargs["optimizer"] == "rmsprop":
+            raise TrainingDiverged("training loss became nan in epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search.engine, "fit", diverge_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_dnn_search(config(synthetic_data_dir, grid))
+    runs = runs_of()
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "KILLED"
+    children = children_of(runs, parent[0].info.run_id)
+    assert sorted(r.info.status for r in children) == ["FAILED", "KILLED"]
+
+    monkeypatch.setattr(search.engine, "fit", real_fit)
+    result = run_dnn_search(config(synthetic_data_dir, grid))
+    assert result["trained_now"] == 1 and result["run_id"] == parent[0].info.run_id
+    assert result["best_point"] == "dnn-h16-adam-bs32"
+    assert result["model_uri"] and result["alias"] == "champion"
+    children = children_of(runs_of(), result["run_id"])
+    assert len(children) == 3  # the interrupted attempt stays, KILLED
+    finished = [c.info.run_name for c in children if c.info.status == "FINISHED"]
+    assert finished == ["dnn-h16-adam-bs32"]
+    parent = mlflow.get_run(result["run_id"])
+    assert parent.info.status == "FINISHED" and "error" not in parent.data.tags
+    trials = study_of(result, tmp_path).trials
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.user_attrs[search.FAIL_REASON][:8] for t in failed) == [
+        "diverged",
+        "interrup",
+    ]
+    table = mlflow.load_table("search/table.json", run_ids=[result["run_id"]])
+    assert sorted(table["state"]) == ["COMPLETE", "FAIL"]
+    # every point is done now (one failed for good): running again trains nothing
+    assert run_dnn_search(config(synthetic_data_dir, grid))["trained_now"] == 0
+
+
+def test_pruned_points_end_finished_with_their_state_and_register_nothing(
+    synthetic_data_dir, store, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    result = run_dnn_search(config(synthetic_data_dir, write_grid(tmp_path), prune=True))
+    assert result["trained_now"] == 2 and result["model_uri"] is None
+    children = children_of(runs_of(), result["run_id"])
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert {c.data.tags["optuna_state"] for c in children} == {"PRUNED"}
+    assert all(len(c.data.metrics) and "best_val_accuracy" not in c.data.metrics for c in children)
+    table = mlflow.load_table("search/table.json", run_ids=[result["run_id"]])
+    assert list(table["state"]) == ["PRUNED", "PRUNED"]
+
+
+def test_duplicate_and_stale_trials_never_train_a_point_twice(tmp_path):
+    """Two processes may queue the same point; a dead worker's trial is queued again."""
+    space = {"x": [1, 2]}
+    ref = search.StudyRef(str(tmp_path / "journal.log"), "s")
+    study, created = search.open_study(ref, search.grid_sampler(space), False, create=True)
+    assert created
+    for _ in range(2):  # the same point queued twice, as two racing processes would
+        study.enqueue_trial({"x": 1}, user_attrs={search.POINT: "p1"})
+    spec = search.SearchSpec("t", "t", space=None, sampler=search.grid_sampler, grid=({},))
+    first = search.claim(study, spec, 0.0)
+    assert first.user_attrs[search.POINT] == "p1"
+    assert search.claim(study, spec, 0.0) is None  # the duplicate is given up, not trained
+    skipped = [t for t in study.trials if t.user_attrs.get(search.SKIPPED)]
+    assert len(skipped) == 1 and skipped[0].number > first.number
+    # the first trial's worker "died": its RUNNING trial is released and the point is missing
+    first.set_user_attr(search.WORKER, f"{socket.gethostname()}:999999999:1")
+    assert search.release_stale_trials(study) == [first.number]
+    assert search.point_statuses(study.trials, ["p1"]) == {"p1": "missing"}
+
+
+def test_invalid_settings_fail_before_any_run(synthetic_data_dir, tracking_store, tmp_path):
+    grid = write_grid(tmp_path)
+    with pytest.raises(ConfigError, match="epochs"):
+        run_dnn_search(config(synthetic_data_dir, grid, epochs=0))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_GRID.replace("optimizers: [adam, rmsprop]", "optimizers: [adam, lbfgs]"))
+    with pytest.raises(ConfigError, match="lbfgs"):
+        run_dnn_search(config(synthetic_data_dir, bad))
+    assert not (tmp_path / "mlflow.db").exists()  # no store opened, so no run created
+
+
+def test_dnn_search_entry_point_through_mlflow_run(synthetic_data_dir, store, tmp_path):
+    grid = write_grid(tmp_path)
+    done = mlflow_run(
+        "dnn_search",
+        {"grid": str(grid), "epochs": "1", "n_jobs": "2", "data_dir": str(synthetic_data_dir)},
+        store,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "models:/fmnist-dnn/1" in done.stdout
+    runs = runs_of()
+    parent = [r for r in runs if r.data.tags.get("entry_point") == "dnn_search"]
+    parent = [r for r in parent if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    assert parent[0].data.params["epochs"] == "1"
+    children = children_of(runs, parent[0].info.run_id)
+    assert {c.info.run_name for c in children} == POINTS
+    assert all(c.info.status == "FINISHED" for c in children)
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=parent[0].info.run_id, artifact_path="search/table.json"
+            )
+        ).read_text()
+    )
+    assert len(table["data"]) == 2

@@ -1,0 +1,188 @@
+"""Using the models: the quick `main` pipeline end to end, `fmnist predict`, loading registered
+models in a fresh process, REST serving, and the comparison report."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fmnist.cli import cli
+from fmnist.data import load_fashion_mnist
+
+MODELS = ("fmnist-dnn", "fmnist-cnn")
+
+
+def test_quick_pipeline_runs_every_step_as_a_child_run(use_pipeline_store):
+    _, results = use_pipeline_store
+    assert {"data", "eda", "dnn_search", "cnn", "compare"} <= set(results)
+    parent_id = results["pipeline"]["run_id"]
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["entry_point"] == "main" and parent.data.tags["quick"] == "true"
+    children = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="list",
+    )
+    assert {r.data.tags["entry_point"] for r in children} >= {"data", "eda", "compare"}
+    client = mlflow.MlflowClient()
+    for name in MODELS:
+        version = client.get_model_version_by_alias(name, "champion")
+        assert version.tags["quick"] == "true"
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(path)
+
+
+def test_predict_reads_pngs_and_reports_a_corrupt_one(use_pipeline_store, synthetic_data_dir,
+                                                      tmp_path):
+    data = load_fashion_mnist(synthetic_data_dir)
+    for i in range(3):
+        write_png(tmp_path / f"item{i}.png", data.test_images[i].numpy())
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    paths = [str(tmp_path / f"item{i}.png") for i in range(3)] + [str(tmp_path / "corrupt.png")]
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", "models:/fmnist-cnn@champion", "--format", "json", *paths]
+    )
+    assert result.exit_code == 2
+    assert "corrupt.png" in result.stderr
+    rows = json.loads(result.stdout)
+    assert [Path(r["source"]).name for r in rows] == ["item0.png", "item1.png", "item2.png"]
+    for row in rows:
+        assert 0 < sum(t["probability"] for t in row["top3"]) <= 1 + 1e-6
+        assert row["label"] == row["top3"][0]["label"]
+
+
+def test_predict_unknown_model_uri_is_a_clear_error(use_pipeline_store, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), dtype=np.uint8))
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", "models:/no-such-model@champion", str(tmp_path / "x.npy")]
+    )
+    assert result.exit_code == 2
+    assert "no-such-model" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_registered_models_load_in_a_fresh_process(use_pipeline_store):
+    uri, _ = use_pipeline_store
+    code = (
+        "import mlflow, numpy as np, torch\n"
+        "x = np.random.default_rng(0).random((5, 28, 28), dtype=np.float32)\n"
+        "out = {}\n"
+        f"for name in {MODELS!r}:\n"
+        "    p = np.asarray(mlflow.pyfunc.load_model(f'models:/{name}@champion').predict(x))\n"
+        "    m = mlflow.pytorch.load_model(f'models:/{name}@champion')\n"
+        "    q = m(torch.from_numpy(x)).detach().numpy()\n"
+        "    out[name] = [list(p.shape), float(p.sum(1).min()), float(abs(p - q).max())]\n"
+        "print(out)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          check=False, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own subprocess output
+    for name in MODELS:
+        shape, row_sum, gap = out[name]
+        assert shape == [5, 10]
+        assert abs(row_sum - 1) < 1e-4
+        assert gap < 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, payload: bytes) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=payload,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture()
+def served_cnn(use_pipeline_store):
+    """`mlflow models serve` of the CNN champion on a free loopback port; stopped afterwards."""
+    uri, _ = use_pipeline_store
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen(
+        [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/fmnist-cnn@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"server exited: {server.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not answer /ping within 120 s")
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_rest_serving_matches_pyfunc_and_rejects_bad_requests(served_cnn, synthetic_data_dir):
+    data = load_fashion_mnist(synthetic_data_dir)
+    images = data.test_images[:4].numpy().astype(np.float32) / 255.0
+    status, body = post(f"{served_cnn}/invocations",
+                        json.dumps({"inputs": images.tolist()}).encode())
+    assert status == 200, body[:500]
+    served = np.asarray(json.loads(body)["predictions"])
+    expected = np.asarray(mlflow.pyfunc.load_model("models:/fmnist-cnn@champion").predict(images))
+    assert served.shape == (4, 10)
+    assert np.allclose(served, expected, atol=1e-5)
+    bad_shape = json.dumps({"inputs": np.zeros((2, 28, 27)).tolist()}).encode()
+    bad_type = json.dumps({"inputs": [["a"] * 28] * 28}).encode()
+    for payload in (bad_shape, bad_type, b"{not json", json.dumps({"nothing": 1}).encode()):
+        status, body = post(f"{served_cnn}/invocations", payload)
+        assert 400 <= status < 500, (payload[:40], status, body[:300])
+
+
+def test_compare_report_has_both_families_and_the_study(use_pipeline_store):
+    _, results = use_pipeline_store
+    run_id = results["compare"]["run_id"]
+    client = mlflow.MlflowClient()
+    folder = Path(client.download_artifacts(run_id, "comparison"))
+    report = (folder / "report.md").read_text()
+    assert "dnn:grid-best" in report and "cnn:" in report
+    assert "89.74" in report or "0.8974" in report
+    assert "0.70" in report and "Shirt" in report
+    assert (folder / "report.html").stat().st_size > 500
+    assert (folder / "per_class_f1.png").stat().st_size > 1000
+    assert (folder / "confusion_matrices.png").stat().st_size > 1000
+    table = json.loads((folder / "summary.json").read_text())
+    assert set(table["columns"]) >= {"model", "family", "test_accuracy", "test_f1_macro"}
+    assert len(table["data"]) >= 2
