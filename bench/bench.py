@@ -84,7 +84,7 @@ def bench_dense(arrays, data_dir: str, epochs: int, seeds: list[int], quick: boo
 def run_our_search(data_dir: str, epochs: int, seed: int, quick: bool) -> dict:
     """One ``fmnist dnn-search`` in a subprocess on a fresh store, timed end to end."""
     with tempfile.TemporaryDirectory() as tmp:
-        grid = ROOT / "experiments" / ("dnn_bench_quick.yaml" if quick else "dnn_grid.yaml")
+        grid = ROOT / "experiments" / ("dnn_bench_quick.yaml" if quick else "dnn_grid_l2.yaml")
         command = [
             sys.executable,
             "-m",

@@ -45,7 +45,7 @@ class DnnSearchConfig:
     """Options of ``fmnist dnn-search`` (and of the pipeline's dnn step)."""
 
     common: CommonConfig = CommonConfig()
-    grid: str = "dnn_grid"
+    grid: str = "dnn_grid_l2"
     epochs: int = 30
     storage: str = ""
     study_name: str = ""
@@ -377,7 +377,7 @@ def run_dnn_step(cfg, parent_run_id: str) -> dict[str, Any]:
     """The pipeline's dnn step: the full grid, or with ``quick`` two points for two epochs."""
     dnn_cfg = DnnSearchConfig(
         common=cfg.common,
-        grid="dnn_quick" if cfg.quick else "dnn_grid",
+        grid="dnn_quick" if cfg.quick else "dnn_grid_l2",
         epochs=2 if cfg.quick else 30,
         quick=cfg.quick,
     )

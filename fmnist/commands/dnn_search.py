@@ -14,7 +14,7 @@ from fmnist.commands import common_options, pop_common
 @click.command("dnn-search")
 @click.option(
     "--grid",
-    default="dnn_grid",
+    default="dnn_grid_l2",
     show_default=True,
     help="Grid definition: a name in experiments/ or a YAML file.",
 )
