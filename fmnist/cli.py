@@ -47,6 +47,38 @@ class LazyGroup(click.Group):
         except FmnistError as exc:
             report_error(exc)
             ctx.exit(exc.exit_code)
+        except Exception as exc:
+            unreachable = unreachable_server(exc)
+            if unreachable is None:
+                raise
+            report_error(unreachable)
+            ctx.exit(unreachable.exit_code)
+
+
+# Words of the connection errors MLflow's REST client wraps in an MlflowException.
+UNREACHABLE_MARKERS = (
+    "Max retries exceeded",
+    "Failed to establish a new connection",
+    "Connection refused",
+    "Read timed out",
+    "Name or service not known",
+)
+
+
+def unreachable_server(exc: Exception) -> FmnistError | None:
+    """A tracking server that cannot be reached, as one message instead of a traceback."""
+    from mlflow.exceptions import MlflowException
+
+    from fmnist.tracking import redact_uri, tracking_uri
+
+    text = str(exc)
+    if not isinstance(exc, MlflowException) or not any(m in text for m in UNREACHABLE_MARKERS):
+        return None
+    reason = next(m for m in UNREACHABLE_MARKERS if m in text)
+    return FmnistError(
+        f"Cannot reach the MLflow tracking server at {redact_uri(tracking_uri())} ({reason}). "
+        "Start it, or fix MLFLOW_TRACKING_URI (unset: the embedded sqlite:///mlflow.db)."
+    )
 
 
 def report_error(exc: FmnistError) -> None:

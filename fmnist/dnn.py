@@ -53,6 +53,7 @@ class DnnSearchConfig:
     prune: bool = False
     quick: bool = False
     registered_name: str = REGISTERED_NAME
+    finalize: bool = False  # train nothing: log Table I and register the winner of a done grid
 
 
 def load_grid(name_or_path: str) -> DnnGrid:
@@ -229,6 +230,7 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
         title="Table I: dense-network grid (validation accuracy %, ours beside the study's)",
         on_start=partial(log_setup, cfg, grid, basis.n_components, digest),
         finalize=partial(finalize_winner, cfg=cfg, splits=splits, digest=digest),
+        finalize_only=cfg.finalize,
     )
     return describe_outcome(outcome, basis.n_components, time.perf_counter() - started)
 

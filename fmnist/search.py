@@ -14,18 +14,26 @@ created, a worker pops queued trials (an atomic WAITING -> RUNNING change in eve
 storage), and a worker that pops a point another trial already holds (two processes queued it)
 gives its trial up. A point is done when a trial for it completed, was pruned, or failed for a
 final reason (a diverged loss); an interrupted one (Ctrl-C, a vanished worker process) is queued
-again by the next run. Re-running a command therefore trains only what is missing, and a finished
-search trains nothing. Workers are processes with one torch thread each, the coordinator being
-the first of them.
+again by the next run (another machine's worker is declared gone when its trial's heartbeat
+stops). Re-running a command therefore trains only what is missing, and a finished search trains
+nothing. Workers are processes with one torch thread each, the coordinator being the first of
+them; independent commands on several machines can share a study too: the study's creator makes
+the parent run, and the worker that finds the grid done and wins an atomic lock (the creation of
+a ``<study>:finalize`` study) logs the table and finalizes, once.
 """
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
+import random
+import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -39,6 +47,7 @@ from typing import Any, Protocol
 import numpy as np
 import optuna
 import torch
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
@@ -52,10 +61,17 @@ FAIL_REASON = "fail_reason"
 FINAL = "final"  # a failure re-running would repeat (a diverged loss): its point is done
 SKIPPED = "skipped"  # a duplicate given up when claimed; never counts for its point
 WORKER = "worker"  # host:pid:start of the process that runs the trial
+HEARTBEAT = "heartbeat"  # wall-clock seconds, refreshed while the trial trains
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 300.0  # another machine's trial without a heartbeat this long is dead
 RUN_ID = "mlflow_run_id"
 # Study user attributes.
 PARENT_RUN = "mlflow_parent_run_id"
+CREATOR = "creator"  # the worker that created the study, and so makes its parent run
 FINALIZED = "registered_model_uri"
+# The study whose creation (atomic in every Optuna storage) elects the one finalizing worker.
+FINALIZE_LOCK_SUFFIX = ":finalize"
+PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the study creator's parent run
 
 EPOCH_METRICS = (
     "train_loss",
@@ -192,10 +208,61 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
     return str(Path(storage).expanduser().resolve())
 
 
-def make_storage(location: str) -> optuna.storages.BaseStorage | str:
-    """An Optuna URL is used as is; anything else is a journal file (made if missing)."""
+@contextmanager
+def machine_lock(key: str) -> Iterator[None]:
+    """An exclusive lock shared by this machine's processes (a file lock named after ``key``).
+
+    Several workers started at once on a fresh store would otherwise all create its tables.
+    """
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"fmnist-store-{digest}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; the project installs psycopg (3)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            try:
+                import psycopg2  # noqa: F401
+            except ImportError:
+                return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+def rdb_storage(url: str) -> optuna.storages.BaseStorage:
+    """An RDB storage; workers on other machines creating its tables at the same moment make
+    one of them fail with a duplicate-table error, so that is retried (a few times)."""
+    import sqlalchemy.exc
+
+    from fmnist.tracking import redact_uri
+
+    url = sqlalchemy_url(url)
+    for attempt in range(5):
+        try:
+            with machine_lock(url):
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+        except (sqlalchemy.exc.OperationalError, ImportError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
+            raise FmnistError(
+                f"Cannot open the Optuna storage {redact_uri(url)}: {first_line}"
+            ) from None
+    raise AssertionError("unreachable")
+
+
+def make_storage(location: str) -> optuna.storages.BaseStorage:
+    """An Optuna URL is an RDB storage; anything else is a journal file (made if missing)."""
     if "://" in location:
-        return location
+        return rdb_storage(location)
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -234,10 +301,69 @@ def open_study(
             return study, True
         except optuna.exceptions.DuplicatedStudyError:
             pass
-    study = optuna.load_study(
-        study_name=ref.study_name, storage=storage, sampler=sampler, pruner=pruner
-    )
+    try:
+        study = optuna.load_study(
+            study_name=ref.study_name, storage=storage, sampler=sampler, pruner=pruner
+        )
+    except KeyError:
+        raise FmnistError(
+            f"No study {ref.study_name!r} in {redact_storage(ref.storage)}: run the search first."
+        ) from None
     return study, False
+
+
+def wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT_SECONDS) -> bool:
+    """Wait until the worker that created the study has recorded its parent run.
+
+    Workers started together all find the study new; only its creator makes the parent run, so
+    the others join it instead of making their own. False when none appeared in time or the
+    creator (on this machine) is gone without making it: then this worker makes it.
+    """
+    started = time.monotonic()
+    while PARENT_RUN not in (attrs := study.user_attrs):
+        waited = time.monotonic() - started
+        creator = attrs.get(CREATOR, "")
+        if waited >= timeout or (creator and worker_gone(creator)):
+            return False
+        if not creator and waited >= 5:  # the creator records itself right after creating
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def claim_finalization(ref: StudyRef, force: bool = False) -> bool:
+    """Elect this worker to log Table I and register the winner: True for exactly one caller.
+
+    The claim is the creation of a lock study, atomic in the journal (one log, replayed in
+    order) and in RDB storages (a unique study name). A lock whose holder died on this machine
+    is taken over; ``force`` (``--finalize``) takes over any lock.
+    """
+    storage = make_storage(ref.storage)
+    name = ref.study_name + FINALIZE_LOCK_SUFFIX
+    for _ in range(2):
+        try:
+            lock_id = storage.create_new_study([StudyDirection.MAXIMIZE], name)
+        except optuna.exceptions.DuplicatedStudyError:
+            if not take_over_lock(storage, name, force):
+                return False
+            continue
+        storage.set_study_user_attr(lock_id, WORKER, worker_id())
+        return True
+    return False
+
+
+def take_over_lock(storage: optuna.storages.BaseStorage, name: str, force: bool) -> bool:
+    """Delete the lock study when its holder is gone (or ``force``); True to claim again."""
+    try:
+        lock_id = storage.get_study_id_from_name(name)
+        holder = storage.get_study_user_attrs(lock_id).get(WORKER, "")
+        if not force and not (holder and worker_gone(holder)):
+            return False
+        # deleting by id: a lock another worker re-created meanwhile has a new id and survives
+        storage.delete_study(lock_id)
+    except KeyError:
+        pass  # another worker removed it first; the creation race decides
+    return True
 
 
 # --- point bookkeeping -----------------------------------------------------------------------
@@ -304,7 +430,7 @@ def worker_gone(worker: str) -> bool:
     host, _, rest = worker.partition(":")
     pid_text, _, start = rest.partition(":")
     if host != socket.gethostname() or not pid_text.isdigit():
-        return False  # another machine's worker: issue 8's heartbeat decides, not us
+        return False  # another machine's worker: its heartbeat decides (release_stale_trials)
     pid = int(pid_text)
     try:
         os.kill(pid, 0)
@@ -315,15 +441,43 @@ def worker_gone(worker: str) -> bool:
     return bool(start) and process_start(pid) not in ("", start)
 
 
-def release_stale_trials(study: optuna.Study) -> list[int]:
-    """Fail RUNNING trials whose worker process on this machine is gone (killed, crashed)."""
+def release_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
+    """Fail RUNNING trials whose worker is gone: a process of this machine that no longer
+    exists, or another machine's worker whose heartbeat stopped ``STALE_AFTER_SECONDS`` ago."""
+    now = time.time() if now is None else now
     released = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER)
-        if worker and worker_gone(worker):
+        beat = trial.user_attrs.get(HEARTBEAT)
+        silent = beat is not None and now - float(beat) > STALE_AFTER_SECONDS
+        if worker and (worker_gone(worker) or silent):
             study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
             released.append(trial.number)
     return released
+
+
+@contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Refresh the trial's heartbeat from a thread while it trains, so workers on other machines
+    can tell a long epoch from a dead worker (``release_stale_trials``)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                trial.set_user_attr(HEARTBEAT, time.time())
+            except Exception:  # noqa: BLE001 - a missed beat must never fail the training
+                pass
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def holder_of(study: optuna.Study, number: int, name: str) -> int | None:
@@ -422,7 +576,8 @@ def run_trial(
         ) as run:
             run_id = run.info.run_id
             trial.set_user_attr(RUN_ID, run_id)
-            result = train_in_run(trial, spec, data, params)
+            with heartbeat(trial):
+                result = train_in_run(trial, spec, data, params)
     except TrainingDiverged as exc:
         finish_failed(study, trial, run_id, f"diverged: {exc}", final=True)
         report(spec, f"trial {trial.number} {name}: failed for good ({exc})")
@@ -591,8 +746,8 @@ def worker_main(
     worker: int,
 ) -> None:
     """Entry point of a spawned worker process."""
-    import sys
-
+    signal.signal(signal.SIGTERM, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt_once)
     torch.set_num_threads(1)
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -600,6 +755,15 @@ def worker_main(
         work(spec, ref, unpack(payload), parent_run_id, worker)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def interrupt_once(signum, frame) -> None:
+    """A worker's first SIGINT/SIGTERM interrupts its training; later ones (Ctrl-C reaches the
+    whole group, then the coordinator forwards SIGTERM) must not break the cleanup that records
+    the interruption."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # Imported once by the fork server that launches workers, so a worker starts in milliseconds.
@@ -627,9 +791,9 @@ def start_worker_launcher() -> None:
 
 def run_workers(
     spec: SearchSpec, ref: StudyRef, data: SearchData, parent_run_id: str, n_workers: int
-) -> list[int]:
-    """Train queued points with ``n_workers`` processes (this one included); exit codes of the
-    others."""
+) -> list[tuple[int, int]]:
+    """Train queued points with ``n_workers`` processes (this one included); the others' pids
+    and exit codes."""
     from fmnist.tracking import tracking_uri
 
     processes = []
@@ -652,13 +816,32 @@ def run_workers(
         for process in processes:
             process.join()
     except BaseException:
-        # Ctrl-C reaches the workers too (same process group): give them time to record it.
+        # Ctrl-C reaches the workers too (same process group), a SIGTERM only this process:
+        # pass it on, then give them time to record the interruption.
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
         for process in processes:
             process.join(timeout=15)
             if process.is_alive():
-                process.terminate()
+                process.kill()
         raise
-    return [process.exitcode for process in processes]
+    return [(process.pid, process.exitcode) for process in processes]
+
+
+def trained_here(study: optuna.Study, pids: Sequence[int], since: datetime.datetime) -> list[str]:
+    """The points this process and its workers (``pids``) trained to the end since ``since``
+    (other workers share the study; an earlier call in this process had the same pid)."""
+    prefixes = tuple(f"{socket.gethostname()}:{pid}:" for pid in (os.getpid(), *pids))
+    return [
+        t.user_attrs.get(POINT) or f"trial-{t.number}"
+        for t in study.get_trials(deepcopy=False)
+        if str(t.user_attrs.get(WORKER, "")).startswith(prefixes)
+        and t.datetime_start is not None
+        and t.datetime_start >= since
+        and not t.user_attrs.get(SKIPPED)
+        and trial_status(t) == "done"
+    ]
 
 
 # --- the parent run and the summary ----------------------------------------------------------
@@ -884,8 +1067,10 @@ def warm_up_tracking() -> threading.Thread:
         from fmnist import tracking
 
         try:
-            tracking.configure()
-            mlflow.MlflowClient().search_experiments(max_results=1)
+            uri = tracking.configure()
+            # workers started together on a fresh store must not all create its tables
+            with machine_lock(uri if "://" in uri else str(Path(uri).resolve())):
+                mlflow.MlflowClient().search_experiments(max_results=1)
         except Exception:  # noqa: BLE001 - the caller's own first call reports it properly
             pass
 
@@ -928,6 +1113,7 @@ def search(
     title: str = "Search",
     on_start: Callable[[], None] | None = None,
     finalize: Callable[[SearchOutcome], dict[str, Any]] | None = None,
+    finalize_only: bool = False,
 ) -> SearchOutcome:
     """Run (or resume) a search in its parent run, log its summary, then ``finalize`` it once.
 
@@ -935,11 +1121,22 @@ def search(
     ``finalize(outcome)`` runs inside the parent run when every point is done and the study has
     no registered model yet (evaluation and registration are the family's business); the
     ``model_uri`` of what it returns is recorded in the study, so a re-run does not register
-    again.
+    again. Of several workers sharing the study, the one that finds every point done and wins
+    ``claim_finalization`` logs Table I and finalizes; one that finds only points other workers
+    are training leaves it to them. ``finalize_only`` (``--finalize``) trains nothing.
     """
     started = time.perf_counter()
-    study, _ = open_study(ref, spec.sampler(0), spec.prune, create=True)
+    called_at = datetime.datetime.now()  # Optuna stamps trials with naive local times
+    study, created = open_study(ref, spec.sampler(0), spec.prune, create=not finalize_only)
+    if created:
+        study.set_user_attr(CREATOR, worker_id())
     release_stale_trials(study)
+    if not created and not finalize_only:
+        wait_for_parent(study)
+    # The creator queues the grid before recording its parent run, so the workers waiting for
+    # that record find every point held and queue no duplicates.
+    if spec.grid and not finalize_only:
+        queue_missing_points(study, spec)
     with parent_run(study, spec, experiment_name, run_name, outer_run_id, tags) as run:
         parent_id = run.info.run_id
         from fmnist import tracking
@@ -949,17 +1146,26 @@ def search(
         )
         if on_start is not None:
             on_start()
-        queued = queue_missing_points(study, spec) if spec.grid else []
         pending = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         workers = worker_count(n_jobs, pending if spec.grid else spec.n_trials or 1 << 30)
-        exit_codes = run_workers(spec, ref, data, parent_id, workers) if workers else []
+        if finalize_only:
+            workers = 0
+        ended = run_workers(spec, ref, data, parent_id, workers) if workers else []
+        exit_codes = [code for _, code in ended]
         summary = summarize(study, spec)
+        trained = trained_here(study, [pid for pid, _ in ended], called_at) if workers else []
         outcome = SearchOutcome(
-            study, ref, parent_id, queued, summary, 0.0, study.user_attrs.get(FINALIZED)
+            study, ref, parent_id, trained, summary, 0.0, study.user_attrs.get(FINALIZED)
         )
-        unchanged = not queued and outcome.finalized is not None
-        if summary.rows and not unchanged:  # a finished search re-run changes nothing
-            log_summary(study, summary, title)
+        if spec.grid and summary.held and not summary.missing and not finalize_only:
+            print(
+                f"{len(summary.held)} points are still being trained by other workers "
+                f"({', '.join(summary.held)}); the worker that finishes the last one logs "
+                "the table and registers the winner.",
+                file=sys.stderr,
+            )
+            outcome.seconds = time.perf_counter() - started
+            return outcome
         if not summary.complete and spec.grid:
             bad = [code for code in exit_codes if code]
             raise SearchIncomplete(
@@ -969,11 +1175,15 @@ def search(
                 + (f"; worker exit codes {bad}" if bad else "")
                 + ". Run the same command again to train only those."
             )
-        if finalize is not None and outcome.finalized is None and summary.best is not None:
-            outcome.final = dict(finalize(outcome))
-            outcome.finalized = outcome.final.get("model_uri")
-            if outcome.finalized:
-                study.set_user_attr(FINALIZED, outcome.finalized)
+        # a finished search re-run changes nothing; of racing workers one only finalizes
+        if outcome.finalized is None and claim_finalization(ref, force=finalize_only):
+            if summary.rows:
+                log_summary(study, summary, title)
+            if finalize is not None and summary.best is not None:
+                outcome.final = dict(finalize(outcome))
+                outcome.finalized = outcome.final.get("model_uri")
+                if outcome.finalized:
+                    study.set_user_attr(FINALIZED, outcome.finalized)
         outcome.seconds = time.perf_counter() - started
     return outcome
 

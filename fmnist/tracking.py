@@ -40,6 +40,15 @@ def redact_uri(uri: str) -> str:
     return re.sub(r"(//[^/:@]+):[^@/]+@", r"\1:***@", uri)
 
 
+def safe_text(text: str) -> str:
+    """What may be logged of a value: no password in a URI, no absolute home path (``~``)."""
+    text = redact_uri(text)
+    home = str(Path.home())
+    if len(home) > 1:  # a home of "/" would turn every absolute path into "~"
+        text = re.sub(re.escape(home) + r"(?=/|\b|$)", "~", text)
+    return text
+
+
 def configure() -> str:
     """Point MLflow at the project's store; return the URI in use."""
     import mlflow
@@ -66,6 +75,7 @@ def fail_pending_run(message: str) -> None:
         configure()
         client = mlflow.MlflowClient()
         run_id = os.environ["MLFLOW_RUN_ID"]
+        message = safe_text(message)
         client.set_tag(run_id, "error", message[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Failed: {message}")
         client.set_terminated(run_id, status="FAILED")
@@ -141,7 +151,7 @@ def record_error(message: str) -> None:
     import mlflow
 
     try:
-        mlflow.set_tag("error", message[:5000])
+        mlflow.set_tag("error", safe_text(message)[:5000])  # messages may quote URIs and paths
     except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
         pass
 
@@ -179,7 +189,7 @@ def format_param(value: Any) -> str:
         return json.dumps(list(value))
     if isinstance(value, Path):
         return value.name
-    return str(value)
+    return safe_text(str(value))
 
 
 def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) -> None:

@@ -49,6 +49,12 @@ from fmnist.commands import common_options, pop_common
     help="MedianPruner on validation accuracy (`--prune`, `--prune true|false`).",
 )
 @click.option("--no-prune", "no_prune", is_flag=True, help="Keep every point to its last epoch.")
+@click.option(
+    "--finalize",
+    is_flag=True,
+    help="Train nothing: log Table I and register the winner of a finished grid (takes over "
+    "from a worker that died while doing it).",
+)
 @common_options
 def dnn_search(
     grid: str,
@@ -58,6 +64,7 @@ def dnn_search(
     n_jobs: int,
     prune: bool,
     no_prune: bool,
+    finalize: bool,
     **kwargs,
 ) -> None:
     """Grid-search the study's dense network (PCA + MLP) and register the winner as fmnist-dnn.
@@ -74,6 +81,7 @@ def dnn_search(
         study_name=study_name,
         n_jobs=n_jobs,
         prune=prune and not no_prune,
+        finalize=finalize,
     )
     result = run_dnn_search(cfg)
     click.echo(", ".join(f"{key}={value}" for key, value in result.items()))

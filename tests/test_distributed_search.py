@@ -1,0 +1,286 @@
+"""Distributed and interrupted ``fmnist dnn-search``: real processes sharing one study.
+
+Three workers started at the same moment on a fresh store must train every grid point exactly
+once, under one parent run, and register the winner once: against the embedded default (journal
+file + SQLite) and against a real PostgreSQL server (``FMNIST_TEST_POSTGRES_URL``, started by
+``.ci/run``; skipped without it). A SIGTERM in the middle of a training ends the runs KILLED, the
+trial failed as interrupted, and re-running trains only the missing point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from fmnist import search
+from tests.conftest import forget_active_experiment
+
+GRID = """\
+pca_variance: 0.95
+hidden: [[16], [8]]
+optimizers: [adam, rmsprop]
+batch_sizes: [32]
+learning_rates: {adam: 0.003, rmsprop: 0.003}
+"""
+POINTS = {"dnn-h16-adam-bs32", "dnn-h16-rmsprop-bs32", "dnn-h8-adam-bs32", "dnn-h8-rmsprop-bs32"}
+STUDY = "shared-grid"
+POSTGRES_URL = os.environ.get("FMNIST_TEST_POSTGRES_URL", "")
+# Slows every epoch down so a signal surely lands in the middle of a training.
+SLOW_FIT = """\
+import sys, time
+from fmnist import engine
+real_fit = engine.fit
+def slow_fit(*args, on_epoch_end, **kwargs):
+    def hook(epoch, metrics):
+        time.sleep(0.4)
+        on_epoch_end(epoch, metrics)
+    return real_fit(*args, on_epoch_end=hook, **kwargs)
+engine.fit = slow_fit
+from fmnist.cli import main
+sys.argv = ["fmnist", *sys.argv[1:]]
+main()
+"""
+
+
+def worker_command(data_dir: Path, grid: Path, storage: str, epochs: int = 1) -> list[str]:
+    return [
+        "dnn-search",
+        "--grid",
+        str(grid),
+        "--epochs",
+        str(epochs),
+        "--storage",
+        storage,
+        "--study-name",
+        STUDY,
+        "--n-jobs",
+        "1",
+        "--data-dir",
+        str(data_dir),
+        "--experiment-name",
+        "tests",
+    ]
+
+
+def worker_env(tracking_uri: str) -> dict[str, str]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "FMNIST_OFFLINE": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    env.pop("MLFLOW_EXPERIMENT_ID", None)
+    return env
+
+
+def start_workers(args: list[str], env: dict[str, str], cwd: Path, n: int) -> list:
+    """``n`` processes of ``fmnist`` with the same arguments, started back to back."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "fmnist", *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(n)
+    ]
+
+
+def finish(processes: list, timeout: float = 400) -> list[tuple[int, str, str]]:
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=timeout)
+        results.append((process.returncode, out, err))
+    return results
+
+
+def check_grid_done_once(results, tracking_uri: str, storage: str) -> None:
+    """Every point trained once under one parent; Table I logged and the winner registered
+    once; every worker exited 0."""
+    for code, out, err in results:
+        assert code == 0, f"exit {code}\n{out}\n{err[-3000:]}"
+    assert sum("model: models:/fmnist-dnn/" in out for _, out, _ in results) == 1
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.info.run_name for c in children) == sorted(POINTS)
+    assert {c.info.status for c in children} == {"FINISHED"}
+    assert len(children) == len(runs) - 1
+    versions = client.search_model_versions("name='fmnist-dnn'")
+    assert len(versions) == 1 and versions[0].run_id == parent.info.run_id
+    table = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "search/table.json")).read_text()
+    )
+    assert len(table["data"]) == len(POINTS)  # logged once (a second log would append rows)
+    study = optuna.load_study(study_name=STUDY, storage=search.make_storage(storage))
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs[search.POINT] for t in complete) == sorted(POINTS)
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert study.user_attrs[search.PARENT_RUN] == parent.info.run_id
+
+
+@pytest.fixture()
+def grid_file(tmp_path) -> Path:
+    path = tmp_path / "grid4.yaml"
+    path.write_text(GRID)
+    return path
+
+
+@pytest.fixture()
+def fresh_folder(tmp_path):
+    """No store exists yet: the three workers create it together."""
+    yield tmp_path
+    forget_active_experiment()
+
+
+def test_three_workers_share_a_fresh_embedded_store(synthetic_data_dir, grid_file, fresh_folder):
+    tracking_uri = f"sqlite:///{fresh_folder / 'mlflow.db'}"
+    storage = str(fresh_folder / "optuna-journal.log")
+    args = worker_command(synthetic_data_dir, grid_file, storage)
+    results = finish(start_workers(args, worker_env(tracking_uri), fresh_folder, 3))
+    mlflow.set_tracking_uri(tracking_uri)
+    check_grid_done_once(results, tracking_uri, storage)
+
+
+@pytest.fixture()
+def postgres_databases():
+    """Two fresh databases on the test server: MLflow's and Optuna's (both use an
+    ``alembic_version`` table, so they cannot share one database)."""
+    if not POSTGRES_URL:
+        pytest.skip("no PostgreSQL server: FMNIST_TEST_POSTGRES_URL is unset (.ci/run sets it)")
+    import psycopg
+
+    admin = search.sqlalchemy_url(POSTGRES_URL).replace("postgresql+psycopg://", "postgresql://")
+    try:
+        connection = psycopg.connect(admin, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc}")
+    suffix = uuid.uuid4().hex[:10]
+    names = [f"fmnist_mlflow_{suffix}", f"fmnist_optuna_{suffix}"]
+    with connection:
+        for name in names:
+            connection.execute(f"CREATE DATABASE {name}")
+        base = admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+        yield [f"{base}/{name}" for name in names]
+        for name in names:
+            connection.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_three_workers_share_a_fresh_postgresql_store(
+    synthetic_data_dir, grid_file, fresh_folder, postgres_databases
+):
+    tracking_uri, storage = postgres_databases
+    # the test server trusts local connections, so a password is accepted and must not leak
+    storage = storage.replace("//postgres@", "//postgres:s3cret-pw@")
+    args = worker_command(synthetic_data_dir, grid_file, storage)
+    results = finish(start_workers(args, worker_env(tracking_uri), fresh_folder, 3))
+    mlflow.set_tracking_uri(tracking_uri)
+    check_grid_done_once(results, tracking_uri, storage)
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][0]
+    assert parent.data.params["storage"] == storage.replace("s3cret-pw", "***")
+    for run in runs:
+        logged = {**run.data.params, **run.data.tags}
+        assert not [key for key, value in logged.items() if "s3cret-pw" in value]
+    assert not [out for _, out, err in results if "s3cret-pw" in out + err]
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
+    synthetic_data_dir, grid_file, fresh_folder
+):
+    tracking_uri = f"sqlite:///{fresh_folder / 'mlflow.db'}"
+    storage = str(fresh_folder / "optuna-journal.log")
+    args = worker_command(synthetic_data_dir, grid_file, storage, epochs=3)
+    env = worker_env(tracking_uri)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FIT, *args],
+        env=env,
+        cwd=fresh_folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    journal = search.make_storage(storage)
+
+    def second_point_training() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(process.communicate()[1][-3000:])
+        try:
+            trials = optuna.load_study(study_name=STUDY, storage=journal).trials
+        except KeyError:
+            return False
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        return len(done) == 1 and any(
+            t.state == TrialState.RUNNING and t.intermediate_values for t in trials
+        )
+
+    wait_for(second_point_training, 240, "the second point's first epoch")
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=30)
+    assert time.monotonic() - sent < 15
+    assert process.returncode != 0
+    assert "Traceback" not in err
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
+    study = optuna.load_study(study_name=STUDY, storage=journal)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs[search.FAIL_REASON] for t in failed] == ["interrupted"]
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+    again = subprocess.run(
+        [sys.executable, "-m", "fmnist", *args],
+        env=env,
+        cwd=fresh_folder,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trained_now=3" in again.stdout  # the interrupted point and the two never started
+    study = optuna.load_study(study_name=STUDY, storage=journal)
+    complete = [t.user_attrs[search.POINT] for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(complete) == sorted(POINTS)
+    assert failed[0].user_attrs[search.POINT] in complete
+    statuses = [r.info.status for r in client.search_runs([runs[0].info.experiment_id])]
+    assert "RUNNING" not in statuses
+    forget_active_experiment()
+
+
+def test_another_machines_silent_trial_is_released_and_a_beating_one_kept(tmp_path):
+    ref = search.StudyRef(str(tmp_path / "journal.log"), "s")
+    study, _ = search.open_study(ref, search.grid_sampler({"x": [1, 2]}), False, create=True)
+    for point in ("p1", "p2"):
+        study.enqueue_trial({"x": 1}, user_attrs={search.POINT: point})
+    silent, beating = study.ask(), study.ask()
+    now = time.time()
+    for trial, beat in ((silent, now - search.STALE_AFTER_SECONDS - 1), (beating, now - 5)):
+        trial.set_user_attr(search.WORKER, "other-host:123:456")
+        trial.set_user_attr(search.HEARTBEAT, beat)
+    assert search.release_stale_trials(study, now=now) == [silent.number]
+    assert search.point_statuses(study.trials, ["p1", "p2"]) == {"p1": "missing", "p2": "held"}
+    with search.heartbeat(beating):  # the thread beats at once
+        wait_for(lambda: study.trials[1].user_attrs[search.HEARTBEAT] >= now, 10, "a beat")
