@@ -108,11 +108,13 @@ def make_scheduler(
         return None
     total = epochs * steps_per_epoch
     if name == "onecycle":
+        # torch's OneCycleLR divides by zero when the warm-up is exactly one step (4 in all)
+        pct_start = 0.25 if total != 4 else 0.5
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer,
             max_lr=lr,
             total_steps=total,
-            pct_start=0.25,
+            pct_start=pct_start,
             div_factor=10.0,
             final_div_factor=100.0,
         )

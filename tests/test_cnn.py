@@ -119,6 +119,18 @@ def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
     assert result.best_val_accuracy >= 0.5, [h["val_accuracy"] for h in result.history]
 
 
+@pytest.mark.parametrize("steps", [1, 4, 7])
+def test_one_cycle_schedule_survives_tiny_runs(steps):
+    """Quick mode trains `best` for 2000 / 512 = 4 steps: torch's OneCycleLR divided by 0 there."""
+    from fmnist.engine import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = make_scheduler("onecycle", optimizer, 0.1, 1, steps)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+
+
 @pytest.fixture(scope="module")
 def recipe_runs(synthetic_data_dir, tmp_path_factory):
     """Each recipe trained for one epoch into one temp store (``paper`` through ``mlflow run``,
