@@ -81,8 +81,9 @@ def quick_pipeline(synthetic_data_dir, tmp_path_factory):
     os.chdir(folder)
     try:
         mlflow.set_tracking_uri(uri)
-        common = CommonConfig(data_dir=str(synthetic_data_dir), experiment_name="pipeline",
-                              quiet=True)
+        common = CommonConfig(
+            data_dir=str(synthetic_data_dir), experiment_name="pipeline", quiet=True
+        )
         results = run_pipeline(PipelineConfig(common=common, quick=True))
     finally:
         forget_active_experiment()

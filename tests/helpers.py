@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,3 +47,31 @@ def mlflow_run(
     return subprocess.run(
         command, capture_output=True, text=True, env=env, timeout=timeout, check=False
     )
+
+
+@contextmanager
+def isolated_store(folder: Path) -> Iterator[tuple[str, pytest.MonkeyPatch]]:
+    """Point MLflow at ``folder/mlflow.db`` (cwd ``folder``) for a module-scoped fixture.
+
+    Yields the URI and the MonkeyPatch (for extra patches); on exit ends any open run and
+    restores the environment, the working directory and the previous tracking URI.
+    """
+    import mlflow
+
+    from tests.conftest import forget_active_experiment
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    previous_uri = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_RUN_ID", raising=False)
+        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri, patch
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+            forget_active_experiment()
+    mlflow.set_tracking_uri(previous_uri)

@@ -25,7 +25,7 @@ from fmnist.cnn import CnnConfig, run_cnn
 from fmnist.commands import CommonConfig
 from fmnist.evaluation import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
 from fmnist.models.cnn import build_cnn, describe, layer_output_sizes
-from tests.helpers import mlflow_run
+from tests.helpers import isolated_store, mlflow_run
 
 RECIPES = ("paper", "fast", "best")
 SHRINK = {"best": {"width": 8}}
@@ -136,14 +136,7 @@ def recipe_runs(synthetic_data_dir, tmp_path_factory):
     """Each recipe trained for one epoch into one temp store (``paper`` through ``mlflow run``,
     the others in-process); yields their run ids and model URIs."""
     folder = tmp_path_factory.mktemp("cnn-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    with isolated_store(folder) as (uri, _):
         summaries = {"paper": run_through_mlflow_run("paper", synthetic_data_dir, uri)}
         common = CommonConfig(
             data_dir=str(synthetic_data_dir),
@@ -158,9 +151,6 @@ def recipe_runs(synthetic_data_dir, tmp_path_factory):
             )
             summaries[name] = run_cnn(config)
         yield {"uri": uri, "summaries": summaries, "data_dir": synthetic_data_dir}
-        while mlflow.active_run():
-            mlflow.end_run()
-    mlflow.set_tracking_uri(previous_uri)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -23,7 +23,7 @@ from fmnist import search
 from fmnist.commands import CommonConfig
 from fmnist.dnn import DnnSearchConfig, run_dnn_search
 from fmnist.errors import ConfigError, TrainingDiverged
-from tests.helpers import mlflow_run
+from tests.helpers import isolated_store, mlflow_run
 
 TINY_GRID = """\
 pca_variance: 0.95
@@ -65,13 +65,7 @@ def searched(synthetic_data_dir, tmp_path_factory, store_template):
     """One search of the tiny grid in a fresh store; yields (URI, result, grid path, folder)."""
     folder = tmp_path_factory.mktemp("dnn-search")
     shutil.copy(store_template, folder / "mlflow.db")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    with isolated_store(folder) as (uri, _):
         grid = write_grid(folder)
         result = run_dnn_search(config(synthetic_data_dir, grid))
         yield uri, result, grid, folder

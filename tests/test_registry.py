@@ -22,6 +22,7 @@ from torch import nn
 
 from fmnist import models, registry
 from fmnist.registry import CHALLENGER, CHAMPION, Candidate, choose_alias
+from tests.helpers import isolated_store
 
 NAME = "fmnist-test"
 TEST_METRICS = {"test_accuracy": 0.78, "test_loss": 0.61, "test_f1_Shirt": 0.5}
@@ -63,23 +64,13 @@ def store(tmp_path_factory):
     import mlflow
 
     folder = tmp_path_factory.mktemp("registry-store")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    previous_uri = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.delenv("MLFLOW_RUN_ID", raising=False)
-        patch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-        patch.chdir(folder)
+    with isolated_store(folder) as (uri, patch):
         patch.setitem(models.BUILDERS, "tiny", "tests.test_registry:build_tiny")
-        mlflow.set_tracking_uri(uri)
         experiment_id = mlflow.create_experiment(
             "registry-tests", artifact_location=(folder / "artifacts").as_uri()
         )
         mlflow.set_experiment(experiment_id=experiment_id)
         yield {"uri": uri, "folder": folder}
-        while mlflow.active_run():
-            mlflow.end_run()
-    mlflow.set_tracking_uri(previous_uri)
 
 
 def register(

@@ -48,8 +48,9 @@ def write_png(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def test_predict_reads_pngs_and_reports_a_corrupt_one(use_pipeline_store, synthetic_data_dir,
-                                                      tmp_path):
+def test_predict_reads_pngs_and_reports_a_corrupt_one(
+    use_pipeline_store, synthetic_data_dir, tmp_path
+):
     data = load_fashion_mnist(synthetic_data_dir)
     for i in range(3):
         write_png(tmp_path / f"item{i}.png", data.test_images[i].numpy())
@@ -91,8 +92,14 @@ def test_registered_models_load_in_a_fresh_process(use_pipeline_store):
         "print(out)\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                          check=False, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own subprocess output
     for name in MODELS:
@@ -109,8 +116,9 @@ def free_port() -> int:
 
 
 def post(url: str, payload: bytes) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, data=payload,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=payload, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()
@@ -124,12 +132,31 @@ def served_cnn(use_pipeline_store):
     uri, _ = use_pipeline_store
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
     server = subprocess.Popen(
-        [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/fmnist-cnn@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(Path(bin_dir) / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/fmnist-cnn@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -157,8 +184,9 @@ def served_cnn(use_pipeline_store):
 def test_rest_serving_matches_pyfunc_and_rejects_bad_requests(served_cnn, synthetic_data_dir):
     data = load_fashion_mnist(synthetic_data_dir)
     images = data.test_images[:4].numpy().astype(np.float32) / 255.0
-    status, body = post(f"{served_cnn}/invocations",
-                        json.dumps({"inputs": images.tolist()}).encode())
+    status, body = post(
+        f"{served_cnn}/invocations", json.dumps({"inputs": images.tolist()}).encode()
+    )
     assert status == 200, body[:500]
     served = np.asarray(json.loads(body)["predictions"])
     expected = np.asarray(mlflow.pyfunc.load_model("models:/fmnist-cnn@champion").predict(images))
