@@ -23,6 +23,7 @@ import numpy as np
 from fmnist import study, tracking
 from fmnist.data import CLASS_NAMES
 from fmnist.errors import FmnistError
+from fmnist.evaluation import metric_key, normalise_rows
 
 SKIP_F1 = ("macro", "weighted", "micro")
 
@@ -51,13 +52,8 @@ class Candidate:
     inference: dict[str, float] = field(default_factory=dict)
 
 
-def class_key(name: str) -> str:
-    """Class name as used in metric names (``T-shirt/top`` -> ``T-shirt_top``)."""
-    return name.replace("/", "_").replace(" ", "_")
-
-
 def per_class_f1(metrics: dict[str, float]) -> list[float | None]:
-    return [metrics.get(f"test_f1_{class_key(name)}") for name in CLASS_NAMES]
+    return [metrics.get(f"test_f1_{metric_key(name)}") for name in CLASS_NAMES]
 
 
 def macro_f1(metrics: dict[str, float]) -> float | None:
@@ -213,7 +209,7 @@ def summary_rows(candidates: list[Candidate]) -> list[dict]:
             "model_uri": c.model_uri or "",
         }
         for name, value in zip(CLASS_NAMES, per_class_f1(c.metrics), strict=True):
-            row[f"f1_{class_key(name)}"] = value
+            row[f"f1_{metric_key(name)}"] = value
         rows.append(row)
     return rows
 
@@ -273,10 +269,6 @@ def plot_confusions(candidates: list[Candidate]):
     fig.suptitle("Row-normalised test confusion matrices (rows: true class)")
     fig.tight_layout()
     return fig
-
-
-def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    return matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
 
 
 def draw_matrix(ax, matrix, title, cmap, vmin, vmax) -> None:
