@@ -26,9 +26,11 @@ import click
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# Run as a script: this folder is on sys.path (so ``bench`` would be this file), and the project
+# root must be importable for ``fmnist`` when it is not installed.
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from bench import reference  # noqa: E402
+import reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

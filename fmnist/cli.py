@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eda": "fmnist.commands.eda:eda",
     "compare": "fmnist.commands.compare:compare",
     "cnn": "fmnist.commands.cnn:cnn",
+    "cnn-search": "fmnist.commands.cnn_search:cnn_search",
     "dnn-search": "fmnist.commands.dnn_search:dnn_search",
     "info": "fmnist.commands.info:info",
     "pipeline": "fmnist.commands.pipeline:pipeline",

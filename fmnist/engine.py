@@ -32,6 +32,9 @@ from fmnist.errors import ConfigError, TrainingDiverged
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
 SCHEDULES = ("none", "onecycle", "cosine")
 EpochCallback = Callable[[int, dict[str, float]], None]
+# ``on_checkpoint(epoch, state)``: ``state`` is everything ``fit(resume=state)`` needs to go on.
+CheckpointCallback = Callable[[int, dict[str, Any]], None]
+CHECKPOINT_FORMAT = 1
 Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
@@ -149,6 +152,130 @@ class WeightEMA:
             ema_buf.copy_(buf)
 
 
+class ExplicitStep:
+    """A training step without autograd or ``Optimizer.step`` bookkeeping, for tiny models.
+
+    For a model with ``loss_and_gradients(inputs, targets)`` (the dense MLP) and Adam, AdamW or
+    RMSprop in their plain forms: the update is the optimizer's own arithmetic (the fused Adam
+    kernel, RMSprop's foreach formula) on the optimizer's own state, so ``state_dict``,
+    checkpoints and resuming are unchanged. At batch 32 a step takes about a third of the time
+    of ``loss.backward(); optimizer.step()``, which is the dense grid's whole cost.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.group = optimizer.param_groups[0]
+        self.params = list(self.group["params"])
+        self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
+        self.states: dict[str, list[torch.Tensor]] = {}  # filled at the first step (after a
+        # resume has loaded the optimizer's state, whose tensors it replaces)
+
+    @staticmethod
+    def supports(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        if not callable(getattr(model, "loss_and_gradients", None)):
+            return False
+        if len(optimizer.param_groups) != 1:
+            return False
+        group = optimizer.param_groups[0]
+        if group.get("maximize") or group.get("differentiable") or group.get("capturable"):
+            return False
+        if isinstance(optimizer, torch.optim.RMSprop):
+            return group["momentum"] == 0 and not group["centered"]
+        if isinstance(optimizer, torch.optim.Adam):  # AdamW too
+            return bool(group.get("fused")) and not group["amsgrad"]
+        return False
+
+    def __call__(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, logits, grads = self.model.loss_and_gradients(inputs, targets)
+        with torch.no_grad():
+            if self.rmsprop:
+                self.update_rmsprop(grads)
+            else:
+                self.update_adam(grads)
+        return loss, logits
+
+    def state(self, key: str, fused: bool) -> list[torch.Tensor]:
+        """Per-parameter state ``key``, created as the optimizer would on its first step."""
+        if key not in self.states:
+            self.states[key] = self.create_state(key, fused)
+        return self.states[key]
+
+    def create_state(self, key: str, fused: bool) -> list[torch.Tensor]:
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        states = []
+        for param in self.params:
+            state = self.optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros(
+                    (), dtype=_get_scalar_dtype(is_fused=fused), device=param.device
+                )
+                for name in ("square_avg",) if self.rmsprop else ("exp_avg", "exp_avg_sq"):
+                    state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            states.append(state[key])
+        return states
+
+    def update_adam(self, grads: list[torch.Tensor]) -> None:
+        group = self.group
+        steps = self.state("step", fused=True)
+        torch._foreach_add_(steps, 1)
+        decoupled = group.get("decoupled_weight_decay") or isinstance(
+            self.optimizer, torch.optim.AdamW
+        )
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        kernel(
+            self.params,
+            grads,
+            self.state("exp_avg", True),
+            self.state("exp_avg_sq", True),
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    def update_rmsprop(self, grads: list[torch.Tensor]) -> None:
+        group = self.group
+        torch._foreach_add_(self.state("step", fused=False), 1)
+        if group["weight_decay"]:
+            torch._foreach_add_(grads, self.params, alpha=group["weight_decay"])
+        square_avgs = self.state("square_avg", False)
+        torch._foreach_mul_(square_avgs, group["alpha"])
+        torch._foreach_addcmul_(square_avgs, grads, grads, value=1 - group["alpha"])
+        denominators = torch._foreach_sqrt(square_avgs)
+        torch._foreach_add_(denominators, group["eps"])
+        torch._foreach_addcdiv_(self.params, grads, denominators, value=-group["lr"])
+
+
+def make_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    scheduler,
+    label_smoothing: float,
+    augment: Augment | None,
+    bf16: bool,
+    compile_model: bool,
+) -> ExplicitStep | None:
+    """The explicit step when the model and settings allow it, else None (autograd)."""
+    plain = not (scheduler or label_smoothing or augment or bf16 or compile_model)
+    return (
+        ExplicitStep(model, optimizer)
+        if plain and ExplicitStep.supports(model, optimizer)
+        else None
+    )
+
+
 def cpu_bf16_supported() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
     try:
@@ -179,34 +306,49 @@ def train_one_epoch(
     augment: Augment | None = None,
     ema: WeightEMA | None = None,
     bf16: bool = False,
-    step_fn: Callable | None = None,
+    step_fn: ExplicitStep | None = None,
     progress=None,
 ) -> dict[str, float]:
-    """One pass over ``split`` in shuffled batches; returns mean loss and accuracy."""
+    """One pass over ``split`` in shuffled batches; returns mean loss and accuracy.
+
+    ``step_fn(inputs, targets) -> (loss, logits)``, when given, replaces the autograd step.
+    """
     model.train()
     images, labels = split.images, split.labels
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
+    # Per-batch results are kept and reduced once per epoch: fewer tensor ops per step (they
+    # dominate small models) and no host synchronisation on a GPU.
+    losses: list[torch.Tensor] = []
+    predictions: list[torch.Tensor] = []
+    order = []
     for index in iterate_batches(len(split), batch_size, True, generator, device=device):
         inputs = to_inputs(images[index])
         targets = labels[index]
         if augment is not None:
             inputs = augment(inputs, None)
-        with autocast_for(device, bf16):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if step_fn is not None:
+            loss, logits = step_fn(inputs, targets)
+        else:
+            with autocast_for(device, bf16):
+                logits = model(inputs)
+                loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
             ema.update(model)
-        loss_sum += loss.detach() * targets.shape[0]
-        correct += (logits.detach().argmax(dim=1) == targets).sum()
+        losses.append(loss.detach())
+        predictions.append(logits.detach().argmax(dim=1))
+        order.append(index)
         if progress is not None:
             progress.update(1)
     n = len(split)
+    if not losses:
+        return {"train_loss": float("nan"), "train_accuracy": float("nan")}
+    sizes = torch.tensor([len(index) for index in order], device=device, dtype=torch.float32)
+    loss_sum = (torch.stack(losses).float() * sizes).sum()
+    correct = (torch.cat(predictions) == labels[torch.cat(order)]).sum()
     return {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
 
 
@@ -263,6 +405,86 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def to_cpu(value: Any) -> Any:
+    """A copy of nested dicts / lists of tensors with every tensor on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def capture_state(
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scheduler,
+    ema: WeightEMA | None,
+    generator: torch.Generator,
+    history: list[dict[str, float]],
+    best: dict[str, Any],
+    seconds: float,
+    stopped_early: bool,
+) -> dict[str, Any]:
+    """Everything needed to go on after ``epoch`` exactly as if never stopped (CPU tensors).
+
+    Only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it back.
+    """
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "model": to_cpu(model.state_dict()),
+        "optimizer": to_cpu(opt.state_dict()),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "ema": to_cpu(ema.model.state_dict()) if ema is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": [dict(entry) for entry in history],
+        "best_epoch": best["epoch"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_state": to_cpu(best["state"]),
+        "seconds": seconds,
+        "stopped_early": stopped_early,
+    }
+
+
+def restore_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scheduler,
+    ema: WeightEMA | None,
+    generator: torch.Generator,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Load a ``capture_state`` dict into the training objects; return the best-so-far record."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"Unknown checkpoint format {state.get('format')!r}.")
+    if (state["scheduler"] is None) != (scheduler is None) or (state["ema"] is None) != (
+        ema is None
+    ):
+        raise ConfigError("The checkpoint was made with another schedule or weight averaging.")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])  # moves the optimizer state to the params' device
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if ema is not None:
+        ema.model.load_state_dict(state["ema"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if device.type == "cuda" and state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    best_state = {key: value.to(device) for key, value in state["best_state"].items()}
+    return {
+        "epoch": state["best_epoch"],
+        "val_accuracy": state["best_val_accuracy"],
+        "state": best_state,
+    }
+
+
 def fit(
     model: nn.Module,
     train: Split,
@@ -286,12 +508,18 @@ def fit(
     val_batch_size: int = 2048,
     val_tta_flip: bool = False,
     compile_model: bool = False,
+    on_checkpoint: CheckpointCallback | None = None,
+    checkpoint_every: int = 1,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` and restore its best epoch by validation accuracy.
 
     ``on_epoch_end(epoch, metrics)`` receives train/val loss and accuracy, learning rate, epoch
     time and images per second after every epoch; it may raise to stop training (Optuna pruning).
     With ``ema_decay`` the validation and the restored weights are those of the weight average.
+    ``on_checkpoint(epoch, state)`` gets the full training state every ``checkpoint_every``
+    epochs and after the last one; ``fit(..., resume=state)`` with the same settings goes on from
+    it to ``epochs`` and ends exactly where an uninterrupted run would (same RNG streams).
     """
     check_hyperparameters(optimizer, lr, batch_size, epochs, schedule)
     device = torch.device(device)
@@ -304,11 +532,28 @@ def fit(
     scheduler = make_scheduler(schedule, opt, lr, epochs, steps)
     ema = WeightEMA(model, ema_decay) if ema_decay else None
     train_model = torch.compile(model) if compile_model else model
+    step_fn = make_step(
+        model,
+        opt,
+        scheduler=scheduler,
+        label_smoothing=label_smoothing,
+        augment=augment,
+        bf16=bf16,
+        compile_model=compile_model,
+    )
     history: list[dict[str, float]] = []
     best = {"epoch": 0, "val_accuracy": -1.0, "state": snapshot(model)}
     start = time.perf_counter()
     stopped_early = False
-    for epoch in range(1, epochs + 1):
+    first_epoch, seconds_before = 1, 0.0
+    if resume is not None:
+        best = restore_state(resume, model, opt, scheduler, ema, generator, device)
+        history = [dict(entry) for entry in resume["history"]]
+        first_epoch, seconds_before = resume["epoch"] + 1, resume["seconds"]
+        stopped_early = resume["stopped_early"]
+    for epoch in range(first_epoch, epochs + 1):
+        if stopped_early:
+            break
         epoch_start = time.perf_counter()
         current_lr = opt.param_groups[0]["lr"]
         with make_progress(steps, epoch, epochs, quiet) as progress:
@@ -324,6 +569,7 @@ def fit(
                 augment=augment,
                 ema=ema,
                 bf16=bf16,
+                step_fn=step_fn,
                 progress=progress,
             )
         if not math.isfinite(train_metrics["train_loss"]):
@@ -349,14 +595,33 @@ def fit(
             on_epoch_end(epoch, metrics)
         if early_stopping_patience and epoch - best["epoch"] >= early_stopping_patience:
             stopped_early = True
-            break
+        last = epoch == epochs or stopped_early
+        if on_checkpoint is not None and (
+            last or (checkpoint_every and epoch % checkpoint_every == 0)
+        ):
+            elapsed = seconds_before + time.perf_counter() - start
+            on_checkpoint(
+                epoch,
+                capture_state(
+                    epoch,
+                    model,
+                    opt,
+                    scheduler,
+                    ema,
+                    generator,
+                    history,
+                    best,
+                    elapsed,
+                    stopped_early,
+                ),
+            )
     model.load_state_dict(best["state"])
     return FitResult(
         history,
         best["epoch"],
         best["val_accuracy"],
         best["state"],
-        time.perf_counter() - start,
+        seconds_before + time.perf_counter() - start,
         stopped_early,
     )
 

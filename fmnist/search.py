@@ -69,6 +69,8 @@ RUN_ID = "mlflow_run_id"
 PARENT_RUN = "mlflow_parent_run_id"
 CREATOR = "creator"  # the worker that created the study, and so makes its parent run
 FINALIZED = "registered_model_uri"
+# A sampled search's last finalization: {"trials": done trials then, "model_uri": ... or None}.
+FINALIZED_ROUND = "finalized_round"
 # The study whose creation (atomic in every Optuna storage) elects the one finalizing worker.
 FINALIZE_LOCK_SUFFIX = ":finalize"
 PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the study creator's parent run
@@ -142,6 +144,8 @@ class SearchSpec:
     cost: Callable[[Mapping[str, Any]], float] | None = None
     n_trials: int | None = None  # budget of a sampled search (ignored for a grid)
     timeout: float | None = None  # seconds, for a sampled search
+    # Points a sampled search trains first (a known-good recipe), queued by the study's creator.
+    first: tuple[dict[str, Any], ...] = ()
     epochs: int = 10
     seed: int = 0
     prune: bool = False
@@ -182,6 +186,31 @@ class QueueGridSampler(optuna.samplers.GridSampler):
 
 def grid_sampler(search_space: Mapping[str, Sequence[Any]], seed: int = 0) -> QueueGridSampler:
     return QueueGridSampler({k: list(v) for k, v in search_space.items()}, seed=seed)
+
+
+class TrialSeededTPESampler(optuna.samplers.TPESampler):
+    """A ``TPESampler`` whose random state is derived from (seed, trial number) before each trial.
+
+    Seeded once, a sampler repeats its draws in every process that opens the study: a resumed
+    search, or a second worker, would train the first random points again. Reseeding per trial
+    makes every trial's draw distinct and reproducible given the trials before it.
+    """
+
+    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
+        super().__init__(seed=seed, **kwargs)
+        self._base_seed = int(seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
+        # private in Optuna 5: TPE's own state and its startup RandomSampler's
+        self._rng.rng.seed(seed)
+        self._random_sampler._rng.rng.seed(seed + 1)
+        super().before_trial(study, trial)
+
+
+def tpe_sampler(seed: int = 0, n_startup_trials: int = 10) -> TrialSeededTPESampler:
+    """A seeded TPE sampler for a sampled search (constant liar: parallel workers spread out)."""
+    return TrialSeededTPESampler(seed=seed, n_startup_trials=n_startup_trials, constant_liar=True)
 
 
 # --- storage and study -----------------------------------------------------------------------
@@ -331,15 +360,17 @@ def wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT_SECONDS) -
     return True
 
 
-def claim_finalization(ref: StudyRef, force: bool = False) -> bool:
+def claim_finalization(ref: StudyRef, force: bool = False, round_name: str = "") -> bool:
     """Elect this worker to log Table I and register the winner: True for exactly one caller.
 
     The claim is the creation of a lock study, atomic in the journal (one log, replayed in
     order) and in RDB storages (a unique study name). A lock whose holder died on this machine
-    is taken over; ``force`` (``--finalize``) takes over any lock.
+    is taken over; ``force`` (``--finalize``) takes over any lock. A sampled search finalizes
+    once per ``round_name`` (its number of done trials), so a resumed search that trained more
+    trials logs its summary (and retrains) again.
     """
     storage = make_storage(ref.storage)
-    name = ref.study_name + FINALIZE_LOCK_SUFFIX
+    name = ref.study_name + FINALIZE_LOCK_SUFFIX + round_name
     for _ in range(2):
         try:
             lock_id = storage.create_new_study([StudyDirection.MAXIMIZE], name)
@@ -405,6 +436,18 @@ def queue_missing_points(study: optuna.Study, spec: SearchSpec) -> list[str]:
         order.sort(key=lambda item: -spec.cost(item[1]))
     queued = []
     for name, params in order:
+        if statuses[name] == "missing":
+            study.enqueue_trial(dict(params), user_attrs={POINT: name})
+            queued.append(name)
+    return queued
+
+
+def queue_first_points(study: optuna.Study, spec: SearchSpec) -> list[str]:
+    """Enqueue each of a sampled search's ``first`` points no trial has done or holds."""
+    names = [spec.space.point_name(params) for params in spec.first]
+    statuses = point_statuses(study.get_trials(deepcopy=False), names)
+    queued = []
+    for name, params in zip(names, spec.first, strict=True):
         if statuses[name] == "missing":
             study.enqueue_trial(dict(params), user_attrs={POINT: name})
             queued.append(name)
@@ -504,12 +547,21 @@ def budget_left(study: optuna.Study, spec: SearchSpec, started: float) -> bool:
         return False
     if spec.n_trials is None:
         return spec.timeout is not None
+    return trials_left(study, spec) > 0
+
+
+def trials_left(study: optuna.Study, spec: SearchSpec) -> int:
+    """A sampled search's trials still to start: ``n_trials`` minus those done or running
+    (queued ones are not started yet: ``ask`` hands them out first)."""
+    if spec.n_trials is None:
+        return 1 << 30
     counted = [
         t
         for t in study.get_trials(deepcopy=False)
-        if not t.user_attrs.get(SKIPPED) and trial_status(t) != "missing"
+        if not t.user_attrs.get(SKIPPED)
+        and (trial_status(t) == "done" or t.state == TrialState.RUNNING)
     ]
-    return len(counted) < spec.n_trials
+    return max(0, spec.n_trials - len(counted))
 
 
 def claim(study: optuna.Study, spec: SearchSpec, started: float) -> optuna.Trial | None:
@@ -618,7 +670,8 @@ def train_in_run(
     tracking.log_params_safe(
         {
             **params,
-            **built.fit_kwargs,
+            # an augment function or an unset option is no param
+            **{k: v for k, v in built.fit_kwargs.items() if v is not None and not callable(v)},
             **{f"model.{k}": v for k, v in built.spec.items()},
             "epochs": spec.epochs,
             "seed": spec.seed,
@@ -941,7 +994,14 @@ def summarize(study: optuna.Study, spec: SearchSpec) -> SearchSummary:
         held = [n for n, s in statuses.items() if s == "held"]
     else:
         ordered = [(t.params, t) for t in trials if trial_status(t) == "done"]
-        missing, held = [], []
+        missing = []
+        # trials other workers still train: the last worker to finish logs the summary (a
+        # queued trial the budget left over waits for the next run and holds nothing up)
+        held = [
+            t.user_attrs.get(POINT) or f"trial-{t.number}"
+            for t in trials
+            if t.state == TrialState.RUNNING
+        ]
     rows = [table_row(spec, params, trial) for params, trial in ordered]
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(completed, key=lambda t: (t.value, -t.number)) if completed else None
@@ -979,10 +1039,8 @@ def log_summary(study: optuna.Study, summary: SearchSummary, title: str) -> None
     and the best trial's params and metrics as ``best_*``."""
     import mlflow
 
-    from fmnist import tracking
-
     columns = {key: [row.get(key) for row in summary.rows] for key in summary.rows[0]}
-    mlflow.log_table(columns, f"{SUMMARY_DIR}/table.json")
+    log_table_replacing(columns, f"{SUMMARY_DIR}/table.json")
     mlflow.log_text(f"# {title}\n\n" + markdown_table(summary.rows), f"{SUMMARY_DIR}/table.md")
     log_figures(study)
     counts = {state.name.lower(): 0 for state in (TrialState.COMPLETE, TrialState.PRUNED)}
@@ -993,7 +1051,7 @@ def log_summary(study: optuna.Study, summary: SearchSummary, title: str) -> None
     best = summary.best
     if best is None:
         return
-    tracking.log_params_safe({f"best_{k}": v for k, v in best.params.items()})
+    log_best_params(best.params)
     mlflow.log_metrics(
         {
             "best_val_accuracy": float(best.value),
@@ -1009,8 +1067,50 @@ def log_summary(study: optuna.Study, summary: SearchSummary, title: str) -> None
     )
 
 
+def log_table_replacing(columns: Mapping[str, list], artifact_file: str) -> None:
+    """``mlflow.log_table``, but a table already there (a resumed sampled search's summary) is
+    replaced: ``log_table`` would append the new rows to the old ones."""
+    import mlflow
+    import pandas as pd
+
+    folder, name = artifact_file.rsplit("/", 1)
+    run_id = mlflow.active_run().info.run_id
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+    if artifact_file not in logged:
+        mlflow.log_table(dict(columns), artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        # the file log_table writes, so the UI keeps showing it as a table
+        pd.DataFrame(dict(columns)).to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path), folder)
+
+
+def log_best_params(params: Mapping[str, Any]) -> None:
+    """``best_*`` params, and all of them in ``search/best_params.json``.
+
+    A resumed sampled search may find a new best; MLflow params never change, so a second value
+    goes under ``cfg.best_*`` (``log_params_safe``) and a later one only into the JSON file.
+    """
+    import mlflow
+
+    from fmnist import tracking
+
+    mlflow.log_dict(dict(params), f"{SUMMARY_DIR}/best_params.json")
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    values = {}
+    for key, value in params.items():
+        text, name = tracking.format_param(value), f"best_{key}"
+        taken = existing.get(name, text) != text and existing.get(f"cfg.{name}", text) != text
+        if not taken:
+            values[name] = value
+    tracking.log_params_safe(values)
+
+
 def log_figures(study: optuna.Study) -> None:
-    """Optuna's optimization history and parameter importances as PNGs (matplotlib backend)."""
+    """Optuna's optimization history, parameter importances, parallel-coordinate and slice plots
+    as PNGs (matplotlib backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1021,6 +1121,8 @@ def log_figures(study: optuna.Study) -> None:
     figures = {
         "optimization_history.png": optuna_plots.plot_optimization_history,
         "param_importances.png": optuna_plots.plot_param_importances,
+        "parallel_coordinate.png": optuna_plots.plot_parallel_coordinate,
+        "slice.png": optuna_plots.plot_slice,
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1032,7 +1134,9 @@ def log_figures(study: optuna.Study) -> None:
                 mlflow.log_text(f"not drawn: {exc}\n", f"{SUMMARY_DIR}/{name}.txt")
                 continue
             figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
-            figure.set_size_inches(8, 5)
+            # a slice plot has one panel per parameter: widen it with their number
+            panels = np.size(axes) if not hasattr(axes, "figure") else 1
+            figure.set_size_inches(max(8, 3.2 * panels), 5)
             figure.tight_layout()
             mlflow.log_figure(figure, f"{SUMMARY_DIR}/{name}")
             plt.close(figure)
@@ -1137,6 +1241,8 @@ def search(
     # that record find every point held and queue no duplicates.
     if spec.grid and not finalize_only:
         queue_missing_points(study, spec)
+    elif spec.first and not finalize_only:
+        queue_first_points(study, spec)
     with parent_run(study, spec, experiment_name, run_name, outer_run_id, tags) as run:
         parent_id = run.info.run_id
         from fmnist import tracking
@@ -1147,17 +1253,18 @@ def search(
         if on_start is not None:
             on_start()
         pending = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-        workers = worker_count(n_jobs, pending if spec.grid else spec.n_trials or 1 << 30)
+        workers = worker_count(n_jobs, pending if spec.grid else trials_left(study, spec))
         if finalize_only:
             workers = 0
         ended = run_workers(spec, ref, data, parent_id, workers) if workers else []
         exit_codes = [code for _, code in ended]
         summary = summarize(study, spec)
         trained = trained_here(study, [pid for pid, _ in ended], called_at) if workers else []
-        outcome = SearchOutcome(
-            study, ref, parent_id, trained, summary, 0.0, study.user_attrs.get(FINALIZED)
-        )
-        if spec.grid and summary.held and not summary.missing and not finalize_only:
+        finalized = study.user_attrs.get(FINALIZED)
+        if not spec.grid:
+            finalized = current_round(study, summary, finalize is not None)
+        outcome = SearchOutcome(study, ref, parent_id, trained, summary, 0.0, finalized)
+        if summary.held and not summary.missing and not finalize_only:
             print(
                 f"{len(summary.held)} points are still being trained by other workers "
                 f"({', '.join(summary.held)}); the worker that finishes the last one logs "
@@ -1176,7 +1283,10 @@ def search(
                 + ". Run the same command again to train only those."
             )
         # a finished search re-run changes nothing; of racing workers one only finalizes
-        if outcome.finalized is None and claim_finalization(ref, force=finalize_only):
+        round_name = ""
+        if not spec.grid:
+            round_name = f"-{len(summary.rows)}" + ("-model" if finalize else "")
+        if outcome.finalized is None and claim_finalization(ref, finalize_only, round_name):
             if summary.rows:
                 log_summary(study, summary, title)
             if finalize is not None and summary.best is not None:
@@ -1184,8 +1294,24 @@ def search(
                 outcome.finalized = outcome.final.get("model_uri")
                 if outcome.finalized:
                     study.set_user_attr(FINALIZED, outcome.finalized)
+            if not spec.grid:
+                study.set_user_attr(
+                    FINALIZED_ROUND, {"trials": len(summary.rows), "model_uri": outcome.finalized}
+                )
+        outcome.finalized = outcome.finalized or None  # "": finalized without a model
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def current_round(study: optuna.Study, summary: SearchSummary, wants_model: bool) -> str | None:
+    """A sampled search's finalization when it still describes the study (the same done
+    trials, and a model if one is wanted): its model URI, "" without one; else None."""
+    last = study.user_attrs.get(FINALIZED_ROUND) or {}
+    if last.get("trials") != len(summary.rows):
+        return None
+    if wants_model and not last.get("model_uri"):
+        return None
+    return last.get("model_uri") or ""
 
 
 def redact_storage(location: str) -> str:

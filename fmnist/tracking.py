@@ -129,6 +129,34 @@ def start_run(
         mlflow.end_run("FINISHED")
 
 
+@contextmanager
+def reopen_run(run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Resume an ended run (a resumed search's parent, a resumed CNN) and end it as above.
+
+    On success an earlier attempt's ``error`` tag is removed: it no longer describes the run.
+    """
+    import mlflow
+
+    configure()
+    run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    if tags:
+        mlflow.set_tags(dict(tags))
+    try:
+        yield run
+    except KeyboardInterrupt:
+        record_error("interrupted")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as exc:
+        record_error(f"{type(exc).__name__}: {exc}")
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        if "error" in mlflow.get_run(run_id).data.tags:
+            mlflow.delete_tag("error")
+        mlflow.end_run("FINISHED")
+
+
 def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str, str]):
     """Create a child run explicitly and make it active.
 

@@ -11,7 +11,16 @@ from sklearn.decomposition import PCA
 from fmnist import engine
 from fmnist.data import Split, load_splits
 from fmnist.models import build_model
-from fmnist.models.dense import PCAProjection, build_dense, dense_spec, fit_pca, project
+from fmnist.models.dense import (
+    PCAProjection,
+    build_dense,
+    build_mlp,
+    dense_spec,
+    fit_pca,
+    project,
+)
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +79,69 @@ def test_engine_overfits_one_small_batch(splits):
     assert result.best_val_accuracy == 1.0
     assert result.history[-1]["train_loss"] < 0.05
     assert engine.evaluate(model, batch).accuracy == 1.0
+
+
+@pytest.mark.parametrize("hidden", [[16], [16, 8]])
+def test_hand_written_gradients_equal_autograd(hidden):
+    torch.manual_seed(0)
+    mlp = build_mlp(12, hidden)
+    features, targets = torch.randn(9, 12), torch.randint(0, 10, (9,))
+    loss, logits, grads = mlp.loss_and_gradients(features, targets)
+    reference = torch.nn.functional.cross_entropy(mlp(features), targets)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach())
+    torch.testing.assert_close(logits, mlp(features).detach())
+    for grad, param in zip(grads, mlp.parameters(), strict=True):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "weight_decay"),
+    [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05), ("rmsprop", 0.01)],
+)
+def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_decay):
+    """The dense grid's fast path: same weights, optimizer state and loss as autograd + step()."""
+    features, targets = torch.randn(64, 12), torch.randint(0, 10, (64,))
+
+    def train(explicit: bool):
+        torch.manual_seed(0)
+        mlp = build_mlp(12, [16, 8])
+        opt = engine.make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
+        step = engine.ExplicitStep(mlp, opt) if explicit else None
+        losses = []
+        for start in range(0, 64, 16):
+            x, y = features[start : start + 16], targets[start : start + 16]
+            if explicit:
+                loss, _ = step(x, y)
+            else:
+                loss = torch.nn.functional.cross_entropy(mlp(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            losses.append(float(loss.detach()))
+        return mlp, opt, losses
+
+    fast, fast_opt, fast_losses = train(True)
+    slow, slow_opt, slow_losses = train(False)
+    assert engine.ExplicitStep.supports(fast, fast_opt)
+    assert fast_losses == pytest.approx(slow_losses, rel=1e-5)
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    fast_state, slow_state = fast_opt.state_dict()["state"], slow_opt.state_dict()["state"]
+    for key in slow_state:
+        for name, value in slow_state[key].items():
+            torch.testing.assert_close(fast_state[key][name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_fit_takes_the_explicit_step_only_where_it_applies(splits):
+    mlp = build_mlp(784, [8])
+    sgd = engine.make_optimizer("sgd", mlp.parameters(), 0.1, 0.0, CPU)
+    adam = engine.make_optimizer("adam", mlp.parameters(), 0.1, 0.0, CPU)
+    plain = {"scheduler": None, "label_smoothing": 0.0, "augment": None, "bf16": False}
+    assert engine.make_step(mlp, adam, **plain, compile_model=False) is not None
+    assert engine.make_step(mlp, sgd, **plain, compile_model=False) is None
+    smoothed = {**plain, "label_smoothing": 0.1}
+    assert engine.make_step(mlp, adam, **smoothed, compile_model=False) is None
+    cnn = build_model({"family": "cnn", "arch": "paper"})
+    cnn_adam = engine.make_optimizer("adam", cnn.parameters(), 0.1, 0.0, CPU)
+    assert engine.make_step(cnn, cnn_adam, **plain, compile_model=False) is None

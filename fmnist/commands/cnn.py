@@ -45,8 +45,31 @@ def parse_override(name: str, text: str, kind: type) -> int | float | None:
 @click.option(
     "--weight-decay", default=AUTO, show_default=True, help="Weight decay (auto: the recipe's)."
 )
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Log the training state as checkpoints/last.pt every N epochs (0: never).",
+)
+@click.option(
+    "--resume",
+    default="",
+    show_default=True,
+    help="Run id of an interrupted `fmnist cnn` run: go on from its last checkpoint (in that "
+    "run; under `mlflow run`, in the new run, tagged resumed_from).",
+)
 @common_options
-def cnn(recipe: str, epochs: str, batch_size: str, lr: str, weight_decay: str, **kwargs) -> None:
+def cnn(
+    recipe: str,
+    epochs: str,
+    batch_size: str,
+    lr: str,
+    weight_decay: str,
+    checkpoint_every: int,
+    resume: str,
+    **kwargs,
+) -> None:
     """Train a CNN recipe, log it to MLflow and register it as fmnist-cnn."""
     from fmnist.cnn import CnnConfig, run_cnn
 
@@ -57,6 +80,8 @@ def cnn(recipe: str, epochs: str, batch_size: str, lr: str, weight_decay: str, *
         batch_size=parse_override("batch-size", batch_size, int),
         lr=parse_override("lr", lr, float),
         weight_decay=parse_override("weight-decay", weight_decay, float),
+        checkpoint_every=checkpoint_every,
+        resume=resume.strip(),
     )
     summary = run_cnn(cfg)
     click.echo(

@@ -1,0 +1,267 @@
+"""``fmnist cnn-search`` on the synthetic data: trials, pruning, parent summary, retrain, resume.
+
+One search (3 trials x 2 epochs of a tiny residual CNN, trial 1 forced to be pruned, the best
+retrained and registered) runs once per module in its own store; the tests read that store, and
+the last one resumes it. Bad space files and options are checked against fresh stores.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from fmnist.cli import cli
+from fmnist.cnn_search import CnnSearchConfig, load_space, run_cnn_search
+from fmnist.commands import CommonConfig
+from fmnist.errors import ConfigError
+from fmnist.tracking import format_param
+from tests.helpers import PROJECT_ROOT, isolated_store
+
+TINY_RECIPE = """\
+model: {arch: resnet, width: 4, blocks: 1, stages: 2, dropout: 0.1}
+optimizer: adamw
+lr: 0.003
+weight_decay: 0.01
+batch_size: 32
+epochs: 3
+schedule: onecycle
+label_smoothing: 0.1
+crop_padding: 2
+flip: true
+bf16: false
+channels_last: true
+tta_flip: true
+"""
+TINY_SPACE = """\
+recipe: tiny.yaml
+startup_trials: 2
+params:
+  width: [4, 6]
+  dropout: {low: 0.0, high: 0.3}
+  lr: {low: 0.001, high: 0.01, log: true}
+  batch_size: [32, 64]
+  augment: [true, false]
+"""
+BASELINE = {"width": 4, "dropout": 0.1, "lr": 0.003, "batch_size": 32, "augment": True}
+PRUNED_TRIAL = 1
+FIGURES = ("optimization_history", "parallel_coordinate", "slice")
+
+
+def write_space(folder: Path, text: str = TINY_SPACE) -> Path:
+    (folder / "tiny.yaml").write_text(TINY_RECIPE)
+    path = folder / "tiny_space.yaml"
+    path.write_text(text)
+    return path
+
+
+def config(data_dir: Path, space: Path, **overrides) -> CnnSearchConfig:
+    common = CommonConfig(data_dir=str(data_dir), experiment_name="tests", quiet=True, seed=0)
+    settings = {"n_trials": 3, "epochs": 2, "n_jobs": 1, **overrides}
+    return CnnSearchConfig(common=common, search_space=str(space), **settings)
+
+
+def prune_one_trial(self) -> bool:
+    """Stands in for the MedianPruner's verdict: deterministic, trial 1 after its first epoch."""
+    return self.number == PRUNED_TRIAL
+
+
+@pytest.fixture(scope="module")
+def searched(synthetic_data_dir, tmp_path_factory):
+    """One search in a fresh store; yields (URI, result, space path, folder)."""
+    folder = tmp_path_factory.mktemp("cnn-search")
+    with isolated_store(folder) as (uri, patch):
+        patch.setattr(optuna.trial.Trial, "should_prune", prune_one_trial)
+        space = write_space(folder)
+        result = run_cnn_search(config(synthetic_data_dir, space))
+        yield uri, result, space, folder
+
+
+def runs_of(experiment: str = "tests") -> list:
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
+def trial_runs(parent_id: str) -> list:
+    """The parent's trial children (the retraining is a child too, without a trial tag)."""
+    children = [r for r in runs_of() if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    return sorted(
+        (r for r in children if "optuna_trial" in r.data.tags),
+        key=lambda r: int(r.data.tags["optuna_trial"]),
+    )
+
+
+def test_a_child_run_per_trial_with_the_pruned_one_finished_and_partial(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    assert result["trained_now"] == 3 and result["trials"] == 3 and result["pruned"] == 1
+    trials = trial_runs(result["run_id"])
+    assert [r.data.tags["optuna_trial"] for r in trials] == ["0", "1", "2"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    states = [r.data.tags["optuna_state"] for r in trials]
+    assert states == ["COMPLETE", "PRUNED", "COMPLETE"]
+    client = mlflow.MlflowClient()
+    steps = [
+        sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_accuracy"))
+        for r in trials
+    ]
+    assert steps == [[1, 2], [1], [1, 2]]  # the pruned trial keeps its partial curve
+    assert "best_val_accuracy" not in trials[PRUNED_TRIAL].data.metrics
+    # trial 0 is the base recipe's own point
+    params = trials[0].data.params
+    assert params["width"] == "4" and params["lr"] == "0.003" and params["augment"] == "true"
+    assert trials[0].data.tags["search_point"] == "cnn-w4-do0.1-lr0.003-bs32-aug"
+    assert params["epochs"] == "2" and params["model.stages"] == "2"
+
+
+def test_parent_logs_figures_table_and_best_params(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result["run_id"])
+    assert parent.data.tags["entry_point"] == "cnn_search" and parent.info.status == "FINISHED"
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    for figure in FIGURES:
+        assert f"search/{figure}.png" in files
+    assert files & {"search/param_importances.png", "search/param_importances.png.txt"}
+    assert {"search/table.md", "search/best_params.json", "search/search-best.yaml"} <= files
+    best = result["best_params"]
+    assert set(best) == set(BASELINE)
+    for key, value in best.items():
+        assert parent.data.params[f"best_{key}"] == format_param(value)
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result["best_val_accuracy"])
+    assert parent.data.metrics["best_trial_number"] != PRUNED_TRIAL
+    table = mlflow.load_table("search/table.json", run_ids=[parent.info.run_id])
+    assert sorted(table["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert list(table["base"]).count("tiny") == 1
+
+
+def test_best_point_is_retrained_registered_and_loadable(searched):
+    uri, result, _, _ = searched
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result["run_id"])
+    retrained = client.get_run(parent.data.tags["retrained_run_id"])
+    assert retrained.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert retrained.data.tags["entry_point"] == "cnn" and retrained.info.status == "FINISHED"
+    assert retrained.data.params["cfg.epochs"] == "3"  # the base recipe's epochs, not the trials'
+    assert retrained.data.params["cfg.model.width"] == str(result["best_params"]["width"])
+    history = client.get_metric_history(retrained.info.run_id, "val_accuracy")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert "test_accuracy" in retrained.data.metrics
+    version = client.get_model_version_by_alias("fmnist-cnn", "champion")
+    assert result["alias"] == "champion" and version.run_id == retrained.info.run_id
+    assert result["model_uri"] == f"models:/fmnist-cnn/{version.version}"
+    model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
+    images = np.random.default_rng(0).random((5, 28, 28), dtype=np.float32)
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (5, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("width: [4, 6]", "depth: [4, 6]"), "unknown key 'params.depth'"),
+        (("width: [4, 6]", "width: []"), "params.width'.*empty list"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.3, high: 0.1}"), "params.dropout'.*low 0.3 > high"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.2, high: 0.2}"), "params.dropout'.*empty range"),
+        (("low: 0.001, high: 0.01", "low: 0.0, high: 0.01"), "params.lr'.*must be positive"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.0, high: 0.3, log: true}"), "log scale needs"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.0, high: 1.5}"), "params.dropout'.*below 1.0"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.0, hi: 0.3}"), "unknown field 'hi'"),
+        (("[32, 64]", "[32, 0]"), "params.batch_size'.*below 1"),
+        (("[true, false]", "[yes, 2]"), "params.augment'.*expected bool"),
+        (("recipe: tiny.yaml", "recipe: nope"), "key 'recipe'.*Unknown definition 'nope'"),
+        (("params:", "paramz:"), "unknown key 'paramz'"),
+    ],
+)
+def test_an_invalid_space_fails_before_any_run(
+    synthetic_data_dir, tracking_store, tmp_path, change, message
+):
+    old, new = change
+    assert old in TINY_SPACE
+    space = write_space(tmp_path, TINY_SPACE.replace(old, new, 1))
+    with pytest.raises(ConfigError, match=message) as caught:
+        run_cnn_search(config(synthetic_data_dir, space))
+    assert str(space) in str(caught.value)
+    assert not (tmp_path / "mlflow.db").exists()  # no store opened, so no run created
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"epochs": 0}, "--epochs"),
+        ({"n_trials": -1}, "--n-trials"),
+        ({"timeout": -5.0}, "--timeout"),
+        ({"n_trials": 0, "timeout": 0.0}, "budget"),
+        ({"retrain_epochs": 0}, "--retrain-epochs"),
+        ({"n_jobs": -1}, "--n-jobs"),
+    ],
+)
+def test_invalid_options_fail_before_any_run(
+    synthetic_data_dir, tracking_store, tmp_path, overrides, message
+):
+    with pytest.raises(ConfigError, match=message):
+        run_cnn_search(config(synthetic_data_dir, write_space(tmp_path), **overrides))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_the_command_reports_a_bad_space_with_exit_code_2(tracking_store, tmp_path):
+    space = write_space(tmp_path, TINY_SPACE.replace("width: [4, 6]", "width: [4, -1]"))
+    result = CliRunner().invoke(cli, ["cnn-search", "--search-space", str(space)])
+    assert result.exit_code == 2
+    assert "params.width" in result.output and "Traceback" not in result.output
+
+
+def test_the_mlproject_command_line_parses_and_runs(synthetic_data_dir, tracking_store, tmp_path):
+    """The entry point's command as ``mlflow run`` fills it in (defaults, one short trial)."""
+    entry = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]["cnn_search"]
+    values = {key: str(spec["default"]) for key, spec in entry["parameters"].items()}
+    values.update(
+        search_space=str(write_space(tmp_path)),
+        n_trials="1",
+        epochs="1",
+        retrain_best="false",
+        data_dir=str(synthetic_data_dir),
+    )
+    command = entry["command"].format(**{k: shlex.quote(v) for k, v in values.items()})
+    result = CliRunner().invoke(cli, shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+    assert "trained_now=1" in result.output and "model_uri=None" in result.output
+
+
+def test_the_default_space_contains_the_fast_recipe():
+    _, dimensions, base, _ = load_space("cnn_search")
+    assert {d.key for d in dimensions} >= {"width", "blocks", "lr", "augment"}
+    from fmnist.cnn_search import CnnSpace
+
+    space = CnnSpace(dimensions, base, "fast")
+    assert set(space.baseline()) == {d.key for d in dimensions}
+    assert space.recipe_for(space.baseline()) == base
+
+
+def test_resuming_with_more_trials_trains_only_the_new_ones(searched, synthetic_data_dir):
+    """Runs last: it adds a fourth trial to the module's study."""
+    uri, first, space, folder = searched
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.chdir(folder)
+        mlflow.set_tracking_uri(uri)
+        again = run_cnn_search(config(synthetic_data_dir, space))
+        assert again["trained_now"] == 0 and again["run_id"] == first["run_id"]
+        assert again["model_uri"] == first["model_uri"]
+        more = run_cnn_search(config(synthetic_data_dir, space, n_trials=4, retrain_best=False))
+    assert more["trained_now"] == 1 and more["trials"] == 4
+    assert more["run_id"] == first["run_id"] and more["model_uri"] is None
+    trials = trial_runs(first["run_id"])
+    assert len(trials) == 4
+    params = [{k: r.data.params[k] for k in BASELINE} for r in trials]
+    assert params[3] not in params[:3]  # the resumed sampler does not repeat a draw
+    table = mlflow.load_table("search/table.json", run_ids=[first["run_id"]])
+    assert len(table) == 4  # the summary is logged again for the larger study
