@@ -1,9 +1,11 @@
 """Fashion-MNIST data layer: locate, validate and load the IDX files, split them as the study did.
 
-The dataset is read through ``torchvision.datasets.FashionMNIST`` from the data directory
-(``--data-dir``, else ``FMNIST_DATA_DIR``, else ``./data``), downloaded only when the files are
-missing and downloading is allowed (``FMNIST_OFFLINE=1`` forbids it). Every file is checked before
-torchvision parses it, so a truncated or corrupt file fails with a message naming it. The whole
+The dataset lives in torchvision's ``FashionMNIST/raw`` layout in the data directory
+(``--data-dir``, else ``FMNIST_DATA_DIR``, else ``./data``) and is downloaded through
+``torchvision.datasets.FashionMNIST`` only when the files are missing and downloading is allowed
+(``FMNIST_OFFLINE=1`` forbids it). Every file's header and size are checked, then the IDX files
+are read straight into arrays (the same arrays torchvision gives, without its second of
+imports), so a truncated or corrupt file fails with a message naming it. The whole
 dataset is held as uint8 tensors; batches are index slices converted to float in [0, 1] on demand.
 The train/validation split is the study's stratified 80/20 scikit-learn split.
 """
@@ -185,20 +187,14 @@ def load_fashion_mnist(
     ensure_files(root, download)
     for name, (magic, ndim) in RAW_FILES.items():
         check_idx_file(raw_dir(root) / name, magic, ndim)
-    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
-
     parts = {}
-    for train in (True, False):
-        try:
-            dataset = TorchvisionFashionMNIST(root=str(root), train=train, download=False)
-        except Exception as exc:  # noqa: BLE001 - torchvision reports corrupt files generically
-            which = "training" if train else "test"
-            raise DataError(
-                f"Could not read the {which} files in {raw_dir(root)}: {exc}"
-            ) from None
-        images, labels = dataset.data.to(torch.uint8), dataset.targets.to(torch.int64)
-        validate_arrays(images, labels, f"{raw_dir(root)} ({'train' if train else 't10k'})")
-        parts[train] = (images, labels)
+    for prefix in ("train", "t10k"):
+        images = torch.from_numpy(read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte").copy())
+        labels = torch.from_numpy(
+            read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        )
+        validate_arrays(images, labels, f"{raw_dir(root)} ({prefix})")
+        parts[prefix == "train"] = (images, labels)
     (train_x, train_y), (test_x, test_y) = parts[True], parts[False]
     digest = compute_digest(train_x, train_y, test_x, test_y)
     return FashionMNIST(train_x, train_y, test_x, test_y, root, digest)

@@ -339,6 +339,7 @@ def finalize_winner(outcome, cfg: DnnSearchConfig, splits, digest: str) -> dict[
     from fmnist import search
     from fmnist.engine import evaluate
     from fmnist.evaluation import evaluate_and_log
+    from fmnist.models import count_parameters
     from fmnist.registry import log_and_register
 
     best = outcome.summary.best
@@ -368,6 +369,18 @@ def finalize_winner(outcome, cfg: DnnSearchConfig, splits, digest: str) -> dict[
         input_example=splits.test.images[:4].numpy(),
     )
     mlflow.set_tags({"registered_model_uri": info.model_uri, "registered_alias": info.alias})
+    # the winner's size and training time on the parent, as a CNN run carries its own
+    trial_metrics = mlflow.get_run(best.user_attrs[search.RUN_ID]).data.metrics
+    mlflow.log_metrics(
+        {
+            "parameter_count": count_parameters(model),
+            **(
+                {"train_seconds": trial_metrics["fit_seconds"]}
+                if "fit_seconds" in trial_metrics
+                else {}
+            ),
+        }
+    )
     return {
         "model_uri": info.model_uri,
         "alias": info.alias,

@@ -911,31 +911,6 @@ def run_exists(run_id: str) -> bool:
 
 
 @contextmanager
-def reopen_run(run_id: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """Resume an ended run (a resumed search's parent) and end it as ``tracking`` would."""
-    import mlflow
-
-    from fmnist import tracking
-
-    run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-    mlflow.set_tags(dict(tags))
-    try:
-        yield run
-    except KeyboardInterrupt:
-        tracking.record_error("interrupted")
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as exc:
-        tracking.record_error(f"{type(exc).__name__}: {exc}")
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        if "error" in mlflow.get_run(run_id).data.tags:
-            mlflow.delete_tag("error")  # an earlier attempt's error no longer describes the run
-        mlflow.end_run("FINISHED")
-
-
-@contextmanager
 def parent_run(
     study: optuna.Study,
     spec: SearchSpec,
@@ -959,7 +934,7 @@ def parent_run(
             import mlflow
 
             mlflow.MlflowClient().set_tag(own, "search_parent_run_id", recorded)
-        with reopen_run(recorded, all_tags) as run:
+        with tracking.reopen_run(recorded, all_tags) as run:
             yield run
         return
     with tracking.start_run(

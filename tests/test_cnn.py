@@ -121,7 +121,7 @@ def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
 
 @pytest.mark.parametrize("steps", [1, 4, 7])
 def test_one_cycle_schedule_survives_tiny_runs(steps):
-    """Quick mode trains `best` for 2000 / 512 = 4 steps: torch's OneCycleLR divided by 0 there."""
+    """A one-epoch run of 4 steps (2000 images at batch 512): torch's OneCycleLR divided by 0."""
     from fmnist.engine import make_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)

@@ -238,7 +238,7 @@ def test_the_mlproject_command_line_parses_and_runs(synthetic_data_dir, tracking
 
 def test_the_default_space_contains_the_fast_recipe():
     _, dimensions, base, _ = load_space("cnn_search")
-    assert {d.key for d in dimensions} >= {"width", "blocks", "lr", "augment"}
+    assert {d.key for d in dimensions} >= {"width", "blocks", "lr", "batch_size"}
     from fmnist.cnn_search import CnnSpace
 
     space = CnnSpace(dimensions, base, "fast")

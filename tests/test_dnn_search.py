@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -124,6 +125,15 @@ def test_parent_logs_table_figures_best_and_test_metrics(searched):
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result["best_val_accuracy"])
     assert 0 <= parent.data.metrics["test_accuracy"] <= 1
     assert parent.data.tags["best_point"] in POINTS
+    # the winner's size (the MLP: PCA buffers are not parameters) and training time
+    hidden = [
+        int(h)
+        for h in re.match(r"dnn-h([\d-]+?)-[a-z]", parent.data.tags["best_point"])[1].split("-")
+    ]
+    sizes = [int(parent.data.params["pca_components"]), *hidden, 10]
+    expected = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+    assert parent.data.metrics["parameter_count"] == expected
+    assert parent.data.metrics["train_seconds"] > 0
 
 
 def test_winner_is_registered_as_champion(searched):
