@@ -617,7 +617,7 @@ def describe_outcome(outcome, seconds: float) -> dict[str, Any]:
     from fmnist import search
 
     best = outcome.summary.best
-    final = outcome.final or earlier_result(outcome.parent_run_id, outcome.finalized)
+    final = outcome.final or search.earlier_result(outcome.parent_run_id, outcome.finalized)
     states = [row["state"] for row in outcome.summary.rows]
     return {
         "run_id": outcome.parent_run_id,
@@ -634,19 +634,4 @@ def describe_outcome(outcome, seconds: float) -> dict[str, Any]:
         "model_uri": outcome.finalized,
         "alias": final.get("alias"),
         "seconds": round(seconds, 1),
-    }
-
-
-def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's retrained model, read back when a re-run trains nothing."""
-    if not model_uri:
-        return {}
-    import mlflow
-
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
-    accuracy = parent.data.metrics.get("test_accuracy")
-    return {
-        "test_accuracy": round(accuracy, 4) if accuracy is not None else None,
-        "alias": parent.data.tags.get("registered_alias"),
-        "retrained_run_id": parent.data.tags.get("retrained_run_id"),
     }

@@ -302,7 +302,7 @@ def describe_outcome(outcome, pca_components: int, seconds: float) -> dict[str, 
     from fmnist import search
 
     best = outcome.summary.best
-    final = outcome.final or earlier_result(outcome.parent_run_id, outcome.finalized)
+    final = outcome.final or search.earlier_result(outcome.parent_run_id, outcome.finalized)
     return {
         "run_id": outcome.parent_run_id,
         "study_name": outcome.ref.study_name,
@@ -315,20 +315,6 @@ def describe_outcome(outcome, pca_components: int, seconds: float) -> dict[str, 
         "model_uri": outcome.finalized,
         "alias": final.get("alias"),
         "seconds": round(seconds, 1),
-    }
-
-
-def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's test accuracy and alias, read back when a re-run trains nothing."""
-    if not model_uri:
-        return {}
-    import mlflow
-
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
-    accuracy = parent.data.metrics.get("test_accuracy")
-    return {
-        "test_accuracy": round(accuracy, 4) if accuracy is not None else None,
-        "alias": parent.data.tags.get("registered_alias"),
     }
 
 

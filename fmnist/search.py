@@ -1289,6 +1289,22 @@ def current_round(study: optuna.Study, summary: SearchSummary, wants_model: bool
     return last.get("model_uri") or ""
 
 
+def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
+    """A finished search's test accuracy, alias and retrained run (if any), read back from its
+    parent run when a re-run trains nothing."""
+    if not model_uri:
+        return {}
+    import mlflow
+
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    accuracy = parent.data.metrics.get("test_accuracy")
+    return {
+        "test_accuracy": round(accuracy, 4) if accuracy is not None else None,
+        "alias": parent.data.tags.get("registered_alias"),
+        "retrained_run_id": parent.data.tags.get("retrained_run_id"),
+    }
+
+
 def redact_storage(location: str) -> str:
     from fmnist.tracking import redact_uri
 

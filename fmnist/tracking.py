@@ -115,18 +115,8 @@ def start_run(
     else:
         run = start_child_run(parent_run_id or active.info.run_id, run_name, all_tags)
     mlflow.set_tags(all_tags)
-    try:
+    with ending_run(run.info.run_id):
         yield run
-    except KeyboardInterrupt:
-        record_error("interrupted")
-        mlflow.end_run("KILLED")
-        raise
-    except BaseException as exc:
-        record_error(f"{type(exc).__name__}: {exc}")
-        mlflow.end_run("FAILED")
-        raise
-    else:
-        mlflow.end_run("FINISHED")
 
 
 @contextmanager
@@ -141,8 +131,20 @@ def reopen_run(run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[A
     run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
     if tags:
         mlflow.set_tags(dict(tags))
-    try:
+    with ending_run(run_id, clear_error=True):
         yield run
+
+
+@contextmanager
+def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
+    """End the active run ``run_id`` FINISHED, FAILED (error recorded) or KILLED (Ctrl-C).
+
+    ``clear_error`` removes an earlier attempt's ``error`` tag on success (a reopened run).
+    """
+    import mlflow
+
+    try:
+        yield
     except KeyboardInterrupt:
         record_error("interrupted")
         mlflow.end_run("KILLED")
@@ -152,7 +154,7 @@ def reopen_run(run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[A
         mlflow.end_run("FAILED")
         raise
     else:
-        if "error" in mlflow.get_run(run_id).data.tags:
+        if clear_error and "error" in mlflow.get_run(run_id).data.tags:
             mlflow.delete_tag("error")
         mlflow.end_run("FINISHED")
 

@@ -57,8 +57,9 @@ def val_curve(run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in history)
 
 
-def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
-    """Ctrl-C while epoch ``epoch``'s metrics are logged (after the last checkpoint)."""
+def run_interrupted(monkeypatch, cfg: CnnConfig, epoch: int):
+    """Run ``cfg`` with Ctrl-C while epoch ``epoch``'s metrics are logged (after the last
+    checkpoint); return the run it left KILLED (the only one)."""
     from fmnist import tracking
 
     log = tracking.log_metrics_finite
@@ -68,7 +69,16 @@ def interrupt_at_epoch(monkeypatch, epoch: int) -> None:
             raise KeyboardInterrupt
         log(metrics, step)
 
-    monkeypatch.setattr(tracking, "log_metrics_finite", log_or_interrupt)
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "log_metrics_finite", log_or_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_cnn(cfg)
+    (killed,) = mlflow.search_runs(
+        experiment_names=["tests"],
+        filter_string="attributes.status = 'KILLED'",
+        output_format="list",
+    )
+    return killed
 
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_does(synthetic_data_dir):
@@ -123,15 +133,7 @@ def test_interrupted_run_resumes_in_the_same_run(
     expected = val_curve(whole["run_id"])
     assert [step for step, _ in expected] == [1, 2, 3]
 
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 2)
-        with pytest.raises(KeyboardInterrupt):
-            run_cnn(make_config(synthetic_data_dir, recipe_file))
-    (stopped,) = mlflow.search_runs(
-        experiment_names=["tests"],
-        filter_string="attributes.status = 'KILLED'",
-        output_format="list",
-    )
+    stopped = run_interrupted(monkeypatch, make_config(synthetic_data_dir, recipe_file), 2)
     assert stopped.data.tags["checkpoint_epoch"] == "1"
     artifacts = [
         f.path for f in mlflow.MlflowClient().list_artifacts(stopped.info.run_id, "checkpoints")
@@ -158,11 +160,8 @@ def test_resume_under_mlflow_run_goes_on_in_the_new_run(
     synthetic_data_dir, recipe_file, tracking_store, monkeypatch
 ):
     cfg = make_config(synthetic_data_dir, recipe_file)
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 3)
-        with pytest.raises(KeyboardInterrupt):
-            run_cnn(cfg)
-    (stopped,) = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    stopped = run_interrupted(monkeypatch, cfg, 3)
+    assert len(mlflow.search_runs(experiment_names=["tests"], output_format="list")) == 1
     before = val_curve(stopped.info.run_id)
     assert [step for step, _ in before] == [1, 2]
 
@@ -191,15 +190,7 @@ def test_bad_resume_requests_fail_before_training(
     finished = run_cnn(make_config(synthetic_data_dir, recipe_file, checkpoint_every=0))
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_cnn(CnnConfig(common=common, resume=finished["run_id"]))
-    with monkeypatch.context() as patch:
-        interrupt_at_epoch(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            run_cnn(make_config(synthetic_data_dir, recipe_file))
-    (stopped,) = mlflow.search_runs(
-        experiment_names=["tests"],
-        filter_string="attributes.status = 'KILLED'",
-        output_format="list",
-    )
+    stopped = run_interrupted(monkeypatch, make_config(synthetic_data_dir, recipe_file), 1)
     with pytest.raises(ConfigError, match="no checkpoints/last.pt"):
         run_cnn(CnnConfig(common=common, resume=stopped.info.run_id))
     with pytest.raises(ConfigError, match="--epochs"):

@@ -79,3 +79,25 @@ def common_options(function):
 def pop_common(kwargs: dict) -> CommonConfig:
     """Remove the shared options from a command's kwargs and return them as a config."""
     return CommonConfig(**{key: kwargs.pop(key) for key in COMMON_KEYS})
+
+
+def search_options(study_name_help: str, n_jobs_help: str):
+    """Add ``--storage``, ``--study-name`` and ``--n-jobs``, shared by the search commands."""
+    options = [
+        click.option(
+            "--storage",
+            default="",
+            show_default=True,
+            help="Optuna storage URL (e.g. postgresql://...) or journal file "
+            "(empty: optuna-journal.log next to the tracking store).",
+        ),
+        click.option("--study-name", default="", show_default=True, help=study_name_help),
+        click.option("--n-jobs", type=int, default=0, show_default=True, help=n_jobs_help),
+    ]
+
+    def decorate(function):
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from fmnist.commands import common_options, pop_common
+from fmnist.commands import common_options, pop_common, search_options
 from fmnist.commands.cnn import AUTO, parse_override
 
 
@@ -35,25 +35,10 @@ from fmnist.commands.cnn import AUTO, parse_override
     help="Wall-clock budget in seconds: no trial starts after it (0: no limit).",
 )
 @click.option("--epochs", type=int, default=4, show_default=True, help="Epochs per trial.")
-@click.option(
-    "--storage",
-    default="",
-    show_default=True,
-    help="Optuna storage URL (e.g. postgresql://...) or journal file "
-    "(empty: optuna-journal.log next to the tracking store).",
-)
-@click.option(
-    "--study-name",
-    default="",
-    show_default=True,
-    help="Optuna study (empty: derived from space, base recipe, epochs, seeds and data digest).",
-)
-@click.option(
-    "--n-jobs",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Worker processes, one torch thread each (0: one per CPU core; one on a GPU).",
+@search_options(
+    study_name_help="Optuna study (empty: derived from space, base recipe, epochs, seeds and "
+    "data digest).",
+    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core; one on a GPU).",
 )
 @click.option(
     "--retrain-best",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from fmnist.commands import common_options, pop_common
+from fmnist.commands import common_options, pop_common, search_options
 
 
 @click.command("dnn-search")
@@ -19,25 +19,9 @@ from fmnist.commands import common_options, pop_common
     help="Grid definition: a name in experiments/ or a YAML file.",
 )
 @click.option("--epochs", type=int, default=30, show_default=True, help="Epochs per grid point.")
-@click.option(
-    "--storage",
-    default="",
-    show_default=True,
-    help="Optuna storage URL (e.g. postgresql://...) or journal file "
-    "(empty: optuna-journal.log next to the tracking store).",
-)
-@click.option(
-    "--study-name",
-    default="",
-    show_default=True,
-    help="Optuna study (empty: derived from grid, epochs, seeds and data digest).",
-)
-@click.option(
-    "--n-jobs",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Worker processes, one torch thread each (0: one per CPU core).",
+@search_options(
+    study_name_help="Optuna study (empty: derived from grid, epochs, seeds and data digest).",
+    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core).",
 )
 @click.option(
     "--prune",
