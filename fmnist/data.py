@@ -245,12 +245,19 @@ def iterate_batches(
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
     if shuffle:
-        order = torch.randperm(n, generator=generator, device="cpu").to(device or "cpu")
+        order = shuffled_order(n, generator, device)
     else:
         order = torch.arange(n, device=device or "cpu")
     stop = n - (n % batch_size) if drop_last else n
     for start in range(0, stop, batch_size):
         yield order[start : start + batch_size]
+
+
+def shuffled_order(
+    n: int, generator: torch.Generator | None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """A seeded permutation of ``range(n)``, drawn on the CPU: every device gets the same."""
+    return torch.randperm(n, generator=generator, device="cpu").to(device or "cpu")
 
 
 def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:

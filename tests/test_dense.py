@@ -13,11 +13,14 @@ from fmnist.data import Split, load_splits
 from fmnist.models import build_model
 from fmnist.models.dense import (
     PCAProjection,
+    backpropagate,
     build_dense,
     build_mlp,
+    cross_entropy_sum,
     dense_spec,
     fit_pca,
     project,
+    scaled_one_hot,
 )
 
 CPU = torch.device("cpu")
@@ -86,13 +89,27 @@ def test_hand_written_gradients_equal_autograd(hidden):
     torch.manual_seed(0)
     mlp = build_mlp(12, hidden)
     features, targets = torch.randn(9, 12), torch.randint(0, 10, (9,))
-    loss, logits, grads = mlp.loss_and_gradients(features, targets)
-    reference = torch.nn.functional.cross_entropy(mlp(features), targets)
+    weights = [p.detach().numpy() for p in mlp.parameters()]
+    grads = [np.empty_like(w) for w in weights]
+    one_hot = scaled_one_hot(targets.numpy(), 10)
+    logits = backpropagate(weights, features.numpy(), one_hot, grads)
+    reference_logits = mlp(features)
+    reference = torch.nn.functional.cross_entropy(reference_logits, targets)
     reference.backward()
-    torch.testing.assert_close(loss, reference.detach())
-    torch.testing.assert_close(logits, mlp(features).detach())
+    loss = cross_entropy_sum(logits, targets.numpy()) / 9
+    assert loss == pytest.approx(float(reference.detach()), rel=1e-6)
+    # backpropagate returns the logits less their row maximum: the same softmax and argmax
+    shifted = reference_logits - reference_logits.max(dim=1, keepdim=True).values
+    torch.testing.assert_close(torch.from_numpy(logits), shifted.detach())
     for grad, param in zip(grads, mlp.parameters(), strict=True):
-        torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(grad), param.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_one_hot_divides_each_row_by_its_batch_size():
+    one_hot = scaled_one_hot(np.array([3, 0, 1, 2, 9]), 10, batch_size=2)
+    assert one_hot.shape == (5, 10)
+    assert one_hot[0, 3] == 0.5 and one_hot[3, 2] == 0.5 and one_hot[4, 9] == 1.0
+    np.testing.assert_allclose(one_hot.sum(axis=1), [0.5, 0.5, 0.5, 0.5, 1.0])
 
 
 @pytest.mark.parametrize(
@@ -112,7 +129,8 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
         for start in range(0, 64, 16):
             x, y = features[start : start + 16], targets[start : start + 16]
             if explicit:
-                loss, _ = step(x, y)
+                loss_sum, _ = step.run_epoch(x, y, torch.arange(16), 16)
+                loss = torch.tensor(loss_sum / 16)
             else:
                 loss = torch.nn.functional.cross_entropy(mlp(x), y)
                 opt.zero_grad()

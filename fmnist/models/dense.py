@@ -74,41 +74,65 @@ class MLP(nn.Module):
             features = F.relu(F.linear(features, layer.weight, layer.bias))
         return F.linear(features, last.weight, last.bias)
 
-    def minus_ones(self, n: int) -> torch.Tensor:
-        """A cached (n, 1) column of -1 (subtracting the one-hot targets in one kernel)."""
-        cached = getattr(self, "_minus_ones", None)
-        if cached is None or cached.shape[0] < n or cached.device != self.layers[0].weight.device:
-            cached = torch.full((max(n, 1024), 1), -1.0, device=self.layers[0].weight.device)
-            self._minus_ones = cached
-        return cached[:n]
 
-    @torch.no_grad()
-    def loss_and_gradients(
-        self, features: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Mean cross-entropy, logits, and every parameter's gradient in ``parameters()`` order.
+def backpropagate(
+    weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
+) -> np.ndarray:
+    """One MLP's forward pass and mean cross-entropy gradients, written out in numpy.
 
-        The chain rule written out by hand: for a network this small autograd's bookkeeping
-        costs twice the arithmetic, and the dense grid is a million such steps
-        (``tests/test_dense.py`` checks the gradients against autograd's).
-        """
-        activations = [features]
-        *hidden, last = self.layers
-        for layer in hidden:
-            activations.append(torch.addmm(layer.bias, activations[-1], layer.weight.t()).relu_())
-        logits = torch.addmm(last.bias, activations[-1], last.weight.t())
-        log_probs = logits.log_softmax(dim=1)
-        loss = F.nll_loss(log_probs, targets)
-        n = targets.shape[0]
-        delta = log_probs.exp_()  # d loss / d logits = (softmax - one_hot) / n
-        delta.scatter_add_(1, targets.unsqueeze(1), self.minus_ones(n)).div_(n)
-        grads: list[torch.Tensor] = []
-        for index in range(len(self.layers) - 1, -1, -1):
-            inputs = activations[index]
-            grads += [delta.sum(dim=0), delta.t().mm(inputs)]  # bias, weight (reversed below)
-            if index:
-                delta = delta.mm(self.layers[index].weight).mul_(inputs > 0)
-        return loss, logits, grads[::-1]
+    ``weights`` and ``grads`` are ``[w0, b0, w1, b1, ...]`` (``MLP.parameters()`` order);
+    ``one_hot`` holds the targets one-hot divided by the batch size (``scaled_one_hot``). The
+    gradients are written into ``grads`` in place; returns the logits less their row maximum
+    (the same softmax, loss and argmax). For a network this small a torch operator's dispatch
+    costs more than its arithmetic and autograd's bookkeeping twice that, while a numpy call costs
+    about a microsecond: the dense grid is a million such steps (``tests/test_dense.py`` checks
+    the result against autograd's).
+    """
+    activations = [features]
+    n_layers = len(weights) // 2
+    for index in range(n_layers - 1):
+        hidden = activations[-1] @ weights[2 * index].T
+        hidden += weights[2 * index + 1]
+        activations.append(np.maximum(hidden, 0.0, out=hidden))
+    logits = activations[-1] @ weights[-2].T
+    logits += weights[-1]
+    logits -= logits.max(axis=1, keepdims=True)  # exp cannot overflow
+    delta = np.exp(logits)
+    sums = delta.sum(axis=1, keepdims=True)
+    sums *= np.float32(len(features))
+    delta /= sums
+    delta -= one_hot  # d mean loss / d logits = (softmax - one_hot) / n
+    for index in range(n_layers - 1, -1, -1):
+        inputs = activations[index]
+        np.matmul(delta.T, inputs, out=grads[2 * index])
+        delta.sum(axis=0, out=grads[2 * index + 1])
+        if index:
+            delta = delta @ weights[2 * index]
+            delta *= inputs > 0
+    return logits
+
+
+def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
+    """One-hot rows of ``targets``, each divided by the size of the batch it falls in.
+
+    Batches are ``batch_size`` consecutive rows, the last one shorter; None: one batch.
+    """
+    n = len(targets)
+    one_hot = np.zeros((n, n_classes), np.float32)
+    one_hot[np.arange(n), targets] = 1.0
+    size = batch_size or max(n, 1)
+    sizes = np.full(n, size, np.float32)
+    if n % size:
+        sizes[n - n % size :] = n % size
+    one_hot /= sizes[:, None]
+    return one_hot
+
+
+def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The summed cross-entropy of float logits (any row shift) against integer targets."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+    return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
 
 
 def build_mlp(n_inputs: int, hidden: Sequence[int], n_outputs: int = NUM_CLASSES) -> MLP:
