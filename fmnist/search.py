@@ -679,10 +679,10 @@ def train_in_run(
         }
     )
 
+    log_epoch = tracking.EpochLogger()
+
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics_finite(
-            {k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=epoch
-        )
+        log_epoch(epoch, {k: metrics[k] for k in EPOCH_METRICS if k in metrics})
         trial.report(metrics["val_accuracy"], epoch)
         if spec.prune and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
@@ -703,6 +703,8 @@ def train_in_run(
     except optuna.TrialPruned:
         mlflow.set_tag("optuna_state", "PRUNED")  # MLflow has no pruned status: FINISHED + tag
         return None
+    finally:
+        log_epoch.flush()
     mlflow.log_metrics(
         {
             "best_val_accuracy": result.best_val_accuracy,

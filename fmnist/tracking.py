@@ -15,6 +15,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -226,13 +227,57 @@ def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) ->
     """Log the finite numeric entries of ``metrics`` (NaN would break charts and comparisons)."""
     import mlflow
 
-    clean = {
+    clean = finite_metrics(metrics)
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {
         k: float(v)
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
     }
-    if clean:
-        mlflow.log_metrics(clean, step=step)
+
+
+class EpochLogger:
+    """``engine.fit``'s ``on_epoch_end`` for the active run: each epoch's finite metrics at
+    ``step=epoch``, written in one batch at most every ``interval`` seconds and on ``flush``.
+
+    A database write costs about 5 ms, half a dense grid epoch's training; batching keeps the
+    tracking overhead of a fast loop small, while an epoch longer than ``interval`` (any CNN)
+    is still written as it ends. The caller flushes in a ``finally`` so that an interrupted or
+    pruned run keeps every epoch it trained; MLflow's asynchronous logging would not need that,
+    but its flush waits a second for its worker thread, longer than a whole dense trial's logging.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        import mlflow
+
+        self.run_id = mlflow.active_run().info.run_id
+        self.interval = interval
+        self.pending: list = []
+        self.written = time.monotonic()
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, v, now, epoch) for k, v in finite_metrics(metrics).items()]
+        if time.monotonic() - self.written >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        for start in range(0, len(self.pending), MAX_METRICS_PER_BATCH):
+            client.log_batch(self.run_id, self.pending[start : start + MAX_METRICS_PER_BATCH])
+        self.pending.clear()
+        self.written = time.monotonic()
+
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
 
 def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:

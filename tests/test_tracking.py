@@ -58,3 +58,20 @@ def test_redacts_passwords_in_uris():
         == "postgresql://bob:***@db:5432/x"
     )
     assert tracking.redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+
+
+def test_epoch_logger_batches_writes_and_keeps_every_epoch_step(tracking_store):
+    client = mlflow.MlflowClient()
+    with tracking.start_run("dnn_search", "dnn", "exp-epochs") as run:
+        log_epoch = tracking.EpochLogger(interval=3600.0)
+        for epoch in (1, 2, 3):
+            log_epoch(epoch, {"val_accuracy": epoch / 10, "train_loss": float("nan")})
+        # nothing written yet: the interval has not passed
+        assert client.get_metric_history(run.info.run_id, "val_accuracy") == []
+        log_epoch.flush()
+        every_epoch = tracking.EpochLogger(interval=0.0)
+        every_epoch(4, {"val_accuracy": 0.4})  # written at once
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
+    # a NaN is no metric: it would break the charts
+    assert client.get_metric_history(run.info.run_id, "train_loss") == []
