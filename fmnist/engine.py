@@ -182,8 +182,9 @@ class ExplicitStep:
         group = optimizer.param_groups[0]
         if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in group["params"]):
             return False
-        if list(group["params"]) != list(model.parameters()):
-            return False
+        params, own = list(group["params"]), list(model.parameters())
+        if len(params) != len(own) or any(p is not q for p, q in zip(params, own, strict=True)):
+            return False  # it writes gradients for exactly the model's parameters, in order
         if group.get("maximize") or group.get("differentiable") or group.get("capturable"):
             return False
         if isinstance(optimizer, torch.optim.RMSprop):

@@ -163,3 +163,24 @@ def test_fit_takes_the_explicit_step_only_where_it_applies(splits):
     cnn = build_model({"family": "cnn", "arch": "paper"})
     cnn_adam = engine.make_optimizer("adam", cnn.parameters(), 0.1, 0.0, CPU)
     assert engine.make_step(cnn, cnn_adam, **plain, compile_model=False) is None
+
+
+def test_explicit_loop_overfits_one_batch_of_raw_pixels(splits):
+    """``fit`` on an MLP takes the numpy loop, raw uint8 pixels included, and it learns."""
+    torch.manual_seed(0)
+    mlp = build_mlp(784, [64])
+    batch = Split(splits.train.images[:32].reshape(32, -1), splits.train.labels[:32])
+    adam = engine.make_optimizer("adam", mlp.parameters(), 1e-2, 0.0, CPU)
+    plain = {"scheduler": None, "label_smoothing": 0.0, "augment": None, "bf16": False}
+    assert engine.make_step(mlp, adam, **plain, compile_model=False) is not None
+    result = engine.fit(
+        mlp, batch, batch, optimizer="adam", lr=1e-2, batch_size=8, epochs=40, quiet=True
+    )
+    assert result.history[-1]["train_loss"] < 0.05
+    assert result.best_val_accuracy == 1.0
+
+
+def test_explicit_step_refuses_an_optimizer_over_other_parameters():
+    mlp = build_mlp(12, [8])
+    subset = engine.make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
+    assert not engine.ExplicitStep.supports(mlp, subset)
