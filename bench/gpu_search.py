@@ -3,11 +3,11 @@
 Runs the project's CNN search (``fmnist.cnn_search``'s space file, seeded TPE sampler, the base
 recipe's point queued as trial 0, the MedianPruner fed by per-epoch validation accuracy, the
 shared engine) with an in-memory Optuna study and no MLflow, so it needs only torch, numpy,
-PyYAML and optuna on a bare GPU machine. Then it retrains the best point for the base recipe's
-full epoch count and trains the base recipe itself the same way, and prints both test accuracies
-as the registered model would score them (restored best/EMA weights, flip averaging when the
-recipe uses it). ``fmnist cnn-search --search-space cnn_search_gpu --device cuda`` is the tracked
-equivalent. ``--quick`` runs it on a CPU on the first images.
+PyYAML, click and optuna on a bare GPU machine. Then it retrains the best point for the base
+recipe's full epoch count and trains the base recipe itself the same way, and prints both test
+accuracies as the registered model would score them (restored best/EMA weights, flip averaging
+when the recipe uses it). ``fmnist cnn-search --search-space cnn_search_gpu --device cuda`` is
+the tracked equivalent. ``--quick`` runs it on a CPU on the first images.
 
     python bench/gpu_search.py --data-dir ../shared/data --timeout 240 --epochs 15
     python bench/gpu_search.py --quick          # a CPU smoke test

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fmnist.data import Split, iterate_batches, shuffled_order
@@ -171,9 +170,13 @@ class ExplicitStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.group = optimizer.param_groups[0]
-        self.params = list(self.group["params"])
+        self.params = list(optimizer.param_groups[0]["params"])
         self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
+
+    @property
+    def group(self) -> dict[str, Any]:
+        # read anew: resuming loads the optimizer's state dict, which replaces its param groups
+        return self.optimizer.param_groups[0]
 
     @staticmethod
     def supports(model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
@@ -211,15 +214,13 @@ class ExplicitStep:
         # epoch at once: per batch they would cost more calls than the step's arithmetic.
         one_hot = scaled_one_hot(targets, weights[-1].shape[0], batch_size)
         logits = np.empty(one_hot.shape, np.float32)
-        # One BLAS thread: at these sizes a second one only waits, and when search workers run
-        # in parallel their idle BLAS threads spin on each other's cores (measured: 8x slower).
         try:
-            with torch.no_grad(), threadpool_limits(1, user_api="blas"):
+            with torch.no_grad(), one_blas_thread():
                 for start in range(0, len(order_), batch_size):
                     stop = start + batch_size
                     batch = features[order_[start:stop]]
                     if batch.dtype == np.uint8:  # raw pixels, scaled as ``to_inputs`` does
-                        batch = batch.astype(np.float32) * np.float32(1 / 255.0)
+                        batch = batch.astype(np.float32) / np.float32(255.0)
                     logits[start:stop] = backpropagate(weights, batch, one_hot[start:stop], grads)
                     update()
         finally:
@@ -280,6 +281,20 @@ class ExplicitStep:
                     state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
             states.append(state[key])
         return states
+
+
+def one_blas_thread():
+    """Limit numpy's BLAS to one thread (a no-op context where threadpoolctl is missing).
+
+    At the dense grid's sizes a second BLAS thread only waits, and when search workers run in
+    parallel their idle BLAS threads spin on each other's cores (measured: batch-64 trials 8x
+    slower). Imported here, not at the top: the GPU bench scripts run without scikit-learn.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 class FlatParameters:
@@ -423,13 +438,14 @@ def train_one_epoch(
     """
     model.train()
     images, labels = split.images, split.labels
+    if not len(split):
+        return {"train_loss": float("nan"), "train_accuracy": float("nan")}
     if step_fn is not None:
         order = shuffled_order(len(split), generator, device)
         loss_sum, correct = step_fn.run_epoch(images, labels, order, batch_size)
         if progress is not None:
             progress.update(math.ceil(len(split) / batch_size))
-        n = max(len(split), 1)
-        return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
+        return {"train_loss": loss_sum / len(split), "train_accuracy": correct / len(split)}
     # Per-batch results are kept and reduced once per epoch: fewer tensor ops per step (they
     # dominate small models) and no host synchronisation on a GPU.
     losses: list[torch.Tensor] = []
@@ -456,8 +472,6 @@ def train_one_epoch(
         if progress is not None:
             progress.update(1)
     n = len(split)
-    if not losses:
-        return {"train_loss": float("nan"), "train_accuracy": float("nan")}
     sizes = torch.tensor([len(index) for index in order], device=device, dtype=torch.float32)
     loss_sum = (torch.stack(losses).float() * sizes).sum()
     correct = (torch.cat(predictions) == labels[torch.cat(order)]).sum()

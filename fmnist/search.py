@@ -701,10 +701,13 @@ def train_in_run(
             **built.fit_kwargs,
         )
     except optuna.TrialPruned:
+        log_epoch.flush()
         mlflow.set_tag("optuna_state", "PRUNED")  # MLflow has no pruned status: FINISHED + tag
         return None
-    finally:
-        log_epoch.flush()
+    except BaseException:
+        log_epoch.flush_quietly()  # the epochs trained so far stay with the failed run
+        raise
+    log_epoch.flush()
     mlflow.log_metrics(
         {
             "best_val_accuracy": result.best_val_accuracy,

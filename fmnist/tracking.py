@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -271,10 +272,20 @@ class EpochLogger:
         from mlflow import MlflowClient
 
         client = MlflowClient()
-        for start in range(0, len(self.pending), MAX_METRICS_PER_BATCH):
-            client.log_batch(self.run_id, self.pending[start : start + MAX_METRICS_PER_BATCH])
-        self.pending.clear()
+        while self.pending:
+            batch = self.pending[:MAX_METRICS_PER_BATCH]
+            client.log_batch(self.run_id, batch)
+            del self.pending[: len(batch)]  # written: a retry after an error must not repeat it
         self.written = time.monotonic()
+
+    def flush_quietly(self) -> None:
+        """``flush`` while another error is on its way: a failing store must not replace it."""
+        try:
+            self.flush()
+        except Exception as exc:  # noqa: BLE001 - the error in flight matters more
+            warnings.warn(
+                f"{len(self.pending)} epoch metrics not logged: {exc}", RuntimeWarning, 2
+            )
 
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call

@@ -84,7 +84,8 @@ def test_explicit_step_learns_as_the_reference_loop_does(optimizer):
 
 GPU_SCRIPTS = """
 import json, sys
-sys.modules["mlflow"] = None  # a bare GPU machine has no tracking stack: importing it must fail
+# a bare GPU machine has no tracking stack (nor scikit-learn's threadpoolctl): importing must fail
+sys.modules["mlflow"] = sys.modules["threadpoolctl"] = None
 sys.path.insert(0, "bench")
 import gpu_best, gpu_search
 best = gpu_best.main(["--quick", "--data-dir", sys.argv[1]])

@@ -75,3 +75,14 @@ def test_epoch_logger_batches_writes_and_keeps_every_epoch_step(tracking_store):
     assert [(m.step, m.value) for m in history] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.4)]
     # a NaN is no metric: it would break the charts
     assert client.get_metric_history(run.info.run_id, "train_loss") == []
+
+
+def test_epoch_logger_never_hides_the_error_in_flight(tracking_store):
+    with tracking.start_run("dnn_search", "dnn", "exp-epochs"):
+        log_epoch = tracking.EpochLogger(interval=3600.0)
+    log_epoch.run_id = "0" * 32  # a run the store does not know: every write fails
+    log_epoch(1, {"val_accuracy": 0.5})
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        log_epoch.flush()
+    with pytest.warns(RuntimeWarning, match="1 epoch metrics not logged"):
+        log_epoch.flush_quietly()
