@@ -187,23 +187,37 @@ def train_once(recipe: dict, model_spec: dict, data, epochs: int, args, device) 
     }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every GPU bench script takes: data, seed, device, a size limit, JSON output."""
     parser.add_argument(
         "--data-dir",
         default=os.environ.get("FMNIST_DATA_DIR") or str(ROOT.parent / "shared" / "data"),
         help="folder holding FashionMNIST/raw",
     )
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML file")
-    parser.add_argument("--epochs", default="", help="comma-separated budgets (recipe's: empty)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N of each split")
+    parser.add_argument("--json", default="", help="also write the results to this file")
+
+
+def pick_device(choice: str) -> tuple[torch.device, str]:
+    """The device for ``--device`` (auto: CUDA when present) and its name, cuDNN autotuning on."""
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if choice == "auto" else choice
+    )
+    torch.backends.cudnn.benchmark = True
+    return device, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_arguments(parser)
+    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="recipe YAML file")
+    parser.add_argument("--epochs", default="", help="comma-separated budgets (recipe's: empty)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--no-tta", action="store_true", help="score without flip averaging")
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N of each split")
     parser.add_argument("--width", type=int, default=0, help="override the model width")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny data, width 8")
-    parser.add_argument("--json", default="", help="also write the results to this file")
     return parser.parse_args(argv)
 
 
@@ -213,17 +227,13 @@ def main(argv=None) -> dict:
         args.limit, args.width = args.limit or 512, args.width or 8
         args.epochs = args.epochs or "1"
     ensure_tqdm()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    torch.backends.cudnn.benchmark = True
+    device, name = pick_device(args.device)
     recipe = read_recipe(Path(args.recipe))
     model_spec = dict(recipe["model"])
     if args.width:
         model_spec["width"] = args.width
     budgets = [int(e) for e in args.epochs.split(",") if e.strip()] or [recipe["epochs"]]
     data = load_data(Path(args.data_dir), device, args.limit or None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; model {model_spec}; train {len(data[0])}")
     # Warm-up: CUDA context, cuDNN autotuning and (with --compile) compilation stay untimed.
     warm = tuple(Split(s.images[:2048], s.labels[:2048]) for s in data)

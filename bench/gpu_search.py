@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_best import ensure_tqdm, load_data  # noqa: E402
+from gpu_best import add_common_arguments, ensure_tqdm, load_data, pick_device  # noqa: E402
 
 
 def train_point(space, params, data, epochs: int, seed: int, device, on_epoch_end=None) -> dict:
@@ -114,22 +113,14 @@ def run_search(space, data, args, device) -> tuple[dict, list[dict]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--data-dir",
-        default=os.environ.get("FMNIST_DATA_DIR") or str(ROOT.parent / "shared" / "data"),
-        help="folder holding FashionMNIST/raw",
-    )
+    add_common_arguments(parser)
     parser.add_argument("--space", default="cnn_search_gpu", help="space name or YAML file")
     parser.add_argument("--epochs", type=int, default=15, help="epochs a trial")
     parser.add_argument("--n-trials", type=int, default=0, help="0: no limit (use --timeout)")
     parser.add_argument("--timeout", type=float, default=240.0, help="search budget, seconds")
     parser.add_argument("--retrain-epochs", type=int, default=0, help="0: the base recipe's")
-    parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--limit", type=int, default=0, help="use only the first N of each split")
     parser.add_argument("--no-base", action="store_true", help="skip training the base recipe")
     parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny data, 3 trials")
-    parser.add_argument("--json", default="", help="also write the results to this file")
     return parser.parse_args(argv)
 
 
@@ -142,16 +133,12 @@ def main(argv=None) -> dict:
         args.n_trials, args.epochs, args.timeout = args.n_trials or 3, 1, 0.0
         args.retrain_epochs = args.retrain_epochs or 1
     ensure_tqdm()
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    torch.backends.cudnn.benchmark = True
+    device, name = pick_device(args.device)
     space_file, dimensions, base, where = load_space(args.space)
     space = CnnSpace(
         dimensions, base, Path(space_file.recipe).stem, args.seed, space_file.startup_trials
     )
     data = load_data(Path(args.data_dir), device, args.limit or None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; space {where.name}; train {len(data[0])}")
     # Warm-up (CUDA context, cuDNN autotuning) stays out of the first trial's time.
     warm = tuple(type(s)(s.images[:1024], s.labels[:1024]) for s in data)

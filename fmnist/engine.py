@@ -167,8 +167,7 @@ class ExplicitStep:
     in torch operators written out by hand: the dense grid's whole cost.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
         self.params = list(optimizer.param_groups[0]["params"])
         self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
@@ -277,7 +276,7 @@ class ExplicitStep:
                 state["step"] = torch.zeros(
                     (), dtype=_get_scalar_dtype(is_fused=fused), device=param.device
                 )
-                for name in ("square_avg",) if self.rmsprop else ("exp_avg", "exp_avg_sq"):
+                for name in self.state_keys():
                     state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
             states.append(state[key])
         return states
@@ -391,11 +390,7 @@ def make_step(
 ) -> ExplicitStep | None:
     """The explicit step when the model and settings allow it, else None (autograd)."""
     plain = not (scheduler or label_smoothing or augment or bf16 or compile_model or ema)
-    return (
-        ExplicitStep(model, optimizer)
-        if plain and ExplicitStep.supports(model, optimizer)
-        else None
-    )
+    return ExplicitStep(optimizer) if plain and ExplicitStep.supports(model, optimizer) else None
 
 
 def cpu_bf16_supported() -> bool:

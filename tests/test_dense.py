@@ -125,7 +125,7 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
         torch.manual_seed(0)
         mlp = build_mlp(12, [16, 8])
         opt = engine.make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
-        step = engine.ExplicitStep(mlp, opt) if explicit else None
+        step = engine.ExplicitStep(opt) if explicit else None
         generator = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(2):
