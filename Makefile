@@ -27,11 +27,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
 
+# The suite runs on every core (pytest-xdist; `auto` is one worker per CPU, 2 here and in CI;
+# `make test WORKERS=0` runs it in this process). `--dist loadfile` runs each test file on one
+# worker, so no module-scoped fixture (a search, a pipeline, a store) is built twice.
+WORKERS ?= auto
+PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -q
+
 test: $(STAMP) ## Run the test suite (not `slow`; `realdata` tests run when FMNIST_DATA_DIR is set)
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(PYTEST) -m "not slow"
 
 test-all: $(STAMP) ## Run every test, slow ones included
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 lint: $(STAMP) ## Run ruff
 	$(BIN)/ruff check fmnist tests bench

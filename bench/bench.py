@@ -142,35 +142,23 @@ def run_our_search(data_dir: str, epochs: int, seed: int, quick: bool) -> dict:
 
 def bench_paper_cnn(arrays, data_dir: str, limit: int | None) -> dict:
     """One epoch of the paper CNN at batch 128: DataLoader reference vs our engine."""
-    from fmnist.cnn import CnnConfig, resolve_recipe
     from fmnist.data import Split, load_fashion_mnist, make_splits
-    from fmnist.engine import make_optimizer, train_one_epoch
-    from fmnist.models import build_model
+    from fmnist.train.engine import make_trainer, train_one_epoch
+    from fmnist.train.recipes import build_classifier, load_recipe, train_config
 
     x_train, y_train = reference.split_train(arrays[0], arrays[1])
     ref = reference.time_paper_cnn_epoch(x_train, y_train, limit=limit)
     splits = make_splits(load_fashion_mnist(data_dir), 42)
     n = len(splits.train) if limit is None else min(limit, len(splits.train))
     train = Split(splits.train.images[:n], splits.train.labels[:n])
-    recipe = resolve_recipe(CnnConfig(recipe="paper"))
+    recipe = load_recipe("paper")
     torch.manual_seed(0)
-    model = build_model({"family": "cnn", **recipe.model})
+    model = build_classifier(recipe)
     if recipe.channels_last:  # as `fmnist cnn --recipe paper` trains it
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(
-        recipe.optimizer, model.parameters(), recipe.lr, recipe.weight_decay, torch.device("cpu")
-    )
-    generator = torch.Generator().manual_seed(0)
-    seconds, _ = time_call(
-        train_one_epoch,
-        model,
-        train,
-        optimizer,
-        batch_size=128,
-        generator=generator,
-        device=torch.device("cpu"),
-        bf16=recipe.bf16,
-    )
+    settings = train_config(recipe, device="cpu", seed=0, quiet=True).replace(batch_size=128)
+    trainer = make_trainer(model, settings, steps_per_epoch=1)
+    seconds, _ = time_call(train_one_epoch, model, train, trainer, settings)
     return {
         "reference_s": ref["seconds"],
         "ours_s": seconds,
@@ -186,8 +174,9 @@ def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
 
     from fmnist import tracking
     from fmnist.data import Split, load_fashion_mnist, make_splits
-    from fmnist.engine import fit
     from fmnist.models.dense import build_mlp, fit_pca, project
+    from fmnist.train.config import TrainConfig
+    from fmnist.train.engine import fit
 
     splits = make_splits(load_fashion_mnist(data_dir), 42)
     layer = fit_pca(splits.train.images, 0.95).layer()
@@ -199,16 +188,8 @@ def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
         model = build_mlp(train.images.shape[1], [64])
 
         def train_and_flush() -> None:
-            fit(
-                model,
-                train,
-                val,
-                optimizer="adam",
-                batch_size=64,
-                epochs=epochs,
-                quiet=True,
-                on_epoch_end=callback,
-            )
+            settings = TrainConfig(optimizer="adam", batch_size=64, epochs=epochs, quiet=True)
+            fit(model, train, val, settings, on_epoch_end=callback)
             flush()  # the metrics count as logged once they are in the store
 
         seconds, _ = time_call(train_and_flush)
@@ -232,8 +213,8 @@ def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
 
 def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
     """Train tiny tracked models through the entry points (peak RSS each), then time pyfunc."""
-    from fmnist.compare import measure_inference
     from fmnist.data import load_fashion_mnist
+    from fmnist.flows.compare import measure_inference
 
     results: dict = {"rss_mb": {}, "inference": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,13 @@
 """Time-to-accuracy of the ``best`` CNN recipe on one GPU, without the tracking stack.
 
-Trains ``experiments/cnn/best.yaml`` with the project's engine, augmentation and model code only
-(torch and numpy; no mlflow, torchvision or click needed, PyYAML and scikit-learn used when
-present), so it runs on a bare GPU machine. For each epoch budget in ``--epochs`` (the one-cycle
-schedule depends on the total, so each budget is its own run) it prints the training wall time
-(validation passes included, a warm-up run excluded), the best validation accuracy and the test
-accuracy as the registered model would score it (restored best/EMA weights, float32, with flip
-averaging when the recipe uses it). ``--quick`` shrinks data and width so it runs on a CPU.
+Trains ``experiments/cnn/best.yaml`` with the project's own data loading, recipe, engine,
+augmentation and model code (``fmnist.data``, ``fmnist.train``, ``fmnist.models``: torch, numpy,
+PyYAML and, for the study's split, scikit-learn; no mlflow, optuna or click), so it runs on a bare
+GPU machine. For each epoch budget in ``--epochs`` (the one-cycle schedule depends on the total,
+so each budget is its own run) it prints the training wall time (validation passes included, a
+warm-up run excluded), the best validation accuracy and the test accuracy as the registered model
+would score it (restored best/EMA weights, float32, with flip averaging when the recipe uses it).
+``--quick`` shrinks data and width so it runs on a CPU.
 
     python bench/gpu_best.py --data-dir ../shared/data --epochs 20,30,40
     python bench/gpu_best.py --quick            # a CPU smoke test on the first images
@@ -15,11 +16,9 @@ averaging when the recipe uses it). ``--quick`` shrinks data and width so it run
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -28,150 +27,39 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fmnist.augment import make_augment  # noqa: E402
-from fmnist.data import Split, raw_dir, read_idx  # noqa: E402
-from fmnist.models.cnn import build_cnn  # noqa: E402
+from fmnist.data import Split, load_fashion_mnist, make_splits  # noqa: E402
+from fmnist.train.engine import evaluate, fit  # noqa: E402
+from fmnist.train.recipes import build_classifier, load_recipe, train_config  # noqa: E402
 
 DEFAULT_RECIPE = ROOT / "experiments" / "cnn" / "best.yaml"
 
 
-def ensure_tqdm() -> None:
-    """The engine draws progress bars with tqdm; on a bare machine stand in a silent one."""
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:
+def load_data(data_dir: Path, device: torch.device, limit: int | None, seed: int = 42):
+    """The study's train / validation / test splits as uint8 tensors resident on ``device``."""
+    splits = make_splits(load_fashion_mnist(data_dir, download=False), seed)
 
-        class Silent:
-            def __init__(self, *args, **kwargs) -> None:
-                pass
+    def place(split: Split) -> Split:
+        images, labels = split.images[:limit], split.labels[:limit]
+        return Split(images.to(device), labels.to(device))
 
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc) -> None:
-                return None
-
-            def update(self, n: int = 1) -> None:
-                pass
-
-        module = types.ModuleType("tqdm")
-        # torch's import machinery looks the module up by spec, so give it one
-        module.__spec__ = importlib.machinery.ModuleSpec("tqdm", None)
-        module.tqdm = Silent
-        sys.modules["tqdm"] = module
+    return place(splits.train), place(splits.val), place(splits.test)
 
 
-def parse_scalar(text: str):
-    """A YAML scalar as int, float, bool or string (enough for the recipe files)."""
-    text = text.split(" #")[0].strip().strip('"').strip("'")
-    if text.lower() in {"true", "false"}:
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def read_recipe(path: Path) -> dict:
-    """Read a recipe YAML: with PyYAML when installed, else its flat two-level subset."""
-    try:
-        import yaml
-
-        return yaml.safe_load(path.read_text())
-    except ImportError:
-        pass
-    recipe: dict = {}
-    section = None
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        key, _, value = line.strip().partition(":")
-        if line.startswith(" ") and section is not None:
-            section[key] = parse_scalar(value)
-        elif value.strip():
-            recipe[key], section = parse_scalar(value), None
-        else:
-            recipe[key] = section = {}
-    return recipe
-
-
-def stratified_split(labels: np.ndarray, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """The study's split (scikit-learn, random_state 42), else a numpy stratified 80/20."""
-    try:
-        from fmnist.data import split_indices
-
-        return split_indices(labels, seed)
-    except ImportError:
-        rng = np.random.default_rng(seed)
-        train, val = [], []
-        for label in np.unique(labels):
-            members = rng.permutation(np.flatnonzero(labels == label))
-            cut = len(members) // 5
-            val.append(members[:cut])
-            train.append(members[cut:])
-        # shuffled, so that a --limit prefix still holds every class
-        return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(val))
-
-
-def load_data(data_dir: Path, device: torch.device, limit: int | None):
-    """Train / validation / test splits as uint8 tensors resident on ``device``."""
-    folder = raw_dir(data_dir)
-    images = read_idx(folder / "train-images-idx3-ubyte")
-    labels = read_idx(folder / "train-labels-idx1-ubyte").astype(np.int64)
-    test_images = read_idx(folder / "t10k-images-idx3-ubyte")
-    test_labels = read_idx(folder / "t10k-labels-idx1-ubyte").astype(np.int64)
-    train_idx, val_idx = stratified_split(labels)
-
-    def split(x: np.ndarray, y: np.ndarray, index=None) -> Split:
-        if index is not None:
-            x, y = x[index], y[index]
-        if limit:
-            x, y = x[:limit], y[:limit]
-        return Split(torch.from_numpy(x.copy()).to(device), torch.from_numpy(y.copy()).to(device))
-
-    return (
-        split(images, labels, train_idx),
-        split(images, labels, val_idx),
-        split(test_images, test_labels),
-    )
-
-
-def train_once(recipe: dict, model_spec: dict, data, epochs: int, args, device) -> dict:
+def train_once(recipe, data, epochs: int, args, device) -> dict:
     """One full training run of ``epochs``; returns timings and accuracies."""
-    from fmnist.engine import evaluate, fit
-
     train, val, test = data
     torch.manual_seed(args.seed)
-    model = build_cnn(**model_spec)
-    if recipe.get("channels_last", True):
+    model = build_classifier(recipe)
+    if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     history = []
+    settings = train_config(
+        recipe, device=str(device), seed=args.seed, quiet=True, checkpoint_every=0
+    ).replace(epochs=epochs, compile=args.compile or recipe.compile)
     result = fit(
-        model,
-        train,
-        val,
-        optimizer=recipe["optimizer"],
-        lr=recipe["lr"],
-        weight_decay=recipe.get("weight_decay", 0.0),
-        batch_size=recipe["batch_size"],
-        epochs=epochs,
-        schedule=recipe.get("schedule", "none"),
-        label_smoothing=recipe.get("label_smoothing", 0.0),
-        device=device,
-        seed=args.seed,
-        on_epoch_end=lambda epoch, metrics: history.append(metrics),
-        quiet=True,
-        augment=make_augment(
-            recipe.get("crop_padding", 0), recipe.get("flip", False), recipe.get("erasing", 0.0)
-        ),
-        ema_decay=recipe.get("ema_decay") or None,
-        bf16=recipe.get("bf16", False),
-        val_batch_size=recipe.get("val_batch_size", 2048),
-        compile_model=args.compile,
+        model, train, val, settings, on_epoch_end=lambda epoch, metrics: history.append(metrics)
     )
-    tta = recipe.get("tta_flip", False) and not args.no_tta
+    tta = recipe.tta_flip and not args.no_tta
     plain = evaluate(model, test, 4096, device, bf16=False, tta_flip=False)
     flipped = evaluate(model, test, 4096, device, bf16=False, tta_flip=True) if tta else plain
     return {
@@ -226,21 +114,17 @@ def main(argv=None) -> dict:
     if args.quick:
         args.limit, args.width = args.limit or 512, args.width or 8
         args.epochs = args.epochs or "1"
-    ensure_tqdm()
     device, name = pick_device(args.device)
-    recipe = read_recipe(Path(args.recipe))
-    model_spec = dict(recipe["model"])
-    if args.width:
-        model_spec["width"] = args.width
-    budgets = [int(e) for e in args.epochs.split(",") if e.strip()] or [recipe["epochs"]]
+    recipe = load_recipe(args.recipe, model_changes={"width": args.width} if args.width else None)
+    budgets = [int(e) for e in args.epochs.split(",") if e.strip()] or [recipe.epochs]
     data = load_data(Path(args.data_dir), device, args.limit or None)
-    print(f"device {name}; torch {torch.__version__}; model {model_spec}; train {len(data[0])}")
+    print(f"device {name}; torch {torch.__version__}; model {recipe.model}; train {len(data[0])}")
     # Warm-up: CUDA context, cuDNN autotuning and (with --compile) compilation stay untimed.
     warm = tuple(Split(s.images[:2048], s.labels[:2048]) for s in data)
-    train_once(recipe, model_spec, warm, 1, args, device)
+    train_once(recipe, warm, 1, args, device)
     results = []
     for epochs in budgets:
-        row = train_once(recipe, model_spec, data, epochs, args, device)
+        row = train_once(recipe, data, epochs, args, device)
         results.append(row)
         print(
             f"epochs {epochs:>3}: train {row['train_seconds']:>7.1f} s "
@@ -249,7 +133,7 @@ def main(argv=None) -> dict:
             f"test as registered {row['test_accuracy']:.4f}",
             flush=True,
         )
-    report = {"device": name, "torch": torch.__version__, "model": model_spec, "runs": results}
+    report = {"device": name, "torch": torch.__version__, "model": recipe.model, "runs": results}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report

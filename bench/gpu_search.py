@@ -1,13 +1,13 @@
 """The CNN search on one GPU without the tracking stack: does its best point beat ``best``?
 
-Runs the project's CNN search (``fmnist.cnn_search``'s space file, seeded TPE sampler, the base
-recipe's point queued as trial 0, the MedianPruner fed by per-epoch validation accuracy, the
-shared engine) with an in-memory Optuna study and no MLflow, so it needs only torch, numpy,
-PyYAML, click and optuna on a bare GPU machine. Then it retrains the best point for the base
-recipe's full epoch count and trains the base recipe itself the same way, and prints both test
-accuracies as the registered model would score them (restored best/EMA weights, flip averaging
-when the recipe uses it). ``fmnist cnn-search --search-space cnn_search_gpu --device cuda`` is
-the tracked equivalent. ``--quick`` runs it on a CPU on the first images.
+Runs the project's CNN search (``fmnist.search.cnn_space``'s space file, seeded TPE sampler,
+the base recipe's point queued as trial 0, the MedianPruner fed by per-epoch validation
+accuracy, the shared engine) with an in-memory Optuna study and no MLflow, so it needs only
+torch, numpy, PyYAML and optuna on a bare GPU machine. Then it retrains the best point for the
+base recipe's full epoch count and trains the base recipe itself the same way, and prints both
+test accuracies as the registered model would score them (restored best/EMA weights, flip
+averaging when the recipe uses it). ``fmnist cnn-search --search-space cnn_search_gpu --device
+cuda`` is the tracked equivalent. ``--quick`` runs it on a CPU on the first images.
 
     python bench/gpu_search.py --data-dir ../shared/data --timeout 240 --epochs 15
     python bench/gpu_search.py --quick          # a CPU smoke test
@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gpu_best import add_common_arguments, ensure_tqdm, load_data, pick_device  # noqa: E402
+from gpu_best import add_common_arguments, load_data, pick_device  # noqa: E402
 
 
 def train_point(space, params, data, epochs: int, seed: int, device, on_epoch_end=None) -> dict:
     """Train one point of the space for ``epochs``; test accuracy as the registered model's."""
-    from fmnist.engine import evaluate, fit
-    from fmnist.utils import seed_everything
+    from fmnist.train.engine import evaluate, fit
+    from fmnist.train.runtime import seed_everything
 
     train, val, test = data
     seed_everything(seed)
@@ -45,17 +45,8 @@ def train_point(space, params, data, epochs: int, seed: int, device, on_epoch_en
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
 
-    result = fit(
-        built.trainable,
-        train,
-        val,
-        epochs=epochs,
-        seed=seed,
-        device=device,
-        quiet=True,
-        on_epoch_end=record,
-        **built.fit_kwargs,
-    )
+    settings = built.train.replace(epochs=epochs, seed=seed, device=str(device), quiet=True)
+    result = fit(built.trainable, train, val, settings, on_epoch_end=record)
     recipe = space.recipe_for(params)
     row = {
         "params": dict(params),
@@ -74,11 +65,11 @@ def run_search(space, data, args, device) -> tuple[dict, list[dict]]:
     """The TPE study with the base point first; returns the best params and one row per trial."""
     import optuna
 
-    from fmnist.search import make_pruner
+    from fmnist.search.study import make_pruner, make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        direction="maximize", sampler=space.sampler(), pruner=make_pruner(True)
+        direction="maximize", sampler=make_sampler(space.sampler_spec()), pruner=make_pruner(True)
     )
     study.enqueue_trial(space.baseline())
     search_data = (data[0], data[1], None)
@@ -125,14 +116,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from fmnist.cnn_search import CnnSpace, load_space
+    from fmnist.search.cnn_space import CnnSpace, load_space
 
     args = parse_args(argv)
     if args.quick:
         args.limit = args.limit or 512
         args.n_trials, args.epochs, args.timeout = args.n_trials or 3, 1, 0.0
         args.retrain_epochs = args.retrain_epochs or 1
-    ensure_tqdm()
     device, name = pick_device(args.device)
     space_file, dimensions, base, where = load_space(args.space)
     space = CnnSpace(

@@ -1,4 +1,4 @@
-"""Batched image augmentation in pure torch ops, for training on whichever device holds the data.
+"""Batched image augmentation in pure torch ops: training transforms and test-time flip averaging.
 
 Every transform works on a whole float batch (B, 28, 28) at once, with per-image randomness drawn
 as tensors on the batch's device: random translation (a random crop of the zero-padded image),
@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
@@ -99,3 +100,14 @@ def make_augment(
         return random_erasing(images, erasing, generator)
 
     return augment
+
+
+def flip_averaged_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Test-time augmentation: the mean class probabilities of each image and of its mirror.
+
+    The one definition for validation (the engine), evaluation and the logged model (its
+    ``ProbabilityModel`` wrapper), so all three score exactly the same function.
+    """
+    direct = classifier(images).float().softmax(dim=-1)
+    mirrored = classifier(images.flip(-1)).float().softmax(dim=-1)
+    return (direct + mirrored) / 2

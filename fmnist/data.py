@@ -18,11 +18,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from fmnist.errors import DataError
+
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 CLASS_NAMES: tuple[str, ...] = (
     "T-shirt/top",
@@ -69,9 +72,6 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-    def float_images(self) -> torch.Tensor:
-        return to_float(self.images)
 
 
 @dataclass(frozen=True)
@@ -202,6 +202,7 @@ def load_fashion_mnist(
 
 def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
     """The study's stratified 80/20 split of the training file, as index arrays."""
+    # scikit-learn only when splitting: data imports without it (the GPU scripts import data)
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
@@ -228,9 +229,15 @@ def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42)
     return make_splits(load_fashion_mnist(data_dir), split_seed)
 
 
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels to float32 in [0, 1], as torchvision's ToTensor scales them."""
-    return images.to(torch.float32).div_(255.0)
+def scale_pixels(images: T) -> T:
+    """uint8 pixels (torch tensor or numpy array) to float32 in [0, 1], as torchvision's
+    ToTensor scales them; float inputs (already scaled, or PCA features) pass through as they are.
+    The one place pixels are scaled: training, evaluation, export examples and predictions."""
+    if isinstance(images, torch.Tensor):
+        return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255.0)
+    return images
 
 
 def iterate_batches(

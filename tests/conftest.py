@@ -2,6 +2,14 @@
 
 Tests never touch ../shared or the network: ``FMNIST_OFFLINE=1`` is set for the whole session,
 and each test that tracks gets its own SQLite store under a temp folder.
+
+``make test`` runs the suite on every core with pytest-xdist. Each worker is a process of its own
+with its own ``tmp_path_factory`` base folder, so every store, journal and data folder made here
+is private to it, and servers take a port the OS hands out. Session- and module-scoped fixtures
+are built once per worker that uses them: ``--dist loadfile`` runs each file on one worker, so
+a module's fixtures are built once, and so is ``quick_pipeline`` while only
+``test_use_models.py`` uses it. ``--reverse`` runs the tests backwards, to show that none needs
+another to run first.
 """
 
 from __future__ import annotations
@@ -18,6 +26,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 REAL_DATA_DIR = os.environ.get("FMNIST_DATA_DIR", "")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reverse",
+        action="store_true",
+        help="Run the tests in reverse order: a test that needs another to run first fails.",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("reverse"):
+        items.reverse()
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +90,8 @@ def quick_pipeline(synthetic_data_dir, tmp_path_factory):
     """
     import mlflow
 
-    from fmnist.commands import CommonConfig
-    from fmnist.pipeline import PipelineConfig, run_pipeline
+    from fmnist.config import CommonConfig, PipelineConfig
+    from fmnist.flows.pipeline import run_pipeline
 
     folder = tmp_path_factory.mktemp("pipeline-store")
     uri = f"sqlite:///{folder / 'mlflow.db'}"

@@ -75,3 +75,50 @@ def isolated_store(folder: Path) -> Iterator[tuple[str, pytest.MonkeyPatch]]:
                 mlflow.end_run()
             forget_active_experiment()
     mlflow.set_tracking_uri(previous_uri)
+
+
+@contextmanager
+def store_copy(source: Path, target: Path) -> Iterator[tuple[str, pytest.MonkeyPatch]]:
+    """``isolated_store`` on a copy of a test's store folder (SQLite tracking store, artifacts,
+    Optuna journal), every absolute path the store records moved along: a test may change the
+    copy without touching what other tests read.
+
+    MLflow caches each run's artifact location in the process, by run id; the copy has the same
+    run ids, so the cache is cleared on entry and on exit.
+    """
+    import shutil
+    import sqlite3
+
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    old, new = str(source), str(target)
+    with sqlite3.connect(target / "mlflow.db") as db:
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()
+        for (table,) in tables:
+            for column in db.execute(f"PRAGMA table_info('{table}')").fetchall():
+                if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column[1]}" = REPLACE("{column[1]}", ?, ?) '
+                        f'WHERE "{column[1]}" LIKE ?',
+                        (old, new, f"%{old}%"),
+                    )
+    tracking_utils._artifact_repos_cache.clear()
+    try:
+        with isolated_store(target) as store:
+            yield store
+    finally:
+        tracking_utils._artifact_repos_cache.clear()
+
+
+def search_table(run_id: str):
+    """A search parent run's ``search/table.json`` as a DataFrame (``mlflow.load_table`` would
+    look for the run in the active experiment only, which depends on what ran before)."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="search/table.json")
+    table = json.loads(Path(path).read_text())
+    return pd.DataFrame(table["data"], columns=table["columns"])

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fmnist import search, tracking
+from fmnist import tracking
 from fmnist.cli import cli
+from fmnist.search import study as search
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 GRID = """\

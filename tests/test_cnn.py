@@ -15,16 +15,20 @@ import sys
 import textwrap
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+from fmnist.analysis.evaluation import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
 from fmnist.augment import make_augment, random_crop, random_erasing, random_flip
 from fmnist.cli import cli
-from fmnist.cnn import CnnConfig, run_cnn
-from fmnist.commands import CommonConfig
-from fmnist.evaluation import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
+from fmnist.config import CnnConfig, CommonConfig
+from fmnist.data import load_fashion_mnist
+from fmnist.flows.cnn import run_cnn
+from fmnist.models import count_parameters
 from fmnist.models.cnn import build_cnn, describe, layer_output_sizes
+from fmnist.tracking import registry
 from tests.helpers import isolated_store, mlflow_run
 
 RECIPES = ("paper", "fast", "best")
@@ -97,32 +101,32 @@ def run_through_mlflow_run(recipe: str, data_dir, uri: str) -> dict:
 def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
     """bf16 autocast (native-bf16 CPUs; float32 elsewhere) plus augmentation still learns."""
     from fmnist.data import load_splits
-    from fmnist.engine import fit
+    from fmnist.train.config import TrainConfig
+    from fmnist.train.engine import fit
 
     splits = load_splits(synthetic_data_dir)
     torch.manual_seed(0)
     model = build_cnn(arch="resnet", width=8, blocks=0, stem_pool=True)
     model = model.to(memory_format=torch.channels_last)
-    result = fit(
-        model,
-        splits.train,
-        splits.val,
+    settings = TrainConfig(
         optimizer="adamw",
         lr=0.02,
         batch_size=32,
         epochs=8,
         schedule="onecycle",
-        augment=make_augment(crop_padding=1, flip=True),
+        crop_padding=1,
+        flip=True,
         bf16=True,
         quiet=True,
     )
+    result = fit(model, splits.train, splits.val, settings)
     assert result.best_val_accuracy >= 0.5, [h["val_accuracy"] for h in result.history]
 
 
 @pytest.mark.parametrize("steps", [1, 4, 7])
 def test_one_cycle_schedule_survives_tiny_runs(steps):
     """A one-epoch run of 4 steps (2000 images at batch 512): torch's OneCycleLR divided by 0."""
-    from fmnist.engine import make_scheduler
+    from fmnist.train.engine import make_scheduler
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     scheduler = make_scheduler("onecycle", optimizer, 0.1, 1, steps)
@@ -169,11 +173,17 @@ def test_recipe_run_logs_params_metrics_and_artifacts(recipe_runs, recipe):
             "adam",
         )
     assert params["cfg.model.arch"] == ("paper" if recipe == "paper" else "resnet")
-    assert run.data.metrics["parameter_count"] > 0
+    registered = registry.load_module(summary["model_uri"])
+    assert run.data.metrics["parameter_count"] == count_parameters(registered)
     client = mlflow.MlflowClient()
     for key in EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1], key
-    assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
+    # the registered model (flip averaging included) scores the test split as the run logged
+    data = load_fashion_mnist(recipe_runs["data_dir"])
+    images = data.test_images.numpy().astype(np.float32) / 255
+    predicted = np.asarray(mlflow.pyfunc.load_model(summary["model_uri"]).predict(images))
+    accuracy = float((predicted.argmax(axis=1) == data.test_labels.numpy()).mean())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
     artifacts = set()
     for folder in ("", "evaluation", "evaluation/test"):
         artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, folder or None)}
@@ -184,6 +194,8 @@ def test_recipe_run_logs_params_metrics_and_artifacts(recipe_runs, recipe):
         assert f"evaluation/{name}" in artifacts
 
 
+# ~11 s; test_use_models.py loads both champions in a fresh process by default
+@pytest.mark.slow
 def test_registered_versions_load_in_a_fresh_process_and_score_as_logged(recipe_runs):
     """Every version (flip averaging included) maps (N, 28, 28) float32 to (N, 10) probabilities
     and reproduces the test accuracy its run logged; the champion is loaded as @champion."""

@@ -19,9 +19,10 @@ import yaml
 from click.testing import CliRunner
 
 from fmnist.cli import cli
-from fmnist.cnn import CHECKPOINT_DIR, CHECKPOINT_FILE, CnnConfig, run_cnn
-from fmnist.commands import CommonConfig
+from fmnist.config import CnnConfig, CommonConfig
 from fmnist.errors import ConfigError
+from fmnist.flows.cnn import run_cnn
+from fmnist.tracking.checkpoints import CHECKPOINT_DIR, CHECKPOINT_FILE
 
 RECIPE = {
     "model": {"arch": "resnet", "width": 4, "blocks": 1, "stages": 2, "dropout": 0.1},
@@ -82,28 +83,29 @@ def run_interrupted(monkeypatch, cfg: CnnConfig, epoch: int):
 
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_does(synthetic_data_dir):
-    from fmnist.augment import make_augment
     from fmnist.data import load_splits
-    from fmnist.engine import fit
     from fmnist.models.cnn import build_cnn
+    from fmnist.train.config import TrainConfig
+    from fmnist.train.engine import fit
 
     splits = load_splits(synthetic_data_dir)
-    settings = {
-        "optimizer": "adamw",
-        "lr": 0.01,
-        "batch_size": 32,
-        "epochs": 3,
-        "schedule": "onecycle",
-        "augment": make_augment(crop_padding=1, flip=True),
-        "ema_decay": 0.9,
-        "quiet": True,
-    }
+    settings = TrainConfig(
+        optimizer="adamw",
+        lr=0.01,
+        batch_size=32,
+        epochs=3,
+        schedule="onecycle",
+        crop_padding=1,
+        flip=True,
+        ema_decay=0.9,
+        quiet=True,
+    )
 
     def fresh_model():
         torch.manual_seed(0)
         return build_cnn(arch="resnet", width=4, blocks=1, stages=2, dropout=0.1)
 
-    whole = fit(fresh_model(), splits.train, splits.val, **settings)
+    whole = fit(fresh_model(), splits.train, splits.val, settings)
     saved = {}
 
     def keep(epoch, state):
@@ -111,12 +113,12 @@ def test_resumed_fit_ends_where_an_uninterrupted_fit_does(synthetic_data_dir):
         torch.save(state, buffer)
         saved[epoch] = buffer.getvalue()
 
-    fit(fresh_model(), splits.train, splits.val, on_checkpoint=keep, **{**settings, "epochs": 3})
+    fit(fresh_model(), splits.train, splits.val, settings, on_checkpoint=keep)
     assert sorted(saved) == [1, 2, 3]
     state = torch.load(io.BytesIO(saved[1]), weights_only=True)
     assert state["epoch"] == 1 and len(state["history"]) == 1
     model = fresh_model()
-    resumed = fit(model, splits.train, splits.val, resume=state, **settings)
+    resumed = fit(model, splits.train, splits.val, settings, resume=state)
     keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
     assert [[h[k] for k in keys] for h in resumed.history] == [
         [h[k] for k in keys] for h in whole.history

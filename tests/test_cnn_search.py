@@ -2,7 +2,8 @@
 
 One search (3 trials x 2 epochs of a tiny residual CNN, trial 1 forced to be pruned, the best
 retrained and registered) runs once per module in its own store; the tests read that store, and
-the last one resumes it. Bad space files and options are checked against fresh stores.
+the one that resumes it does so in a copy, so no test depends on another's order. Bad space
+files and options are checked against fresh stores.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import yaml
 from click.testing import CliRunner
 
 from fmnist.cli import cli
-from fmnist.cnn_search import CnnSearchConfig, load_space, run_cnn_search
-from fmnist.commands import CommonConfig
+from fmnist.config import CnnSearchConfig, CommonConfig, SearchOptions
 from fmnist.errors import ConfigError
+from fmnist.flows.cnn_search import run_cnn_search
+from fmnist.search.cnn_space import CnnSpace, load_space
 from fmnist.tracking import format_param
-from tests.helpers import PROJECT_ROOT, isolated_store
+from tests.helpers import PROJECT_ROOT, isolated_store, search_table, store_copy
 
 TINY_RECIPE = """\
 model: {arch: resnet, width: 4, blocks: 1, stages: 2, dropout: 0.1}
@@ -51,7 +53,34 @@ params:
 """
 BASELINE = {"width": 4, "dropout": 0.1, "lr": 0.003, "batch_size": 32, "augment": True}
 PRUNED_TRIAL = 1
-FIGURES = ("optimization_history", "parallel_coordinate", "slice")
+SUMMARY_FILES = {
+    "search/table.json",
+    "search/table.md",
+    "search/best_params.json",
+    "search/search_space.yaml",
+    "search/search-best.yaml",
+    "search/optimization_history.png",
+    "search/parallel_coordinate.png",
+    "search/slice.png",
+}
+# Optuna draws importances only when it can compute them; otherwise the reason is logged.
+IMPORTANCES = {"search/param_importances.png", "search/param_importances.png.txt"}
+# What a trial logs beside its sampled keys: the tiny recipe's fit settings and model spec.
+TRIAL_SETTINGS = {
+    "optimizer": "adamw",
+    "weight_decay": "0.01",
+    "schedule": "onecycle",
+    "label_smoothing": "0.1",
+    "bf16": "false",
+    "val_batch_size": "2048",
+    "compile_model": "false",
+    "model.family": "cnn",
+    "model.arch": "resnet",
+    "model.blocks": "1",
+    "model.stages": "2",
+    "epochs": "2",
+    "seed": "0",
+}
 
 
 def write_space(folder: Path, text: str = TINY_SPACE) -> Path:
@@ -61,10 +90,15 @@ def write_space(folder: Path, text: str = TINY_SPACE) -> Path:
     return path
 
 
+SEARCH_KEYS = ("storage", "study_name", "n_jobs")
+
+
 def config(data_dir: Path, space: Path, **overrides) -> CnnSearchConfig:
     common = CommonConfig(data_dir=str(data_dir), experiment_name="tests", quiet=True, seed=0)
-    settings = {"n_trials": 3, "epochs": 2, "n_jobs": 1, **overrides}
-    return CnnSearchConfig(common=common, search_space=str(space), **settings)
+    moved = {key: overrides.pop(key) for key in SEARCH_KEYS if key in overrides}
+    search = SearchOptions(**{"n_jobs": 1, **moved})
+    settings = {"n_trials": 3, "epochs": 2, **overrides}
+    return CnnSearchConfig(common=common, search=search, search_space=str(space), **settings)
 
 
 def prune_one_trial(self) -> bool:
@@ -113,10 +147,20 @@ def test_a_child_run_per_trial_with_the_pruned_one_finished_and_partial(searched
     assert steps == [[1, 2], [1], [1, 2]]  # the pruned trial keeps its partial curve
     assert "best_val_accuracy" not in trials[PRUNED_TRIAL].data.metrics
     # trial 0 is the base recipe's own point
-    params = trials[0].data.params
-    assert params["width"] == "4" and params["lr"] == "0.003" and params["augment"] == "true"
     assert trials[0].data.tags["search_point"] == "cnn-w4-do0.1-lr0.003-bs32-aug"
-    assert params["epochs"] == "2" and params["model.stages"] == "2"
+    for number, run in enumerate(trials):
+        params = run.data.params
+        sampled = {key: params[key] for key in BASELINE}
+        assert params == {
+            **sampled,
+            **TRIAL_SETTINGS,
+            "model.width": sampled["width"],
+            "model.dropout": sampled["dropout"],
+            "trial_number": str(number),
+        }
+    assert {key: trials[0].data.params[key] for key in BASELINE} == {
+        key: format_param(value) for key, value in BASELINE.items()
+    }
 
 
 def test_parent_logs_figures_table_and_best_params(searched):
@@ -126,19 +170,20 @@ def test_parent_logs_figures_table_and_best_params(searched):
     parent = client.get_run(result["run_id"])
     assert parent.data.tags["entry_point"] == "cnn_search" and parent.info.status == "FINISHED"
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
-    for figure in FIGURES:
-        assert f"search/{figure}.png" in files
-    assert files & {"search/param_importances.png", "search/param_importances.png.txt"}
-    assert {"search/table.md", "search/best_params.json", "search/search-best.yaml"} <= files
+    assert len(files & IMPORTANCES) == 1 and files - IMPORTANCES == SUMMARY_FILES
     best = result["best_params"]
     assert set(best) == set(BASELINE)
     for key, value in best.items():
         assert parent.data.params[f"best_{key}"] == format_param(value)
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result["best_val_accuracy"])
-    assert parent.data.metrics["best_trial_number"] != PRUNED_TRIAL
-    table = mlflow.load_table("search/table.json", run_ids=[parent.info.run_id])
-    assert sorted(table["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"]
-    assert list(table["base"]).count("tiny") == 1
+    assert parent.data.metrics["best_trial_number"] == result["best_trial"]
+    assert result["best_trial"] != PRUNED_TRIAL
+    table = search_table(parent.info.run_id)
+    assert list(table["trial"]) == [0, 1, 2]
+    assert list(table["state"]) == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert list(table["base"]) == ["tiny", "", ""]
+    best_row = table[table["trial"] == result["best_trial"]].iloc[0]
+    assert best_row["val_accuracy"] == pytest.approx(100 * result["best_val_accuracy"], abs=0.01)
 
 
 def test_best_point_is_retrained_registered_and_loadable(searched):
@@ -153,7 +198,9 @@ def test_best_point_is_retrained_registered_and_loadable(searched):
     assert retrained.data.params["cfg.model.width"] == str(result["best_params"]["width"])
     history = client.get_metric_history(retrained.info.run_id, "val_accuracy")
     assert sorted(m.step for m in history) == [1, 2, 3]
-    assert "test_accuracy" in retrained.data.metrics
+    test_accuracy = retrained.data.metrics["test_accuracy"]
+    assert test_accuracy == pytest.approx(result["test_accuracy"], abs=1e-4)
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(test_accuracy)
     version = client.get_model_version_by_alias("fmnist-cnn", "champion")
     assert result["alias"] == "champion" and version.run_id == retrained.info.run_id
     assert result["model_uri"] == f"models:/fmnist-cnn/{version.version}"
@@ -237,31 +284,31 @@ def test_the_mlproject_command_line_parses_and_runs(synthetic_data_dir, tracking
 
 
 def test_the_default_space_contains_the_fast_recipe():
-    _, dimensions, base, _ = load_space("cnn_search")
-    assert {d.key for d in dimensions} >= {"width", "blocks", "lr", "batch_size"}
-    from fmnist.cnn_search import CnnSpace
-
+    space_file, dimensions, base, where = load_space("cnn_search")
+    assert [d.key for d in dimensions] == list(yaml.safe_load(where.read_text())["params"])
+    assert space_file.recipe == "fast"
     space = CnnSpace(dimensions, base, "fast")
     assert set(space.baseline()) == {d.key for d in dimensions}
     assert space.recipe_for(space.baseline()) == base
 
 
-def test_resuming_with_more_trials_trains_only_the_new_ones(searched, synthetic_data_dir):
-    """Runs last: it adds a fourth trial to the module's study."""
-    uri, first, space, folder = searched
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+def test_resuming_with_more_trials_trains_only_the_new_ones(
+    searched, synthetic_data_dir, tmp_path
+):
+    """A fourth trial added to the module's study, in a copy of its store."""
+    _, first, space, folder = searched
+    space = tmp_path / "store" / space.name
+    with store_copy(folder, tmp_path / "store"):
         again = run_cnn_search(config(synthetic_data_dir, space))
         assert again["trained_now"] == 0 and again["run_id"] == first["run_id"]
         assert again["model_uri"] == first["model_uri"]
+        assert again["test_accuracy"] == first["test_accuracy"]
         more = run_cnn_search(config(synthetic_data_dir, space, n_trials=4, retrain_best=False))
-    assert more["trained_now"] == 1 and more["trials"] == 4
-    assert more["run_id"] == first["run_id"] and more["model_uri"] is None
-    trials = trial_runs(first["run_id"])
-    assert len(trials) == 4
-    params = [{k: r.data.params[k] for k in BASELINE} for r in trials]
-    assert params[3] not in params[:3]  # the resumed sampler does not repeat a draw
-    table = mlflow.load_table("search/table.json", run_ids=[first["run_id"]])
-    assert len(table) == 4  # the summary is logged again for the larger study
+        assert more["trained_now"] == 1 and more["trials"] == 4
+        assert more["run_id"] == first["run_id"] and more["model_uri"] is None
+        trials = trial_runs(first["run_id"])
+        assert [r.data.tags["optuna_trial"] for r in trials] == ["0", "1", "2", "3"]
+        params = [{k: r.data.params[k] for k in BASELINE} for r in trials]
+        assert params[3] not in params[:3]  # the resumed sampler does not repeat a draw
+        table = search_table(first["run_id"])
+        assert list(table["trial"]) == [0, 1, 2, 3]  # the summary is logged again

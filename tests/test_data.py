@@ -17,8 +17,8 @@ from fmnist.data import (
     load_fashion_mnist,
     make_splits,
     raw_dir,
+    scale_pixels,
     split_indices,
-    to_float,
     write_idx,
 )
 from fmnist.errors import DataError
@@ -72,7 +72,12 @@ def test_batches_cover_every_index_once_and_shuffle_by_seed():
 
 def test_float_conversion_matches_totensor_scaling():
     pixels = torch.tensor([[0, 255], [51, 102]], dtype=torch.uint8)
-    assert torch.allclose(to_float(pixels), torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
+    expected = [[0.0, 1.0], [0.2, 0.4]]
+    assert torch.allclose(scale_pixels(pixels), torch.tensor(expected))
+    np.testing.assert_allclose(scale_pixels(pixels.numpy()), expected, rtol=1e-6)
+    assert scale_pixels(pixels.numpy()).dtype == np.float32
+    floats = torch.rand(2, 2)
+    assert scale_pixels(floats) is floats  # already scaled: passes through
 
 
 def test_missing_files_exit_2_and_name_the_files(tmp_path):

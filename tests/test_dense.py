@@ -8,20 +8,18 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from fmnist import engine
 from fmnist.data import Split, load_splits
 from fmnist.models import build_model
-from fmnist.models.dense import (
-    PCAProjection,
+from fmnist.models.dense import PCAProjection, build_dense, build_mlp, dense_spec, fit_pca, project
+from fmnist.models.dense_step import (
+    ExplicitStep,
     backpropagate,
-    build_dense,
-    build_mlp,
     cross_entropy_sum,
-    dense_spec,
-    fit_pca,
-    project,
     scaled_one_hot,
 )
+from fmnist.train import engine
+from fmnist.train.config import TrainConfig
+from fmnist.train.optim import make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -76,9 +74,8 @@ def test_engine_overfits_one_small_batch(splits):
     model = build_dense(basis.n_components, [64])
     model.pca.set_basis(basis.mean, basis.components)
     batch = Split(splits.train.images[:32], splits.train.labels[:32])
-    result = engine.fit(
-        model, batch, batch, optimizer="adam", lr=1e-2, batch_size=32, epochs=60, quiet=True
-    )
+    settings = TrainConfig(optimizer="adam", lr=1e-2, batch_size=32, epochs=60, quiet=True)
+    result = engine.fit(model, batch, batch, settings)
     assert result.best_val_accuracy == 1.0
     assert result.history[-1]["train_loss"] < 0.05
     assert engine.evaluate(model, batch).accuracy == 1.0
@@ -124,8 +121,8 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
     def train(explicit: bool):
         torch.manual_seed(0)
         mlp = build_mlp(12, [16, 8])
-        opt = engine.make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
-        step = engine.ExplicitStep(opt) if explicit else None
+        opt = make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
+        step = ExplicitStep(opt) if explicit else None
         generator = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(2):
@@ -146,7 +143,7 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
 
     fast, fast_opt, fast_losses = train(True)
     slow, slow_opt, slow_losses = train(False)
-    assert engine.ExplicitStep.supports(fast, fast_opt)
+    assert ExplicitStep.supports(fast.parameters(), fast_opt)
     assert fast_losses == pytest.approx(slow_losses, rel=1e-5)
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -156,18 +153,22 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
             torch.testing.assert_close(fast_state[key][name], value, rtol=1e-4, atol=1e-7)
 
 
+def runner_for(model, **settings):
+    """The epoch runner ``fit`` would take for ``model`` with these settings (None: autograd)."""
+    cfg = TrainConfig(**settings)
+    return engine.make_runner(model, engine.make_trainer(model, cfg, 1), cfg)
+
+
 def test_fit_takes_the_explicit_step_only_where_it_applies(splits):
     mlp = build_mlp(784, [8])
-    sgd = engine.make_optimizer("sgd", mlp.parameters(), 0.1, 0.0, CPU)
-    adam = engine.make_optimizer("adam", mlp.parameters(), 0.1, 0.0, CPU)
-    plain = {"scheduler": None, "label_smoothing": 0.0, "augment": None, "bf16": False}
-    assert engine.make_step(mlp, adam, **plain, compile_model=False) is not None
-    assert engine.make_step(mlp, sgd, **plain, compile_model=False) is None
-    smoothed = {**plain, "label_smoothing": 0.1}
-    assert engine.make_step(mlp, adam, **smoothed, compile_model=False) is None
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1), ExplicitStep)
+    assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), ExplicitStep)
+    assert runner_for(mlp, optimizer="sgd", lr=0.1) is None
+    assert runner_for(mlp, optimizer="adam", lr=0.1, label_smoothing=0.1) is None
+    assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None
+    assert runner_for(mlp, optimizer="adam", lr=0.1, flip=True) is None
     cnn = build_model({"family": "cnn", "arch": "paper"})
-    cnn_adam = engine.make_optimizer("adam", cnn.parameters(), 0.1, 0.0, CPU)
-    assert engine.make_step(cnn, cnn_adam, **plain, compile_model=False) is None
+    assert runner_for(cnn, optimizer="adam", lr=0.1) is None
 
 
 def test_explicit_loop_overfits_one_batch_of_raw_pixels(splits):
@@ -175,17 +176,15 @@ def test_explicit_loop_overfits_one_batch_of_raw_pixels(splits):
     torch.manual_seed(0)
     mlp = build_mlp(784, [64])
     batch = Split(splits.train.images[:32].reshape(32, -1), splits.train.labels[:32])
-    adam = engine.make_optimizer("adam", mlp.parameters(), 1e-2, 0.0, CPU)
-    plain = {"scheduler": None, "label_smoothing": 0.0, "augment": None, "bf16": False}
-    assert engine.make_step(mlp, adam, **plain, compile_model=False) is not None
-    result = engine.fit(
-        mlp, batch, batch, optimizer="adam", lr=1e-2, batch_size=8, epochs=40, quiet=True
-    )
+    settings = TrainConfig(optimizer="adam", lr=1e-2, batch_size=8, epochs=40, quiet=True)
+    assert isinstance(runner_for(mlp, **vars(settings)), ExplicitStep)
+    result = engine.fit(mlp, batch, batch, settings)
     assert result.history[-1]["train_loss"] < 0.05
     assert result.best_val_accuracy == 1.0
 
 
 def test_explicit_step_refuses_an_optimizer_over_other_parameters():
     mlp = build_mlp(12, [8])
-    subset = engine.make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
-    assert not engine.ExplicitStep.supports(mlp, subset)
+    subset = make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
+    assert not ExplicitStep.supports(mlp.parameters(), subset)
+    assert mlp.epoch_runner(subset) is None

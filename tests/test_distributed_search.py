@@ -23,7 +23,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fmnist import search
+from fmnist.search import points
+from fmnist.search import study as studies
+from fmnist.search.spec import SamplerSpec
 from tests.conftest import forget_active_experiment
 
 GRID = """\
@@ -39,7 +41,7 @@ POSTGRES_URL = os.environ.get("FMNIST_TEST_POSTGRES_URL", "")
 # Slows every epoch down so a signal surely lands in the middle of a training.
 SLOW_FIT = """\
 import sys, time
-from fmnist import engine
+from fmnist.train import engine
 real_fit = engine.fit
 def slow_fit(*args, on_epoch_end, **kwargs):
     def hook(epoch, metrics):
@@ -125,11 +127,11 @@ def check_grid_done_once(results, tracking_uri: str, storage: str) -> None:
         Path(client.download_artifacts(parent.info.run_id, "search/table.json")).read_text()
     )
     assert len(table["data"]) == len(POINTS)  # logged once (a second log would append rows)
-    study = optuna.load_study(study_name=STUDY, storage=search.make_storage(storage))
+    study = optuna.load_study(study_name=STUDY, storage=studies.make_storage(storage))
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.user_attrs[search.POINT] for t in complete) == sorted(POINTS)
+    assert sorted(t.user_attrs[studies.POINT] for t in complete) == sorted(POINTS)
     assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    assert study.user_attrs[search.PARENT_RUN] == parent.info.run_id
+    assert study.user_attrs[studies.PARENT_RUN] == parent.info.run_id
 
 
 @pytest.fixture()
@@ -146,6 +148,8 @@ def fresh_folder(tmp_path):
     forget_active_experiment()
 
 
+# ~26 s; by default dnn-search with --n-jobs 2 and the PostgreSQL test (in CI) share a study
+@pytest.mark.slow
 def test_three_workers_share_a_fresh_embedded_store(synthetic_data_dir, grid_file, fresh_folder):
     tracking_uri = f"sqlite:///{fresh_folder / 'mlflow.db'}"
     storage = str(fresh_folder / "optuna-journal.log")
@@ -163,7 +167,7 @@ def postgres_databases():
         pytest.skip("no PostgreSQL server: FMNIST_TEST_POSTGRES_URL is unset (.ci/run sets it)")
     import psycopg
 
-    admin = search.sqlalchemy_url(POSTGRES_URL).replace("postgresql+psycopg://", "postgresql://")
+    admin = studies.sqlalchemy_url(POSTGRES_URL).replace("postgresql+psycopg://", "postgresql://")
     try:
         connection = psycopg.connect(admin, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:
@@ -207,6 +211,8 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
+# ~31 s; an interrupted search resumes in test_dnn_search.py by default
+@pytest.mark.slow
 def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
     synthetic_data_dir, grid_file, fresh_folder
 ):
@@ -222,7 +228,7 @@ def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
         stderr=subprocess.PIPE,
         text=True,
     )
-    journal = search.make_storage(storage)
+    journal = studies.make_storage(storage)
 
     def second_point_training() -> bool:
         if process.poll() is not None:
@@ -248,7 +254,7 @@ def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
     assert sorted(r.info.status for r in runs) == ["FINISHED", "KILLED", "KILLED"]
     study = optuna.load_study(study_name=STUDY, storage=journal)
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
-    assert [t.user_attrs[search.FAIL_REASON] for t in failed] == ["interrupted"]
+    assert [t.user_attrs[studies.FAIL_REASON] for t in failed] == ["interrupted"]
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
 
     again = subprocess.run(
@@ -262,25 +268,28 @@ def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
     assert again.returncode == 0, again.stderr[-3000:]
     assert "trained_now=3" in again.stdout  # the interrupted point and the two never started
     study = optuna.load_study(study_name=STUDY, storage=journal)
-    complete = [t.user_attrs[search.POINT] for t in study.trials if t.state == TrialState.COMPLETE]
+    complete = [
+        t.user_attrs[studies.POINT] for t in study.trials if t.state == TrialState.COMPLETE
+    ]
     assert sorted(complete) == sorted(POINTS)
-    assert failed[0].user_attrs[search.POINT] in complete
+    assert failed[0].user_attrs[studies.POINT] in complete
     statuses = [r.info.status for r in client.search_runs([runs[0].info.experiment_id])]
     assert "RUNNING" not in statuses
     forget_active_experiment()
 
 
 def test_another_machines_silent_trial_is_released_and_a_beating_one_kept(tmp_path):
-    ref = search.StudyRef(str(tmp_path / "journal.log"), "s")
-    study, _ = search.open_study(ref, search.grid_sampler({"x": [1, 2]}), False, create=True)
+    ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
+    sampler = SamplerSpec("grid", choices={"x": (1, 2)})
+    study, _ = studies.open_study(ref, sampler, False, create=True)
     for point in ("p1", "p2"):
-        study.enqueue_trial({"x": 1}, user_attrs={search.POINT: point})
+        study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: point})
     silent, beating = study.ask(), study.ask()
     now = time.time()
-    for trial, beat in ((silent, now - search.STALE_AFTER_SECONDS - 1), (beating, now - 5)):
-        trial.set_user_attr(search.WORKER, "other-host:123:456")
-        trial.set_user_attr(search.HEARTBEAT, beat)
-    assert search.release_stale_trials(study, now=now) == [silent.number]
-    assert search.point_statuses(study.trials, ["p1", "p2"]) == {"p1": "missing", "p2": "held"}
-    with search.heartbeat(beating):  # the thread beats at once
-        wait_for(lambda: study.trials[1].user_attrs[search.HEARTBEAT] >= now, 10, "a beat")
+    for trial, beat in ((silent, now - points.STALE_AFTER_SECONDS - 1), (beating, now - 5)):
+        trial.set_user_attr(studies.WORKER, "other-host:123:456")
+        trial.set_user_attr(studies.HEARTBEAT, beat)
+    assert points.release_stale_trials(study, now=now) == [silent.number]
+    assert points.point_statuses(study.trials, ["p1", "p2"]) == {"p1": "missing", "p2": "held"}
+    with points.heartbeat(beating):  # the thread beats at once
+        wait_for(lambda: study.trials[1].user_attrs[studies.HEARTBEAT] >= now, 10, "a beat")

@@ -1,7 +1,8 @@
 """``fmnist dnn-search`` on the synthetic data: parent and child runs, Table I, registry, resume.
 
 One tiny grid (2 points x 2 epochs) is searched once per module in its own store; the tests read
-that store. Resume and failure tests use their own stores.
+that store, and a test that searches again does it in a copy of the store, so no test depends on
+another's order. Resume and failure tests use their own stores.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fmnist import search
-from fmnist.commands import CommonConfig
-from fmnist.dnn import DnnSearchConfig, run_dnn_search
+from fmnist.config import CommonConfig, DnnSearchConfig, SearchOptions
 from fmnist.errors import ConfigError, TrainingDiverged
-from tests.helpers import isolated_store, mlflow_run
+from fmnist.flows.dnn_search import run_dnn_search
+from fmnist.search import points
+from fmnist.search import study as studies
+from fmnist.search.driver import EPOCH_METRICS
+from fmnist.search.spec import SamplerSpec, SearchSpec
+from fmnist.train import engine
+from tests.helpers import isolated_store, mlflow_run, search_table, store_copy
 
 TINY_GRID = """\
 pca_variance: 0.95
@@ -34,6 +39,31 @@ batch_sizes: [32]
 learning_rates: {adam: 0.003, rmsprop: 0.003}
 """
 POINTS = {"dnn-h16-adam-bs32", "dnn-h16-rmsprop-bs32"}
+TABLE_COLUMNS = [
+    "model",
+    "layers",
+    "nodes",
+    "optimizer",
+    "batch_size",
+    "lr",
+    "study_val_accuracy",
+    "val_accuracy",
+    "best_epoch",
+    "state",
+    "trial",
+    "run_name",
+    "run_id",
+]
+SUMMARY_FILES = {
+    "search/table.json",
+    "search/table.md",
+    "search/best_params.json",
+    "search/optimization_history.png",
+    "search/parallel_coordinate.png",
+    "search/slice.png",
+}
+# Optuna draws importances only when it can compute them; otherwise the reason is logged.
+IMPORTANCES = {"search/param_importances.png", "search/param_importances.png.txt"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +88,13 @@ def write_grid(folder: Path) -> Path:
 
 def config(data_dir: Path, grid: Path, epochs: int = 2, **overrides) -> DnnSearchConfig:
     common = CommonConfig(data_dir=str(data_dir), experiment_name="tests", quiet=True, seed=0)
-    return DnnSearchConfig(common=common, grid=str(grid), epochs=epochs, n_jobs=1, **overrides)
+    moved = {
+        key: overrides.pop(key) for key in ("storage", "study_name", "n_jobs") if key in overrides
+    }
+    search = SearchOptions(**{"n_jobs": 1, **moved})
+    return DnnSearchConfig(
+        common=common, search=search, grid=str(grid), epochs=epochs, **overrides
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +131,21 @@ def test_one_parent_and_a_child_per_point_with_params_and_histories(searched):
     client = mlflow.MlflowClient()
     for child in children:
         params = child.data.params
-        assert params["batch_size"] == "32" and params["hidden"] == "16"
-        assert params["optimizer"] in {"adam", "rmsprop"} and params["lr"] == "0.003"
-        assert params["epochs"] == "2"
+        optimizer = child.info.run_name.split("-")[2]
+        assert params == {
+            "hidden": "16",
+            "optimizer": optimizer,
+            "batch_size": "32",
+            "lr": "0.003",
+            "weight_decay": "0.0",
+            "model.family": "dnn",
+            "model.pca_components": params["model.pca_components"],
+            "model.hidden": "[16]",
+            "epochs": "2",
+            "seed": "0",
+            "trial_number": child.data.tags["optuna_trial"],
+        }
+        assert int(params["model.pca_components"]) == result["pca_components"]
         assert child.data.tags["optuna_state"] == "COMPLETE"
         history = client.get_metric_history(child.info.run_id, "val_accuracy")
         assert sorted(m.step for m in history) == [1, 2]
@@ -112,19 +160,22 @@ def test_parent_logs_table_figures_best_and_test_metrics(searched):
     uri, result, _, _ = searched
     mlflow.set_tracking_uri(uri)
     parent_id = result["run_id"]
-    table = mlflow.load_table("search/table.json", run_ids=[parent_id])
-    assert len(table) == 2
-    assert {"val_accuracy", "study_val_accuracy", "nodes", "optimizer"} <= set(table.columns)
-    assert set(table["run_name"]) == POINTS
+    table = search_table(parent_id)
+    assert list(table.columns) == TABLE_COLUMNS
+    assert list(table["run_name"]) == ["dnn-h16-adam-bs32", "dnn-h16-rmsprop-bs32"]
+    assert list(table["optimizer"]) == ["Adam", "RMSprop"]
+    assert list(table["state"]) == ["COMPLETE", "COMPLETE"]
     client = mlflow.MlflowClient()
     files = {a.path for a in client.list_artifacts(parent_id, "search")}
-    assert {"search/table.md", "search/optimization_history.png"} <= files
-    assert files & {"search/param_importances.png", "search/param_importances.png.txt"}
+    assert len(files & IMPORTANCES) == 1 and files - IMPORTANCES == SUMMARY_FILES
     parent = client.get_run(parent_id)
-    assert parent.data.params["best_optimizer"] in {"adam", "rmsprop"}
+    best_point = result["best_point"]
+    assert parent.data.tags["best_point"] == best_point
+    assert parent.data.params["best_optimizer"] == best_point.split("-")[2]
+    best_row = table[table["run_name"] == best_point].iloc[0]
+    assert best_row["val_accuracy"] == pytest.approx(100 * result["best_val_accuracy"], abs=0.01)
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(result["best_val_accuracy"])
-    assert 0 <= parent.data.metrics["test_accuracy"] <= 1
-    assert parent.data.tags["best_point"] in POINTS
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result["test_accuracy"], abs=1e-4)
     # the winner's size (the MLP: PCA buffers are not parameters) and training time
     hidden = [
         int(h)
@@ -145,6 +196,8 @@ def test_winner_is_registered_as_champion(searched):
     assert version.run_id == result["run_id"]
 
 
+# ~11 s; test_use_models.py loads both champions in a fresh process by default
+@pytest.mark.slow
 def test_champion_loads_in_a_fresh_process_and_returns_probabilities(searched):
     uri, _, _, folder = searched
     code = (
@@ -165,28 +218,26 @@ def test_champion_loads_in_a_fresh_process_and_returns_probabilities(searched):
 
 
 def test_a_finished_search_is_not_run_again_and_a_worse_one_is_challenger(
-    searched, synthetic_data_dir
+    searched, synthetic_data_dir, tmp_path
 ):
-    uri, first, grid, folder = searched
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(folder)
-        mlflow.set_tracking_uri(uri)
+    _, first, grid, folder = searched
+    with store_copy(folder, tmp_path / "store"):
         before = len(runs_of())
         again = run_dnn_search(config(synthetic_data_dir, grid))
         assert again["trained_now"] == 0 and again["run_id"] == first["run_id"]
         assert again["model_uri"] == first["model_uri"]
         assert len(runs_of()) == before
         worse = run_dnn_search(config(synthetic_data_dir, grid, epochs=1))
-    assert worse["best_val_accuracy"] <= first["best_val_accuracy"]
-    assert worse["alias"] == "challenger"
-    client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("fmnist-dnn", "champion")
-    assert f"models:/fmnist-dnn/{champion.version}" == first["model_uri"]
+        assert worse["best_val_accuracy"] <= first["best_val_accuracy"]
+        assert worse["alias"] == "challenger"
+        assert worse["model_uri"] == "models:/fmnist-dnn/2"
+        client = mlflow.MlflowClient()
+        champion = client.get_model_version_by_alias("fmnist-dnn", "champion")
+        assert f"models:/fmnist-dnn/{champion.version}" == first["model_uri"]
 
 
 def study_of(result: dict, folder: Path) -> optuna.Study:
-    storage = search.make_storage(str(folder / search.JOURNAL_FILE))
+    storage = studies.make_storage(str(folder / studies.JOURNAL_FILE))
     return optuna.load_study(study_name=result["study_name"], storage=storage)
 
 
@@ -196,14 +247,14 @@ def test_an_interrupted_search_trains_only_the_missing_point(
     """rmsprop (queued first: costlier) diverges for good, then Ctrl-C hits adam's training;
     running again trains adam only and registers it."""
     grid = write_grid(tmp_path)
-    real_fit = search.engine.fit
+    real_fit = engine.fit
 
-    def diverge_then_interrupt(*args, **kwargs):
-        if kwargs["optimizer"] == "rmsprop":
+    def diverge_then_interrupt(model, train, val, cfg, **callbacks):
+        if cfg.optimizer == "rmsprop":
             raise TrainingDiverged("training loss became nan in epoch 1")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(search.engine, "fit", diverge_then_interrupt)
+    monkeypatch.setattr(engine, "fit", diverge_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_dnn_search(config(synthetic_data_dir, grid))
     runs = runs_of()
@@ -212,7 +263,7 @@ def test_an_interrupted_search_trains_only_the_missing_point(
     children = children_of(runs, parent[0].info.run_id)
     assert sorted(r.info.status for r in children) == ["FAILED", "KILLED"]
 
-    monkeypatch.setattr(search.engine, "fit", real_fit)
+    monkeypatch.setattr(engine, "fit", real_fit)
     result = run_dnn_search(config(synthetic_data_dir, grid))
     assert result["trained_now"] == 1 and result["run_id"] == parent[0].info.run_id
     assert result["best_point"] == "dnn-h16-adam-bs32"
@@ -226,11 +277,11 @@ def test_an_interrupted_search_trains_only_the_missing_point(
     trials = study_of(result, tmp_path).trials
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 1
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert sorted(t.user_attrs[search.FAIL_REASON][:8] for t in failed) == [
+    assert sorted(t.user_attrs[studies.FAIL_REASON][:8] for t in failed) == [
         "diverged",
         "interrup",
     ]
-    table = mlflow.load_table("search/table.json", run_ids=[result["run_id"]])
+    table = search_table(result["run_id"])
     assert sorted(table["state"]) == ["COMPLETE", "FAIL"]
     # every point is done now (one failed for good): running again trains nothing
     assert run_dnn_search(config(synthetic_data_dir, grid))["trained_now"] == 0
@@ -245,29 +296,35 @@ def test_pruned_points_end_finished_with_their_state_and_register_nothing(
     children = children_of(runs_of(), result["run_id"])
     assert {c.info.status for c in children} == {"FINISHED"}
     assert {c.data.tags["optuna_state"] for c in children} == {"PRUNED"}
-    assert all(len(c.data.metrics) and "best_val_accuracy" not in c.data.metrics for c in children)
-    table = mlflow.load_table("search/table.json", run_ids=[result["run_id"]])
+    # pruned after the first epoch: its metrics only, no best_* and no checkpoint
+    assert [sorted(c.data.metrics) for c in children] == [sorted(EPOCH_METRICS)] * 2
+    client = mlflow.MlflowClient()
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [1]
+        assert client.list_artifacts(child.info.run_id, "checkpoint") == []
+    table = search_table(result["run_id"])
     assert list(table["state"]) == ["PRUNED", "PRUNED"]
 
 
 def test_duplicate_and_stale_trials_never_train_a_point_twice(tmp_path):
     """Two processes may queue the same point; a dead worker's trial is queued again."""
-    space = {"x": [1, 2]}
-    ref = search.StudyRef(str(tmp_path / "journal.log"), "s")
-    study, created = search.open_study(ref, search.grid_sampler(space), False, create=True)
+    sampler = SamplerSpec("grid", choices={"x": (1, 2)})
+    ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
+    study, created = studies.open_study(ref, sampler, False, create=True)
     assert created
     for _ in range(2):  # the same point queued twice, as two racing processes would
-        study.enqueue_trial({"x": 1}, user_attrs={search.POINT: "p1"})
-    spec = search.SearchSpec("t", "t", space=None, sampler=search.grid_sampler, grid=({},))
-    first = search.claim(study, spec, 0.0)
-    assert first.user_attrs[search.POINT] == "p1"
-    assert search.claim(study, spec, 0.0) is None  # the duplicate is given up, not trained
-    skipped = [t for t in study.trials if t.user_attrs.get(search.SKIPPED)]
-    assert len(skipped) == 1 and skipped[0].number > first.number
+        study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: "p1"})
+    spec = SearchSpec("t", "t", space=None, sampler=sampler, grid=({},))
+    first = points.claim(study, spec, 0.0)
+    assert first.user_attrs[studies.POINT] == "p1"
+    assert points.claim(study, spec, 0.0) is None  # the duplicate is given up, not trained
+    skipped = [t for t in study.trials if t.user_attrs.get(studies.SKIPPED)]
+    assert [t.number for t in skipped] == [first.number + 1]
     # the first trial's worker "died": its RUNNING trial is released and the point is missing
-    first.set_user_attr(search.WORKER, f"{socket.gethostname()}:999999999:1")
-    assert search.release_stale_trials(study) == [first.number]
-    assert search.point_statuses(study.trials, ["p1"]) == {"p1": "missing"}
+    first.set_user_attr(studies.WORKER, f"{socket.gethostname()}:999999999:1")
+    assert points.release_stale_trials(study) == [first.number]
+    assert points.point_statuses(study.trials, ["p1"]) == {"p1": "missing"}
 
 
 def test_invalid_settings_fail_before_any_run(synthetic_data_dir, tracking_store, tmp_path):

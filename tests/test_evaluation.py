@@ -1,5 +1,5 @@
-"""Tests for fmnist.evaluation: metrics on a hand-made prediction set whose scores are worked out
-by hand, the artifact set logged to a run, and edge cases (absent classes, no errors).
+"""Tests for fmnist.analysis.evaluation: metrics on a hand-made prediction set whose scores are
+worked out by hand, the artifact set logged to a run, and edge cases (absent classes, no errors).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmnist import evaluation
+from fmnist.analysis import evaluation
 from fmnist.data import CLASS_NAMES
+from fmnist.tracking.evaluation import evaluate_and_log
 
 # Two samples per class (labels 0,0,1,1,...,9,9) and three mistakes:
 #   sample 1  (T-shirt/top) predicted Shirt with 0.60, true class 0.32
@@ -120,7 +121,12 @@ def test_confident_errors_are_sorted_and_tables_are_consistent():
     assert np.allclose(normalized.sum(axis=1), 1)
     lines = evaluation.confusion_csv(matrix).splitlines()
     assert len(lines) == 11 and lines[7].startswith("Shirt,1,")
-    assert "Shirt" in evaluation.report_text(labels, evaluation.predict_labels(probabilities))
+    report = evaluation.report_text(labels, evaluation.predict_labels(probabilities)).splitlines()
+    rows = {line.rsplit(maxsplit=4)[0].strip(): line.split()[-4:] for line in report[2:12]}
+    assert list(rows) == list(CLASS_NAMES)
+    assert rows["Shirt"] == ["0.5000", "0.5000", "0.5000", "2"]
+    assert rows["Pullover"] == ["1.0000", "0.5000", "0.6667", "2"]
+    assert report[-3].split() == ["accuracy", "0.8500", "20"]
 
 
 def test_gallery_without_errors_still_renders():
@@ -130,7 +136,8 @@ def test_gallery_without_errors_still_renders():
     errors = evaluation.most_confident_errors(probabilities, labels)
     assert errors == []
     figure = evaluation.plot_misclassified(images, errors)
-    assert figure.axes
+    assert len(figure.axes) == 1
+    assert [text.get_text() for text in figure.axes[0].texts] == ["no misclassifications"]
 
 
 def test_evaluate_and_log_logs_metrics_and_every_artifact(tracking_store, tmp_path):
@@ -139,13 +146,13 @@ def test_evaluate_and_log_logs_metrics_and_every_artifact(tracking_store, tmp_pa
     probabilities, labels = hand_made_set()
     images = np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8)
     with mlflow.start_run() as run:
-        metrics = evaluation.evaluate_and_log(probabilities, labels, images, 0.42, history())
+        metrics = evaluate_and_log(probabilities, labels, images, 0.42, history())
 
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["test_accuracy"] == pytest.approx(0.85)
     assert logged["test_f1_Shirt"] == pytest.approx(0.5)
     assert logged["test_loss"] == pytest.approx(0.42)
-    assert set(metrics) <= set(logged)
+    assert {key: logged[key] for key in metrics} == pytest.approx(metrics)
 
     local = Path(
         mlflow.artifacts.download_artifacts(

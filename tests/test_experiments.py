@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from fmnist.definitions import experiments_dir, load_definition
 from fmnist.errors import ConfigError
-from fmnist.experiments import experiments_dir, load_definition
 
 
 @dataclass(frozen=True)

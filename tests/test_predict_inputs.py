@@ -8,7 +8,8 @@ from PIL import Image
 
 from fmnist.data import write_idx
 from fmnist.errors import DataError
-from fmnist.predict import Prediction, format_predictions, load_inputs, to_predictions
+from fmnist.flows.predict import Prediction, format_predictions, to_predictions
+from fmnist.inputs import load_inputs
 
 
 def write_png(path, pixels: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Tests for fmnist.registry on a tiny test-only model family: pt2 logging with a dynamic batch,
+"""Tests for fmnist.tracking.registry on a tiny test-only model family: pt2 logging, dynamic batch,
 loading in a fresh process through pyfunc and the pytorch flavor, rebuilding a trainable module,
 tags, description, Logged Model metrics, and the champion/challenger alias rule.
 
@@ -20,8 +20,10 @@ import pytest
 import torch
 from torch import nn
 
-from fmnist import models, registry
-from fmnist.registry import CHALLENGER, CHAMPION, Candidate, choose_alias
+from fmnist import models
+from fmnist.tracking import registry
+from fmnist.tracking.artifacts import SPEC_FILE, STATE_FILE
+from fmnist.tracking.registry import CHALLENGER, CHAMPION, Candidate, choose_alias
 from tests.helpers import isolated_store
 
 NAME = "fmnist-test"
@@ -65,7 +67,7 @@ def store(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("registry-store")
     with isolated_store(folder) as (uri, patch):
-        patch.setitem(models.BUILDERS, "tiny", "tests.test_registry:build_tiny")
+        patch.setitem(models.BUILDERS, "tiny", build_tiny)
         experiment_id = mlflow.create_experiment(
             "registry-tests", artifact_location=(folder / "artifacts").as_uri()
         )
@@ -135,8 +137,8 @@ def test_logged_model_is_pt2_on_cpu_with_rebuild_files(champion, tmp_path):
     assert mlmodel.flavors["python_function"]["config"] == {"device": "cpu"}
     assert mlmodel.signature.inputs.inputs[0].shape == (-1, 28, 28)
     assert mlmodel.signature.outputs.inputs[0].shape == (-1, 10)
-    assert (local / registry.EXTRA_DIR / registry.STATE_FILE).stat().st_size > 0
-    spec = json.loads((local / registry.EXTRA_DIR / registry.SPEC_FILE).read_text())
+    assert (local / registry.EXTRA_DIR / STATE_FILE).stat().st_size > 0
+    spec = json.loads((local / registry.EXTRA_DIR / SPEC_FILE).read_text())
     assert spec == {"family": "tiny", "hidden": 8}
 
 
@@ -191,16 +193,13 @@ def test_load_module_rebuilds_a_trainable_equal_module(champion):
     assert all(p.requires_grad for p in module.parameters())
 
 
-def test_predict_probabilities_from_uri_pyfunc_and_module(champion):
+def test_pyfunc_of_a_uri_gives_the_modules_probabilities(champion):
     batch = images(3)
     expected = expected_probabilities(champion["model"], batch)
-    from_uri = registry.predict_probabilities(f"models:/{NAME}@champion", batch)
-    loaded = registry.load_pyfunc(f"models:/{NAME}/1")
-    from_pyfunc = registry.predict_probabilities(loaded, (batch * 255).astype(np.uint8))
-    from_module = registry.predict_probabilities(champion["model"], batch)
-    assert from_uri.shape == (3, 10) and np.allclose(from_uri, expected, atol=1e-5)
-    assert np.allclose(from_module, expected, atol=1e-5)
-    assert from_pyfunc.shape == (3, 10) and np.allclose(from_pyfunc.sum(axis=1), 1, atol=1e-5)
+    for uri in (f"models:/{NAME}@champion", f"models:/{NAME}/1"):
+        got = np.asarray(registry.load_pyfunc(uri).predict(batch))
+        assert got.shape == (3, 10)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_alias_rule_across_registrations(store):
@@ -234,7 +233,7 @@ def test_alias_rule_across_registrations(store):
 
     # the flip-averaged version 2 averages the image and its mirror inside the logged graph
     batch = images(4)
-    got = registry.predict_probabilities(f"models:/{name}/2", batch)
+    got = np.asarray(registry.load_pyfunc(f"models:/{name}/2").predict(batch))
     mirrored = expected_probabilities(flipped_model, batch[:, :, ::-1].copy())
     assert np.allclose(
         got, (expected_probabilities(flipped_model, batch) + mirrored) / 2, atol=1e-5

@@ -20,14 +20,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from fmnist.cli import cli
-from fmnist.data import load_fashion_mnist
+from fmnist.data import CLASS_NAMES, load_fashion_mnist
 
 MODELS = ("fmnist-dnn", "fmnist-cnn")
+PIPELINE_STEPS = ("data", "eda", "dnn_search", "cnn", "compare")  # one child run each
 
 
 def test_quick_pipeline_runs_every_step_as_a_child_run(use_pipeline_store):
     _, results = use_pipeline_store
-    assert {"data", "eda", "dnn_search", "cnn", "compare"} <= set(results)
+    assert set(results) == {*PIPELINE_STEPS, "pipeline"}
     parent_id = results["pipeline"]["run_id"]
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED"
@@ -37,7 +38,7 @@ def test_quick_pipeline_runs_every_step_as_a_child_run(use_pipeline_store):
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
         output_format="list",
     )
-    assert {r.data.tags["entry_point"] for r in children} >= {"data", "eda", "compare"}
+    assert sorted(r.data.tags["entry_point"] for r in children) == sorted(PIPELINE_STEPS)
     client = mlflow.MlflowClient()
     for name in MODELS:
         version = client.get_model_version_by_alias(name, "champion")
@@ -63,9 +64,15 @@ def test_predict_reads_pngs_and_reports_a_corrupt_one(
     assert "corrupt.png" in result.stderr
     rows = json.loads(result.stdout)
     assert [Path(r["source"]).name for r in rows] == ["item0.png", "item1.png", "item2.png"]
-    for row in rows:
-        assert 0 < sum(t["probability"] for t in row["top3"]) <= 1 + 1e-6
-        assert row["label"] == row["top3"][0]["label"]
+    # the same images straight into the registered model: the command ranks its probabilities
+    model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
+    expected = np.asarray(model.predict(data.test_images[:3].numpy().astype(np.float32) / 255))
+    for row, probabilities in zip(rows, expected, strict=True):
+        order = np.argsort(probabilities)[::-1][:3]
+        assert [t["label"] for t in row["top3"]] == [CLASS_NAMES[i] for i in order]
+        top3 = [t["probability"] for t in row["top3"]]
+        assert top3 == pytest.approx(probabilities[order].tolist(), abs=1e-6)
+        assert (row["label"], row["probability"]) == (row["top3"][0]["label"], top3[0])
 
 
 def test_predict_unknown_model_uri_is_a_clear_error(use_pipeline_store, tmp_path):
@@ -204,13 +211,34 @@ def test_compare_report_has_both_families_and_the_study(use_pipeline_store):
     run_id = results["compare"]["run_id"]
     client = mlflow.MlflowClient()
     folder = Path(client.download_artifacts(run_id, "comparison"))
-    report = (folder / "report.md").read_text()
-    assert "dnn:grid-best" in report and "cnn:" in report
-    assert "89.74" in report or "0.8974" in report
-    assert "0.70" in report and "Shirt" in report
-    assert (folder / "report.html").stat().st_size > 500
-    assert (folder / "per_class_f1.png").stat().st_size > 1000
-    assert (folder / "confusion_matrices.png").stat().st_size > 1000
+    report = (folder / "report.md").read_text().splitlines()
     table = json.loads((folder / "summary.json").read_text())
-    assert set(table["columns"]) >= {"model", "family", "test_accuracy", "test_f1_macro"}
-    assert len(table["data"]) >= 2
+    rows = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
+    # the fresh store holds one dense search and one CNN run: both are compared, with their numbers
+    assert [row["family"] for row in rows] == ["dnn", "cnn"] and rows[0]["recipe"] == "grid-best"
+    assert results["compare"]["models"] == 2
+    for row in rows:
+        logged = client.get_run(row["run_id"]).data.metrics
+        for column in ("test_accuracy", "test_f1_macro", "f1_Shirt"):
+            metric = column if column.startswith("test_") else f"test_{column}"
+            # summary.json keeps 10 decimals of each value
+            assert row[column] == pytest.approx(logged[metric], abs=1e-9), column
+        assert row["model_uri"].startswith("models:/fmnist-")
+        assert row["inference_images_per_second"] > 0 and row["latency_p50_ms"] > 0
+        headline = (
+            f"| {row['model']} | {row['family']}:{row['recipe']} | {row['val_accuracy']:.4f} | "
+            f"{row['test_accuracy']:.4f} | {row['test_f1_macro']:.4f} | "
+        )
+        assert any(line.startswith(headline) for line in report), headline
+    best = max(row["test_accuracy"] for row in rows)
+    assert results["compare"]["best_test_accuracy"] == pytest.approx(best)
+    assert "| study DNN (published) | dnn | 0.8974 | 0.89 | 0.89 |  |  |  |  |" in report
+    assert "| study CNN (published) | cnn | 0.9077 | 0.90 | 0.90 |  |  |  |  |" in report
+    shirt = next(line for line in report if line.startswith("| Shirt |"))
+    assert shirt.endswith(" | 0.70 | 0.73 |")
+    n90 = int(results["eda"]["pca_components_90"])
+    assert f"| PCA components for 90% variance | {n90} | 87 |" in report
+    page = (folder / "report.html").read_text()
+    assert "<title>fmnist comparison</title>" in page and page.count("<table>") == 3
+    for name in ("per_class_f1.png", "confusion_matrices.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

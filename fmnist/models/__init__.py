@@ -1,4 +1,4 @@
-"""Model architectures and the one contract every registered model follows.
+"""Models: the architectures, the spec that rebuilds them, and the contract every model follows.
 
 A classifier takes float32 images (N, 28, 28) with pixels in [0, 1] and returns (N, 10) logits;
 the logged model wraps it in ``ProbabilityModel`` so it returns softmax probabilities. A model is
@@ -8,17 +8,18 @@ rebuilds the architecture exactly, so a registered model can be reloaded as an `
 
 from __future__ import annotations
 
-import importlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-# model family -> "module:function" building an nn.Module from a spec's other keys.
-BUILDERS: dict[str, str] = {
-    "dnn": "fmnist.models.dense:build_dense",
-    "cnn": "fmnist.models.cnn:build_cnn",
-}
+from fmnist.augment import flip_averaged_probabilities
+from fmnist.models.cnn import build_cnn
+from fmnist.models.dense import build_dense
+
+# model family -> the function building an nn.Module from a spec's other keys.
+BUILDERS: dict[str, Callable[..., nn.Module]] = {"dnn": build_dense, "cnn": build_cnn}
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
@@ -26,19 +27,21 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     family = spec.get("family")
     if family not in BUILDERS:
         raise ValueError(f"unknown model family {family!r} (known: {', '.join(BUILDERS)})")
-    module_name, attribute = BUILDERS[family].split(":")
-    builder = getattr(importlib.import_module(module_name), attribute)
-    return builder(**{k: v for k, v in spec.items() if k != "family"})
+    return BUILDERS[family](**{k: v for k, v in spec.items() if k != "family"})
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a logits classifier so it maps (N, 28, 28) float images to (N, 10) probabilities."""
+    """Wraps a logits classifier so it maps (N, 28, 28) float images to (N, 10) probabilities;
+    with ``tta_flip`` the mean of each image's and its mirror's (test-time augmentation)."""
 
-    def __init__(self, classifier: nn.Module) -> None:
+    def __init__(self, classifier: nn.Module, tta_flip: bool = False) -> None:
         super().__init__()
         self.classifier = classifier
+        self.tta_flip = tta_flip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.tta_flip:
+            return flip_averaged_probabilities(self.classifier, images)
         return torch.softmax(self.classifier(images), dim=-1)
 
 

@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fmnist.data import scale_pixels
+from fmnist.models.dense_step import ExplicitStep
+
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
 
@@ -68,71 +71,19 @@ class MLP(nn.Module):
             nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
 
+    def epoch_runner(self, optimizer: torch.optim.Optimizer) -> ExplicitStep | None:
+        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies."""
+        return (
+            ExplicitStep(optimizer)
+            if ExplicitStep.supports(self.parameters(), optimizer)
+            else None
+        )
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         *hidden, last = self.layers
         for layer in hidden:
             features = F.relu(F.linear(features, layer.weight, layer.bias))
         return F.linear(features, last.weight, last.bias)
-
-
-def backpropagate(
-    weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
-) -> np.ndarray:
-    """One MLP's forward pass and mean cross-entropy gradients, written out in numpy.
-
-    ``weights`` and ``grads`` are ``[w0, b0, w1, b1, ...]`` (``MLP.parameters()`` order);
-    ``one_hot`` holds the targets one-hot divided by the batch size (``scaled_one_hot``). The
-    gradients are written into ``grads`` in place; returns the logits less their row maximum
-    (the same softmax, loss and argmax). For a network this small a torch operator's dispatch
-    costs more than its arithmetic and autograd's bookkeeping twice that, while a numpy call costs
-    about a microsecond: the dense grid is a million such steps (``tests/test_dense.py`` checks
-    the result against autograd's).
-    """
-    activations = [features]
-    n_layers = len(weights) // 2
-    for index in range(n_layers - 1):
-        hidden = activations[-1] @ weights[2 * index].T
-        hidden += weights[2 * index + 1]
-        activations.append(np.maximum(hidden, 0.0, out=hidden))
-    logits = activations[-1] @ weights[-2].T
-    logits += weights[-1]
-    logits -= logits.max(axis=1, keepdims=True)  # exp cannot overflow
-    delta = np.exp(logits)
-    sums = delta.sum(axis=1, keepdims=True)
-    sums *= np.float32(len(features))
-    delta /= sums
-    delta -= one_hot  # d mean loss / d logits = (softmax - one_hot) / n
-    for index in range(n_layers - 1, -1, -1):
-        inputs = activations[index]
-        np.matmul(delta.T, inputs, out=grads[2 * index])
-        delta.sum(axis=0, out=grads[2 * index + 1])
-        if index:
-            delta = delta @ weights[2 * index]
-            delta *= inputs > 0
-    return logits
-
-
-def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
-    """One-hot rows of ``targets``, each divided by the size of the batch it falls in.
-
-    Batches are ``batch_size`` consecutive rows, the last one shorter; None: one batch.
-    """
-    n = len(targets)
-    one_hot = np.zeros((n, n_classes), np.float32)
-    one_hot[np.arange(n), targets] = 1.0
-    size = batch_size or max(n, 1)
-    sizes = np.full(n, size, np.float32)
-    if n % size:
-        sizes[n - n % size :] = n % size
-    one_hot /= sizes[:, None]
-    return one_hot
-
-
-def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The summed cross-entropy of float logits (any row shift) against integer targets."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-    return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
 
 
 def build_mlp(n_inputs: int, hidden: Sequence[int], n_outputs: int = NUM_CLASSES) -> MLP:
@@ -177,9 +128,11 @@ def fit_pca(images: torch.Tensor, variance: float = 0.95) -> PCABasis:
     (187 for 0.95 on the real training split) several times faster when, as here, samples far
     outnumber pixels.
     """
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # models import without scikit-learn (GPU scripts)
 
     flat = images.reshape(images.shape[0], -1)
+    # scaled in float64, not through scale_pixels' float32: the basis (and so Table I) of the
+    # earlier runs came from these exact values
     flat = flat.to(torch.float64).div_(255.0) if flat.dtype == torch.uint8 else flat.double()
     pca = PCA(n_components=variance, svd_solver="covariance_eigh").fit(flat.numpy())
     return PCABasis(
@@ -194,8 +147,5 @@ def project(layer: PCAProjection, images: torch.Tensor, batch_size: int = 8192) 
     """Project a whole split once (uint8 or float images) into float32 features."""
     parts = []
     for start in range(0, images.shape[0], batch_size):
-        chunk = images[start : start + batch_size]
-        if chunk.dtype == torch.uint8:
-            chunk = chunk.to(torch.float32).div_(255.0)
-        parts.append(layer(chunk))
+        parts.append(layer(scale_pixels(images[start : start + batch_size])))
     return torch.cat(parts) if parts else torch.empty(0, layer.components.shape[0])

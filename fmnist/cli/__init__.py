@@ -1,0 +1,167 @@
+"""The CLI layer: click only. The ``fmnist`` group here, one module per command beside it.
+
+The rule of this layer: nothing else in the package imports it, and it imports only click,
+``fmnist.config`` and ``fmnist.errors`` at module level; a command imports its flow when it runs,
+so ``fmnist --help`` and every command's ``--help`` answer without loading torch or mlflow.
+Commands are listed in ``COMMANDS`` with their one-line help, so the group's help needs no
+command module either; a new entry point is one module plus one line there. A user-fixable error
+(``FmnistError``) prints one paragraph and exits with code 2; under ``mlflow run`` it also ends
+the run FAILED with the message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import tempfile
+import traceback
+
+import click
+
+from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
+from fmnist.errors import FmnistError
+
+UNEXPECTED_EXIT_CODE = 1
+
+# command name -> ("module:attribute" of its click command, its line in `fmnist --help`).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "cnn": ("fmnist.cli.cnn:cnn", "Train a CNN recipe, log it to MLflow and register it."),
+    "cnn-search": ("fmnist.cli.cnn_search:cnn_search", "Search CNN hyperparameters (TPE)."),
+    "compare": ("fmnist.cli.compare:compare", "Compare the dense network with every CNN."),
+    "dnn-search": ("fmnist.cli.dnn_search:dnn_search", "Grid-search the study's dense network."),
+    "eda": ("fmnist.cli.eda:eda", "Class counts, samples, PCA and t-SNE, each with its number."),
+    "info": ("fmnist.cli.info:info", "Check the dataset: sizes, per-class counts, digest."),
+    "pipeline": ("fmnist.cli.pipeline:pipeline", "Run the whole study, one child run a step."),
+    "predict": ("fmnist.cli.predict:predict", "Classify images with a registered model."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module_name, attribute = COMMANDS[name][0].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The listing comes from COMMANDS: importing every command only for its help line
+        # would cost as much as the imports the lazy group exists to avoid.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # --help, usage errors and Ctrl-C: click reports them itself
+        except FmnistError as exc:
+            report_error(exc)
+            ctx.exit(exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - the user gets one paragraph, never a traceback
+            unreachable = unreachable_server(exc)
+            if unreachable is not None:
+                report_error(unreachable)
+                ctx.exit(unreachable.exit_code)
+            report_unexpected(exc, debug=bool((ctx.obj or {}).get("debug")))
+            ctx.exit(UNEXPECTED_EXIT_CODE)
+
+
+# Words of the connection errors MLflow's REST client wraps in an MlflowException.
+UNREACHABLE_MARKERS = (
+    "Max retries exceeded",
+    "Failed to establish a new connection",
+    "Connection refused",
+    "Read timed out",
+    "Name or service not known",
+)
+
+
+def unreachable_server(exc: Exception) -> FmnistError | None:
+    """A tracking server that cannot be reached, as one message instead of a traceback."""
+    # An MlflowException can only come from an mlflow that is already imported: looking it up
+    # instead of importing it keeps every other error (and --help) free of mlflow's seconds.
+    exceptions = sys.modules.get("mlflow.exceptions")
+    text = str(exc)
+    if exceptions is None or not isinstance(exc, exceptions.MlflowException):
+        return None
+    if not any(m in text for m in UNREACHABLE_MARKERS):
+        return None
+    reason = next(m for m in UNREACHABLE_MARKERS if m in text)
+    uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    return FmnistError(
+        f"Cannot reach the MLflow tracking server at {uri} ({reason}). "
+        "Start it, or fix MLFLOW_TRACKING_URI (unset: the embedded sqlite:///mlflow.db)."
+    )
+
+
+def report_error(exc: FmnistError) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    fail_mlflow_run(str(exc))
+
+
+def report_unexpected(exc: Exception, debug: bool) -> None:
+    """One paragraph for an error the project did not foresee; the trace goes to a file (or,
+    with --debug / FMNIST_DEBUG=1, to stderr)."""
+    trace = "".join(traceback.format_exception(exc))
+    first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+    what = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+    if debug or os.environ.get("FMNIST_DEBUG", "").strip() not in ("", "0"):
+        click.echo(trace, err=True, nl=False)
+        where = "printed above"
+    else:
+        handle, path = tempfile.mkstemp(prefix="fmnist-error-", suffix=".txt")
+        with os.fdopen(handle, "w") as file:
+            file.write(trace)
+        where = f"in {path} (run again with --debug, or FMNIST_DEBUG=1, to print it)"
+    message = (
+        f"The command failed unexpectedly with {what}. This is a bug or an unforeseen "
+        f"condition, not a problem with your options; the full trace is {where}."
+    )
+    click.echo(f"Error: {message}", err=True)
+    fail_mlflow_run(message)
+
+
+def fail_mlflow_run(message: str) -> None:
+    """Under ``mlflow run``, end the run it created FAILED with ``message`` recorded."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return  # nothing to end: and mlflow need not be imported just to print a message
+    from fmnist.tracking import fail_pending_run  # mlflow loads only on this path
+
+    fail_pending_run(message)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fmnist")
+@click.option(
+    "--debug", is_flag=True, help="Print the full trace of an unexpected error (FMNIST_DEBUG=1)."
+)
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Fashion-MNIST: the study's EDA, dense network and CNN, tracked in MLflow.
+
+    Data comes from --data-dir or FMNIST_DATA_DIR (default ./data); runs go to
+    MLFLOW_TRACKING_URI or the embedded store sqlite:///mlflow.db.
+    """
+    ctx.obj = {"debug": debug}
+
+
+def raise_interrupt(signum, frame) -> None:
+    """SIGTERM behaves like Ctrl-C: open runs end KILLED and trials are marked interrupted."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    cli.main(prog_name="fmnist", standalone_mode=True)
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

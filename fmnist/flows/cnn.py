@@ -1,0 +1,312 @@
+"""The ``cnn`` entry point: train a recipe from ``experiments/cnn/``, evaluate it, register it.
+
+``CnnConfig`` names the recipe and carries the command's overrides (``None`` means "the recipe's
+value"). ``run_cnn`` trains with the shared engine, logs the raw options and every resolved
+setting (under ``cfg.*``, so ``mlflow run``'s own params are never re-logged with another value),
+per-epoch metrics with ``step=epoch``, the parameter count and an architecture summary, then
+scores the test set exactly as the registered model will (flip averaging included when the recipe
+uses it), logs the shared evaluation artifacts and registers ``fmnist-cnn`` under the
+champion/challenger rule. ``quick`` trains two epochs on a data subset so the pipeline's demo
+finishes in seconds. Every ``checkpoint_every`` epochs the whole training state is logged as
+``checkpoints/last.pt``; ``resume`` (a run id) goes on from it to the planned epochs: in that run
+when called directly, or in the run ``mlflow run`` created, tagged ``resumed_from``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+
+from fmnist import tracking
+from fmnist.config import CnnConfig
+from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
+from fmnist.errors import ConfigError
+from fmnist.models import count_parameters
+from fmnist.models.cnn import describe
+from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
+from fmnist.tracking.evaluation import evaluate_and_log
+from fmnist.tracking.registry import log_and_register
+from fmnist.train.engine import FitResult, evaluate, fit
+from fmnist.train.optim import bf16_active
+from fmnist.train.recipes import (
+    CnnRecipe,
+    build_classifier,
+    load_recipe,
+    model_spec,
+    train_config,
+)
+from fmnist.train.runtime import resolve_device, seed_everything
+
+# Quick mode's subset sizes (train / validation / test images) and epochs: enough steps (about
+# 80 with `fast`) for a smoke-test model that is clearly better than chance, in seconds.
+QUICK_SIZES = (10000, 2000, 2000)
+QUICK_EPOCHS = 2
+OVERRIDE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A run's last checkpoint: the training state and the settings it was made with."""
+
+    run_id: str
+    state: dict[str, Any]
+    recipe: CnnRecipe
+    config: CnnConfig
+    digest: str
+
+
+def resolve_recipe(cfg: CnnConfig) -> CnnRecipe:
+    """The recipe with the command's overrides and quick mode applied, validated."""
+    changes = {key: getattr(cfg, key) for key in OVERRIDE_KEYS if getattr(cfg, key) is not None}
+    if cfg.quick:
+        changes["epochs"] = QUICK_EPOCHS
+    return load_recipe(cfg.recipe, changes, cfg.model_overrides)
+
+
+def make_subsets(splits: Splits, quick: bool) -> tuple[Split, Split, Split]:
+    """The train / validation / test splits, cut to the quick sizes in quick mode."""
+    parts = (splits.train, splits.val, splits.test)
+    if not quick:
+        return parts
+    return tuple(
+        Split(part.images[:size], part.labels[:size])
+        for part, size in zip(parts, QUICK_SIZES, strict=True)
+    )
+
+
+def resolved_params(cfg: CnnConfig, recipe: CnnRecipe, device: torch.device) -> dict[str, Any]:
+    """Every resolved setting under ``cfg.*`` (the raw options keep their own names)."""
+    values = {
+        f"cfg.{f.name}": getattr(recipe, f.name)
+        for f in dataclasses.fields(recipe)
+        if f.name not in {"model", "description"}
+    }
+    values.update({f"cfg.model.{key}": value for key, value in recipe.model.items()})
+    values.update(
+        {
+            "cfg.device": device.type,
+            "cfg.quick": cfg.quick,
+            "cfg.bf16_active": bf16_active(device, recipe.bf16),
+        }
+    )
+    return values
+
+
+def raw_params(cfg: CnnConfig) -> dict[str, Any]:
+    """The command's options as given (an override left unset is logged as ``auto``)."""
+    overrides = {
+        key: "auto" if getattr(cfg, key) is None else getattr(cfg, key) for key in OVERRIDE_KEYS
+    }
+    return {
+        "recipe": Path(cfg.recipe).name if cfg.recipe.endswith((".yaml", ".yml")) else cfg.recipe,
+        **overrides,
+        "seed": cfg.common.seed,
+        "split_seed": cfg.common.split_seed,
+        "device": cfg.common.device,
+        "data_dir": cfg.common.data_dir,
+        "checkpoint_every": cfg.checkpoint_every,
+        "resume": cfg.resume,
+    }
+
+
+def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train (or, with ``cfg.resume``, go on training), evaluate and register one recipe.
+
+    Returns the headline numbers and the model URI.
+    """
+    point = load_resume_point(cfg) if cfg.resume else None
+    cfg, recipe = (point.config, point.recipe) if point else (cfg, resolve_recipe(cfg))
+    device = resolve_device(cfg.common.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: let cuDNN pick its fastest
+    data = load_fashion_mnist(cfg.common.data_dir or None)
+    if point is not None and point.digest != data.digest:
+        raise ConfigError(
+            f"Run {point.run_id} was trained on data with digest {point.digest}, but the data "
+            f"found now has digest {data.digest}: resume it with the same data."
+        )
+    splits = make_subsets(make_splits(data, cfg.common.split_seed), cfg.quick)
+    seed_everything(cfg.common.seed)
+    model = build_classifier(recipe)
+    summary_text = describe(model)
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    recipe_name = Path(cfg.recipe).stem  # a recipe may also be given as a YAML path
+    with open_cnn_run(cfg, recipe_name, parent_run_id, point) as (run, same_run):
+        if not same_run:
+            log_setup(cfg, recipe, device, data.digest, model, splits, summary_text, point)
+        result = train(model, splits, recipe, cfg, device, data.digest, point)
+        metrics = evaluate_test(model, splits[2], recipe, device, result)
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        n_params = count_parameters(model)
+        info = log_and_register(
+            model,
+            model_spec(recipe),
+            cfg.registered_name,
+            result.best_val_accuracy,
+            metrics,
+            data.digest,
+            quick=cfg.quick,
+            extra_tags={"recipe": recipe_name, "parameter_count": n_params},
+            tta_flip=recipe.tta_flip,
+            input_example=splits[2].images[:4].numpy(),
+        )
+    return {
+        "recipe": recipe_name,
+        "test_accuracy": round(metrics["test_accuracy"], 4),
+        "best_val_accuracy": round(result.best_val_accuracy, 4),
+        "best_epoch": result.best_epoch,
+        "train_seconds": round(result.seconds, 1),
+        "parameter_count": n_params,
+        "run_id": run.info.run_id,
+        "model_uri": info.model_uri,
+        "alias": info.alias,
+    }
+
+
+def log_setup(cfg, recipe, device, digest, model, splits, summary_text, point) -> None:
+    """A new run's params, dataset, sizes and architecture (and, resumed, the earlier curve)."""
+    tracking.log_params_safe(raw_params(cfg))
+    tracking.log_params_safe(resolved_params(cfg, recipe, device))
+    tracking.log_dataset(digest, context="train")
+    mlflow.log_metrics(
+        {
+            "parameter_count": count_parameters(model),
+            "n_train": len(splits[0]),
+            "n_val": len(splits[1]),
+        }
+    )
+    tracking.log_text_artifact(summary_text, "architecture.txt")
+    if point is not None:  # the new run carries the whole curve, not only its part
+        log_history(point.state["history"])
+
+
+def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, point) -> FitResult:
+    """Fit with the engine: each epoch's metrics at ``step=epoch``, checkpoints as asked."""
+    settings = train_config(
+        recipe,
+        device=str(device),
+        seed=cfg.common.seed,
+        quiet=cfg.common.quiet,
+        checkpoint_every=cfg.checkpoint_every,
+        label=f"cnn {Path(cfg.recipe).stem}",
+    )
+    log_checkpoint = None
+    if cfg.checkpoint_every > 0:
+        log_checkpoint = checkpoint_logger(checkpoint_settings(cfg, recipe, digest))
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics_finite(metrics, step=epoch)
+
+    return fit(
+        model,
+        splits[0],
+        splits[1],
+        settings,
+        on_epoch_end=log_epoch,
+        on_checkpoint=log_checkpoint,
+        resume=point.state if point is not None else None,
+    )
+
+
+def evaluate_test(model, test: Split, recipe: CnnRecipe, device, result: FitResult) -> dict:
+    """Score the test set as the registered model will; log metrics and artifacts."""
+    start = time.perf_counter()
+    scored = evaluate(model, test, 1024, device, bf16=False, tta_flip=recipe.tta_flip)
+    metrics = evaluate_and_log(
+        scored.probabilities, test.labels.numpy(), test.images.numpy(), scored.loss, result.history
+    )
+    mlflow.log_metrics(
+        {
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "train_seconds": result.seconds,
+            "test_seconds": time.perf_counter() - start,
+        }
+    )
+    return metrics
+
+
+@contextmanager
+def open_cnn_run(
+    cfg: CnnConfig, recipe_name: str, parent_run_id: str | None, point: ResumePoint | None
+) -> Iterator[tuple[Any, bool]]:
+    """The run to train in, and whether it is the resumed run itself.
+
+    Resuming directly reopens the checkpoint's run; under ``mlflow run`` the run it created is
+    used (an entry point cannot switch runs) and tagged ``resumed_from``.
+    """
+    tags = {"recipe": recipe_name, "quick": "true" if cfg.quick else "false"}
+    if point is not None and not tracking.under_mlflow_run() and parent_run_id is None:
+        with tracking.reopen_run(point.run_id, tags) as run:
+            yield run, True
+        return
+    if point is not None:
+        tags["resumed_from"] = point.run_id
+    run_name = f"cnn-{recipe_name}" + ("-quick" if cfg.quick else "")
+    with tracking.start_run(
+        "cnn",
+        "cnn",
+        cfg.common.experiment_name,
+        run_name=run_name,
+        tags=tags,
+        parent_run_id=parent_run_id,
+    ) as run:
+        yield run, False
+
+
+def checkpoint_settings(cfg: CnnConfig, recipe: CnnRecipe, digest: str) -> dict[str, Any]:
+    """What a resumed run must reuse, stored in the checkpoint (plain values only)."""
+    return {
+        "recipe_name": cfg.recipe,
+        "recipe": dataclasses.asdict(recipe),
+        "seed": cfg.common.seed,
+        "split_seed": cfg.common.split_seed,
+        "quick": cfg.quick,
+        "registered_name": cfg.registered_name,
+        "digest": digest,
+    }
+
+
+def load_resume_point(cfg: CnnConfig) -> ResumePoint:
+    """Read run ``cfg.resume``'s checkpoint (``weights_only``) and the settings it holds."""
+    check_resume_options(cfg)
+    state = read_checkpoint(cfg.resume)
+    settings = state.pop("settings")
+    recipe = CnnRecipe(**settings["recipe"])
+    if settings["recipe_name"] != cfg.recipe and Path(settings["recipe_name"]).stem != cfg.recipe:
+        print(
+            f"Resuming run {cfg.resume}: it trains recipe {settings['recipe_name']!r} "
+            f"from its checkpoint (--recipe {cfg.recipe!r} is not used).",
+            file=sys.stderr,
+        )
+    common = dataclasses.replace(
+        cfg.common, seed=settings["seed"], split_seed=settings["split_seed"]
+    )
+    config = dataclasses.replace(
+        cfg,
+        common=common,
+        recipe=settings["recipe_name"],
+        quick=settings["quick"],
+        registered_name=settings["registered_name"],
+    )
+    return ResumePoint(cfg.resume, state, recipe, config, settings["digest"])
+
+
+def check_resume_options(cfg: CnnConfig) -> None:
+    changed = [key for key in OVERRIDE_KEYS if getattr(cfg, key) is not None]
+    if changed or cfg.quick or cfg.model_overrides:
+        names = ", ".join(f"--{key.replace('_', '-')}" for key in changed) or "quick mode"
+        raise ConfigError(
+            f"--resume continues a run with the settings it started with; {names} cannot be "
+            "changed (the learning-rate schedule was planned for them)."
+        )

@@ -1,0 +1,148 @@
+"""The ``main`` pipeline: every step of the study run in-process as children of one pipeline run.
+
+Each step turns the pipeline's config into the config of the entry point it runs (``quick``
+shrinks every step so the whole pipeline finishes in minutes), calls that flow with the pipeline
+run as parent and returns a dict of headline numbers that the pipeline prints at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import mlflow
+
+from fmnist import tracking
+from fmnist.config import (
+    DEFAULT_GRID,
+    QUICK_GRID,
+    STUDY_TSNE_SAMPLES,
+    CnnConfig,
+    CompareConfig,
+    DnnSearchConfig,
+    EdaConfig,
+    PipelineConfig,
+)
+from fmnist.data import CLASS_NAMES, class_counts, load_fashion_mnist, make_splits
+from fmnist.flows.cnn import run_cnn
+from fmnist.flows.compare import run_compare
+from fmnist.flows.dnn_search import run_dnn_search
+from fmnist.flows.eda import run_eda
+
+EDA_SUMMARY_KEYS = (
+    "pca_components_90",
+    "pca_components_95",
+    "tsne_silhouette",
+    "pca_silhouette",
+    "tsne_knn5_accuracy",
+    "pca_knn5_accuracy",
+    "eda_seconds",
+)
+
+
+def run_data_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """Load and validate the data, and log its digest and class counts in a child run."""
+    with tracking.start_run("data", parent_run_id=parent_run_id, run_name="data"):
+        start = time.perf_counter()
+        data = load_fashion_mnist(cfg.common.data_dir or None)
+        load_seconds = time.perf_counter() - start
+        splits = make_splits(data, cfg.common.split_seed)
+        tracking.log_dataset(data.digest, context="all")
+        counts = {
+            f"{split}_count_{name}": int(count)
+            for split, part in (
+                ("train", splits.train),
+                ("val", splits.val),
+                ("test", splits.test),
+            )
+            for name, count in zip(CLASS_NAMES, class_counts(part.labels), strict=True)
+        }
+        mlflow.log_metrics(
+            {
+                "load_seconds": load_seconds,
+                "n_train": len(splits.train),
+                "n_val": len(splits.val),
+                "n_test": len(splits.test),
+            }
+        )
+        mlflow.log_dict(counts, "class_counts.json")
+    return {
+        "digest": data.digest,
+        "n_train": len(splits.train),
+        "n_val": len(splits.val),
+        "n_test": len(splits.test),
+        "load_seconds": round(load_seconds, 3),
+    }
+
+
+def run_eda_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """The eda step; ``quick`` shrinks t-SNE and the scatters."""
+    eda_cfg = EdaConfig(
+        common=cfg.common,
+        tsne_samples=1000 if cfg.quick else STUDY_TSNE_SAMPLES,
+        scatter_samples=3000 if cfg.quick else EdaConfig().scatter_samples,
+    )
+    result = run_eda(eda_cfg, parent_run_id=parent_run_id)
+    return {key: round(float(result[key]), 4) for key in EDA_SUMMARY_KEYS}
+
+
+def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """The dense grid, or with ``quick`` two points for two epochs."""
+    dnn_cfg = DnnSearchConfig(
+        common=cfg.common,
+        grid=QUICK_GRID if cfg.quick else DEFAULT_GRID,
+        epochs=2 if cfg.quick else DnnSearchConfig().epochs,
+        quick=cfg.quick,
+    )
+    return run_dnn_search(dnn_cfg, outer_run_id=parent_run_id)
+
+
+def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """The pipeline's recipe, quick or not, as a child run."""
+    config = CnnConfig(common=cfg.common, recipe=cfg.recipe, quick=cfg.quick)
+    return run_cnn(config, parent_run_id=parent_run_id)
+
+
+def run_compare_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """Compare what this experiment holds (quick runs only in a quick pipeline)."""
+    compare_cfg = CompareConfig(
+        common=cfg.common,
+        include_quick=cfg.quick,
+        inference_images=1000 if cfg.quick else CompareConfig().inference_images,
+    )
+    return run_compare(compare_cfg, parent_run_id)
+
+
+# (step name, step), in run order.
+STEPS: list[tuple[str, Callable[[PipelineConfig, str], dict]]] = [
+    ("data", run_data_step),
+    ("eda", run_eda_step),
+    ("dnn_search", run_dnn_step),
+    ("cnn", run_cnn_step),
+    ("compare", run_compare_step),
+]
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
+    """Run every step as a child of one ``pipeline`` run; return each step's summary."""
+    results: dict[str, dict] = {}
+    tags = {"quick": "true" if cfg.quick else "false"}
+    with tracking.start_run(
+        "main",
+        "pipeline",
+        cfg.common.experiment_name,
+        run_name="pipeline-quick" if cfg.quick else "pipeline",
+        tags=tags,
+    ) as run:
+        tracking.log_params_safe(
+            {
+                "quick": cfg.quick,
+                "recipe": cfg.recipe,
+                "seed": cfg.common.seed,
+                "split_seed": cfg.common.split_seed,
+            }
+        )
+        for name, step in STEPS:
+            results[name] = step(cfg, run.info.run_id)
+        results["pipeline"] = {"run_id": run.info.run_id}
+    return results

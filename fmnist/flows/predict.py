@@ -1,0 +1,104 @@
+"""The ``predict`` flow: classify image files with any logged or registered model.
+
+Inputs are read by ``fmnist.inputs`` (photos, ``.npy`` arrays, IDX files); each input that cannot
+be read gives a message naming the file while the others are still predicted. The model is
+loaded through ``mlflow.pyfunc`` (``fmnist.tracking.registry.load_pyfunc``) from any URI MLflow
+understands; one that does not resolve is a user error, not a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fmnist import tracking
+from fmnist.data import CLASS_NAMES
+from fmnist.errors import DataError, FmnistError
+from fmnist.inputs import load_inputs
+from fmnist.tracking.registry import load_pyfunc
+
+
+@dataclass(frozen=True)
+class Prediction:
+    source: str
+    label: str
+    probability: float
+    top3: tuple[tuple[str, float], ...]
+
+
+def load_model(model_uri: str):
+    """Load a pyfunc model; a URI that does not resolve is a user error, not a traceback."""
+    tracking.configure()
+    try:
+        return load_pyfunc(model_uri)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FmnistError(f"Could not load model {model_uri!r}: {message}") from None
+
+
+def predict_batch(model, batch: np.ndarray) -> np.ndarray:
+    """(N, 10) probabilities from a pyfunc model for a float32 (N, 28, 28) batch."""
+    output = model.predict(np.ascontiguousarray(batch, dtype=np.float32))
+    return np.asarray(getattr(output, "values", output), dtype=np.float64)
+
+
+def to_predictions(sources: list[str], probabilities: np.ndarray) -> list[Prediction]:
+    results = []
+    for source, probs in zip(sources, probabilities, strict=True):
+        order = np.argsort(probs)[::-1][:3]
+        top3 = tuple((CLASS_NAMES[i], float(probs[i])) for i in order)
+        results.append(Prediction(source, top3[0][0], top3[0][1], top3))
+    return results
+
+
+def format_predictions(predictions: list[Prediction], fmt: str = "table") -> str:
+    """Render predictions as an aligned table, JSON lines list or CSV."""
+    if fmt == "json":
+        return json.dumps(
+            [
+                {
+                    "source": p.source,
+                    "label": p.label,
+                    "probability": round(p.probability, 6),
+                    "top3": [{"label": n, "probability": round(v, 6)} for n, v in p.top3],
+                }
+                for p in predictions
+            ],
+            indent=2,
+        )
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["source", "label", "probability", "top3"])
+        for p in predictions:
+            top = "; ".join(f"{n} {v:.3f}" for n, v in p.top3)
+            writer.writerow([p.source, p.label, f"{p.probability:.6f}", top])
+        return buffer.getvalue().rstrip("\n")
+    width = max([len(p.source) for p in predictions] + [6])
+    lines = [f"{'source':<{width}}  {'class':<12} {'prob':>6}  top 3"]
+    for p in predictions:
+        top = ", ".join(f"{n} {v:.2f}" for n, v in p.top3)
+        lines.append(f"{p.source:<{width}}  {p.label:<12} {p.probability:>6.3f}  {top}")
+    return "\n".join(lines)
+
+
+def predict_files(
+    model_uri: str, paths: list[Path], invert: bool | None = None
+) -> tuple[list[Prediction], list[str]]:
+    """Predict every readable input; return predictions and one error message per bad input."""
+    model = load_model(model_uri)
+    predictions: list[Prediction] = []
+    errors: list[str] = []
+    for path in paths:
+        try:
+            sources, batch = load_inputs(Path(path), invert)
+        except DataError as exc:
+            errors.append(str(exc))
+            continue
+        predictions.extend(to_predictions(sources, predict_batch(model, batch)))
+    return predictions, errors

@@ -1,0 +1,250 @@
+"""A search's points in its Optuna study: queueing, claiming, heartbeats, budget, how trials end.
+
+Grids go through Optuna's trial queue instead of ``GridSampler``'s own pick, which can hand one
+point to two workers: each missing point is enqueued with its name fixed when the trial is
+created, a worker pops queued trials (an atomic WAITING -> RUNNING change in every Optuna
+storage), and a worker that pops a point another trial already holds (two processes queued it)
+gives its trial up. A point is ``done`` when a trial for it completed, was pruned, or failed for
+a final reason (a diverged loss); an interrupted one (Ctrl-C, a vanished worker process) is
+``missing`` and queued again by the next run (another machine's worker is declared gone when its
+trial's heartbeat stops). The driver sees trials only through these functions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from fmnist.search.spec import SearchSpec
+from fmnist.search.study import (
+    FAIL_REASON,
+    FINAL,
+    HEARTBEAT,
+    POINT,
+    SKIPPED,
+    WORKER,
+    worker_gone,
+    worker_id,
+)
+
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 300.0  # another machine's trial without a heartbeat this long is dead
+STATUS_RANK = {"missing": 0, "held": 1, "done": 2}
+
+
+def trial_status(trial: FrozenTrial) -> str:
+    """``done``, ``held`` (queued or running) or ``missing`` (interrupted: train it again)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return "done"
+    if trial.state == TrialState.FAIL and trial.user_attrs.get(FINAL):
+        return "done"
+    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        return "held"
+    return "missing"
+
+
+def point_statuses(trials: Sequence[FrozenTrial], names: Sequence[str]) -> dict[str, str]:
+    """Each named point's status over all its trials (done beats held beats missing)."""
+    statuses = dict.fromkeys(names, "missing")
+    for trial in trials:
+        name = trial.user_attrs.get(POINT)
+        if name not in statuses or trial.user_attrs.get(SKIPPED):
+            continue
+        status = trial_status(trial)
+        if STATUS_RANK[status] > STATUS_RANK[statuses[name]]:
+            statuses[name] = status
+    return statuses
+
+
+def queue_points(study: optuna.Study, spec: SearchSpec) -> list[str]:
+    """Enqueue every grid point (a sampled search: every ``first`` point) that no trial has done
+    or holds, costliest first; return their names."""
+    points = spec.grid or spec.first
+    names = [spec.space.point_name(params) for params in points]
+    statuses = point_statuses(study.get_trials(deepcopy=False), names)
+    order = list(zip(names, points, strict=True))
+    if spec.grid and spec.cost is not None:
+        order.sort(key=lambda item: -spec.cost(item[1]))
+    queued = []
+    for name, params in order:
+        if statuses[name] == "missing":
+            study.enqueue_trial(dict(params), user_attrs={POINT: name})
+            queued.append(name)
+    return queued
+
+
+def release_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
+    """Fail RUNNING trials whose worker is gone: a process of this machine that no longer
+    exists, or another machine's worker whose heartbeat stopped ``STALE_AFTER_SECONDS`` ago."""
+    now = time.time() if now is None else now
+    released = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER)
+        beat = trial.user_attrs.get(HEARTBEAT)
+        silent = beat is not None and now - float(beat) > STALE_AFTER_SECONDS
+        if worker and (worker_gone(worker) or silent):
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            released.append(trial.number)
+    return released
+
+
+@contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[None]:
+    """Refresh the trial's heartbeat from a thread while it trains, so workers on other machines
+    can tell a long epoch from a dead worker (``release_stale_trials``)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                trial.set_user_attr(HEARTBEAT, time.time())
+            except Exception:  # noqa: BLE001 - a missed beat must never fail the training
+                pass
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# --- claiming --------------------------------------------------------------------------------
+
+
+def holder_of(study: optuna.Study, number: int, name: str) -> int | None:
+    """Another trial that already holds point ``name``: done, or queued/running and older."""
+    for other in study.get_trials(deepcopy=False):
+        if other.number == number or other.user_attrs.get(POINT) != name:
+            continue
+        if other.user_attrs.get(SKIPPED):
+            continue
+        status = trial_status(other)
+        if status == "done" or (status == "held" and other.number < number):
+            return other.number
+    return None
+
+
+def give_up(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr(SKIPPED, reason)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def queued_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def budget_left(study: optuna.Study, spec: SearchSpec, started: float) -> bool:
+    """A sampled search's budget: trials counted over every worker, and wall-clock time."""
+    if spec.timeout is not None and time.monotonic() - started >= spec.timeout:
+        return False
+    if spec.n_trials is None:
+        return spec.timeout is not None
+    return trials_left(study, spec) > 0
+
+
+def trials_left(study: optuna.Study, spec: SearchSpec) -> int:
+    """A sampled search's trials still to start: ``n_trials`` minus those done or running
+    (queued ones are not started yet: ``ask`` hands them out first)."""
+    if spec.n_trials is None:
+        return 1 << 30
+    counted = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if not t.user_attrs.get(SKIPPED)
+        and (trial_status(t) == "done" or t.state == TrialState.RUNNING)
+    ]
+    return max(0, spec.n_trials - len(counted))
+
+
+def pending_count(study: optuna.Study, spec: SearchSpec) -> int:
+    """How many trials a run could train now: queued grid points, or the sampled budget."""
+    return queued_count(study) if spec.grid else trials_left(study, spec)
+
+
+def claim(study: optuna.Study, spec: SearchSpec, started: float) -> optuna.Trial | None:
+    """The next trial this worker trains, or None when nothing is left for it."""
+    while True:
+        if not spec.grid:
+            if not budget_left(study, spec, started):
+                return None
+            trial = study.ask()
+            trial.set_user_attr(WORKER, worker_id())
+            return trial
+        if not queued_count(study):
+            return None
+        trial = study.ask()  # pops the oldest queued trial
+        try:
+            trial.set_user_attr(WORKER, worker_id())  # lets a later run see if this process died
+            name = trial.user_attrs.get(POINT)
+            if name is None:  # another worker emptied the queue first: the sampler made this
+                give_up(study, trial, "the queue was empty")
+                return None
+            holder = holder_of(study, trial.number, name)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+        if holder is None:
+            return trial
+        give_up(study, trial, f"point {name} is held by trial {holder}")
+
+
+# --- how a trial ends --------------------------------------------------------------------------
+
+
+def should_prune(trial: optuna.Trial, value: float, epoch: int, prune: bool) -> bool:
+    """Report an epoch's validation accuracy; True when the pruner stops the trial."""
+    trial.report(value, epoch)
+    return prune and trial.should_prune()
+
+
+def finish_complete(
+    study: optuna.Study, trial: optuna.Trial, value: float, best_epoch: int, seconds: float
+) -> None:
+    trial.set_user_attr("seconds", round(seconds, 3))
+    trial.set_user_attr("best_epoch", best_epoch)
+    study.tell(trial, value)
+
+
+def finish_pruned(study: optuna.Study, trial: optuna.Trial, seconds: float) -> None:
+    trial.set_user_attr("seconds", round(seconds, 3))
+    study.tell(trial, state=TrialState.PRUNED)
+
+
+def finish_failed(study: optuna.Study, trial: optuna.Trial, reason: str, final: bool) -> None:
+    """Fail the trial: for good (``final``: its point is done) or to be trained again."""
+    trial.set_user_attr(FAIL_REASON, reason[:2000])
+    trial.set_user_attr(FINAL, final)
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def trained_here(study: optuna.Study, pids: Sequence[int], since: datetime.datetime) -> list[str]:
+    """The points this process and its workers (``pids``) trained to the end since ``since``
+    (other workers share the study; an earlier call in this process had the same pid)."""
+    prefixes = tuple(f"{socket.gethostname()}:{pid}:" for pid in (os.getpid(), *pids))
+    return [
+        t.user_attrs.get(POINT) or f"trial-{t.number}"
+        for t in study.get_trials(deepcopy=False)
+        if str(t.user_attrs.get(WORKER, "")).startswith(prefixes)
+        and t.datetime_start is not None
+        and t.datetime_start >= since
+        and not t.user_attrs.get(SKIPPED)
+        and trial_status(t) == "done"
+    ]
+
+
+def trial_point(trial: Any) -> str:
+    """The point a trial trains, by its queued name (a sampled trial: by its number)."""
+    return trial.user_attrs.get(POINT) or f"trial-{trial.number}"

@@ -1,0 +1,94 @@
+"""What a search is, as plain values: the space protocol, a built trial model, the data, the spec.
+
+These types are shared by the spaces (which import neither Optuna nor MLflow), the Optuna
+coordination (``study``, ``points``, ``workers``) and the driver. A ``SearchSpec`` travels to
+worker processes, so everything in it pickles; the sampler is described (``SamplerSpec``), not
+built, so that a space never touches Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from fmnist.data import Split
+from fmnist.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Built:
+    """One trial's model: what is logged, what the engine trains, how to rebuild it, how to fit.
+
+    ``train`` is the trial's ``TrainConfig`` before the search's epochs, seed, device and quiet
+    are set on it; ``fit_params`` are its settings as the trial's run logs them (the names and
+    values the runs have always carried).
+    """
+
+    model: nn.Module  # raw (N, 28, 28) images in, logits out: the weights that are logged
+    trainable: nn.Module  # the module ``fit`` trains (the model, or its head on features)
+    spec: dict[str, Any]  # rebuilds ``model``'s architecture through fmnist.models.build_model
+    train: TrainConfig
+    fit_params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """Which Optuna sampler a search uses: ``grid`` over ``choices``, or a seeded ``tpe``."""
+
+    kind: str  # "grid" or "tpe"
+    seed: int = 0
+    choices: Mapping[str, tuple[Any, ...]] | None = None  # the grid's values per key
+    startup_trials: int = 10  # random trials before TPE models the space
+
+
+class SearchSpace(Protocol):
+    """The family-specific half of a search; instances must pickle (workers are processes)."""
+
+    def sampler_spec(self) -> SamplerSpec:
+        """The sampler that draws this space's points."""
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Turn a trial into a plain params dict (the only place a trial's values are read)."""
+
+    def point_name(self, params: Mapping[str, Any]) -> str:
+        """A readable, unique name for the point, used as the child run's name."""
+
+    def build(self, params: Mapping[str, Any], context: Any) -> Built:
+        """The objective's model builder: params (and the data's context) to a model to fit."""
+
+    def table_row(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """The point's leading columns in the search table (the study's values included)."""
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """What every trial trains and validates on, and the context ``build`` needs."""
+
+    train: Split
+    val: Split
+    context: Any = None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """A whole search: the space, the sampler, the budget and the training settings."""
+
+    family: str
+    entry_point: str
+    space: SearchSpace
+    sampler: SamplerSpec
+    grid: tuple[dict[str, Any], ...] = ()  # every point of an exhaustive search, in table order
+    # A point's relative cost: costlier points are queued first so parallel workers end together.
+    cost: Callable[[Mapping[str, Any]], float] | None = None
+    n_trials: int | None = None  # budget of a sampled search (ignored for a grid)
+    timeout: float | None = None  # seconds, for a sampled search
+    # Points a sampled search trains first (a known-good recipe), queued by the study's creator.
+    first: tuple[dict[str, Any], ...] = ()
+    epochs: int = 10
+    seed: int = 0
+    prune: bool = False
+    device: str = "cpu"
+    quiet: bool = True

@@ -1,0 +1,169 @@
+"""Search workers: processes that claim trials from the study and train them until none is left.
+
+Workers are processes with one torch thread each, the calling process being the first of them.
+They fork from a fork server started early (it imports torch, Optuna and MLflow while the caller
+loads data), get the data as plain numpy arrays, and train each claimed trial with the
+``runner`` the driver passes (a picklable ``runner(study, trial, spec, data)``), so this module
+knows nothing of MLflow. Ctrl-C reaches every worker; each records its interruption once.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from multiprocessing import forkserver
+from typing import Any
+
+import optuna
+import torch
+
+from fmnist.data import Split
+from fmnist.search.points import claim
+from fmnist.search.spec import SearchData, SearchSpec
+from fmnist.search.study import StudyRef, open_study
+
+TrialRunner = Callable[[optuna.Study, optuna.Trial, SearchSpec, SearchData], None]
+# Imported once by the fork server that launches workers, so a worker starts in milliseconds.
+WORKER_PRELOAD = ["fmnist.search.driver", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]
+
+
+def worker_count(n_jobs: int, pending: int) -> int:
+    """``n_jobs`` processes (0: one per usable CPU core), never more than the pending points."""
+    if n_jobs <= 0:
+        n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return max(1, min(n_jobs, pending)) if pending else 0
+
+
+def work(
+    runner: TrialRunner, spec: SearchSpec, ref: StudyRef, data: SearchData, worker: int = 0
+) -> int:
+    """Claim and train trials until none is left for this worker; return how many it trained."""
+    study, _ = open_study(ref, spec.sampler, spec.prune)
+    started = time.monotonic()
+    trained = 0
+    while (trial := claim(study, spec, started)) is not None:
+        runner(study, trial, spec, data)
+        trained += 1
+    return trained
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """One worker, one thread: parallelism comes from processes, not from intra-op threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def pack(data: SearchData) -> dict[str, Any]:
+    """Plain numpy arrays for a spawned worker (no shared-memory tensor handles)."""
+    return {
+        "train": (data.train.images.numpy(), data.train.labels.numpy()),
+        "val": (data.val.images.numpy(), data.val.labels.numpy()),
+        "context": data.context,
+    }
+
+
+def unpack(payload: Mapping[str, Any]) -> SearchData:
+    def split(arrays):
+        return Split(torch.from_numpy(arrays[0]), torch.from_numpy(arrays[1]))
+
+    return SearchData(split(payload["train"]), split(payload["val"]), payload["context"])
+
+
+def worker_main(
+    runner: TrialRunner,
+    spec: SearchSpec,
+    ref: StudyRef,
+    payload: Mapping[str, Any],
+    env: Mapping[str, str],
+    worker: int,
+) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGTERM, interrupt_once)
+    signal.signal(signal.SIGINT, interrupt_once)
+    torch.set_num_threads(1)
+    os.environ.update(env)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        work(runner, spec, ref, unpack(payload), worker)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def interrupt_once(signum, frame) -> None:
+    """A worker's first SIGINT/SIGTERM interrupts its training; later ones (Ctrl-C reaches the
+    whole group, then the coordinator forwards SIGTERM) must not break the cleanup that records
+    the interruption."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def worker_context():
+    """Workers fork from a fork server (a clean process that never opened a store or a thread
+    pool), or are spawned where there is none."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("forkserver")
+    return multiprocessing.get_context("spawn")
+
+
+def start_worker_launcher() -> None:
+    """Start the fork server now: it imports torch, Optuna and MLflow while the caller loads
+    data, instead of every worker importing them when the training starts."""
+    context = worker_context()
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(WORKER_PRELOAD)
+        forkserver.ensure_running()
+
+
+def run_workers(
+    runner: TrialRunner,
+    spec: SearchSpec,
+    ref: StudyRef,
+    data: SearchData,
+    n_workers: int,
+    env: Mapping[str, str],
+) -> list[tuple[int, int]]:
+    """Train queued points with ``n_workers`` processes (this one included; the others get
+    ``env``); the others' pids and exit codes."""
+    processes = []
+    if n_workers > 1:
+        start_worker_launcher()  # a no-op when the caller started it early, as it should
+        context = worker_context()
+        payload = pack(data)
+        for worker in range(1, n_workers):
+            process = context.Process(
+                target=worker_main,
+                args=(runner, spec, ref, payload, dict(env), worker),
+                daemon=True,
+                name=f"search-worker-{worker}",
+            )
+            process.start()
+            processes.append(process)
+    try:
+        with torch_threads(1):
+            work(runner, spec, ref, data, 0)
+        for process in processes:
+            process.join()
+    except BaseException:
+        # Ctrl-C reaches the workers too (same process group), a SIGTERM only this process:
+        # pass it on, then give them time to record the interruption.
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=15)
+            if process.is_alive():
+                process.kill()
+        raise
+    return [(process.pid, process.exitcode) for process in processes]

@@ -1,0 +1,319 @@
+"""The one training engine for every model: ``fit`` trains, ``evaluate`` scores.
+
+In the spirit of pytorch/examples' mnist train/test pair and timm's dict-returning epoch
+functions: a ``TrainConfig`` of plain values in, a per-epoch metrics dict out, handed to an
+``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna pruning (the engine
+imports neither, nor any concrete model: a model may offer its own faster epoch through
+``epoch_runner``). Data stays in memory (on the GPU when training there) and batches are index
+slices; uint8 images become float in [0, 1] per batch. Metrics accumulate on the device and are
+read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch's weights
+(by validation accuracy) are restored at the end, as the study does; a NaN or infinite loss
+raises ``TrainingDiverged``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fmnist.augment import flip_averaged_probabilities, make_augment
+from fmnist.data import Split, iterate_batches, scale_pixels, shuffled_order
+from fmnist.errors import TrainingDiverged
+from fmnist.train.config import TrainConfig
+from fmnist.train.optim import WeightEMA, autocast_for, make_optimizer, make_scheduler
+from fmnist.train.progress import EpochLines, epoch_bar
+from fmnist.train.state import Best, Trainer, capture_state, restore_state, snapshot
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+# ``on_checkpoint(epoch, state)``: ``state`` is everything ``fit(resume=state)`` needs to go on.
+CheckpointCallback = Callable[[int, dict[str, Any]], None]
+
+
+class EpochRunner(Protocol):
+    """A model's own training epoch (the dense network's numpy loop), used instead of autograd
+    when the settings are plain: ``model.epoch_runner(optimizer)`` returns one, or None."""
+
+    def run_epoch(
+        self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
+    ) -> tuple[float, int]: ...
+
+
+@dataclass
+class FitResult:
+    """Per-epoch history, the best epoch (1-based) and its weights (already loaded)."""
+
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_accuracy: float
+    best_state: dict[str, torch.Tensor]
+    seconds: float
+    stopped_early: bool = False
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    predictions: np.ndarray
+    probabilities: np.ndarray
+
+
+def make_runner(model: nn.Module, trainer: Trainer, cfg: TrainConfig) -> EpochRunner | None:
+    """The model's own epoch runner when the settings allow it, else None (autograd)."""
+    fancy = (
+        trainer.scheduler
+        or trainer.ema
+        or cfg.label_smoothing
+        or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
+        or cfg.bf16
+        or cfg.compile
+    )
+    offer = getattr(model, "epoch_runner", None)
+    return None if fancy or offer is None else offer(trainer.optimizer)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    split: Split,
+    trainer: Trainer,
+    cfg: TrainConfig,
+    runner: EpochRunner | None = None,
+    progress=None,
+) -> dict[str, float]:
+    """One pass over ``split`` in shuffled batches; returns mean loss and accuracy.
+
+    ``runner``, when given, runs the whole epoch on the same shuffled order.
+    """
+    model.train()
+    n, device = len(split), torch.device(cfg.device)
+    if not n:
+        return {"train_loss": float("nan"), "train_accuracy": float("nan")}
+    if runner is not None:
+        order = shuffled_order(n, trainer.generator, device)
+        loss_sum, correct = runner.run_epoch(split.images, split.labels, order, cfg.batch_size)
+        if progress is not None:
+            progress.update(math.ceil(n / cfg.batch_size))
+        return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
+    augment = make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
+    # Per-batch results are kept and reduced once per epoch: fewer tensor ops per step (they
+    # dominate small models) and no host synchronisation on a GPU.
+    losses, predictions, order = [], [], []
+    batches = iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device)
+    for index in batches:
+        inputs, targets = scale_pixels(split.images[index]), split.labels[index]
+        if augment is not None:
+            inputs = augment(inputs, None)
+        with autocast_for(device, cfg.bf16):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+        step(loss, trainer)
+        losses.append(loss.detach())
+        predictions.append(logits.detach().argmax(dim=1))
+        order.append(index)
+        if progress is not None:
+            progress.update(1)
+    sizes = torch.tensor([len(index) for index in order], device=device, dtype=torch.float32)
+    loss_sum = (torch.stack(losses).float() * sizes).sum()
+    correct = (torch.cat(predictions) == split.labels[torch.cat(order)]).sum()
+    return {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
+
+
+def step(loss: torch.Tensor, trainer: Trainer) -> None:
+    """Backward, optimizer step, schedule step, weight average."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.optimizer.step()
+    if trainer.scheduler is not None:
+        trainer.scheduler.step()
+    if trainer.ema is not None:
+        trainer.ema.update(trainer.model)
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    tta_flip: bool = False,
+) -> torch.Tensor:
+    """Logits for every image, batched; with ``tta_flip`` the log of the flip-averaged
+    probabilities (so a softmax gives exactly what the logged model outputs)."""
+    device = torch.device(device)
+    model.eval()
+    outputs = []
+    for index in iterate_batches(images.shape[0], batch_size, device=images.device):
+        inputs = scale_pixels(images[index].to(device, non_blocking=True))
+        with autocast_for(device, bf16):
+            if tta_flip:
+                logits = flip_averaged_probabilities(model, inputs).clamp_min(1e-12).log()
+            else:
+                logits = model(inputs).float()
+        outputs.append(logits)
+    return torch.cat(outputs) if outputs else torch.empty(0, 10, device=device)
+
+
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    tta_flip: bool = False,
+) -> EvalResult:
+    """Loss, accuracy, predicted labels and probabilities on ``split``."""
+    device = torch.device(device)
+    logits = predict_logits(model, split.images, batch_size, device, bf16, tta_flip)
+    labels = split.labels.to(logits.device)
+    loss = float(F.cross_entropy(logits, labels)) if len(split) else float("nan")
+    probabilities = logits.softmax(dim=-1)
+    predictions = probabilities.argmax(dim=-1)
+    accuracy = float((predictions == labels).float().mean()) if len(split) else float("nan")
+    return EvalResult(loss, accuracy, predictions.cpu().numpy(), probabilities.cpu().numpy())
+
+
+def move_split(split: Split, device: torch.device) -> Split:
+    if split.images.device == device:
+        return split
+    return Split(split.images.to(device), split.labels.to(device))
+
+
+def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
+    """Optimizer, schedule, weight average and shuffling generator, seeded by ``cfg.seed``."""
+    device = torch.device(cfg.device)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    opt = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, device)
+    scheduler = make_scheduler(cfg.schedule, opt, cfg.lr, cfg.epochs, steps_per_epoch)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    return Trainer(model, opt, scheduler, ema, generator)
+
+
+def fit(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    cfg: TrainConfig,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy.
+
+    ``on_epoch_end(epoch, metrics)`` receives train/val loss and accuracy, learning rate, epoch
+    time and images per second after every epoch; it may raise to stop training (pruning).
+    With ``ema_decay`` the validation and the restored weights are those of the weight average.
+    ``on_checkpoint(epoch, state)`` gets the full training state every ``checkpoint_every``
+    epochs and after the last one; ``fit(..., resume=state)`` with the same settings goes on from
+    it to ``epochs`` and ends exactly where an uninterrupted run would (same RNG streams).
+    """
+    cfg.check()
+    device = torch.device(cfg.device)
+    model.to(device)
+    train, val = move_split(train, device), move_split(val, device)
+    steps = math.ceil(len(train) / cfg.batch_size)
+    trainer = make_trainer(model, cfg, steps)
+    run = FitRun(model, train, val, cfg, trainer, steps)
+    if resume is not None:
+        run.resume_from(resume)
+    run.train(on_epoch_end, on_checkpoint)
+    model.load_state_dict(run.best.state)
+    return FitResult(
+        run.history,
+        run.best.epoch,
+        run.best.val_accuracy,
+        run.best.state,
+        run.seconds(),
+        run.stopped_early,
+    )
+
+
+class FitRun:
+    """The state of one ``fit`` call as it goes: history, best epoch, elapsed time."""
+
+    def __init__(self, model, train: Split, val: Split, cfg: TrainConfig, trainer, steps: int):
+        self.model, self.train_split, self.val_split = model, train, val
+        self.cfg, self.trainer, self.steps = cfg, trainer, steps
+        self.train_model = torch.compile(model) if cfg.compile else model
+        self.runner = make_runner(model, trainer, cfg)
+        self.history: list[dict[str, float]] = []
+        self.best = Best(0, -1.0, snapshot(model))
+        self.first_epoch, self.seconds_before, self.stopped_early = 1, 0.0, False
+        self.started = time.perf_counter()
+
+    def resume_from(self, state: dict[str, Any]) -> None:
+        self.best = restore_state(state, self.trainer, torch.device(self.cfg.device))
+        self.history = [dict(entry) for entry in state["history"]]
+        self.first_epoch, self.seconds_before = state["epoch"] + 1, state["seconds"]
+        self.stopped_early = state["stopped_early"]
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def train(self, on_epoch_end, on_checkpoint) -> None:
+        cfg = self.cfg
+        lines = EpochLines(cfg.label, cfg.epochs, self.first_epoch, cfg.quiet)
+        for epoch in range(self.first_epoch, cfg.epochs + 1):
+            if self.stopped_early:
+                break
+            metrics = self.run_epoch(epoch)
+            lines.epoch_done(epoch, metrics["val_accuracy"])
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, metrics)
+            patience = cfg.early_stopping_patience
+            if patience and epoch - self.best.epoch >= patience:
+                self.stopped_early = True
+            last = epoch == cfg.epochs or self.stopped_early
+            every = cfg.checkpoint_every
+            if on_checkpoint is not None and (last or (every and epoch % every == 0)):
+                state = capture_state(
+                    epoch,
+                    self.trainer,
+                    self.history,
+                    self.best,
+                    self.seconds(),
+                    self.stopped_early,
+                )
+                on_checkpoint(epoch, state)
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch, validate, keep the best weights; return the epoch's metrics."""
+        cfg, device = self.cfg, torch.device(self.cfg.device)
+        started = time.perf_counter()
+        current_lr = self.trainer.optimizer.param_groups[0]["lr"]
+        with epoch_bar(self.steps, epoch, cfg.epochs, cfg.quiet) as progress:
+            train_metrics = train_one_epoch(
+                self.train_model, self.train_split, self.trainer, cfg, self.runner, progress
+            )
+        if not math.isfinite(train_metrics["train_loss"]):
+            raise TrainingDiverged(
+                f"training loss became {train_metrics['train_loss']} in "
+                f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})."
+            )
+        scored = self.trainer.ema.model if self.trainer.ema is not None else self.model
+        result = evaluate(
+            scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
+        )
+        seconds = time.perf_counter() - started
+        metrics = {
+            **train_metrics,
+            "val_loss": result.loss,
+            "val_accuracy": result.accuracy,
+            "lr": current_lr,
+            "epoch_seconds": seconds,
+            "images_per_second": len(self.train_split) / seconds,
+        }
+        self.history.append({"epoch": epoch, **metrics})
+        if result.accuracy > self.best.val_accuracy:
+            self.best = Best(epoch, result.accuracy, snapshot(scored))
+        return metrics

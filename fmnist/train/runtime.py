@@ -1,0 +1,35 @@
+"""Where and how reproducibly to run: seeding every random source and picking a device.
+
+Seeding covers Python, numpy and torch so that a CPU run is repeatable for a seed.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from fmnist.errors import ConfigError
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    choice = (device or "auto").lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available.")
+    if choice not in {"cpu", "cuda"}:
+        raise ConfigError(f"Unknown device {device!r}: use auto, cpu or cuda.")
+    return torch.device(choice)
