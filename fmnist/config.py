@@ -1,9 +1,9 @@
 """Every entry point's typed config, and the one place each default is defined.
 
 The CLI builds these from its options (and takes its option defaults from here), the flows read
-them, and ``tests/test_layers.py`` checks that the CLI's and the MLproject's defaults equal these.
-The module imports nothing heavier than dataclasses, so ``fmnist --help`` stays instant. Values
-that ``auto`` leaves to a recipe are ``None`` here.
+them, and ``tests/test_mlproject.py`` checks that the CLI's and the MLproject's defaults equal
+these. The module imports nothing heavier than dataclasses, so ``fmnist --help`` stays instant.
+Values that ``auto`` leaves to a recipe are ``None`` here.
 """
 
 from __future__ import annotations
