@@ -1,7 +1,9 @@
 """fmnist: the Fashion-MNIST study (PCA + dense network, CNN) reproduced and improved on MLflow.
 
-The package is the library behind the ``fmnist`` command and the MLproject entry points: data,
-models, the training engine, tracking, EDA, searches, evaluation and the model registry.
+The package is built in layers that import one way only (README, "Layout"): ``cli`` (click) ->
+``flows`` (one per entry point) -> ``tracking`` (mlflow), ``search`` and ``analysis`` -> ``train``
+-> ``models``, ``data``, ``augment`` -> ``config``, ``errors``, ``definitions``, ``published``.
+``tests/test_layers.py`` fails on an import that runs back up.
 """
 
 __version__ = "0.1.0"
