@@ -4,6 +4,8 @@ A classifier takes float32 images (N, 28, 28) with pixels in [0, 1] and returns 
 the logged model wraps it in ``ProbabilityModel`` so it returns softmax probabilities. A model is
 described by a plain ``spec`` dict (``{"family": "dnn" | "cnn", ...}``) from which ``build_model``
 rebuilds the architecture exactly, so a registered model can be reloaded as an ``nn.Module``.
+The rule of this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``); no
+training loop, no tracking. A model may offer the engine a faster epoch (``MLP.epoch_runner``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fmnist.augment import flip_averaged_probabilities
+from fmnist.augment import flip_averaged_log_probabilities, flip_averaged_probabilities
 from fmnist.models.cnn import build_cnn
 from fmnist.models.dense import build_dense
 
@@ -32,17 +34,35 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 class ProbabilityModel(nn.Module):
     """Wraps a logits classifier so it maps (N, 28, 28) float images to (N, 10) probabilities;
-    with ``tta_flip`` the mean of each image's and its mirror's (test-time augmentation)."""
+    with ``tta_flip`` the mean of each image's and its mirror's (test-time augmentation).
 
-    def __init__(self, classifier: nn.Module, tta_flip: bool = False) -> None:
+    ``temperature`` (fitted on the validation split, ``fmnist.analysis.calibration``) divides the
+    log-probabilities before the softmax: ``softmax(logits / T)``, and with flip averaging
+    ``softmax(log(mean of the two softmaxes) / T)``, a monotone map of each row, so the predicted
+    class never changes. ``T = 1`` is exactly the model without calibration.
+    """
+
+    def __init__(
+        self, classifier: nn.Module, tta_flip: bool = False, temperature: float = 1.0
+    ) -> None:
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.classifier = classifier
         self.tta_flip = tta_flip
+        self.temperature = float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.tta_flip:
+        # T = 1 keeps the graph of models logged before calibration existed
+        if self.tta_flip and self.temperature == 1.0:
             return flip_averaged_probabilities(self.classifier, images)
-        return torch.softmax(self.classifier(images), dim=-1)
+        if self.tta_flip:
+            log_probs = flip_averaged_log_probabilities(self.classifier, images)
+            return torch.softmax(log_probs / self.temperature, dim=-1)
+        logits = self.classifier(images)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        return torch.softmax(logits, dim=-1)
 
 
 def count_parameters(model: nn.Module) -> int:
