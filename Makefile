@@ -33,8 +33,13 @@ install: $(STAMP) ## Create .venv and install the project (done automatically by
 WORKERS ?= auto
 PYTEST := $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -q
 
+# Which tests `make test` runs: not the `slow` ones by default. CI (.ci/run) sets
+# MARKERS="not slow or fault" so that the slow fault tests (a killed worker, concurrent writers)
+# run there too.
+MARKERS ?= not slow
+
 test: $(STAMP) ## Run the test suite (not `slow`; `realdata` tests run when FMNIST_DATA_DIR is set)
-	$(PYTEST) -m "not slow"
+	$(PYTEST) -m "$(MARKERS)"
 
 test-all: $(STAMP) ## Run every test, slow ones included
 	$(PYTEST)

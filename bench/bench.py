@@ -4,10 +4,12 @@ Measures, on the real data and on this machine: (1) loading the dataset into arr
 whole dense grid (wall time and best validation accuracy, ours over several seeds), (3) the
 ``paper`` CNN's seconds per epoch, (4) pyfunc inference of the registered models (images/s on a
 batch, p50 latency of one image), (5) peak resident memory of the entry points, (6) tracking
-overhead (the same training with and without MLflow logging). Prints a table of ratios
-reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two minutes;
-ratios then compare like with like on the shrunk workloads. Usage:
-``python bench/bench.py [--quick] [--out FILE]``.
+overhead (the same training with and without MLflow logging), (7) serving under load
+(``serve_load.py``: ``mlflow models serve`` of both champions, 4 clients x 300 requests of 1 and
+of 64 images with malformed ones mixed in: 5xx count, p50/p99, throughput). Prints a table of
+ratios reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two
+minutes; ratios then compare like with like on the shrunk workloads. Usage:
+``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve]``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import reference  # noqa: E402
+import serve_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("dense", "cnn", "tracking", "memory")
+PARTS = ("dense", "cnn", "tracking", "memory", "serve")
 
 
 def machine() -> str:
@@ -255,6 +258,14 @@ def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
     return results
 
 
+def bench_serving(data_dir: str, quick: bool) -> dict:
+    """Scratch champions trained on the real data, each served and loaded (``serve_load``)."""
+    images = serve_load.load_images(data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = serve_load.train_champions(data_dir, Path(tmp), quick)
+        return serve_load.bench_serving(uri, images, requests=60 if quick else 300)
+
+
 def peak_rss_mb(command: list[str], env: dict, cwd: str) -> float:
     """Peak resident memory of a command and its children, in MB (ru_maxrss of the waiter)."""
     wrapper = (
@@ -318,6 +329,7 @@ def table(results: dict) -> str:
             f"{inf['inference_images_per_second']:.0f} /s, "
             f"{inf['latency_p50_ms']:.2f} ms | | |"
         )
+    lines += serve_load.table_rows(results.get("serve", {}))
     return "\n".join(lines)
 
 
@@ -351,6 +363,8 @@ def main(quick: bool, data_dir: str, seeds: int, out: str, parts: str) -> None:
         results["tracking"] = bench_tracking_overhead(data_dir, 2 if quick else 10)
     if "memory" in chosen:
         results["memory"] = bench_inference_and_memory(data_dir, quick)
+    if "serve" in chosen:
+        results["serve"] = bench_serving(data_dir, quick)
     text = table(results)
     click.echo(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

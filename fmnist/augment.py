@@ -111,3 +111,9 @@ def flip_averaged_probabilities(classifier: nn.Module, images: torch.Tensor) -> 
     direct = classifier(images).float().softmax(dim=-1)
     mirrored = classifier(images.flip(-1)).float().softmax(dim=-1)
     return (direct + mirrored) / 2
+
+
+def flip_averaged_log_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The log of ``flip_averaged_probabilities``, floored at 1e-12 as the engine's evaluation
+    floors it: what temperature scaling divides for a flip-averaged model."""
+    return flip_averaged_probabilities(classifier, images).clamp_min(1e-12).log()

@@ -138,6 +138,25 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Options of ``fmnist evaluate``: any logged or registered model on the test set."""
+
+    common: CommonConfig = field(default_factory=CommonConfig)
+    model: str = f"models:/{CNN_REGISTERED_NAME}@champion"  # any MLflow model URI or a folder
+    robustness: bool = True  # run the corruption suite (about a minute per model on a CPU)
+    # A seeded, class-stratified subset of the test set for the suite (0: all 10,000 images).
+    robustness_images: int = 2000
+    batch_size: int = 1000  # images per pyfunc call: bounds the memory of a CNN's activations
+
+    def validate(self) -> None:
+        if self.robustness_images < 0 or self.batch_size < 1:
+            raise ConfigError(
+                f"robustness_images must be >= 0 (0: the whole test set) and batch_size >= 1, "
+                f"got {self.robustness_images} and {self.batch_size}."
+            )
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     """Options of ``fmnist pipeline`` (MLproject ``main``)."""
 

@@ -5,7 +5,8 @@ The dataset lives in torchvision's ``FashionMNIST/raw`` layout in the data direc
 ``torchvision.datasets.FashionMNIST`` only when the files are missing and downloading is allowed
 (``FMNIST_OFFLINE=1`` forbids it). Every file's header and size are checked, then the IDX files
 are read straight into arrays (the same arrays torchvision gives, without its second of
-imports), so a truncated or corrupt file fails with a message naming it. The whole
+imports), so a truncated or corrupt file fails with a message naming it, before any memory is
+allocated for what its header claims. The whole
 dataset is held as uint8 tensors; batches are index slices converted to float in [0, 1] on demand.
 The train/validation split is the study's stratified 80/20 scikit-learn split.
 """
@@ -13,6 +14,7 @@ The train/validation split is the study's stratified 80/20 scikit-learn split.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -131,7 +133,7 @@ def check_idx_file(path: Path, magic: int, ndim: int) -> int:
             f"{path} is not a valid IDX file: magic number {found_magic}, expected {magic}."
         )
     dims = struct.unpack(f">{ndim}I", header[4:])
-    expected = header_len + int(np.prod(dims))
+    expected = header_len + math.prod(dims)  # Python ints: 3 uint32 dims overflow int64
     if size != expected:
         raise DataError(
             f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs {expected}."
@@ -284,16 +286,32 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array."""
-    raw = Path(path).read_bytes()
-    if len(raw) < 8:
-        raise DataError(f"{path} is too short to be an IDX file.")
-    zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
-    if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
-        raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    body = raw[4 + 4 * ndim :]
-    if len(body) != int(np.prod(dims)):
+    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array.
+
+    The header is read and checked against the file's size before the body is: a header that
+    claims more (or less) than the file holds is a ``DataError``, never an allocation.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        if len(head) < 4:
+            raise DataError(f"{path} is too short to be an IDX file ({size} bytes).")
+        zero, dtype_code, ndim = head[0:2], head[2], head[3]
+        if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
+            raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
+        shape = handle.read(4 * ndim)
+        if len(shape) < 4 * ndim:
+            raise DataError(f"{path} is truncated: {size} bytes, shorter than its IDX header.")
+        dims = struct.unpack(f">{ndim}I", shape)
+        expected = 4 + 4 * ndim + math.prod(dims)
+        if size != expected:
+            raise DataError(
+                f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs "
+                f"{expected}."
+            )
+        body = handle.read()
+    if len(body) != math.prod(dims):  # the file changed while it was read
         raise DataError(f"{path} is truncated or corrupt: size does not match its header {dims}.")
     return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 

@@ -1,7 +1,10 @@
 """Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses.
 
 A definition is validated on load against the dataclass it fills: an unknown key, a missing
-required key or a value of the wrong type raises ``ConfigError`` naming the file and the key.
+required key or a value of the wrong type (nested ones included) raises ``ConfigError`` naming
+the file and the key. Before that, ``read_yaml`` refuses a file too large
+(``MAX_DEFINITION_BYTES``), nested too deep (``MAX_DEPTH``) or using YAML aliases (a few lines of
+them can expand to billions of values), so no definition can exhaust memory or the stack.
 The folder is found next to the package (editable install or source checkout), through
 ``FMNIST_EXPERIMENTS_DIR``, or under the working directory, so commands work from anywhere.
 """
@@ -9,6 +12,7 @@ The folder is found next to the package (editable install or source checkout), t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -57,11 +61,51 @@ def available(subdir: str = "") -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+MAX_DEFINITION_BYTES = 1024 * 1024  # the largest definition shipped is under 2 kB
+MAX_DEPTH = 20  # nesting levels of mappings and lists; definitions use 3
+
+
+class DefinitionLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and with a nesting limit."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(f"aliases (*name) are not allowed in a definition ({mark})")
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A definition file's top-level mapping, read safely (see the module's docstring)."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_DEFINITION_BYTES:
+        raise ConfigError(
+            f"{path}: {size} bytes; a definition holds at most {MAX_DEFINITION_BYTES}."
+        )
     try:
-        content = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}).") from None
+        text = path.read_bytes().decode("utf-8")
+        loader = DefinitionLoader(text)
+        try:
+            content = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as exc:
+        # a scalar's own constructor may fail (a date like 2024-99-99) with ValueError
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"{path}: not valid YAML ({type(exc).__name__}: {first_line})."
+        ) from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
     return content
@@ -134,7 +178,13 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ConfigError(f"{where}: {str(value)[:20]}... is too large.") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}.")

@@ -3,11 +3,16 @@
 Each reader returns float32 (N, 28, 28) images in [0, 1], light item on a dark background as in
 Fashion-MNIST, or raises ``DataError`` naming the file. Photos of any size are made 28x28
 grayscale and a dark-on-light photo (told apart by its border pixels) is inverted unless told
-otherwise; ``.npy`` arrays are read without pickle.
+otherwise. Every reader checks what a file claims before it allocates memory for it: a photo's
+format and dimensions (``MAX_IMAGE_PIXELS``) before it is decoded, a ``.npy`` header's dtype,
+shape and size against the file before its body is read (never with pickle), an IDX header
+against the file's size (``fmnist.data.read_idx``). A hostile file is a ``DataError``.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,18 +20,45 @@ import numpy as np
 from fmnist.data import IMAGE_SIZE, read_idx, scale_pixels
 from fmnist.errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The formats Pillow may decode: a file in any other (PSD, EPS, ICO...) is refused unread.
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
+# A 64-megapixel photo still loads (a phone's largest); a larger claim is refused before any
+# pixel is decoded (a 100000x100000 PNG would need 10 GB).
+MAX_IMAGE_PIXELS = 64_000_000
+# A .npy array of at most this many images (4 GB of float32 pixels).
+MAX_ARRAY_IMAGES = 1_000_000
 
 
 def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
     """A photo as a (28, 28) float32 array in [0, 1], light item on a dark background."""
-    from PIL import Image, UnidentifiedImageError  # Pillow loads only for photos
+    from PIL import Image  # Pillow loads only for photos
 
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            # Pillow warns of a large image before our own, lower limit refuses it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path, formats=IMAGE_FORMATS)
+        with image:
+            width, height = image.size
+            if width <= 0 or height <= 0 or width * height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{path}: a {width}x{height} image; at most {MAX_IMAGE_PIXELS} pixels "
+                    "are read."
+                )
+            image.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # a JPEG decodes straight to a small size
             gray = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable image ({exc}).") from None
+    except DataError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, met in Image.open
+        raise DataError(
+            f"{path}: too large an image ({exc}); at most {MAX_IMAGE_PIXELS} pixels are read."
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a decoder may raise anything on a hostile file
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"{path}: not a readable image ({type(exc).__name__}: {first_line})."
+        ) from None
     pixels = scale_pixels(np.asarray(gray, dtype=np.uint8))
     if invert is None:
         invert = looks_dark_on_light(pixels)
@@ -55,6 +87,40 @@ def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
     return array
 
 
+def check_npy_header(path: Path) -> None:
+    """Check a ``.npy`` header before its body is read: uint8 or float pixels, (N, 28, 28) or
+    (28, 28) with N <= ``MAX_ARRAY_IMAGES``, and a file exactly as long as the header says."""
+    fmt = np.lib.format
+    try:
+        with path.open("rb") as handle:
+            version = fmt.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(handle)
+            elif version in ((2, 0), (3, 0)):
+                shape, _, dtype = fmt.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+            offset = handle.tell()
+    except Exception as exc:  # noqa: BLE001 - numpy's header parser may raise several kinds
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{path}: not a readable .npy array ({first_line}).") from None
+    if dtype.hasobject or dtype.kind not in "uf" or (dtype.kind == "u" and dtype.itemsize != 1):
+        raise DataError(f"{path}: expected uint8 or float pixels, got {dtype} (pickle is off).")
+    dims = tuple(shape)
+    images = dims[0] if len(dims) == 3 else 1
+    if dims[-2:] != (IMAGE_SIZE, IMAGE_SIZE) or len(dims) not in (2, 3) or images == 0:
+        raise DataError(f"{path}: expected shape (N, 28, 28) or (28, 28), got {dims}.")
+    if images > MAX_ARRAY_IMAGES:
+        raise DataError(f"{path}: {images} images; at most {MAX_ARRAY_IMAGES} are read.")
+    needed = offset + math.prod(dims) * dtype.itemsize
+    size = path.stat().st_size
+    if size != needed:
+        raise DataError(
+            f"{path} is truncated or corrupt: {size} bytes, its header {dims} {dtype} "
+            f"needs {needed}."
+        )
+
+
 def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.ndarray]:
     """Read one input file: returns the source name of each image and a float32 batch."""
     path = Path(path)
@@ -64,9 +130,10 @@ def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.n
         raise DataError(f"{path}: the file is empty.")
     suffix = path.suffix.lower()
     if suffix == ".npy":
+        check_npy_header(path)
         try:
             array = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc}).") from None
         batch = normalise_array(array, str(path))
     elif suffix in IMAGE_SUFFIXES:

@@ -63,15 +63,15 @@ def run_interrupted(monkeypatch, cfg: CnnConfig, epoch: int):
     checkpoint); return the run it left KILLED (the only one)."""
     from fmnist import tracking
 
-    log = tracking.log_metrics_finite
+    log = tracking.EpochLogger.__call__
 
-    def log_or_interrupt(metrics, step=None):
+    def log_or_interrupt(self, step, metrics):
         if step == epoch and "val_accuracy" in metrics:
             raise KeyboardInterrupt
-        log(metrics, step)
+        log(self, step, metrics)
 
     with monkeypatch.context() as patch:
-        patch.setattr(tracking, "log_metrics_finite", log_or_interrupt)
+        patch.setattr(tracking.EpochLogger, "__call__", log_or_interrupt)
         with pytest.raises(KeyboardInterrupt):
             run_cnn(cfg)
     (killed,) = mlflow.search_runs(

@@ -188,3 +188,36 @@ def test_explicit_step_refuses_an_optimizer_over_other_parameters():
     subset = make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
     assert not ExplicitStep.supports(mlp.parameters(), subset)
     assert mlp.epoch_runner(subset) is None
+
+
+def test_dropout_is_a_spec_key_that_rebuilds_the_architecture(splits):
+    basis = fit_pca(splits.train.images, 0.9)
+    spec = dense_spec(basis.n_components, [16, 8], dropout=0.25)
+    assert spec["dropout"] == 0.25
+    # a network without dropout keeps the spec it was always logged with
+    assert "dropout" not in dense_spec(basis.n_components, [16, 8])
+    assert build_model(dense_spec(basis.n_components, [16])).mlp.dropout == 0.0
+    torch.manual_seed(0)
+    model = build_model(spec)
+    model.pca.set_basis(basis.mean, basis.components)
+    rebuilt = build_model(spec)
+    assert rebuilt.mlp.dropout == 0.25
+    rebuilt.load_state_dict(model.state_dict())
+    images = splits.test.images[:8].float() / 255.0
+    model.eval(), rebuilt.eval()
+    torch.testing.assert_close(rebuilt(images), model(images))  # no dropout when evaluating
+    rebuilt.train()
+    assert not torch.allclose(rebuilt(images), model(images))  # dropout while training
+    with pytest.raises(ValueError, match="dropout"):
+        build_dense(basis.n_components, [16], dropout=1.0)
+
+
+def test_dropout_takes_the_autograd_path_and_still_learns(splits):
+    mlp = build_mlp(784, [32], dropout=0.2)
+    optimizer = make_optimizer("adam", mlp.parameters(), 1e-3, 0.0, CPU)
+    assert mlp.epoch_runner(optimizer) is None  # the numpy step has no dropout
+    images = splits.train.images[:64].float().reshape(64, -1) / 255.0
+    batch = Split(images, splits.train.labels[:64])
+    cfg = TrainConfig(lr=0.01, batch_size=64, epochs=30, quiet=True)
+    result = engine.fit(mlp, batch, batch, cfg)
+    assert result.best_val_accuracy > 0.9

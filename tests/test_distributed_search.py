@@ -4,11 +4,14 @@ Three workers started at the same moment on a fresh store must train every grid 
 once, under one parent run, and register the winner once: against the embedded default (journal
 file + SQLite) and against a real PostgreSQL server (``FMNIST_TEST_POSTGRES_URL``, started by
 ``.ci/run``; skipped without it). A SIGTERM in the middle of a training ends the runs KILLED, the
-trial failed as interrupted, and re-running trains only the missing point.
+trial failed as interrupted, and re-running trains only the missing point. A worker SIGKILLed on
+"another machine" (its own ``FMNIST_WORKER_HOST``) loses its point, after the heartbeat's grace
+period, to a live worker, which trains it.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -23,9 +26,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from fmnist.errors import FmnistError
 from fmnist.search import points
 from fmnist.search import study as studies
-from fmnist.search.spec import SamplerSpec
+from fmnist.search.spec import SamplerSpec, SearchSpec
 from tests.conftest import forget_active_experiment
 
 GRID = """\
@@ -40,12 +44,12 @@ STUDY = "shared-grid"
 POSTGRES_URL = os.environ.get("FMNIST_TEST_POSTGRES_URL", "")
 # Slows every epoch down so a signal surely lands in the middle of a training.
 SLOW_FIT = """\
-import sys, time
+import os, sys, time
 from fmnist.train import engine
 real_fit = engine.fit
 def slow_fit(*args, on_epoch_end, **kwargs):
     def hook(epoch, metrics):
-        time.sleep(0.4)
+        time.sleep(float(os.environ.get("TEST_EPOCH_SLEEP", "0.4")))
         on_epoch_end(epoch, metrics)
     return real_fit(*args, on_epoch_end=hook, **kwargs)
 engine.fit = slow_fit
@@ -203,6 +207,84 @@ def test_three_workers_share_a_fresh_postgresql_store(
     assert not [out for _, out, err in results if "s3cret-pw" in out + err]
 
 
+# ~35 s; the in-process test_optunas_heartbeat_releases_a_dead_workers_trial_to_a_live_worker
+# covers the release by default, and CI runs this one (`fault`)
+@pytest.mark.slow
+@pytest.mark.fault
+def test_a_worker_killed_on_another_machine_loses_its_point_to_a_live_worker(
+    synthetic_data_dir, grid_file, fresh_folder, postgres_databases
+):
+    """Worker A ("machine-a") is SIGKILLed in the middle of a trial: no process of it is left to
+    clean up, and worker B ("machine-b") cannot see A's processes. B trains the other points,
+    waits, takes A's point back once A's Optuna heartbeat has been silent for the grace period,
+    trains it, ends A's child run FAILED and finalizes: each point completes exactly once."""
+    tracking_uri, storage = postgres_databases
+    grace = 5
+    env = {**worker_env(tracking_uri), studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: str(grace)}
+    args = worker_command(synthetic_data_dir, grid_file, storage, epochs=3)
+    worker_a = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FIT, *args],
+        env={**env, studies.HOST_ENV: "machine-a", "TEST_EPOCH_SLEEP": "3"},
+        cwd=fresh_folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rdb = studies.make_storage(storage)
+
+    def a_mid_training() -> bool:
+        if worker_a.poll() is not None:
+            raise AssertionError(worker_a.communicate()[1][-3000:])
+        try:
+            trials = optuna.load_study(study_name=STUDY, storage=rdb).trials
+        except KeyError:
+            return False
+        return any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
+
+    wait_for(a_mid_training, 240, "worker A's first epoch")
+    worker_a.kill()
+    killed_at = datetime.datetime.now()  # Optuna stamps trials with naive local times
+    worker_a.communicate(timeout=30)
+    worker_b = subprocess.run(
+        [sys.executable, "-m", "fmnist", *args],
+        env={**env, studies.HOST_ENV: "machine-b"},
+        cwd=fresh_folder,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert worker_b.returncode == 0, worker_b.stderr[-3000:]
+    assert "model: models:/fmnist-dnn/" in worker_b.stdout
+    assert "machine-a" in worker_b.stderr and "released" in worker_b.stderr
+
+    study = optuna.load_study(study_name=STUDY, storage=rdb)
+    (dead,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert dead.user_attrs[studies.WORKER].startswith("machine-a:")
+    # released by the heartbeat: not before the grace period after A's last beat (<= the kill)
+    released_after = (dead.datetime_complete - killed_at).total_seconds()
+    assert grace - 1.5 <= released_after <= 180, released_after
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs[studies.POINT] for t in complete) == sorted(POINTS)
+    assert {t.user_attrs[studies.WORKER].split(":")[0] for t in complete} == {"machine-b"}
+    assert len(study.trials) == len(POINTS) + 1  # nothing trained twice, nothing given up
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    dead_run = client.get_run(dead.user_attrs[studies.RUN_ID])
+    assert dead_run.info.status == "FAILED"
+    assert "machine-a" in dead_run.data.tags["error"]
+    finished = [r.info.run_name for r in runs if r.info.status == "FINISHED"]
+    assert sorted(finished) == sorted([*POINTS, finished_parent(runs)])
+    assert len(client.search_model_versions("name='fmnist-dnn'")) == 1
+
+
+def finished_parent(runs) -> str:
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
+    return parent.info.run_name
+
+
 def wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -279,6 +361,7 @@ def test_sigterm_mid_training_ends_runs_killed_and_a_rerun_trains_only_the_rest(
 
 
 def test_another_machines_silent_trial_is_released_and_a_beating_one_kept(tmp_path):
+    """The journal default: a trial's own heartbeat attribute, silent past the grace period."""
     ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
     sampler = SamplerSpec("grid", choices={"x": (1, 2)})
     study, _ = studies.open_study(ref, sampler, False, create=True)
@@ -286,10 +369,85 @@ def test_another_machines_silent_trial_is_released_and_a_beating_one_kept(tmp_pa
         study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: point})
     silent, beating = study.ask(), study.ask()
     now = time.time()
-    for trial, beat in ((silent, now - points.STALE_AFTER_SECONDS - 1), (beating, now - 5)):
+    grace = studies.liveness().grace
+    assert grace == studies.DEFAULT_GRACE_SECONDS  # 120 s unless FMNIST_GRACE_SECONDS is set
+    for trial, beat in ((silent, now - grace - 1), (beating, now - 5)):
         trial.set_user_attr(studies.WORKER, "other-host:123:456")
         trial.set_user_attr(studies.HEARTBEAT, beat)
-    assert points.release_stale_trials(study, now=now) == [silent.number]
+    released = points.release_stale_trials(study, now=now)
+    assert [t.number for t in released] == [silent.number]
+    assert points.release_stale_trials(study, now=now) == []  # released once
     assert points.point_statuses(study.trials, ["p1", "p2"]) == {"p1": "missing", "p2": "held"}
     with points.heartbeat(beating):  # the thread beats at once
         wait_for(lambda: study.trials[1].user_attrs[studies.HEARTBEAT] >= now, 10, "a beat")
+
+
+def test_optunas_heartbeat_releases_a_dead_workers_trial_to_a_live_worker(tmp_path, monkeypatch):
+    """An RDB storage (SQLite here, PostgreSQL below) uses Optuna's own heartbeat: a trial whose
+    worker (on another host) stops beating is failed after the grace period by the next worker
+    that looks, reported to that one only, and its point queued again; a trial that keeps
+    beating is kept, and one released while its worker still lives tells that worker so."""
+    monkeypatch.setenv(studies.HEARTBEAT_ENV, "1")
+    monkeypatch.setenv(studies.GRACE_ENV, "2")
+    monkeypatch.setenv(studies.HOST_ENV, "machine-b")
+    ref = studies.StudyRef(f"sqlite:///{tmp_path / 'optuna.db'}", "hb")
+    grid = ({"x": 1}, {"x": 2})
+    spec = SearchSpec(
+        entry_point="dnn_search",
+        family="dnn",
+        space=PointSpace(),
+        sampler=SamplerSpec("grid", choices={"x": (1, 2)}),
+        grid=grid,
+        epochs=1,
+        seed=0,
+    )
+    study, _ = studies.open_study(ref, spec.sampler, False, create=True)
+    assert sorted(points.queue_points(study, spec)) == ["x1", "x2"]
+    dead = points.claim(study, spec, time.monotonic())
+    dead.set_user_attr(studies.WORKER, "machine-a:4242:1")  # another host: no pid to look at
+    alive = points.claim(study, spec, time.monotonic())
+    assert points.take_back(study, spec) == []  # both beat just now
+    with points.heartbeat(alive) as released:
+        time.sleep(3.5)  # the dead one's last beat is older than the grace period
+        (taken,) = points.take_back(study, spec)
+        assert points.take_back(study, spec) == []
+        assert not released.is_set()
+    assert taken.number == dead.number and taken.user_attrs[studies.POINT] == dead_point(dead)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[dead.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    again = points.claim(study, spec, time.monotonic())  # the point, queued again
+    assert again.user_attrs[studies.POINT] == dead_point(dead)
+    # a worker that was only slow learns at its next beat that its trial went to another
+    assert points.beat(again)
+    study.tell(again.number, state=TrialState.FAIL)
+    assert not points.beat(again)
+
+
+def dead_point(trial) -> str:
+    return trial.user_attrs[studies.POINT]
+
+
+class PointSpace:
+    """The smallest space: one integer ``x``; its points are named ``x<value>``."""
+
+    def point_name(self, params) -> str:
+        return f"x{params['x']}"
+
+
+@pytest.mark.parametrize(
+    ("beat", "grace", "expected"),
+    [("", "", (30, 120)), ("60", "", (60, 240)), ("1", "5", (1, 5)), ("5", "5", None)],
+)
+def test_liveness_settings_have_documented_defaults_and_refuse_nonsense(
+    monkeypatch, beat, grace, expected
+):
+    monkeypatch.setenv(studies.HEARTBEAT_ENV, beat)
+    monkeypatch.setenv(studies.GRACE_ENV, grace)
+    if expected is None:
+        with pytest.raises(FmnistError, match="must exceed"):
+            studies.liveness()
+    else:
+        assert studies.liveness() == studies.Liveness(*expected)
+    monkeypatch.setenv(studies.HEARTBEAT_ENV, "soon")
+    with pytest.raises(FmnistError, match="FMNIST_HEARTBEAT_SECONDS='soon'"):
+        studies.liveness()

@@ -17,16 +17,20 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 from fmnist.config import CommonConfig, DnnSearchConfig, SearchOptions
+from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.search import points
 from fmnist.search import study as studies
-from fmnist.search.driver import EPOCH_METRICS
+from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
+from fmnist.search.driver import EPOCH_METRICS, load_trial_model
 from fmnist.search.spec import SamplerSpec, SearchSpec
 from fmnist.train import engine
 from tests.helpers import isolated_store, mlflow_run, search_table, store_copy
@@ -323,7 +327,7 @@ def test_duplicate_and_stale_trials_never_train_a_point_twice(tmp_path):
     assert [t.number for t in skipped] == [first.number + 1]
     # the first trial's worker "died": its RUNNING trial is released and the point is missing
     first.set_user_attr(studies.WORKER, f"{socket.gethostname()}:999999999:1")
-    assert points.release_stale_trials(study) == [first.number]
+    assert [t.number for t in points.release_stale_trials(study)] == [first.number]
     assert points.point_statuses(study.trials, ["p1"]) == {"p1": "missing"}
 
 
@@ -363,3 +367,96 @@ def test_dnn_search_entry_point_through_mlflow_run(synthetic_data_dir, store, tm
         ).read_text()
     )
     assert len(table["data"]) == 2
+
+
+# A grid beyond the study: dropout, one-cycle AdamW, label smoothing, shifts and flips (so the
+# points train the whole network on images through its fixed PCA layer).
+BEYOND_GRID = """\
+pca_variance: 0.95
+hidden: [[24]]
+optimizers: [adamw]
+batch_sizes: [32, 64]
+learning_rates: {adamw: 0.003}
+weight_decay: 0.0001
+dropout: 0.2
+schedule: onecycle
+label_smoothing: 0.1
+crop_padding: 1
+flip: true
+"""
+STUDY_GRID_KEYS = {
+    "hidden",
+    "optimizers",
+    "batch_sizes",
+    "learning_rates",
+    "pca_variance",
+    "weight_decay",
+    "description",
+}
+
+
+def test_the_wide_grid_loads_and_the_study_grids_keep_their_identity():
+    wide = load_grid("dnn_wide")
+    assert wide.hidden == ((1024, 512),) and wide.optimizers == ("adamw",)
+    assert grid_extras(wide) == {"dropout": 0.5, "schedule": "onecycle", "label_smoothing": 0.1}
+    assert not wide.trains_on_images
+    assert set(grid_identity(wide)) == STUDY_GRID_KEYS | {"dropout", "schedule", "label_smoothing"}
+    for name in ("dnn_grid", "dnn_grid_l2", "dnn_quick", "dnn_bench_quick"):
+        grid = load_grid(name)
+        # the keys beyond the study are off, and the study's name (its hash) is what it was
+        assert grid_extras(grid) == {} and not grid.trains_on_images
+        assert set(grid_identity(grid)) == STUDY_GRID_KEYS
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("dropout: 1.0", "dropout"),
+        ("schedule: step", "schedule"),
+        ("label_smoothing: -0.1", "label_smoothing"),
+        ("crop_padding: 9", "crop_padding"),
+        ("flip: 1", "flip"),
+        ("weight_decay: -0.1", "weight_decay"),
+    ],
+)
+def test_a_bad_value_of_a_key_beyond_the_study_names_file_and_key(tmp_path, line, key):
+    path = tmp_path / "bad_grid.yaml"
+    path.write_text(TINY_GRID + line + "\n")
+    with pytest.raises(ConfigError, match=f"key '{key}'") as caught:
+        load_grid(str(path))
+    assert "bad_grid.yaml" in str(caught.value)
+
+
+def test_a_grid_beyond_the_study_trains_on_images_and_its_winner_reproduces_its_outputs(
+    synthetic_data_dir, store, tmp_path
+):
+    grid = tmp_path / "beyond.yaml"
+    grid.write_text(BEYOND_GRID)
+    result = run_dnn_search(config(synthetic_data_dir, grid))
+    assert result["trained_now"] == 2 and result["alias"] == "champion"
+    runs = runs_of()
+    parent = next(r for r in runs if r.info.run_id == result["run_id"])
+    assert parent.data.params["dropout"] == "0.2" and parent.data.params["flip"] == "true"
+    for child in children_of(runs, result["run_id"]):
+        params = child.data.params
+        assert params["model.dropout"] == "0.2" and params["schedule"] == "onecycle"
+        assert params["label_smoothing"] == "0.1" and params["crop_padding"] == "1"
+        assert params["optimizer"] == "adamw" and params["flip"] == "true"
+        lrs = [m.value for m in mlflow.MlflowClient().get_metric_history(child.info.run_id, "lr")]
+        assert len(lrs) == 2 and lrs[0] != lrs[1]  # the one-cycle schedule moved the rate
+    # the winner's checkpoint rebuilds from its spec (dropout included) ...
+    best = mlflow.MlflowClient().get_run(result["run_id"]).data.tags["best_point"]
+    trial = next(c for c in children_of(runs, result["run_id"]) if c.info.run_name == best)
+    model, spec, _ = load_trial_model(trial.info.run_id)
+    assert spec["dropout"] == 0.2 and model.mlp.dropout == 0.2 and not model.training
+    # ... and the registered model gives its probabilities (with the registered temperature)
+    version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-dnn", "champion")
+    temperature = float(version.tags.get("temperature", "1"))
+    test = load_splits(synthetic_data_dir).test
+    images = scale_pixels(test.images)
+    with torch.no_grad():
+        expected = torch.softmax(model(images) / temperature, dim=-1).numpy()
+    logged = np.asarray(mlflow.pyfunc.load_model(result["model_uri"]).predict(images.numpy()))
+    np.testing.assert_allclose(logged, expected, atol=1e-5)
+    accuracy = float((logged.argmax(axis=1) == test.labels.numpy()).mean())
+    assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-4)

@@ -23,13 +23,14 @@ CONFIGS = {
     "compare": config.CompareConfig,
     "dnn-search": config.DnnSearchConfig,
     "eda": config.EdaConfig,
+    "evaluate": config.EvaluateConfig,
     "info": config.CommonConfig,
     "pipeline": config.PipelineConfig,
     "predict": config.PredictConfig,
 }
 SEARCH_KEYS = ("storage", "study_name", "n_jobs")
 # options that only negate another one: no config field of their own
-NEGATIONS = {"no_prune", "no_retrain_best"}
+NEGATIONS = {"no_prune", "no_retrain_best", "no_robustness"}
 # the pipeline's child runs, one per step, each tagged with its entry point
 PIPELINE_STEPS = {"data", "eda", "dnn_search", "cnn", "compare"}
 

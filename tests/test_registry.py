@@ -76,7 +76,14 @@ def store(tmp_path_factory):
 
 
 def register(
-    model, name, val_accuracy, digest="digest-a", quick=False, tta_flip=False, metrics=None
+    model,
+    name,
+    val_accuracy,
+    digest="digest-a",
+    quick=False,
+    tta_flip=False,
+    metrics=None,
+    temperature=1.0,
 ):
     import mlflow
 
@@ -94,6 +101,7 @@ def register(
             quick=quick,
             extra_tags={"recipe": "unit"},
             tta_flip=tta_flip,
+            temperature=temperature,
         )
     assert info.run_id == run.info.run_id
     return info
@@ -258,3 +266,44 @@ def test_choose_alias_rule_cases():
 def test_log_and_register_needs_an_active_run(store):
     with pytest.raises(RuntimeError, match="active MLflow run"):
         registry.log_and_register(build_tiny(), {"family": "tiny"}, NAME, 0.5, {}, "d")
+
+
+@pytest.mark.parametrize("tta_flip", [False, True])
+def test_temperature_is_folded_into_the_logged_model_and_recorded(store, tta_flip):
+    import mlflow
+
+    from fmnist.augment import flip_averaged_log_probabilities
+
+    model = trained_tiny(seed=5)
+    name = f"{NAME}-temperature-{int(tta_flip)}"
+    info = register(model, name, 0.5, tta_flip=tta_flip, temperature=2.5)
+    batch = images(7, seed=3)
+    got = np.asarray(registry.load_pyfunc(info.model_uri).predict(batch))
+    reference = model.eval()
+    with torch.no_grad():
+        inputs = torch.from_numpy(batch)
+        if tta_flip:
+            scores = flip_averaged_log_probabilities(reference, inputs)
+        else:
+            scores = reference(inputs)
+        expected = torch.softmax(scores / 2.5, dim=-1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert registry.read_temperature(registry.local_model_dir(info.model_uri)) == 2.5
+    version = mlflow.MlflowClient().get_model_version(name, str(info.version))
+    assert float(version.tags["temperature"]) == 2.5
+
+
+def test_a_model_folder_without_calibration_file_loads_with_temperature_one(champion, tmp_path):
+    """Models registered before calibration have no ``calibration.json``: T = 1, and they load."""
+    import shutil
+
+    folder = tmp_path / "old-model"
+    shutil.copytree(registry.local_model_dir(champion["info"].model_uri), folder)
+    calibration = folder / registry.EXTRA_DIR / registry.CALIBRATION_FILE
+    assert registry.read_temperature(folder) == 1.0  # registered with the default T = 1
+    calibration.unlink()
+    assert registry.read_temperature(folder) == 1.0
+    batch = images(5, seed=4)
+    got = np.asarray(registry.load_pyfunc(str(folder)).predict(batch))
+    np.testing.assert_allclose(got, expected_probabilities(champion["model"], batch), atol=1e-5)
+    assert isinstance(registry.load_module(str(folder)), nn.Module)

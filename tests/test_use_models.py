@@ -206,6 +206,28 @@ def test_rest_serving_matches_pyfunc_and_rejects_bad_requests(served_cnn, synthe
         assert 400 <= status < 500, (payload[:40], status, body[:300])
 
 
+def test_served_champion_under_concurrent_load_has_no_5xx(served_cnn, synthetic_data_dir):
+    """``bench/serve_load.py``'s load function, small: 2 clients x 20 requests of 1 and of 16
+    images with malformed requests mixed in: every good one 200, every malformed one 4xx."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import serve_load
+
+    images = load_fashion_mnist(synthetic_data_dir).test_images.numpy() / np.float32(255.0)
+    for batch in (1, 16):
+        result = serve_load.run_load(
+            served_cnn, images, batch, clients=2, requests=20, malformed_every=5, time_limit=120
+        )
+        assert serve_load.passed(result), result
+        assert result["malformed"] == 8 and result["malformed_4xx"] == 8
+        assert result["ok"] == 32 and result["status_5xx"] == 0
+        assert 0 < result["p50_ms"] <= result["p99_ms"]
+        assert result["images_per_second"] > 0
+    assert any(
+        "| serve `fmnist-cnn@champion` 2 clients x 16" in row
+        for row in serve_load.table_rows({"models:/fmnist-cnn@champion": [result]})
+    )
+
+
 def test_compare_report_has_both_families_and_the_study(use_pipeline_store):
     _, results = use_pipeline_store
     run_id = results["compare"]["run_id"]
@@ -238,7 +260,15 @@ def test_compare_report_has_both_families_and_the_study(use_pipeline_store):
     assert shirt.endswith(" | 0.70 | 0.73 |")
     n90 = int(results["eda"]["pca_components_90"])
     assert f"| PCA components for 90% variance | {n90} | 87 |" in report
+    # calibration from each training run; robustness empty (the pipeline ran no evaluate)
+    for row in rows:
+        logged = client.get_run(row["run_id"]).data.metrics
+        for key in ("test_ece", "test_ece_uncalibrated", "test_nll", "test_brier", "temperature"):
+            assert row[key] == pytest.approx(logged[key], abs=1e-9), key
+        assert row["robustness_mean_accuracy"] is None
+    assert "## Calibration and robustness" in report
+    assert any("fmnist evaluate --model models:/fmnist-" in line for line in report)
     page = (folder / "report.html").read_text()
-    assert "<title>fmnist comparison</title>" in page and page.count("<table>") == 3
+    assert "<title>fmnist comparison</title>" in page and page.count("<table>") == 4
     for name in ("per_class_f1.png", "confusion_matrices.png"):
         assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

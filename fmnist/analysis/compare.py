@@ -3,6 +3,7 @@
 ``fmnist.flows.compare`` finds the runs and fills one ``Candidate`` per model (its logged metrics,
 its confusion matrix and the timing of its registered pyfunc model); the pure functions here turn
 them into the summary rows, the report that sets the study's published numbers beside ours, the
+calibration and robustness of each model (each number with what it means in one sentence), the
 per-class F1 bars and the row-normalised confusion matrices (``matplotlib.figure.Figure``).
 """
 
@@ -31,6 +32,51 @@ HEADLINE_COLUMNS = {
     "inference img/s": ("inference_images_per_second", "{:.0f}"),
     "p50 ms": ("latency_p50_ms", "{:.2f}"),
 }
+# Calibration and robustness column -> (metric, format, what it means in one sentence).
+BEYOND_ACCURACY = {
+    "ECE": (
+        "test_ece",
+        "{:.2%}",
+        "Expected calibration error (15 equal-width confidence bins) of the registered model's "
+        "probabilities: the average gap between how sure it says it is and how often it is "
+        "right (0 means honest probabilities).",
+    ),
+    "ECE before": (
+        "test_ece_uncalibrated",
+        "{:.2%}",
+        "The same before temperature scaling: what the trained network alone would claim.",
+    ),
+    "NLL": (
+        "test_nll",
+        "{:.4f}",
+        "Negative log-likelihood: the mean of -log(probability given to the true class), "
+        "which punishes confident mistakes hardest (lower is better).",
+    ),
+    "Brier": (
+        "test_brier",
+        "{:.4f}",
+        "Brier score: the mean squared distance between the probability vector and the "
+        "one-hot truth (0 best, 2 worst).",
+    ),
+    "T": (
+        "temperature",
+        "{:.3f}",
+        "The temperature fitted on the validation split that divides the log-probabilities "
+        "inside the logged model; above 1 means the network was over-confident.",
+    ),
+    "clean acc (subset)": (
+        "robustness_clean_accuracy",
+        "{:.4f}",
+        "Accuracy on the uncorrupted test subset the robustness suite uses.",
+    ),
+    "mean corruption acc": (
+        "robustness_mean_accuracy",
+        "{:.4f}",
+        "Mean accuracy over 14 corruptions (noise, blur, exposure, geometry, JPEG, inversion, "
+        "occlusion, pixelation, uneven light) at 3 severities each: how much of its accuracy "
+        "the model keeps on images that look less like the test set.",
+    ),
+}
 # The study's macro F1, as its classification reports print it.
 STUDY_MACRO_F1 = {"dnn": "0.89", "cnn": "0.90"}
 
@@ -48,6 +94,8 @@ class Candidate:
     model_uri: str | None = None
     confusion: np.ndarray | None = None
     inference: dict[str, float] = field(default_factory=dict)
+    # metrics of the latest ``fmnist evaluate`` run of this model (robustness lives only there)
+    evaluation: dict[str, float] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -88,12 +136,47 @@ def summary_rows(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
             "param_count": c.metrics.get("param_count", c.metrics.get("parameter_count")),
             "train_seconds": c.metrics.get("train_seconds", c.metrics.get("fit_seconds")),
             **c.inference,
+            **beyond_accuracy(c),
             "model_uri": c.model_uri or "",
         }
         for name, value in zip(CLASS_NAMES, per_class_f1(c.metrics), strict=True):
             row[f"f1_{metric_key(name)}"] = value
         rows.append(row)
     return rows
+
+
+def beyond_accuracy(c: Candidate) -> dict[str, float | None]:
+    """Calibration and robustness of a model: the training run's own numbers first (what its
+    test evaluation logged), else its latest ``evaluate`` run's; None where neither has one."""
+    return {
+        key: c.metrics.get(key, c.evaluation.get(key)) for key, _, _ in BEYOND_ACCURACY.values()
+    }
+
+
+def beyond_accuracy_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The calibration and robustness table and what each column means."""
+    table = [
+        {
+            "model": r["model"],
+            "family": f"{r['family']}:{r['recipe']}",
+            **{column: r.get(key) for column, (key, _, _) in BEYOND_ACCURACY.items()},
+        }
+        for r in rows
+    ]
+    formats = {column: pattern for column, (_, pattern, _) in BEYOND_ACCURACY.items()}
+    lines = ["## Calibration and robustness", "", markdown_table(table, formats)]
+    lines += [f"- **{column}**: {meaning}" for column, (_, _, meaning) in BEYOND_ACCURACY.items()]
+    missing = [r for r in rows if r.get("robustness_mean_accuracy") is None]
+    if missing:
+        lines.append(
+            "- An empty robustness cell: the model has no `fmnist evaluate` run yet (compare "
+            "does not run the suite, to stay fast); "
+            + "; ".join(
+                f"`fmnist evaluate --model {r['model_uri']}`" for r in missing if r["model_uri"]
+            )
+            + " fills it."
+        )
+    return [*lines, ""]
 
 
 def summary_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
@@ -170,6 +253,7 @@ def build_report(
     """
     lines = ["# Fashion-MNIST: our tracked results beside the study's", ""]
     lines += ["## Headline", "", headline_table(rows)]
+    lines += beyond_accuracy_section(rows)
     lines += ["## Per-class test F1", "", per_class_table(candidates)]
     lines += ["## Exploratory numbers", "", exploratory_table(eda)]
     lines += ["## Where the study's text and its own numbers disagree", ""]

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fmnist.cli.compare:compare", "Compare the dense network with every CNN."),
     "dnn-search": ("fmnist.cli.dnn_search:dnn_search", "Grid-search the study's dense network."),
     "eda": ("fmnist.cli.eda:eda", "Class counts, samples, PCA and t-SNE, each with its number."),
+    "evaluate": ("fmnist.cli.evaluate:evaluate", "Test metrics, calibration, robustness."),
     "info": ("fmnist.cli.info:info", "Check the dataset: sizes, per-class counts, digest."),
     "pipeline": ("fmnist.cli.pipeline:pipeline", "Run the whole study, one child run a step."),
     "predict": ("fmnist.cli.predict:predict", "Classify images with a registered model."),
@@ -69,6 +70,10 @@ class LazyGroup(click.Group):
             if unreachable is not None:
                 report_error(unreachable)
                 ctx.exit(unreachable.exit_code)
+            locked = locked_store(exc)
+            if locked is not None:
+                report_error(locked)
+                ctx.exit(locked.exit_code)
             report_unexpected(exc, debug=bool((ctx.obj or {}).get("debug")))
             ctx.exit(UNEXPECTED_EXIT_CODE)
 
@@ -99,6 +104,19 @@ def unreachable_server(exc: Exception) -> FmnistError | None:
         f"Cannot reach the MLflow tracking server at {uri} ({reason}). "
         "Start it, or fix MLFLOW_TRACKING_URI (unset: the embedded sqlite:///mlflow.db)."
     )
+
+
+def locked_store(exc: Exception) -> FmnistError | None:
+    """A SQLite store that stayed locked past MLflow's busy timeout, as the message naming the
+    fix (a tracking server); None for any other error."""
+    if "database is locked" not in "".join(traceback.format_exception(exc)):
+        return None
+    # only on this path, where the failed write has imported mlflow already
+    from fmnist.tracking.store import locked_store_message
+
+    uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+    message = locked_store_message(exc, uri)
+    return FmnistError(message) if message else None
 
 
 def report_error(exc: FmnistError) -> None:

@@ -4,12 +4,13 @@
 value"). ``run_cnn`` trains with the shared engine, logs the raw options and every resolved
 setting (under ``cfg.*``, so ``mlflow run``'s own params are never re-logged with another value),
 per-epoch metrics with ``step=epoch``, the parameter count and an architecture summary, then
-scores the test set exactly as the registered model will (flip averaging included when the recipe
-uses it), logs the shared evaluation artifacts and registers ``fmnist-cnn`` under the
-champion/challenger rule. ``quick`` trains two epochs on a data subset so the pipeline's demo
-finishes in seconds. Every ``checkpoint_every`` epochs the whole training state is logged as
-``checkpoints/last.pt``; ``resume`` (a run id) goes on from it to the planned epochs: in that run
-when called directly, or in the run ``mlflow run`` created, tagged ``resumed_from``.
+fits a temperature on the validation split's outputs, scores the test set exactly as the
+registered model will (flip averaging and the temperature included), logs the shared evaluation
+and calibration artifacts and registers ``fmnist-cnn`` under the champion/challenger rule.
+``quick`` trains two epochs on a data subset so the pipeline's demo finishes in seconds. Every
+``checkpoint_every`` epochs the whole training state is logged as ``checkpoints/last.pt``;
+``resume`` (a run id) goes on from it to the planned epochs: in that run when called directly,
+or in the run ``mlflow run`` created, tagged ``resumed_from``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ import torch
 from fmnist import tracking
 from fmnist.config import CnnConfig
 from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
+from fmnist.definitions import build_dataclass
 from fmnist.errors import ConfigError
 from fmnist.models import count_parameters
 from fmnist.models.cnn import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
-from fmnist.tracking.evaluation import evaluate_and_log
+from fmnist.tracking.evaluation import evaluate_calibrated_and_log
 from fmnist.tracking.registry import log_and_register
-from fmnist.train.engine import FitResult, evaluate, fit
+from fmnist.train.engine import FitResult, fit, predict_logits
 from fmnist.train.optim import bf16_active
 from fmnist.train.recipes import (
     CnnRecipe,
@@ -145,7 +147,7 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
         if not same_run:
             log_setup(cfg, recipe, device, data.digest, model, splits, summary_text, point)
         result = train(model, splits, recipe, cfg, device, data.digest, point)
-        metrics = evaluate_test(model, splits[2], recipe, device, result)
+        metrics, temperature = evaluate_test(model, splits[1], splits[2], recipe, device, result)
         model = model.cpu().to(memory_format=torch.contiguous_format)
         n_params = count_parameters(model)
         info = log_and_register(
@@ -159,6 +161,7 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
             extra_tags={"recipe": recipe_name, "parameter_count": n_params},
             tta_flip=recipe.tta_flip,
             input_example=splits[2].images[:4].numpy(),
+            temperature=temperature,
         )
     return {
         "recipe": recipe_name,
@@ -203,27 +206,48 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
     log_checkpoint = None
     if cfg.checkpoint_every > 0:
         log_checkpoint = checkpoint_logger(checkpoint_settings(cfg, recipe, digest))
+    # every epoch written as it ends; kept while the tracking server is away (training goes on)
+    log_epoch = tracking.EpochLogger(interval=0.0)
+    try:
+        result = fit(
+            model,
+            splits[0],
+            splits[1],
+            settings,
+            on_epoch_end=log_epoch,
+            on_checkpoint=log_checkpoint,
+            resume=point.state if point is not None else None,
+        )
+    except BaseException:
+        log_epoch.flush_quietly()
+        if log_checkpoint is not None:
+            log_checkpoint.flush_quietly()
+        raise
+    log_epoch.flush()  # waits for a server that went away: nothing trained is lost
+    if log_checkpoint is not None:
+        log_checkpoint.flush()
+    return result
 
-    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        tracking.log_metrics_finite(metrics, step=epoch)
 
-    return fit(
-        model,
-        splits[0],
-        splits[1],
-        settings,
-        on_epoch_end=log_epoch,
-        on_checkpoint=log_checkpoint,
-        resume=point.state if point is not None else None,
-    )
-
-
-def evaluate_test(model, test: Split, recipe: CnnRecipe, device, result: FitResult) -> dict:
-    """Score the test set as the registered model will; log metrics and artifacts."""
+def evaluate_test(
+    model, val: Split, test: Split, recipe: CnnRecipe, device, result: FitResult
+) -> tuple[dict, float]:
+    """Fit the temperature on the validation split, score the test set as the registered model
+    will; log metrics and artifacts. Returns the metrics and the temperature."""
     start = time.perf_counter()
-    scored = evaluate(model, test, 1024, device, bf16=False, tta_flip=recipe.tta_flip)
-    metrics = evaluate_and_log(
-        scored.probabilities, test.labels.numpy(), test.images.numpy(), scored.loss, result.history
+    scores = [
+        predict_logits(model, split.images, 1024, device, bf16=False, tta_flip=recipe.tta_flip)
+        .cpu()
+        .numpy()
+        for split in (val, test)
+    ]
+    metrics, temperature = evaluate_calibrated_and_log(
+        scores[0],
+        val.labels.numpy(),
+        scores[1],
+        test.labels.numpy(),
+        test.images.numpy(),
+        result.history,
     )
     mlflow.log_metrics(
         {
@@ -233,7 +257,7 @@ def evaluate_test(model, test: Split, recipe: CnnRecipe, device, result: FitResu
             "test_seconds": time.perf_counter() - start,
         }
     )
-    return metrics
+    return metrics, temperature
 
 
 @contextmanager
@@ -282,7 +306,7 @@ def load_resume_point(cfg: CnnConfig) -> ResumePoint:
     check_resume_options(cfg)
     state = read_checkpoint(cfg.resume)
     settings = state.pop("settings")
-    recipe = CnnRecipe(**settings["recipe"])
+    recipe = build_dataclass(CnnRecipe, settings["recipe"], f"run {cfg.resume}'s checkpoint")
     if settings["recipe_name"] != cfg.recipe and Path(settings["recipe_name"]).stem != cfg.recipe:
         print(
             f"Resuming run {cfg.resume}: it trains recipe {settings['recipe_name']!r} "

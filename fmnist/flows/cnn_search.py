@@ -30,6 +30,7 @@ from fmnist.search import driver
 from fmnist.search.cnn_space import CnnSpace, SpaceFile, load_space
 from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spec import SearchData, SearchSpec
+from fmnist.tracking.search_runs import SUMMARY_DIR
 from fmnist.train.recipes import CnnRecipe
 from fmnist.train.runtime import resolve_device
 
@@ -150,7 +151,7 @@ def cnn_family(
         params=params,
         tags=tags,
         digest=digest,
-        texts={f"{driver.SUMMARY_DIR}/search_space.yaml": where.read_text()},
+        texts={f"{SUMMARY_DIR}/search_space.yaml": where.read_text()},
         finalize=partial(retrain_best, cfg=cfg, space=space) if cfg.retrain_best else None,
     )
 
@@ -191,7 +192,7 @@ def retrain_best(outcome: SearchOutcome, cfg: CnnSearchConfig, space: CnnSpace) 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{BEST_RECIPE}.yaml"
         path.write_text(recipe_yaml(recipe))
-        mlflow.log_artifact(str(path), driver.SUMMARY_DIR)  # ``fmnist cnn --recipe`` takes it
+        mlflow.log_artifact(str(path), SUMMARY_DIR)  # ``fmnist cnn --recipe`` takes it
         config = CnnConfig(
             common=cfg.common, recipe=str(path), registered_name=cfg.registered_name
         )

@@ -2,8 +2,10 @@
 
 ``run_compare`` reads the tracking store and the registry: the best dense network (the dnn search
 run with the highest validation accuracy) and the latest run of each CNN recipe. It times the
-registered pyfunc model of each (images/s on a batch, one-image latency), hands the runs' metrics
-and confusion matrices to ``fmnist.analysis.compare`` and logs one ``compare`` run: a table of both
+registered pyfunc model of each (images/s on a batch, one-image latency), finds the latest
+``fmnist evaluate`` run of each model (its robustness numbers; ``evaluate`` runs are never
+candidates themselves), hands the runs' metrics and confusion matrices to
+``fmnist.analysis.compare`` and logs one ``compare`` run: a table of both
 families, per-class F1 bars, the confusion matrices side by side with their difference, and a
 markdown and HTML report that puts the study's published numbers beside ours and lists where the
 study's text and its own numbers disagree.
@@ -50,7 +52,28 @@ def find_runs(experiment_ids: list[str], include_quick: bool) -> list:
         output_format="list",
         max_results=5000,
     )
+    runs = [r for r in runs if r.data.tags.get("entry_point") != "evaluate"]
     return [r for r in runs if include_quick or not is_quick(r)]
+
+
+def evaluation_metrics(experiment_ids: list[str], run_id: str, model_uri: str | None) -> dict:
+    """The metrics of the latest finished ``evaluate`` run of the model trained by ``run_id``
+    (linked by its source run or its registered version), or {} when there is none."""
+    runs = mlflow.search_runs(
+        experiment_ids=experiment_ids,
+        filter_string="tags.entry_point = 'evaluate' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    version = None
+    if model_uri and model_uri.startswith("models:/"):
+        version = tuple(model_uri.removeprefix("models:/").split("/", 1))
+    for run in runs:
+        tags = run.data.tags
+        linked = (tags.get("registered_model_name"), tags.get("registered_model_version"))
+        if tags.get("source_run_id") == run_id or (version is not None and linked == version):
+            return dict(run.data.metrics)
+    return {}
 
 
 def select_candidates(runs: list) -> list[Candidate]:
@@ -189,6 +212,7 @@ def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
         for c in candidates:
             c.model_uri = find_model_uri(c.run_id)
             c.confusion = load_confusion(c.run_id)
+            c.evaluation = evaluation_metrics(experiment_ids, c.run_id, c.model_uri)
             if c.model_uri and images is not None:
                 c.inference = measure_inference(c.model_uri, images)
         rows = summary_rows(candidates)

@@ -3,13 +3,13 @@
 Loads the data, fits PCA once on the training split and projects train/val (the search trains
 only the MLPs on those features), describes the dense family (``fmnist.search.dense_space``, the
 study's identity, the parent run's params) and hands it to the search driver. The winner's
-logged weights are evaluated on the test set and registered as ``fmnist-dnn`` in the search's
-parent run (``finalize_winner``), once per study.
+logged weights are calibrated (a temperature fitted on the validation split), evaluated on the
+test set and registered as ``fmnist-dnn`` in the search's parent run (``finalize_winner``), once
+per study.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from functools import partial
 from typing import Any
@@ -21,12 +21,19 @@ from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
 from fmnist.models import count_parameters
 from fmnist.models.dense import PCABasis, fit_pca, project
 from fmnist.search import driver
-from fmnist.search.dense_space import DnnGrid, DnnSpace, grid_size, load_grid
+from fmnist.search.dense_space import (
+    DnnGrid,
+    DnnSpace,
+    grid_extras,
+    grid_identity,
+    grid_size,
+    load_grid,
+)
 from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spec import SearchData, SearchSpec
-from fmnist.tracking.evaluation import evaluate_and_log
+from fmnist.tracking.evaluation import evaluate_calibrated_and_log
 from fmnist.tracking.registry import log_and_register
-from fmnist.train.engine import evaluate
+from fmnist.train.engine import predict_logits
 from fmnist.train.runtime import resolve_device
 
 ENTRY_POINT = "dnn_search"
@@ -76,10 +83,13 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
 
 
 def prepare_data(cfg: DnnSearchConfig, grid: DnnGrid) -> tuple[str, Splits, PCABasis, SearchData]:
-    """The study's splits, PCA fitted on the training split, and train/val projected once."""
+    """The study's splits, PCA fitted on the training split, and train/val projected once (a
+    grid that augments images trains on the images themselves)."""
     data = load_fashion_mnist(cfg.common.data_dir or None)
     splits = make_splits(data, cfg.common.split_seed)
     basis = fit_pca(splits.train.images, grid.pca_variance)
+    if grid.trains_on_images:
+        return data.digest, splits, basis, SearchData(splits.train, splits.val, basis)
     layer = basis.layer()
     features = SearchData(
         Split(project(layer, splits.train.images), splits.train.labels),
@@ -115,7 +125,7 @@ def dense_family(
         quiet=cfg.common.quiet,
     )
     identity = {
-        "grid": dataclasses.asdict(grid),
+        "grid": grid_identity(grid),
         "epochs": cfg.epochs,
         "data_digest": digest,
         "seed": cfg.common.seed,
@@ -133,6 +143,7 @@ def dense_family(
         "pca_components": basis.n_components,
         "weight_decay": grid.weight_decay,
         "learning_rates": ", ".join(f"{k}={v}" for k, v in grid.learning_rates.items()),
+        **grid_extras(grid),
     }
     return Family(
         spec=spec,
@@ -150,17 +161,17 @@ def dense_family(
 def finalize_winner(
     outcome: SearchOutcome, cfg: DnnSearchConfig, splits: Splits, digest: str
 ) -> dict[str, Any]:
-    """Evaluate the best trial's logged weights on the test set and register them."""
+    """Calibrate the best trial's logged weights on the validation split, evaluate them on the
+    test set and register them (the temperature folded into the logged model)."""
     best = outcome.summary.best
     model, spec, history = driver.load_trial_model(best.run_id)
-    result = evaluate(model, splits.test)
-    metrics = evaluate_and_log(
-        result.probabilities,
+    metrics, temperature = evaluate_calibrated_and_log(
+        predict_logits(model, splits.val.images).numpy(),
+        splits.val.labels.numpy(),
+        predict_logits(model, splits.test.images).numpy(),
         splits.test.labels.numpy(),
         splits.test.images.numpy(),
-        result.loss,
         history,
-        prefix="test",
     )
     info = log_and_register(
         model,
@@ -176,6 +187,7 @@ def finalize_winner(
             "trial_run_id": best.run_id,
         },
         input_example=splits.test.images[:4].numpy(),
+        temperature=temperature,
     )
     mlflow.set_tags({"registered_model_uri": info.model_uri, "registered_alias": info.alias})
     # the winner's size and training time on the parent, as a CNN run carries its own

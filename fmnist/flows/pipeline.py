@@ -2,7 +2,9 @@
 
 Each step turns the pipeline's config into the config of the entry point it runs (``quick``
 shrinks every step so the whole pipeline finishes in minutes), calls that flow with the pipeline
-run as parent and returns a dict of headline numbers that the pipeline prints at the end.
+run as parent and returns a dict of headline numbers that the pipeline prints at the end. The
+full pipeline also evaluates the two models it registered (``fmnist evaluate``: calibration and
+the robustness suite, so ``compare`` shows them); ``quick`` skips that step to stay fast.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from fmnist.config import (
     CompareConfig,
     DnnSearchConfig,
     EdaConfig,
+    EvaluateConfig,
     PipelineConfig,
 )
 from fmnist.data import CLASS_NAMES, class_counts, load_fashion_mnist, make_splits
@@ -28,6 +31,7 @@ from fmnist.flows.cnn import run_cnn
 from fmnist.flows.compare import run_compare
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.flows.eda import run_eda
+from fmnist.flows.evaluate import run_evaluate
 
 EDA_SUMMARY_KEYS = (
     "pca_components_90",
@@ -103,6 +107,17 @@ def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     return run_cnn(config, parent_run_id=parent_run_id)
 
 
+def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str, results: dict) -> dict:
+    """Evaluate the dense and the CNN model this pipeline registered (full pipeline only)."""
+    evaluated = {}
+    for step in ("dnn_search", "cnn"):
+        model_uri = results.get(step, {}).get("model_uri")
+        if model_uri:
+            evaluate_cfg = EvaluateConfig(common=cfg.common, model=model_uri)
+            evaluated[step] = run_evaluate(evaluate_cfg, parent_run_id)
+    return evaluated
+
+
 def run_compare_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """Compare what this experiment holds (quick runs only in a quick pipeline)."""
     compare_cfg = CompareConfig(
@@ -143,6 +158,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
             }
         )
         for name, step in STEPS:
+            if name == "compare" and not cfg.quick:
+                results["evaluate"] = run_evaluate_step(cfg, run.info.run_id, results)
             results[name] = step(cfg, run.info.run_id)
         results["pipeline"] = {"run_id": run.info.run_id}
     return results

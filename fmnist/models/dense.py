@@ -3,10 +3,11 @@
 The PCA projection is a layer of the model (``PCAProjection``: the training split's mean and
 components as buffers, fitted by scikit-learn), so a logged model takes raw (N, 28, 28) images in
 [0, 1] like every other model of the project. The spec (``pca_components``, ``hidden``) is enough
-to rebuild the architecture; the projection's values travel in the state dict. A search trains
-only the MLP (``DenseNet.mlp``) on features projected once for the whole split, because applying
-the same fixed projection to every batch would cost more than the MLP itself; the trained MLP is
-then the MLP of the full model.
+to rebuild the architecture (``dropout``, between hidden layers, only when set); the projection's
+values travel in the state dict. A search trains only the MLP (``DenseNet.mlp``) on features
+projected once for the whole split, because applying the same fixed projection to every batch
+would cost more than the MLP itself; the trained MLP is then the MLP of the full model. A search
+that augments images trains the whole network instead (the projection stays fixed: buffers).
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ class PCAProjection(nn.Module):
 class DenseNet(nn.Module):
     """Images (N, 28, 28) in [0, 1] -> PCA projection -> MLP -> (N, 10) logits."""
 
-    def __init__(self, pca_components: int, hidden: Sequence[int], input_size: int) -> None:
+    def __init__(
+        self, pca_components: int, hidden: Sequence[int], input_size: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.pca = PCAProjection(pca_components, input_size)
-        self.mlp = build_mlp(pca_components, hidden)
+        self.mlp = build_mlp(pca_components, hidden, dropout=dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.pca(images))
@@ -60,47 +63,71 @@ class DenseNet(nn.Module):
 class MLP(nn.Module):
     """Linear layers with ReLU between them: the study's ``[187, 64, 32, 10]`` is ``[64, 32]``.
 
-    One module calling ``F.linear`` itself rather than an ``nn.Sequential`` of layer modules:
-    the network is so small that per-call Python overhead is a tenth of a training step.
+    ``dropout`` (inverted dropout after each hidden ReLU, in training mode only) regularises the
+    wider networks of the grids beyond the study. One module calling ``F.linear`` itself rather
+    than an ``nn.Sequential`` of layer modules: the network is so small that per-call Python
+    overhead is a tenth of a training step.
     """
 
-    def __init__(self, n_inputs: int, hidden: Sequence[int], n_outputs: int = NUM_CLASSES):
+    def __init__(
+        self,
+        n_inputs: int,
+        hidden: Sequence[int],
+        n_outputs: int = NUM_CLASSES,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         sizes = [int(n_inputs), *(int(h) for h in hidden), int(n_outputs)]
         self.layers = nn.ModuleList(
             nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
+        self.dropout = float(dropout)
 
     def epoch_runner(self, optimizer: torch.optim.Optimizer) -> ExplicitStep | None:
-        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies."""
-        return (
-            ExplicitStep(optimizer)
-            if ExplicitStep.supports(self.parameters(), optimizer)
-            else None
-        )
+        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies (it has
+        no dropout)."""
+        if self.dropout or not ExplicitStep.supports(self.parameters(), optimizer):
+            return None
+        return ExplicitStep(optimizer)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         *hidden, last = self.layers
+        drop = self.dropout if self.training else 0.0
         for layer in hidden:
             features = F.relu(F.linear(features, layer.weight, layer.bias))
+            if drop:
+                features = F.dropout(features, drop, training=True)
         return F.linear(features, last.weight, last.bias)
 
 
-def build_mlp(n_inputs: int, hidden: Sequence[int], n_outputs: int = NUM_CLASSES) -> MLP:
-    return MLP(n_inputs, hidden, n_outputs)
+def build_mlp(
+    n_inputs: int, hidden: Sequence[int], n_outputs: int = NUM_CLASSES, dropout: float = 0.0
+) -> MLP:
+    return MLP(n_inputs, hidden, n_outputs, dropout)
 
 
 def build_dense(
-    pca_components: int, hidden: Sequence[int], input_size: int = INPUT_SIZE
+    pca_components: int,
+    hidden: Sequence[int],
+    input_size: int = INPUT_SIZE,
+    dropout: float = 0.0,
 ) -> DenseNet:
-    """The model of a ``{"family": "dnn", "pca_components": k, "hidden": [...]}`` spec."""
+    """The model of a ``{"family": "dnn", "pca_components": k, "hidden": [...]}`` spec (with
+    ``"dropout": p`` when the network has dropout; specs without it have none)."""
     if pca_components <= 0 or any(int(h) <= 0 for h in hidden):
         raise ValueError(f"invalid dense spec: pca_components={pca_components}, hidden={hidden}")
-    return DenseNet(int(pca_components), [int(h) for h in hidden], int(input_size))
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"invalid dense spec: dropout={dropout} must lie in [0, 1)")
+    return DenseNet(int(pca_components), [int(h) for h in hidden], int(input_size), float(dropout))
 
 
-def dense_spec(pca_components: int, hidden: Sequence[int]) -> dict:
-    return {"family": "dnn", "pca_components": int(pca_components), "hidden": list(hidden)}
+def dense_spec(pca_components: int, hidden: Sequence[int], dropout: float = 0.0) -> dict:
+    """The spec of a dense network; ``dropout`` appears only when set, so the study's networks
+    keep the spec they were always logged with."""
+    spec = {"family": "dnn", "pca_components": int(pca_components), "hidden": list(hidden)}
+    if dropout:
+        spec["dropout"] = float(dropout)
+    return spec
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,18 @@
 """The dense network's search space: the study's grid of hidden layers x optimizer x batch size.
 
 A grid definition (``experiments/dnn_*.yaml``) fixes the values and a learning rate per
-optimizer. PCA is fitted once on the training split (the search's data context is its
-``PCABasis``) and every point trains only its MLP on the projected features; the model each
-trial logs is the full network (PCA layer included), so it takes raw images. No Optuna here: a
-trial's values are read in ``suggest`` through the trial's own methods.
+optimizer, and optionally the regularisation beyond the study (dropout, a learning-rate
+schedule, label smoothing, image augmentation); left out, those are off and the grid trains as
+the study's did. PCA is fitted once on the training split (the search's data context is its
+``PCABasis``) and every point trains only its MLP on the projected features, unless the grid
+augments images: then the points train the whole network on images (``trains_on_images``). The
+model each trial logs is the full network (PCA layer included), so it takes raw images. No
+Optuna here: a trial's values are read in ``suggest`` through the trial's own methods.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -18,7 +22,7 @@ from fmnist.errors import ConfigError
 from fmnist.models.dense import build_dense, dense_spec
 from fmnist.published import TABLE_I
 from fmnist.search.spec import Built, SamplerSpec
-from fmnist.train.config import OPTIMIZERS, TrainConfig
+from fmnist.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
 
@@ -34,6 +38,39 @@ class DnnGrid:
     pca_variance: float = 0.95
     weight_decay: float = 0.0
     description: str = ""
+    # Beyond the study (its grids leave them out: off). Dropout is part of the architecture.
+    dropout: float = 0.0
+    schedule: str = "none"
+    label_smoothing: float = 0.0
+    crop_padding: int = 0  # random shifts by up to this many pixels
+    flip: bool = False  # random horizontal flips
+
+    @property
+    def trains_on_images(self) -> bool:
+        """Augmentation works on images, so such a grid trains through the PCA layer."""
+        return bool(self.crop_padding or self.flip)
+
+
+# The keys beyond the study with the values that leave a grid as the study's.
+EXTRA_DEFAULTS = {
+    "dropout": 0.0,
+    "schedule": "none",
+    "label_smoothing": 0.0,
+    "crop_padding": 0,
+    "flip": False,
+}
+
+
+def grid_identity(grid: DnnGrid) -> dict[str, Any]:
+    """The grid's values that name its study: the keys beyond the study only when set, so a
+    study grid keeps the study name (and so the resumable study) it always had."""
+    values = dataclasses.asdict(grid)
+    return {k: v for k, v in values.items() if k not in EXTRA_DEFAULTS or EXTRA_DEFAULTS[k] != v}
+
+
+def grid_extras(grid: DnnGrid) -> dict[str, Any]:
+    """The keys beyond the study that this grid sets (what its runs log in addition)."""
+    return {k: getattr(grid, k) for k, v in EXTRA_DEFAULTS.items() if getattr(grid, k) != v}
 
 
 def load_grid(name_or_path: str) -> DnnGrid:
@@ -59,7 +96,25 @@ def load_grid(name_or_path: str) -> DnnGrid:
             )
     if not 0 < grid.pca_variance <= 1:
         raise ConfigError(f"{where}: key 'pca_variance' must lie in (0, 1].")
+    check_extras(grid, where)
     return grid
+
+
+def check_extras(grid: DnnGrid, where) -> None:
+    """The keys beyond the study: each error names the file and the key."""
+    if grid.weight_decay < 0:
+        raise ConfigError(f"{where}: key 'weight_decay' must not be negative.")
+    if not 0 <= grid.dropout < 1:
+        raise ConfigError(f"{where}: key 'dropout' must lie in [0, 1).")
+    if grid.schedule not in SCHEDULES:
+        raise ConfigError(
+            f"{where}: key 'schedule': unknown schedule {grid.schedule!r} "
+            f"(known: {', '.join(SCHEDULES)})."
+        )
+    if not 0 <= grid.label_smoothing < 1:
+        raise ConfigError(f"{where}: key 'label_smoothing' must lie in [0, 1).")
+    if not 0 <= grid.crop_padding <= 4:
+        raise ConfigError(f"{where}: key 'crop_padding' must lie in 0..4 (pixels).")
 
 
 def grid_size(grid: DnnGrid) -> int:
@@ -114,29 +169,39 @@ class DnnSpace:
         fused Adam (+20%) cost more per step (CPU seconds measured on the real data)."""
         per_step = 1.0 + 0.1 * len(parse_hidden(params["hidden"]))
         per_step += 0.2 * (params["optimizer"] != "adam")
+        # wider networks cost more per step (the study's widths, at most 96 units, stay at 1)
+        per_step *= max(1.0, sum(parse_hidden(params["hidden"])) / 96)
         return per_step / int(params["batch_size"])
 
     def build(self, params, context) -> Built:
         hidden = parse_hidden(params["hidden"])
-        model = build_dense(context.n_components, hidden)
+        grid = self.grid
+        model = build_dense(context.n_components, hidden, dropout=grid.dropout)
         model.pca.set_basis(context.mean, context.components)
         optimizer = params["optimizer"]
         train = TrainConfig(
             optimizer=optimizer,
-            lr=float(self.grid.learning_rates[optimizer]),
-            weight_decay=float(self.grid.weight_decay),
+            lr=float(grid.learning_rates[optimizer]),
+            weight_decay=float(grid.weight_decay),
             batch_size=int(params["batch_size"]),
+            schedule=grid.schedule,
+            label_smoothing=float(grid.label_smoothing),
+            crop_padding=int(grid.crop_padding),
+            flip=bool(grid.flip),
         )
         return Built(
             model=model,
-            trainable=model.mlp,  # trained on features projected once; model.mlp is that MLP
-            spec=dense_spec(context.n_components, hidden),
+            # on images (augmented) the whole network, its projection fixed (buffers); else
+            # features projected once, and model.mlp is the MLP trained on them
+            trainable=model if grid.trains_on_images else model.mlp,
+            spec=dense_spec(context.n_components, hidden, grid.dropout),
             train=train,
             fit_params={
                 "optimizer": train.optimizer,
                 "lr": train.lr,
                 "weight_decay": train.weight_decay,
                 "batch_size": train.batch_size,
+                **{k: v for k, v in grid_extras(grid).items() if k != "dropout"},
             },
         )
 

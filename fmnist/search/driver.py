@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.exceptions import MlflowException
 from torch import nn
 
 from fmnist import tracking
-from fmnist.analysis.report import markdown_table
 from fmnist.config import SearchOptions
 from fmnist.errors import TrainingDiverged
 from fmnist.search import points, workers
@@ -39,8 +37,8 @@ from fmnist.search import summary as summaries
 from fmnist.search.family import Family, SearchIncomplete, SearchOutcome
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.search.study import POINT, RUN_ID, StudyRef
-from fmnist.search.summary import SearchSummary
 from fmnist.tracking.artifacts import load_run_model, log_model_files
+from fmnist.tracking.search_runs import earlier_result, fail_run, log_search_summary, run_exists
 from fmnist.train import engine
 from fmnist.train.runtime import seed_everything
 
@@ -55,11 +53,15 @@ EPOCH_METRICS = (
 )
 CHECKPOINT_DIR = "checkpoint"  # child-run artifacts: best-epoch state dict and model spec
 HISTORY_FILE = "history.json"
-SUMMARY_DIR = "search"
 
 
 class TrialPruned(Exception):
     """Raised from a trial's epoch callback when the pruner stops it."""
+
+
+class TrialReleased(Exception):
+    """Raised from a trial's epoch callback when another worker released the trial (this one
+    was silent past the grace period): that worker trains the point; this one stops."""
 
 
 def start_search(n_jobs: int, pending: int) -> threading.Thread:
@@ -120,7 +122,11 @@ def run_search(
         n_workers = workers.worker_count(n_jobs, pending)
         runner = partial(run_trial, parent_run_id=run.info.run_id)
         env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-        ended = workers.run_workers(runner, spec, ref, data, n_workers, env) if n_workers else []
+        ended = []
+        if n_workers:
+            ended = workers.run_workers(
+                runner, spec, ref, data, n_workers, env, on_released=end_released_runs
+            )
         summary = summaries.summarize(study, spec)
         pids = [pid for pid, _ in ended]
         trained = points.trained_here(study, pids, called_at) if n_workers else []
@@ -141,7 +147,7 @@ def open_for_run(spec: SearchSpec, ref: StudyRef, finalize_only: bool):
     that record find every point held and queue no duplicates.
     """
     study, created = studies.open_study(ref, spec.sampler, spec.prune, create=not finalize_only)
-    points.release_stale_trials(study)
+    end_released_runs(points.release_stale_trials(study))
     if not finalize_only:
         if not created:
             studies.wait_for_parent(study)
@@ -195,7 +201,8 @@ def finish(
         outcome.ref, finalize_only, round_name
     ):
         if summary.rows:
-            log_summary(study, summary, family.title)
+            figures = summaries.study_figures(study)
+            log_search_summary(summary.rows, family.title, figures, summary.best)
         if family.finalize is not None and summary.best is not None:
             outcome.final = dict(family.finalize(outcome))
             outcome.finalized = outcome.final.get("model_uri")
@@ -203,13 +210,6 @@ def finish(
 
 
 # --- the parent run --------------------------------------------------------------------------
-
-
-def run_exists(run_id: str) -> bool:
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
-        return False
 
 
 @contextmanager
@@ -273,8 +273,11 @@ def run_trial(study, trial, spec: SearchSpec, data: SearchData, parent_run_id: s
         ) as run:
             run_id = run.info.run_id
             trial.set_user_attr(RUN_ID, run_id)
-            with points.heartbeat(trial):
-                result = train_in_run(trial, spec, data, params)
+            with points.heartbeat(trial) as released:
+                result = train_in_run(trial, spec, data, params, released)
+    except TrialReleased as exc:
+        report(spec, f"trial {trial.number} {name}: stopped ({exc})")
+        return  # its run ended FAILED; the worker that released the trial trains the point
     except TrainingDiverged as exc:
         fail_trial(study, trial, run_id, f"diverged: {exc}", final=True)
         report(spec, f"trial {trial.number} {name}: failed for good ({exc})")
@@ -299,9 +302,14 @@ def run_trial(study, trial, spec: SearchSpec, data: SearchData, parent_run_id: s
 
 
 def train_in_run(
-    trial, spec: SearchSpec, data: SearchData, params: Mapping[str, Any]
+    trial,
+    spec: SearchSpec,
+    data: SearchData,
+    params: Mapping[str, Any],
+    released: threading.Event | None = None,
 ) -> engine.FitResult | None:
-    """Fit the point inside its active child run; None when the pruner stopped it."""
+    """Fit the point inside its active child run; None when the pruner stopped it. Raises
+    ``TrialReleased`` at the end of an epoch when ``released`` is set."""
     # The initial weights depend on the seed alone, not on what this process trained before.
     seed_everything(spec.seed)
     built = spec.space.build(params, data.context)
@@ -322,6 +330,8 @@ def train_in_run(
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         log_epoch(epoch, {k: metrics[k] for k in EPOCH_METRICS if k in metrics})
+        if released is not None and released.is_set():
+            raise TrialReleased("another worker took the trial back: this one missed its beats")
         if points.should_prune(trial, metrics["val_accuracy"], epoch, spec.prune):
             raise TrialPruned(f"pruned after epoch {epoch}")
 
@@ -351,6 +361,23 @@ def train_in_run(
     return result
 
 
+def end_released_runs(trials) -> None:
+    """End FAILED the child runs of trials released from dead workers (the workers never will),
+    with the reason recorded; their points are trained again."""
+    tracking.configure()
+    for trial in trials:
+        worker = trial.user_attrs.get(studies.WORKER, "an unknown worker")
+        name = points.trial_point(trial)
+        print(
+            f"trial {trial.number} {name}: its worker {worker} stopped beating or died; "
+            "released, the point is trained again.",
+            file=sys.stderr,
+            flush=True,
+        )
+        reason = f"worker {worker} stopped; released by {studies.worker_id()}"
+        fail_run(trial.user_attrs.get(RUN_ID), {"optuna_state": "FAIL", "error": reason})
+
+
 def fail_trial(study, trial, run_id: str | None, reason: str, final: bool) -> None:
     points.finish_failed(study, trial, reason, final)
     if run_id:
@@ -360,57 +387,6 @@ def fail_trial(study, trial, run_id: str | None, reason: str, final: bool) -> No
 def report(spec: SearchSpec, line: str) -> None:
     if not spec.quiet:
         print(line, flush=True)
-
-
-# --- the summary -----------------------------------------------------------------------------
-
-
-def log_summary(study, summary: SearchSummary, title: str) -> None:
-    """Into the active (parent) run: the table (``log_table`` and markdown), Optuna's figures,
-    and the best trial's params and metrics as ``best_*``."""
-    columns = {key: [row.get(key) for row in summary.rows] for key in summary.rows[0]}
-    tracking.log_table_replacing(columns, f"{SUMMARY_DIR}/table.json")
-    mlflow.log_text(f"# {title}\n\n" + markdown_table(summary.rows), f"{SUMMARY_DIR}/table.md")
-    for name, figure, reason in summaries.study_figures(study):
-        if figure is None:
-            mlflow.log_text(f"not drawn: {reason}\n", f"{SUMMARY_DIR}/{name}.txt")
-        else:
-            mlflow.log_figure(figure, f"{SUMMARY_DIR}/{name}")
-    counts = {"complete": 0, "pruned": 0}
-    for row in summary.rows:
-        key = str(row["state"]).lower()
-        counts[key] = counts.get(key, 0) + 1
-    mlflow.log_metrics({f"points_{state}": float(n) for state, n in counts.items()})
-    best = summary.best
-    if best is None:
-        return
-    mlflow.log_dict(dict(best.params), f"{SUMMARY_DIR}/best_params.json")
-    tracking.log_changing_params(best.params, prefix="best_")
-    mlflow.log_metrics(
-        {
-            "best_val_accuracy": best.value,
-            "best_epoch": float(best.best_epoch),
-            "best_trial_number": float(best.number),
-        }
-    )
-    mlflow.set_tags({"best_point": best.point, "best_run_id": best.run_id})
-
-
-# --- what the command reports ----------------------------------------------------------------
-
-
-def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's test accuracy, alias and retrained run (if any), read back from its
-    parent run when a re-run trains nothing."""
-    if not model_uri:
-        return {}
-    parent = mlflow.MlflowClient().get_run(parent_run_id)
-    accuracy = parent.data.metrics.get("test_accuracy")
-    return {
-        "test_accuracy": round(accuracy, 4) if accuracy is not None else None,
-        "alias": parent.data.tags.get("registered_alias"),
-        "retrained_run_id": parent.data.tags.get("retrained_run_id"),
-    }
 
 
 def load_trial_model(run_id: str) -> tuple[nn.Module, dict[str, Any], list[dict[str, float]]]:

@@ -6,17 +6,18 @@ created, a worker pops queued trials (an atomic WAITING -> RUNNING change in eve
 storage), and a worker that pops a point another trial already holds (two processes queued it)
 gives its trial up. A point is ``done`` when a trial for it completed, was pruned, or failed for
 a final reason (a diverged loss); an interrupted one (Ctrl-C, a vanished worker process) is
-``missing`` and queued again by the next run (another machine's worker is declared gone when its
-trial's heartbeat stops). The driver sees trials only through these functions.
+``missing`` and queued again, by the next run or by any live worker of the study: a worker with
+nothing left to claim waits while others train, and takes back a trial whose worker stops
+beating (``heartbeat``, ``take_back``). The driver sees trials only through these functions.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
 import threading
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -31,13 +32,14 @@ from fmnist.search.study import (
     HEARTBEAT,
     POINT,
     SKIPPED,
+    STALE_TRIALS,
     WORKER,
+    host_name,
+    liveness,
     worker_gone,
     worker_id,
 )
 
-HEARTBEAT_SECONDS = 30.0
-STALE_AFTER_SECONDS = 300.0  # another machine's trial without a heartbeat this long is dead
 STATUS_RANK = {"missing": 0, "held": 1, "done": 2}
 
 
@@ -82,43 +84,97 @@ def queue_points(study: optuna.Study, spec: SearchSpec) -> list[str]:
     return queued
 
 
-def release_stale_trials(study: optuna.Study, now: float | None = None) -> list[int]:
-    """Fail RUNNING trials whose worker is gone: a process of this machine that no longer
-    exists, or another machine's worker whose heartbeat stopped ``STALE_AFTER_SECONDS`` ago."""
+def release_stale_trials(study: optuna.Study, now: float | None = None) -> list[FrozenTrial]:
+    """Fail the RUNNING trials whose worker is gone; return those this process released.
+
+    Gone is: silent for the grace period (``liveness``) by Optuna's heartbeat on an RDB storage
+    (the database server's clock), or by the trial's ``heartbeat`` attribute on a journal (each
+    machine's clock); or a process of this machine that no longer exists. Of several workers
+    releasing at once, each trial is reported by one only.
+    """
+    grace = liveness().grace
     now = time.time() if now is None else now
-    released = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op on a storage without heartbeat
+    released = STALE_TRIALS.drain(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER)
         beat = trial.user_attrs.get(HEARTBEAT)
-        silent = beat is not None and now - float(beat) > STALE_AFTER_SECONDS
+        silent = beat is not None and now - float(beat) > grace
         if worker and (worker_gone(worker) or silent):
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
-            released.append(trial.number)
+            try:
+                study.tell(trial.number, state=TrialState.FAIL)
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+                continue  # another worker released it first
+            released.append(trial)
     return released
 
 
-@contextmanager
-def heartbeat(trial: optuna.Trial) -> Iterator[None]:
-    """Refresh the trial's heartbeat from a thread while it trains, so workers on other machines
-    can tell a long epoch from a dead worker (``release_stale_trials``)."""
-    stop = threading.Event()
+def take_back(study: optuna.Study, spec: SearchSpec) -> list[FrozenTrial]:
+    """Release the trials of dead workers and queue their points again; return the released."""
+    released = release_stale_trials(study)
+    if released and (spec.grid or spec.first):
+        queue_points(study, spec)
+    return released
 
-    def beat() -> None:
+
+def beats_in_storage(storage: Any) -> bool:
+    """True for a storage with Optuna's own heartbeat (RDB), False for a journal."""
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    return callable(interval) and interval() is not None
+
+
+def beat(trial: optuna.Trial) -> bool:
+    """Record one heartbeat of ``trial``; False when it no longer runs (another worker released
+    it: this worker must stop training it)."""
+    storage = trial.storage
+    trial_id = trial._trial_id  # private in Optuna 5: Optuna's own heartbeat thread uses it
+    try:
+        if beats_in_storage(storage):
+            storage.record_heartbeat(trial_id)
+        else:
+            trial.set_user_attr(HEARTBEAT, time.time())
+    except Exception:  # noqa: BLE001 - a missed beat must never fail the training
+        pass
+    try:
+        return storage.get_trial(trial_id).state == TrialState.RUNNING
+    except Exception:  # noqa: BLE001 - an unreadable storage proves nothing either way
+        return True
+
+
+@contextmanager
+def heartbeat(trial: optuna.Trial) -> Iterator[threading.Event]:
+    """Beat from a thread while the trial trains, so workers on other machines can tell a long
+    epoch from a dead worker (``release_stale_trials``); the event it yields is set when another
+    worker released the trial meanwhile."""
+    stop, released = threading.Event(), threading.Event()
+    period = liveness().heartbeat
+
+    def run() -> None:
         while True:
-            try:
-                trial.set_user_attr(HEARTBEAT, time.time())
-            except Exception:  # noqa: BLE001 - a missed beat must never fail the training
-                pass
-            if stop.wait(HEARTBEAT_SECONDS):
+            if not beat(trial):
+                released.set()
+                return
+            if stop.wait(period):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
+    thread = threading.Thread(target=run, name=f"heartbeat-{trial.number}", daemon=True)
     thread.start()
     try:
-        yield
+        yield released
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def others_training(study: optuna.Study, spec: SearchSpec, started: float) -> int:
+    """How many trials other workers are training that this worker may have to take back (none
+    once a sampled search's time is up)."""
+    if spec.timeout is not None and time.monotonic() - started >= spec.timeout:
+        return 0
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return len([t for t in running if not t.user_attrs.get(SKIPPED)])
 
 
 # --- claiming --------------------------------------------------------------------------------
@@ -174,18 +230,29 @@ def pending_count(study: optuna.Study, spec: SearchSpec) -> int:
     return queued_count(study) if spec.grid else trials_left(study, spec)
 
 
+def ask(study: optuna.Study) -> optuna.Trial:
+    """``study.ask``, with the trial's first heartbeat recorded at once: a trial that never beat
+    is never released by Optuna's heartbeat."""
+    with warnings.catch_warnings():
+        # Optuna beats only inside ``optimize``; ``heartbeat`` and ``beat`` do it here
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        trial = study.ask()
+    beat(trial)
+    return trial
+
+
 def claim(study: optuna.Study, spec: SearchSpec, started: float) -> optuna.Trial | None:
     """The next trial this worker trains, or None when nothing is left for it."""
     while True:
         if not spec.grid:
             if not budget_left(study, spec, started):
                 return None
-            trial = study.ask()
+            trial = ask(study)
             trial.set_user_attr(WORKER, worker_id())
             return trial
         if not queued_count(study):
             return None
-        trial = study.ask()  # pops the oldest queued trial
+        trial = ask(study)  # pops the oldest queued trial
         try:
             trial.set_user_attr(WORKER, worker_id())  # lets a later run see if this process died
             name = trial.user_attrs.get(POINT)
@@ -233,7 +300,7 @@ def finish_failed(study: optuna.Study, trial: optuna.Trial, reason: str, final: 
 def trained_here(study: optuna.Study, pids: Sequence[int], since: datetime.datetime) -> list[str]:
     """The points this process and its workers (``pids``) trained to the end since ``since``
     (other workers share the study; an earlier call in this process had the same pid)."""
-    prefixes = tuple(f"{socket.gethostname()}:{pid}:" for pid in (os.getpid(), *pids))
+    prefixes = tuple(f"{host_name()}:{pid}:" for pid in (os.getpid(), *pids))
     return [
         t.user_attrs.get(POINT) or f"trial-{t.number}"
         for t in study.get_trials(deepcopy=False)

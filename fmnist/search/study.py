@@ -1,11 +1,12 @@
 """The Optuna study of a search: samplers, storage, opening it, the finalize lock, worker identity.
 
 The study lives in an Optuna storage: by default a journal file next to the tracking store (safe
-for several processes), or an RDB URL shared by several machines. A worker is named
-``host:pid:start`` so that another process can tell whether it still lives. Of several workers
-sharing a study, the one that wins an atomic lock (the creation of a ``<study>:finalize`` study)
-logs the summary and registers the winner, once. With ``points`` and ``workers`` this is the only
-code that imports Optuna.
+for several processes), or an RDB URL shared by several machines, opened with Optuna's trial
+heartbeat (``liveness``: a beat every ``FMNIST_HEARTBEAT_SECONDS``, a trial released after
+``FMNIST_GRACE_SECONDS`` of silence). A worker is named ``host:pid:start`` so that another
+process can tell whether it still lives. Of several workers sharing a study, the one that wins an
+atomic lock (the creation of a ``<study>:finalize`` study) logs the summary and registers the
+winner, once. With ``points`` and ``workers`` this is the only code that imports Optuna.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import random
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +43,7 @@ FAIL_REASON = "fail_reason"
 FINAL = "final"  # a failure re-running would repeat (a diverged loss): its point is done
 SKIPPED = "skipped"  # a duplicate given up when claimed; never counts for its point
 WORKER = "worker"  # host:pid:start of the process that runs the trial
-HEARTBEAT = "heartbeat"  # wall-clock seconds, refreshed while the trial trains
+HEARTBEAT = "heartbeat"  # a journal trial's wall-clock seconds, refreshed while it trains
 RUN_ID = "mlflow_run_id"
 # Study user attributes.
 PARENT_RUN = "mlflow_parent_run_id"
@@ -53,6 +55,11 @@ FINALIZED_ROUND = "finalized_round"
 FINALIZE_LOCK_SUFFIX = ":finalize"
 PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the study creator's parent run
 JOURNAL_FILE = "optuna-journal.log"
+# How often a training worker proves it lives, and how long a silent one keeps its trial. Every
+# worker of a study should use the same values (a worker releases what looks stale to it).
+HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
+GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
+HOST_ENV = "FMNIST_WORKER_HOST"  # the host name a worker records (default: the machine's)
 
 
 @dataclass(frozen=True)
@@ -168,14 +175,72 @@ def sqlalchemy_url(url: str) -> str:
     return url
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """A training worker's heartbeat period and the silence after which its trial is released
+    (both whole seconds: Optuna's RDB heartbeat takes integers)."""
+
+    heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
+    grace: int = DEFAULT_GRACE_SECONDS
+
+
+def liveness() -> Liveness:
+    """The heartbeat settings from ``FMNIST_HEARTBEAT_SECONDS`` and ``FMNIST_GRACE_SECONDS``."""
+    values = {}
+    for key, default in ((HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS), (GRACE_ENV, 0)):
+        text = os.environ.get(key, "").strip()
+        try:
+            values[key] = int(text) if text else default
+        except ValueError:
+            values[key] = -1
+        if values[key] < 0 or (key == HEARTBEAT_ENV and values[key] == 0):
+            raise FmnistError(f"{key}={text!r}: expected a whole number of seconds above 0.")
+    beat = values[HEARTBEAT_ENV]
+    grace = values[GRACE_ENV] or max(DEFAULT_GRACE_SECONDS, 4 * beat)
+    if grace <= beat:
+        raise FmnistError(
+            f"{GRACE_ENV}={grace} must exceed {HEARTBEAT_ENV}={beat}: a worker that beats "
+            "on time would lose its trial."
+        )
+    return Liveness(beat, grace)
+
+
+class StaleTrials:
+    """Optuna's ``heartbeat_stale_trial_callback``: remembers, per study, the trials that this
+    process failed (``fail_stale_trials`` calls it only for those it won), so exactly one worker
+    requeues each released point and ends its MLflow run."""
+
+    def __init__(self) -> None:
+        self.trials: dict[str, list[FrozenTrial]] = {}
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.trials.setdefault(study.study_name, []).append(trial)
+
+    def drain(self, study_name: str) -> list[FrozenTrial]:
+        return self.trials.pop(study_name, [])
+
+
+STALE_TRIALS = StaleTrials()
+
+
 def rdb_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage; workers on other machines creating its tables at the same moment make
-    one of them fail with a duplicate-table error, so that is retried (a few times)."""
+    """An RDB storage with Optuna's trial heartbeat (``liveness``); workers on other machines
+    creating its tables at the same moment make one of them fail with a duplicate-table error,
+    so that is retried (a few times)."""
     url = sqlalchemy_url(url)
+    settings = liveness()
     for attempt in range(5):
         try:
-            with machine_lock(url):
-                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            with machine_lock(url), warnings.catch_warnings():
+                # the heartbeat is experimental in Optuna 5 (stable enough: used since 2.x)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=settings.heartbeat,
+                    grace_period=settings.grace,
+                    heartbeat_stale_trial_callback=STALE_TRIALS,
+                )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == 4:
                 raise
@@ -308,16 +373,22 @@ def process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
+def host_name() -> str:
+    """This machine's name in worker ids: ``FMNIST_WORKER_HOST``, else the host name. Set it
+    where several machines share a host name but not their processes (containers)."""
+    return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
+
+
 def worker_id() -> str:
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
+    return f"{host_name()}:{pid}:{process_start(pid)}"
 
 
 def worker_gone(worker: str) -> bool:
     """True when ``worker`` ran on this machine and its process no longer exists."""
     host, _, rest = worker.partition(":")
     pid_text, _, start = rest.partition(":")
-    if host != socket.gethostname() or not pid_text.isdigit():
+    if host != host_name() or not pid_text.isdigit():
         return False  # another machine's worker: its heartbeat decides (release_stale_trials)
     pid = int(pid_text)
     try:

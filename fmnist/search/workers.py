@@ -3,8 +3,10 @@
 Workers are processes with one torch thread each, the calling process being the first of them.
 They fork from a fork server started early (it imports torch, Optuna and MLflow while the caller
 loads data), get the data as plain numpy arrays, and train each claimed trial with the
-``runner`` the driver passes (a picklable ``runner(study, trial, spec, data)``), so this module
-knows nothing of MLflow. Ctrl-C reaches every worker; each records its interruption once.
+``runner`` the driver passes (a picklable ``runner(study, trial, spec, data)``; ``on_released``
+ends a dead worker's run), so this module knows nothing of MLflow. A worker stays until no other
+worker trains a point, to take back one whose worker dies. Ctrl-C reaches every worker; each
+records its interruption once.
 """
 
 from __future__ import annotations
@@ -15,20 +17,24 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from multiprocessing import forkserver
 from typing import Any
 
 import optuna
 import torch
+from optuna.trial import FrozenTrial
 
 from fmnist.data import Split
-from fmnist.search.points import claim
+from fmnist.search.points import claim, others_training, take_back
 from fmnist.search.spec import SearchData, SearchSpec
-from fmnist.search.study import StudyRef, open_study
+from fmnist.search.study import StudyRef, liveness, open_study
 
 TrialRunner = Callable[[optuna.Study, optuna.Trial, SearchSpec, SearchData], None]
+# Called with the trials of dead workers this worker released (the driver ends their runs).
+ReleaseHook = Callable[[Sequence[FrozenTrial]], None]
+WAIT_POLL_SECONDS = 2.0  # how often a worker with nothing to claim looks at the others' trials
 # Imported once by the fork server that launches workers, so a worker starts in milliseconds.
 WORKER_PRELOAD = ["fmnist.search.driver", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]
 
@@ -41,16 +47,46 @@ def worker_count(n_jobs: int, pending: int) -> int:
 
 
 def work(
-    runner: TrialRunner, spec: SearchSpec, ref: StudyRef, data: SearchData, worker: int = 0
+    runner: TrialRunner,
+    spec: SearchSpec,
+    ref: StudyRef,
+    data: SearchData,
+    worker: int = 0,
+    on_released: ReleaseHook | None = None,
 ) -> int:
-    """Claim and train trials until none is left for this worker; return how many it trained."""
+    """Claim and train trials until none is left and no other worker trains one; return how
+    many it trained.
+
+    While others train, this worker polls: a trial whose worker stops beating for the grace
+    period (a machine that died) is released, handed to ``on_released`` (which ends its MLflow
+    run) and its point queued again, and this worker trains it.
+    """
     study, _ = open_study(ref, spec.sampler, spec.prune)
     started = time.monotonic()
     trained = 0
-    while (trial := claim(study, spec, started)) is not None:
-        runner(study, trial, spec, data)
-        trained += 1
-    return trained
+    waiting = False
+    while True:
+        released = take_back(study, spec)
+        if released and on_released is not None:
+            on_released(released)
+        trial = claim(study, spec, started)
+        if trial is not None:
+            runner(study, trial, spec, data)
+            trained += 1
+            waiting = False
+            continue
+        held = others_training(study, spec, started)
+        if not held:
+            return trained
+        if not waiting and not spec.quiet and worker == 0:
+            print(
+                f"Waiting for {held} trial(s) other workers are training: one whose worker "
+                f"stops beating for {liveness().grace} s is taken back here.",
+                file=sys.stderr,
+                flush=True,
+            )
+        waiting = True
+        time.sleep(min(WAIT_POLL_SECONDS, liveness().heartbeat))
 
 
 @contextmanager
@@ -87,6 +123,7 @@ def worker_main(
     payload: Mapping[str, Any],
     env: Mapping[str, str],
     worker: int,
+    on_released: ReleaseHook | None = None,
 ) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGTERM, interrupt_once)
@@ -95,7 +132,7 @@ def worker_main(
     os.environ.update(env)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        work(runner, spec, ref, unpack(payload), worker)
+        work(runner, spec, ref, unpack(payload), worker, on_released)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -133,6 +170,7 @@ def run_workers(
     data: SearchData,
     n_workers: int,
     env: Mapping[str, str],
+    on_released: ReleaseHook | None = None,
 ) -> list[tuple[int, int]]:
     """Train queued points with ``n_workers`` processes (this one included; the others get
     ``env``); the others' pids and exit codes."""
@@ -144,7 +182,7 @@ def run_workers(
         for worker in range(1, n_workers):
             process = context.Process(
                 target=worker_main,
-                args=(runner, spec, ref, payload, dict(env), worker),
+                args=(runner, spec, ref, payload, dict(env), worker, on_released),
                 daemon=True,
                 name=f"search-worker-{worker}",
             )
@@ -152,7 +190,7 @@ def run_workers(
             processes.append(process)
     try:
         with torch_threads(1):
-            work(runner, spec, ref, data, 0)
+            work(runner, spec, ref, data, 0, on_released)
         for process in processes:
             process.join()
     except BaseException:

@@ -1,15 +1,21 @@
 """Training checkpoints in a run: ``checkpoints/last.pt``, logged as it goes, read to resume.
 
-``checkpoint_logger`` makes the engine's ``on_checkpoint`` callback: it logs the training state
-(plus the settings a resumed run must reuse) as one artifact, overwritten at each checkpoint, and
-tags the run ``checkpoint_epoch``. ``read_checkpoint`` downloads it and loads it with
-``torch.load(weights_only=True)``, turning every way it can be missing or unreadable into a
-``ConfigError`` that says what to do.
+``checkpoint_logger`` makes the engine's ``on_checkpoint`` callback (``CheckpointLogger``): it
+saves the training state (plus the settings a resumed run must reuse) to a local file and uploads
+it as one artifact, overwritten at each checkpoint, tagging the run ``checkpoint_epoch``. While
+the tracking server is away the newest checkpoint waits in that file and training goes on;
+``flush`` uploads it when the server answers. ``read_checkpoint`` downloads a run's checkpoint
+and ``load_checkpoint_file`` reads it: a size limit first, then ``torch.load(weights_only=True)``
+(no pickled objects), then a check of every key a resume uses, so any missing, truncated, hostile
+or foreign file is a ``ConfigError`` that says what to do.
 """
 
 from __future__ import annotations
 
+import numbers
+import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,24 +25,81 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from fmnist.errors import ConfigError
-from fmnist.tracking.runs import configure, log_metrics_finite, redact_uri, tracking_uri
+from fmnist.tracking.runs import OUTAGE, configure, log_metrics_finite, redact_uri, tracking_uri
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.pt"
 CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+# Larger than any recipe's state (the best recipe's is about 60 MB with its optimizer and EMA):
+# a bigger file is refused before torch reads it.
+MAX_CHECKPOINT_BYTES = 2 * 1024**3
+# What a resume reads from a checkpoint, and the type each must have.
+SETTINGS_TYPES: dict[str, type | tuple[type, ...]] = {
+    "recipe_name": str,
+    "recipe": dict,
+    "seed": int,
+    "split_seed": int,
+    "quick": bool,
+    "registered_name": str,
+    "digest": str,
+}
+STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "epoch": int,
+    "model": dict,
+    "optimizer": dict,
+    "history": list,
+    "best_epoch": int,
+    "best_val_accuracy": numbers.Real,
+    "best_state": dict,
+    "seconds": numbers.Real,
+    "stopped_early": bool,
+    "settings": dict,
+}
+
+
+class CheckpointLogger:
+    """``on_checkpoint`` for the active run: ``checkpoints/last.pt`` and its epoch tag."""
+
+    def __init__(self, settings: Mapping[str, Any]) -> None:
+        self.settings = dict(settings)
+        self.run_id = mlflow.active_run().info.run_id
+        self.folder = Path(tempfile.mkdtemp(prefix="fmnist-checkpoint-"))
+        self.pending: int | None = None  # the epoch of a checkpoint not uploaded yet
+
+    def __call__(self, epoch: int, state: dict[str, Any]) -> None:
+        # the newest checkpoint replaces one the server has not received: only last.pt matters
+        torch.save({**state, "settings": self.settings}, self.folder / CHECKPOINT_FILE)
+        self.pending = epoch
+        OUTAGE.attempt(self.upload)
+
+    def upload(self) -> None:
+        if self.pending is None:
+            return
+        client = mlflow.MlflowClient()
+        client.log_artifact(self.run_id, str(self.folder / CHECKPOINT_FILE), CHECKPOINT_DIR)
+        client.set_tag(self.run_id, "checkpoint_epoch", str(self.pending))
+        self.pending = None
+
+    def flush(self) -> None:
+        """Upload a checkpoint kept during an outage, waiting for the server; then clean up."""
+        OUTAGE.ride_out(self.upload)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def flush_quietly(self) -> None:
+        """One try while another error is on its way (an interrupted run keeps its checkpoint
+        when the server is there; the error in flight is never replaced)."""
+        try:
+            self.upload()
+        except Exception as exc:  # noqa: BLE001 - the error in flight matters more
+            warnings.warn(
+                f"checkpoint of epoch {self.pending} not logged: {exc}", RuntimeWarning, 2
+            )
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def checkpoint_logger(settings: Mapping[str, Any]) -> Callable[[int, dict[str, Any]], None]:
     """An ``on_checkpoint`` callback logging the state as ``checkpoints/last.pt``."""
-
-    def log_checkpoint(epoch: int, state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / CHECKPOINT_FILE
-            torch.save({**state, "settings": dict(settings)}, path)
-            mlflow.log_artifact(str(path), CHECKPOINT_DIR)
-        mlflow.set_tag("checkpoint_epoch", str(epoch))
-
-    return log_checkpoint
+    return CheckpointLogger(settings)
 
 
 def log_history(history: list[dict[str, float]]) -> None:
@@ -66,14 +129,38 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
                 f"Run {run_id} has no {CHECKPOINT_ARTIFACT} (it stopped before its first "
                 "checkpoint, or ran with --checkpoint-every 0): start it again instead."
             ) from None
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-            raise ConfigError(
-                f"Run {run_id}'s {CHECKPOINT_ARTIFACT} cannot be read: {exc}"
-            ) from None
-    if not isinstance(state, dict) or "settings" not in state:
+        return load_checkpoint_file(Path(path), f"Run {run_id}'s {CHECKPOINT_ARTIFACT}")
+
+
+def load_checkpoint_file(path: Path, name: str) -> dict[str, Any]:
+    """Read a checkpoint file safely: size first, tensors only, every key a resume uses checked."""
+    size = Path(path).stat().st_size
+    if size == 0 or size > MAX_CHECKPOINT_BYTES:
         raise ConfigError(
-            f"Run {run_id}'s {CHECKPOINT_ARTIFACT} is not an fmnist training checkpoint."
+            f"{name} cannot be read: {size} bytes (expected 1 to {MAX_CHECKPOINT_BYTES})."
         )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"{name} cannot be read ({type(exc).__name__}: {first_line}): it is truncated, "
+            "corrupt or holds pickled objects; start the run again instead."
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("settings"), dict):
+        raise ConfigError(f"{name} is not an fmnist training checkpoint.")
+    check_types(state, STATE_TYPES, name)
+    check_types(state["settings"], SETTINGS_TYPES, f"{name} (settings)")
+    if not all(isinstance(entry, dict) and "epoch" in entry for entry in state["history"]):
+        raise ConfigError(f"{name} is not an fmnist training checkpoint: bad history.")
     return state
+
+
+def check_types(values: Mapping[str, Any], types: Mapping[str, Any], name: str) -> None:
+    for key, expected in types.items():
+        value = values.get(key)
+        wrong_bool = isinstance(value, bool) and expected is not bool
+        if not isinstance(value, expected) or wrong_bool:
+            raise ConfigError(
+                f"{name} is not an fmnist training checkpoint: {key!r} is {type(value).__name__}."
+            )

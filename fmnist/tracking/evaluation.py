@@ -1,8 +1,11 @@
-"""Log a test evaluation: metrics and every artifact of ``fmnist.analysis.evaluation``.
+"""Log a test evaluation: metrics and every artifact of ``fmnist.analysis.evaluation``, the
+calibration (``fmnist.analysis.calibration``) and the robustness suite (``...robustness``).
 
 The analysis layer computes metrics, tables and figures from arrays; this module writes them into
 the active MLflow run: metrics at step 0 (so MLflow links them to a model logged at step 0 in the
-same run), artifacts under ``evaluation/``.
+same run), artifacts under ``evaluation/``. ``evaluate_calibrated_and_log`` is what a training
+flow calls: it fits the temperature on the validation outputs, scores the test set with it (what
+the registered model will output) and logs both evaluations.
 """
 
 from __future__ import annotations
@@ -17,8 +20,19 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from fmnist.analysis.evaluation import ARTIFACT_DIR, build_artifacts, compute_metrics
+from fmnist.analysis import calibration as cal
+from fmnist.analysis import robustness as rob
+from fmnist.analysis.evaluation import (
+    ARTIFACT_DIR,
+    artifact_path,
+    build_artifacts,
+    compute_metrics,
+)
 from fmnist.tracking.runs import log_metrics_finite
+
+RELIABILITY_FIGURE = "reliability_diagram.png"
+CALIBRATION_JSON = "calibration.json"
+ROBUSTNESS_DIR = f"{ARTIFACT_DIR}/robustness"
 
 
 def write_artifacts(artifacts: Mapping[str, Any], folder: Path) -> None:
@@ -53,4 +67,63 @@ def evaluate_and_log(
     with tempfile.TemporaryDirectory() as tmp:
         write_artifacts(artifacts, Path(tmp))
         mlflow.log_artifacts(tmp, ARTIFACT_DIR)
+    return metrics
+
+
+def log_calibration(
+    calibrated: np.ndarray,
+    uncalibrated: np.ndarray,
+    labels: np.ndarray,
+    temperature: float,
+    prefix: str = "test",
+) -> dict[str, float]:
+    """NLL, Brier, ECE before and after, ``temperature``, and the reliability diagram (under
+    ``evaluation/<prefix>/``) into the active run; return the metrics."""
+    labels = np.asarray(labels).reshape(-1)
+    metrics = cal.calibration_metrics(calibrated, uncalibrated, labels, temperature, prefix)
+    log_metrics_finite(metrics)
+    figure = cal.plot_reliability_diagram(calibrated, uncalibrated, labels, temperature)
+    mlflow.log_figure(figure, artifact_path(RELIABILITY_FIGURE, prefix))
+    bins = cal.reliability_bins(calibrated, labels)
+    table = {
+        **metrics,
+        "bins": cal.ECE_BINS,
+        "bin_counts": bins.counts.astype(int).tolist(),
+        "bin_confidence": np.nan_to_num(bins.confidence).round(6).tolist(),
+        "bin_accuracy": np.nan_to_num(bins.accuracy).round(6).tolist(),
+    }
+    mlflow.log_dict(table, artifact_path(CALIBRATION_JSON, prefix))
+    return metrics
+
+
+def evaluate_calibrated_and_log(
+    val_scores: np.ndarray,
+    val_labels: np.ndarray,
+    test_scores: np.ndarray,
+    test_labels: np.ndarray,
+    test_images: np.ndarray,
+    history: Sequence[Mapping[str, float]] | None = None,
+) -> tuple[dict[str, float], float]:
+    """Fit the temperature on the validation scores (logits or log-probabilities), evaluate the
+    tempered test probabilities (the registered model's output) and log it all.
+
+    Returns the metrics (the test evaluation's and the calibration's) and the temperature. The
+    test loss is the tempered model's NLL; the accuracy is unchanged (a monotone map of each row),
+    and ``test_accuracy_uncalibrated`` is logged beside it to show it.
+    """
+    temperature = cal.fit_temperature(val_scores, val_labels)
+    calibrated = cal.tempered(test_scores, temperature)
+    uncalibrated = cal.tempered(test_scores, 1.0)
+    metrics = evaluate_and_log(calibrated, test_labels, test_images, None, history)
+    metrics.update(log_calibration(calibrated, uncalibrated, test_labels, temperature))
+    return metrics, temperature
+
+
+def log_robustness(result: rob.RobustnessResult) -> dict[str, float]:
+    """The suite's metrics, its grid (JSON) and two figures under ``evaluation/robustness/``."""
+    metrics = rob.robustness_metrics(result)
+    log_metrics_finite(metrics)
+    mlflow.log_dict(rob.robustness_table(result), f"{ROBUSTNESS_DIR}/accuracy.json")
+    mlflow.log_figure(rob.plot_accuracy_grid(result), f"{ROBUSTNESS_DIR}/accuracy_grid.png")
+    mlflow.log_figure(rob.plot_samples(result.samples), f"{ROBUSTNESS_DIR}/samples.png")
     return metrics

@@ -5,15 +5,17 @@ image, test-time flip augmentation, inside the logged graph) from the CPU in eva
 ``torch.export`` (MLflow's ``pt2`` format, no pickle), signature float32 (N, 28, 28) -> (N, 10)
 with a dynamic batch dimension. The model folder also carries ``extra_files/model_spec.json`` and
 ``extra_files/state_dict.pt`` so ``load_module`` can rebuild an ordinary, trainable ``nn.Module``
-(a loaded pt2 graph cannot switch train/eval mode). The test metrics are linked to the MLflow 3
-Logged Model, the version gets tags and a description, and the alias rule picks ``champion`` or
-``challenger``. The module never imports the training engine: any module ``build_model`` can
-rebuild from its spec works.
+(a loaded pt2 graph cannot switch train/eval mode), and ``extra_files/calibration.json`` the
+temperature folded into the graph (``read_temperature``: 1 for models logged before it
+existed). The test metrics are linked to the MLflow 3 Logged Model, the version gets tags and a
+description, and the alias rule picks ``champion`` or ``challenger``. The module never imports
+the training engine: any module ``build_model`` can rebuild from its spec works.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import tempfile
@@ -43,6 +45,7 @@ EXTRA_DIR = "extra_files"  # where MLflow's ``extra_files`` puts them inside the
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 EXAMPLE_BATCH = 4  # > 1, otherwise torch.export specialises the batch dimension to 1
+CALIBRATION_FILE = "calibration.json"  # beside the rebuild files; absent before calibration
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
     return version.version, candidate_from_tags(version.tags)
 
 
-def to_export_module(classifier: nn.Module, tta_flip: bool) -> nn.Module:
+def to_export_module(classifier: nn.Module, tta_flip: bool, temperature: float = 1.0) -> nn.Module:
     """A CPU float32 eval-mode copy that outputs probabilities; the caller's model is untouched."""
     # a torch.compile'd module keeps the real one in _orig_mod; export that
     classifier = getattr(classifier, "_orig_mod", classifier)
@@ -131,7 +134,7 @@ def to_export_module(classifier: nn.Module, tta_flip: bool) -> nn.Module:
     cpu_copy = cpu_copy.to(memory_format=torch.contiguous_format)
     for parameter in cpu_copy.parameters():
         parameter.requires_grad_(False)
-    wrapped = ProbabilityModel(cpu_copy, tta_flip)
+    wrapped = ProbabilityModel(cpu_copy, tta_flip, temperature)
     return wrapped.eval()
 
 
@@ -206,11 +209,13 @@ def log_and_register(
     tta_flip: bool = False,
     *,
     input_example: np.ndarray | None = None,
+    temperature: float = 1.0,
 ) -> RegisteredInfo:
     """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its alias.
 
     ``input_example``, when given, is a few real images (uint8 or float) used as the logged input
-    example instead of a random batch.
+    example instead of a random batch. ``temperature`` (fitted on the validation split) is folded
+    into the logged graph and recorded in ``extra_files/calibration.json`` and a version tag.
     """
     run = mlflow.active_run()
     if run is None:
@@ -227,9 +232,12 @@ def log_and_register(
         "quick": "true" if quick else "false",
         "model_family": str(spec.get("family", "")),
         "tta_flip": "true" if tta_flip else "false",
+        "temperature": f"{float(temperature):.6g}",
         **{key: str(value) for key, value in (extra_tags or {}).items()},
     }
-    info = log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example)
+    info = log_pt2_model(
+        model, spec, registered_name, tags, tta_flip, input_example, float(temperature)
+    )
     link_metrics(client, info.model_id, run_id, test_metrics)
     version = str(info.registered_model_version)
     client.update_model_version(
@@ -245,11 +253,12 @@ def log_and_register(
     return RegisteredInfo(registered_name, int(version), alias, reason, run_id, info.model_id)
 
 
-def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example):
+def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example, temperature=1.0):
     """Export and log the probability model with its rebuild files; register a new version."""
-    export_module = to_export_module(model, tta_flip)
+    export_module = to_export_module(model, tta_flip, temperature)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = write_model_files(Path(tmp), spec, export_module.classifier)
+        extra_files.append(write_calibration(Path(tmp), temperature))
         # mlflow.pytorch.log_model is exactly Model.log(flavor=mlflow.pytorch, ...); this flavor
         # only adds the CPU default. Tags land on the Logged Model and the new registered version.
         return mlflow.models.Model.log(
@@ -318,6 +327,26 @@ def load_module(model_uri: str) -> nn.Module:
     """
     module, _ = read_model_files(local_model_dir(model_uri) / EXTRA_DIR)
     return module
+
+
+def write_calibration(folder: Path, temperature: float) -> str:
+    """``calibration.json``: the temperature inside the logged graph, and how it was found."""
+    path = Path(folder) / CALIBRATION_FILE
+    content = {
+        "temperature": float(temperature),
+        "method": "temperature scaling: softmax(log p / T), T minimising validation NLL",
+        "fitted_on": "validation split",
+    }
+    path.write_text(json.dumps(content, indent=2))
+    return str(path)
+
+
+def read_temperature(model_dir: str | Path) -> float:
+    """The temperature of a local model folder; 1 when it predates calibration (no file)."""
+    path = Path(model_dir) / EXTRA_DIR / CALIBRATION_FILE
+    if not path.is_file():
+        return 1.0
+    return float(json.loads(path.read_text()).get("temperature", 1.0))
 
 
 def load_pyfunc(model_uri: str, device: str = "cpu"):

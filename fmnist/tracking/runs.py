@@ -6,6 +6,12 @@ run a command opens resumes it and never switches experiment; called directly, a
 its own run in ``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the
 error recorded, and params that ``mlflow run`` already logged are never re-logged with another
 value.
+
+A tracking server that goes away once a run is open is ridden out (``Outage``): epoch metrics
+and checkpoints are kept and written, in order and with their steps, when it answers again, while
+training goes on; the calls that must land before the command can go on (a run's end, a trial's
+start, a final flush) wait for it. Past ``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) of
+silence the command stops with ``TrackingUnavailable``. The first contact still fails fast.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 import time
 import warnings
@@ -29,7 +36,14 @@ from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 
-from fmnist.config import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, redact_uri
+from fmnist.config import DEFAULT_EXPERIMENT, redact_uri
+from fmnist.tracking.outage import (
+    OUTAGE,
+    TrackingUnavailable,
+    server_unreachable,
+    tracking_uri,
+)
+from fmnist.tracking.store import prepare_store
 
 DATASET_URL = "https://github.com/zalandoresearch/fashion-mnist"
 # An unreachable server must fail fast, not after MLflow's default minutes of retries.
@@ -38,10 +52,6 @@ HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def safe_text(text: str) -> str:
@@ -60,6 +70,7 @@ def configure() -> str:
         os.environ.setdefault(key, value)
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    prepare_store(uri)  # a fresh SQLite store: one process of the machine creates its tables
     return uri
 
 
@@ -99,7 +110,9 @@ def start_run(
 
     The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set; runs opened inside
     another active run, or with ``parent_run_id``, are nested children. The run ends FINISHED,
-    FAILED (exception, error recorded as a tag) or KILLED (KeyboardInterrupt).
+    FAILED (exception, error recorded as a tag) or KILLED (KeyboardInterrupt). A child run (a
+    search trial) waits for a tracking server that went away; the outermost run does not (the
+    first contact fails fast).
     """
 
     configure()
@@ -146,16 +159,41 @@ def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         record_error("interrupted")
-        mlflow.end_run("KILLED")
+        end_active_run(run_id, "KILLED", quietly=True)
         raise
     except BaseException as exc:
         record_error(f"{type(exc).__name__}: {exc}")
-        mlflow.end_run("FAILED")
+        end_active_run(run_id, "FAILED", quietly=True)
         raise
     else:
-        if clear_error and "error" in mlflow.get_run(run_id).data.tags:
-            mlflow.delete_tag("error")
-        mlflow.end_run("FINISHED")
+        if clear_error and "error" in OUTAGE.ride_out(lambda: mlflow.get_run(run_id)).data.tags:
+            OUTAGE.ride_out(lambda: MlflowClient().delete_tag(run_id, "error"))
+        end_active_run(run_id, "FINISHED")
+
+
+def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
+    """End the active run ``run_id``; a server that went away gets its status when it is back.
+
+    ``quietly`` (an error is already on its way): an outage that lasts too long leaves the run
+    RUNNING with a warning instead of replacing that error.
+    """
+    try:
+        mlflow.end_run(status)
+        return
+    except Exception as exc:
+        if not server_unreachable(exc):
+            raise
+    # mlflow.end_run took the run off the active stack before it failed: only its status is left
+    try:
+        OUTAGE.ride_out(lambda: MlflowClient().set_terminated(run_id, status))
+    except TrackingUnavailable:
+        if not quietly:
+            raise
+        print(
+            f"Run {run_id} could not be marked {status}: the tracking server is still away; "
+            "it stays RUNNING until the command runs again.",
+            file=sys.stderr,
+        )
 
 
 def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str, str]):
@@ -166,19 +204,25 @@ def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str,
     """
 
     client = mlflow.MlflowClient()
-    parent = client.get_run(parent_run_id)
-    child = client.create_run(
-        parent.info.experiment_id,
-        run_name=run_name,
-        tags={**tags, "mlflow.parentRunId": parent_run_id},
+    parent = OUTAGE.ride_out(lambda: client.get_run(parent_run_id))
+    # a run created twice would stay RUNNING for good: sent again only if it never arrived
+    child = OUTAGE.ride_out(
+        lambda: client.create_run(
+            parent.info.experiment_id,
+            run_name=run_name,
+            tags={**tags, "mlflow.parentRunId": parent_run_id},
+        ),
+        resend_safe=False,
     )
-    return mlflow.start_run(run_id=child.info.run_id, nested=mlflow.active_run() is not None)
+    nested = mlflow.active_run() is not None
+    return OUTAGE.ride_out(lambda: mlflow.start_run(run_id=child.info.run_id, nested=nested))
 
 
 def record_error(message: str) -> None:
 
+    text = safe_text(message)[:5000]  # messages may quote URIs and paths
     try:
-        mlflow.set_tag("error", safe_text(message)[:5000])  # messages may quote URIs and paths
+        OUTAGE.ride_out(lambda: mlflow.set_tag("error", text))
     except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
         pass
 
@@ -191,7 +235,7 @@ def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, An
     """
 
     run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    existing = OUTAGE.ride_out(lambda: mlflow.get_run(run.info.run_id)).data.params if run else {}
     to_log: dict[str, str] = {}
     for key, value in params.items():
         full = f"{prefix}{key}"
@@ -204,7 +248,7 @@ def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, An
                 continue
         to_log[full] = text
     if to_log:
-        mlflow.log_params(to_log)
+        OUTAGE.ride_out(lambda: mlflow.log_params(to_log))  # the same values again: harmless
     return to_log
 
 
@@ -223,7 +267,8 @@ def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) ->
 
     clean = finite_metrics(metrics)
     if clean:
-        mlflow.log_metrics(clean, step=step)
+        timestamp = int(time.time() * 1000)  # one timestamp: a repeated write is the same rows
+        OUTAGE.ride_out(lambda: mlflow.log_metrics(clean, step=step, timestamp=timestamp))
 
 
 def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -243,6 +288,10 @@ class EpochLogger:
     is still written as it ends. The caller flushes in a ``finally`` so that an interrupted or
     pruned run keeps every epoch it trained; MLflow's asynchronous logging would not need that,
     but its flush waits a second for its worker thread, longer than a whole dense trial's logging.
+
+    While the tracking server is away (``Outage``) the epochs are kept and training goes on;
+    ``flush`` waits for the server and writes them in order, each with its step and the time it
+    ended.
     """
 
     def __init__(self, interval: float = 1.0) -> None:
@@ -257,9 +306,13 @@ class EpochLogger:
         now = int(time.time() * 1000)
         self.pending += [Metric(k, v, now, epoch) for k, v in finite_metrics(metrics).items()]
         if time.monotonic() - self.written >= self.interval:
-            self.flush()
+            OUTAGE.attempt(self.write)
 
     def flush(self) -> None:
+        """Write every kept epoch, waiting for a tracking server that went away."""
+        OUTAGE.ride_out(self.write)
+
+    def write(self) -> None:
 
         client = MlflowClient()
         while self.pending:
@@ -271,7 +324,7 @@ class EpochLogger:
     def flush_quietly(self) -> None:
         """``flush`` while another error is on its way: a failing store must not replace it."""
         try:
-            self.flush()
+            self.write()  # one try: an interrupted command must not wait for a server
         except Exception as exc:  # noqa: BLE001 - the error in flight matters more
             warnings.warn(
                 f"{len(self.pending)} epoch metrics not logged: {exc}", RuntimeWarning, 2

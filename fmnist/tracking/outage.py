@@ -1,0 +1,177 @@
+"""Riding out a tracking server that went away: the state of one outage and its retries.
+
+``Outage`` (one per process, ``OUTAGE``) is what ``fmnist.tracking.runs`` and ``checkpoints``
+call through once a run is open: ``attempt`` tries a write that can wait (an epoch's metrics, a
+checkpoint) and keeps it for later when the server is away, so training goes on; ``ride_out``
+retries a call that must land (a run's end, a trial's start, a final flush) until the server
+answers. Tries back off from 1 s to ``MAX_RETRY_DELAY`` without MLflow's own retries; after
+``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) of silence ``TrackingUnavailable`` stops the
+command. Only connection errors count as an outage: a refusal from a server that answers is
+raised at once, and a request that may have arrived is not sent again where that would write
+twice (a run's creation).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
+from fmnist.errors import FmnistError
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+OUTAGE_ENV = "FMNIST_TRACKING_OUTAGE_SECONDS"
+DEFAULT_OUTAGE_SECONDS = 300.0
+# Words of the errors MLflow's REST client raises when the request never reached the server:
+# sending it again cannot write anything twice, so even a run's creation may be retried.
+NOT_SENT_MARKERS = ("Failed to establish a new connection", "Connection refused")
+# The server stopped answering after the request may have arrived: only writes that are the same
+# when repeated (metrics with their timestamps, tags, a status, an artifact) are sent again.
+MAYBE_SENT_MARKERS = (
+    "Max retries exceeded",
+    "Read timed out",
+    "Connection aborted",
+    "RemoteDisconnected",
+    "Connection reset",
+    "too many 50",  # urllib3: "too many 503 error responses" from a proxy in front
+)
+MAX_RETRY_DELAY = 10.0  # seconds between tries while the server is away
+
+
+class TrackingUnavailable(FmnistError):
+    """The tracking server stayed away longer than ``FMNIST_TRACKING_OUTAGE_SECONDS``."""
+
+
+def outage_seconds() -> float:
+    """How long a command waits for a tracking server that went away (``OUTAGE_ENV``)."""
+    text = os.environ.get(OUTAGE_ENV, "").strip()
+    try:
+        return max(0.0, float(text)) if text else DEFAULT_OUTAGE_SECONDS
+    except ValueError:
+        return DEFAULT_OUTAGE_SECONDS
+
+
+def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
+    """Whether ``exc`` says the tracking server could not be reached (not that it refused)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if any(marker in text for marker in NOT_SENT_MARKERS):
+        return True
+    return resend_safe and any(marker in text for marker in MAYBE_SENT_MARKERS)
+
+
+class Outage:
+    """The state of one outage of the tracking server in this process: when it began, when to
+    try again (backing off from 1 s to ``MAX_RETRY_DELAY``), and the two lines it prints."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+        self.next_try = 0.0
+        self.delay = 1.0
+        self.reason = ""
+
+    def may_try(self) -> bool:
+        return self.since is None or time.monotonic() >= self.next_try
+
+    def failed(self, exc: Exception, resend_safe: bool = True) -> None:
+        """Note a failed call; re-raise ``exc`` unless it is an outage still within its time."""
+        if not server_unreachable(exc, resend_safe):
+            raise exc
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.delay = now, 1.0
+            self.reason = next(
+                (m for m in NOT_SENT_MARKERS + MAYBE_SENT_MARKERS if m in str(exc)), "no answer"
+            )
+            print(
+                f"The MLflow tracking server at {redact_uri(tracking_uri())} went away "
+                f"({self.reason}). What the command logs meanwhile is kept and written when the "
+                f"server answers again (waiting up to {outage_seconds():.0f} s, "
+                f"{OUTAGE_ENV}).",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            self.delay = min(self.delay * 2, MAX_RETRY_DELAY)
+        waited = now - self.since
+        if waited > outage_seconds():
+            raise TrackingUnavailable(
+                f"The MLflow tracking server at {redact_uri(tracking_uri())} has not answered "
+                f"for {waited:.0f} s ({self.reason}; {OUTAGE_ENV}={outage_seconds():.0f}). "
+                "What was logged before it went away is kept there; the open runs stay RUNNING "
+                "until the server is back and the command runs again: `fmnist cnn --resume "
+                "RUN_ID` goes on from the run's last checkpoint, a search run again trains only "
+                "its missing points."
+            ) from exc
+        self.next_try = now + self.delay
+
+    def recovered(self) -> None:
+        if self.since is not None:
+            print(
+                f"The MLflow tracking server answers again after "
+                f"{time.monotonic() - self.since:.0f} s; the kept metrics are written.",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.since = None
+
+    def attempt(self, action, resend_safe: bool = True) -> bool:
+        """Call ``action`` unless backing off; False when the server is away (kept for later).
+
+        The call never waits on MLflow's own retries: training is not held up by a server that
+        is away, and this object's back-off decides when to try again.
+        """
+        if not self.may_try():
+            return False
+        try:
+            with no_http_retries():
+                action()
+        except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
+            self.failed(exc, resend_safe)
+            return False
+        self.recovered()
+        return True
+
+    def ride_out(self, action, resend_safe: bool = True):
+        """Call ``action`` until the server answers (or the outage lasts too long); its result.
+
+        Outside an outage the call has MLflow's usual retries; during one, only this loop's.
+        """
+        while True:
+            if self.may_try():
+                try:
+                    if self.since is None:
+                        result = action()
+                    else:
+                        with no_http_retries():
+                            result = action()
+                except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
+                    self.failed(exc, resend_safe)
+                else:
+                    self.recovered()
+                    return result
+            time.sleep(max(0.0, self.next_try - time.monotonic()))
+
+
+@contextmanager
+def no_http_retries() -> Iterator[None]:
+    """MLflow's REST calls inside fail at once instead of retrying (it reads this per call)."""
+    key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    saved = os.environ.get(key)
+    os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
+OUTAGE = Outage()  # one per process: a worker process has its own

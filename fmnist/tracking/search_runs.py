@@ -1,0 +1,91 @@
+"""What a search records in MLflow beyond its trials: the parent run's summary and results.
+
+``log_search_summary`` writes the table (``search/table.json``, shown by the UI as a table, and
+``search/table.md``), the study's figures, point counts and the best trial's params and metrics
+as ``best_*`` into the active parent run; ``earlier_result`` reads back what a finished search
+registered; ``fail_run`` ends a run that its worker can no longer end. The search driver calls
+them with plain values (rows, figures, the best trial's numbers): nothing here knows Optuna.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import mlflow
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+
+from fmnist.analysis.report import markdown_table
+from fmnist.tracking.runs import log_changing_params, log_table_replacing
+
+SUMMARY_DIR = "search"
+
+
+def log_search_summary(
+    rows: Sequence[Mapping[str, Any]],
+    title: str,
+    figures: Sequence[tuple[str, Figure | None, str]],
+    best: Any | None,
+) -> None:
+    """Into the active (parent) run: the table, the figures (``(name, figure or None, why
+    not)``), point counts and the best trial's ``best_*`` params and metrics."""
+    columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+    log_table_replacing(columns, f"{SUMMARY_DIR}/table.json")
+    mlflow.log_text(f"# {title}\n\n" + markdown_table(rows), f"{SUMMARY_DIR}/table.md")
+    for name, figure, reason in figures:
+        if figure is None:
+            mlflow.log_text(f"not drawn: {reason}\n", f"{SUMMARY_DIR}/{name}.txt")
+        else:
+            mlflow.log_figure(figure, f"{SUMMARY_DIR}/{name}")
+    counts = {"complete": 0, "pruned": 0}
+    for row in rows:
+        key = str(row["state"]).lower()
+        counts[key] = counts.get(key, 0) + 1
+    mlflow.log_metrics({f"points_{state}": float(n) for state, n in counts.items()})
+    if best is None:
+        return
+    mlflow.log_dict(dict(best.params), f"{SUMMARY_DIR}/best_params.json")
+    log_changing_params(best.params, prefix="best_")
+    mlflow.log_metrics(
+        {
+            "best_val_accuracy": best.value,
+            "best_epoch": float(best.best_epoch),
+            "best_trial_number": float(best.number),
+        }
+    )
+    mlflow.set_tags({"best_point": best.point, "best_run_id": best.run_id})
+
+
+def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
+    """A finished search's test accuracy, alias and retrained run (if any), read back from its
+    parent run when a re-run trains nothing."""
+    if not model_uri:
+        return {}
+    parent = mlflow.MlflowClient().get_run(parent_run_id)
+    accuracy = parent.data.metrics.get("test_accuracy")
+    return {
+        "test_accuracy": round(accuracy, 4) if accuracy is not None else None,
+        "alias": parent.data.tags.get("registered_alias"),
+        "retrained_run_id": parent.data.tags.get("retrained_run_id"),
+    }
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:
+    """End run ``run_id`` FAILED with ``tags`` if it is still RUNNING (its process is gone)."""
+    client = mlflow.MlflowClient()
+    try:
+        if not run_id or client.get_run(run_id).info.status != "RUNNING":
+            return
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.set_terminated(run_id, status="FAILED")
+    except MlflowException:
+        pass  # a run deleted meanwhile: nothing left to end

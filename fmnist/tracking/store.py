@@ -1,0 +1,85 @@
+"""The embedded SQLite store shared by processes of one machine: safe creation, clear limits.
+
+Several commands may write to the default ``sqlite:///mlflow.db`` at once (two ``fmnist cnn``
+runs and a ``dnn-search`` with its workers, say). SQLite lets one writer in at a time and MLflow
+makes every other wait up to 20 s (its ``busy_timeout``); MLflow's short writes (a batch of
+metrics, a tag, a status) fit in that many times over. What does not is the store's creation:
+processes that find no tables all run MLflow's schema migrations and break each other. So the
+first process of a machine to open a local SQLite store creates it under a file lock while the
+others wait (``prepare_store``), and a store still locked past the busy timeout becomes one
+message that names the fix, a tracking server (``locked_store_message``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
+LOCKED_MARKER = "database is locked"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    if not path or path == ":memory:":
+        return None
+    return Path(path).expanduser().resolve()
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock, shared by this machine's processes, named after ``path``."""
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    lock = Path(tempfile.gettempdir()) / f"fmnist-store-{digest}.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_store(uri: str) -> None:
+    """Open a local SQLite store once per process, creating (or migrating) its tables while
+    holding the machine's lock for that file; other stores are left to MLflow."""
+    path = sqlite_path(uri)
+    if path is None or uri in PREPARED:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    PREPARED.add(uri)
+
+
+def locked_store_message(exc: BaseException, uri: str) -> str | None:
+    """One paragraph for a SQLite store that stayed locked past MLflow's busy timeout, or None
+    when ``exc`` (or an exception it came from) says something else."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        if LOCKED_MARKER in str(error):
+            break
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    if error is None or id(error) in seen:
+        return None
+    return (
+        f"The embedded SQLite store {uri} stayed locked by other processes for longer than "
+        "MLflow waits (20 s), so this command's write failed. SQLite lets one writer in at a "
+        "time: a few commands on one machine are fine, many at once (or a slow disk) are not, "
+        "and it must not be shared between machines or over a network file system. Move to a "
+        "tracking server: `mlflow server --backend-store-uri postgresql://... "
+        "--host 127.0.0.1 --port 5000`, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000 "
+        "(README, 'Several machines on one grid'). Then run the command again: a search "
+        "trains only what is missing, `fmnist cnn --resume RUN_ID` goes on from its last "
+        "checkpoint."
+    )
