@@ -159,3 +159,23 @@ def test_negative_robustness_images_is_refused_before_loading(tracking_store):
     assert result.exit_code == 2
     assert "robustness_images must be >= 0" in result.output
     assert "Could not load model" not in result.output
+
+
+def test_pipeline_evaluate_step_evaluates_both_registered_models(
+    use_pipeline_store, synthetic_data_dir
+):
+    """The full pipeline's evaluate step (quick skips it), on the quick pipeline's models."""
+    from fmnist.config import PipelineConfig
+    from fmnist.flows.pipeline import run_evaluate_step
+
+    _, results = use_pipeline_store
+    parent = results["pipeline"]["run_id"]
+    cfg = PipelineConfig(common=common(synthetic_data_dir))
+    evaluated = run_evaluate_step(cfg, parent, results)
+    assert set(evaluated) == {"dnn_search", "cnn"}
+    for step, family in (("dnn_search", "dnn"), ("cnn", "cnn")):
+        run = mlflow.get_run(evaluated[step]["run_id"])
+        assert run.data.tags["mlflow.parentRunId"] == parent
+        assert run.data.tags["model_uri"] == results[step]["model_uri"]
+        assert run.data.tags["model_family"] == family
+        assert "robustness_mean_accuracy" in run.data.metrics
