@@ -68,7 +68,8 @@ def test_processes_opening_a_fresh_store_together_create_it_once(tmp_path):
     assert store.sqlite_path("http://127.0.0.1:5000") is None
 
 
-def test_a_store_locked_past_the_busy_timeout_is_one_paragraph_naming_the_fix():
+def test_a_store_locked_past_the_busy_timeout_is_one_paragraph_naming_the_fix(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store is named
     cause = sqlalchemy.exc.OperationalError(
         "INSERT INTO metrics ...", {}, Exception("database is locked")
     )

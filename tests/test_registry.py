@@ -291,6 +291,12 @@ def test_temperature_is_folded_into_the_logged_model_and_recorded(store, tta_fli
     assert registry.read_temperature(registry.local_model_dir(info.model_uri)) == 2.5
     version = mlflow.MlflowClient().get_model_version(name, str(info.version))
     assert float(version.tags["temperature"]) == 2.5
+    # the rebuild files alone reproduce the logged graph (`fmnist predict`'s fast path)
+    module = registry.load_probability_module(info.model_uri)
+    assert (module.tta_flip, module.temperature) == (tta_flip, 2.5)
+    with torch.no_grad():
+        eager = module(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(eager, got, atol=1e-6)
 
 
 def test_a_model_folder_without_calibration_file_loads_with_temperature_one(champion, tmp_path):
@@ -301,8 +307,11 @@ def test_a_model_folder_without_calibration_file_loads_with_temperature_one(cham
     shutil.copytree(registry.local_model_dir(champion["info"].model_uri), folder)
     calibration = folder / registry.EXTRA_DIR / registry.CALIBRATION_FILE
     assert registry.read_temperature(folder) == 1.0  # registered with the default T = 1
+    assert registry.load_probability_module(str(folder)) is not None
     calibration.unlink()
     assert registry.read_temperature(folder) == 1.0
+    # whether an old model flips is known to its pt2 graph only: no eager rebuild of it
+    assert registry.load_probability_module(str(folder)) is None
     batch = images(5, seed=4)
     got = np.asarray(registry.load_pyfunc(str(folder)).predict(batch))
     np.testing.assert_allclose(got, expected_probabilities(champion["model"], batch), atol=1e-5)

@@ -258,7 +258,7 @@ def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example, t
     export_module = to_export_module(model, tta_flip, temperature)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = write_model_files(Path(tmp), spec, export_module.classifier)
-        extra_files.append(write_calibration(Path(tmp), temperature))
+        extra_files.append(write_calibration(Path(tmp), temperature, tta_flip))
         # mlflow.pytorch.log_model is exactly Model.log(flavor=mlflow.pytorch, ...); this flavor
         # only adds the CPU default. Tags land on the Logged Model and the new registered version.
         return mlflow.models.Model.log(
@@ -329,11 +329,13 @@ def load_module(model_uri: str) -> nn.Module:
     return module
 
 
-def write_calibration(folder: Path, temperature: float) -> str:
-    """``calibration.json``: the temperature inside the logged graph, and how it was found."""
+def write_calibration(folder: Path, temperature: float, tta_flip: bool) -> str:
+    """``calibration.json``: the temperature inside the logged graph, how it was found, and
+    whether the graph averages the mirrored image (so the rebuild files alone reproduce it)."""
     path = Path(folder) / CALIBRATION_FILE
     content = {
         "temperature": float(temperature),
+        "tta_flip": bool(tta_flip),
         "method": "temperature scaling: softmax(log p / T), T minimising validation NLL",
         "fitted_on": "validation split",
     }
@@ -351,5 +353,23 @@ def read_temperature(model_dir: str | Path) -> float:
 
 def load_pyfunc(model_uri: str, device: str = "cpu"):
     """``mlflow.pyfunc.load_model`` on ``device`` (the pt2 graph was exported on the CPU)."""
-
     return mlflow.pyfunc.load_model(model_uri, model_config={"device": device})
+
+
+def load_probability_module(model_uri: str) -> nn.Module | None:
+    """The logged model's exact function rebuilt as an eager module (CPU, eval mode): the
+    classifier from its rebuild files inside ``ProbabilityModel`` with the recorded flip
+    averaging and temperature. None for a model logged before ``calibration.json`` said whether
+    it flips: then only its pt2 graph (``load_pyfunc``) knows.
+
+    Loading the pt2 graph imports ``torch._dynamo`` and the export machinery, seconds of a
+    one-image prediction; the rebuild files need plain torch only.
+    """
+    folder = local_model_dir(model_uri)
+    path = folder / EXTRA_DIR / CALIBRATION_FILE
+    calibration = json.loads(path.read_text()) if path.is_file() else {}
+    if "tta_flip" not in calibration:
+        return None
+    classifier, _ = read_model_files(folder / EXTRA_DIR)
+    module = ProbabilityModel(classifier, calibration["tta_flip"], calibration["temperature"])
+    return module.eval()
