@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
 
-# The suite runs on every core (pytest-xdist; `auto` is one worker per CPU, 2 here and in CI;
+# The suite runs on every core (pytest-xdist; `auto` is one worker per CPU, 2 here and in CI,
+# each with one torch/BLAS thread (tests/conftest.py); measured faster than 3 workers;
 # `make test WORKERS=0` runs it in this process). `--dist loadfile` runs each test file on one
 # worker, so no module-scoped fixture (a search, a pipeline, a store) is built twice.
 WORKERS ?= auto

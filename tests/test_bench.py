@@ -120,6 +120,8 @@ def test_lower_layers_and_gpu_script_import_without_mlflow_optuna_click_sklearn(
     assert done.stdout.strip() == "imported"
 
 
+# 12 s: runs both bench scripts; the import test above keeps their layers in the default run.
+@pytest.mark.slow
 def test_gpu_scripts_run_without_the_tracking_stack(synthetic_data_dir):
     import json
 

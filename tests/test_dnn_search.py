@@ -342,6 +342,9 @@ def test_invalid_settings_fail_before_any_run(synthetic_data_dir, tracking_store
     assert not (tmp_path / "mlflow.db").exists()  # no store opened, so no run created
 
 
+# 25 s: `mlflow run` of an entry point is covered by test_mlproject and test_cnn_search's
+# MLproject test, and the dense flow by this file's in-process searches.
+@pytest.mark.slow
 def test_dnn_search_entry_point_through_mlflow_run(synthetic_data_dir, store, tmp_path):
     grid = write_grid(tmp_path)
     done = mlflow_run(

@@ -59,6 +59,8 @@ def run_session(tmp_path: Path, data_dir: Path, **settings: str) -> tuple[Path, 
     return out, log
 
 
+# 35 s: the GPU rehearsal on the CPU; `make test-all` runs it, as the other session steps.
+@pytest.mark.slow
 def test_session_packs_a_store_whose_champion_loads_and_scores_elsewhere(
     tmp_path, synthetic_data_dir
 ):
