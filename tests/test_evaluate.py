@@ -162,20 +162,23 @@ def test_negative_robustness_images_is_refused_before_loading(tracking_store):
 
 
 def test_pipeline_evaluate_step_evaluates_both_registered_models(
-    use_pipeline_store, synthetic_data_dir
+    use_pipeline_store, synthetic_data_dir, tmp_path
 ):
-    """The full pipeline's evaluate step (quick skips it), on the quick pipeline's models."""
+    """The full pipeline's evaluate step (quick skips it), on the quick pipeline's models: on a
+    copy of its store, since the step adds child runs to the pipeline run other tests count."""
     from fmnist.config import PipelineConfig
     from fmnist.flows.pipeline import run_evaluate_step
+    from tests.helpers import store_copy
 
-    _, results = use_pipeline_store
+    uri, results = use_pipeline_store
     parent = results["pipeline"]["run_id"]
     cfg = PipelineConfig(common=common(synthetic_data_dir))
-    evaluated = run_evaluate_step(cfg, parent, results)
-    assert set(evaluated) == {"dnn_search", "cnn"}
-    for step, family in (("dnn_search", "dnn"), ("cnn", "cnn")):
-        run = mlflow.get_run(evaluated[step]["run_id"])
-        assert run.data.tags["mlflow.parentRunId"] == parent
-        assert run.data.tags["model_uri"] == results[step]["model_uri"]
-        assert run.data.tags["model_family"] == family
-        assert "robustness_mean_accuracy" in run.data.metrics
+    with store_copy(Path(uri.removeprefix("sqlite:///")).parent, tmp_path / "copy"):
+        evaluated = run_evaluate_step(cfg, parent, results)
+        assert set(evaluated) == {"dnn_search", "cnn"}
+        for step, family in (("dnn_search", "dnn"), ("cnn", "cnn")):
+            run = mlflow.get_run(evaluated[step]["run_id"])
+            assert run.data.tags["mlflow.parentRunId"] == parent
+            assert run.data.tags["model_uri"] == results[step]["model_uri"]
+            assert run.data.tags["model_family"] == family
+            assert "robustness_mean_accuracy" in run.data.metrics
