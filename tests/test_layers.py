@@ -33,6 +33,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.errors", "foundation"),
     ("fmnist.definitions", "foundation"),
     ("fmnist.published", "foundation"),
+    ("fmnist.locks", "foundation"),
     ("fmnist.data", "core"),
     ("fmnist.augment", "core"),
     ("fmnist.inputs", "core"),  # the files `fmnist predict` reads, as image arrays

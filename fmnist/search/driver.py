@@ -31,6 +31,7 @@ from torch import nn
 from fmnist import tracking
 from fmnist.config import SearchOptions
 from fmnist.errors import TrainingDiverged
+from fmnist.locks import machine_lock
 from fmnist.search import points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
@@ -76,7 +77,7 @@ def start_search(n_jobs: int, pending: int) -> threading.Thread:
         try:
             uri = tracking.configure()
             # workers started together on a fresh store must not all create its tables
-            with studies.machine_lock(uri if "://" in uri else str(Path(uri).resolve())):
+            with machine_lock(uri if "://" in uri else str(Path(uri).resolve())):
                 mlflow.MlflowClient().search_experiments(max_results=1)
         except Exception:  # noqa: BLE001 - the caller's own first call reports it properly
             pass

@@ -11,17 +11,14 @@ winner, once. With ``points`` and ``workers`` this is the only code that imports
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import random
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +32,7 @@ from optuna.trial import FrozenTrial
 
 from fmnist.config import redact_uri
 from fmnist.errors import FmnistError
+from fmnist.locks import machine_lock
 from fmnist.search.spec import SamplerSpec
 
 # Trial user attributes.
@@ -146,22 +144,6 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
 def redact_storage(location: str) -> str:
     """What may be logged of a storage: a URL without its password, a journal's file name."""
     return redact_uri(location) if "://" in location else Path(location).name
-
-
-@contextmanager
-def machine_lock(key: str) -> Iterator[None]:
-    """An exclusive lock shared by this machine's processes (a file lock named after ``key``).
-
-    Several workers started at once on a fresh store would otherwise all create its tables.
-    """
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"fmnist-store-{digest}.lock"
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -12,14 +12,11 @@ message that names the fix, a tracking server (``locked_store_message``).
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow import MlflowClient
+
+from fmnist.locks import machine_lock
 
 PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"
@@ -35,19 +32,6 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path).expanduser().resolve()
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock, shared by this machine's processes, named after ``path``."""
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
-    lock = Path(tempfile.gettempdir()) / f"fmnist-store-{digest}.lock"
-    with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_store(uri: str) -> None:
     """Open a local SQLite store once per process, creating (or migrating) its tables while
     holding the machine's lock for that file; other stores are left to MLflow."""
@@ -55,7 +39,7 @@ def prepare_store(uri: str) -> None:
     if path is None or uri in PREPARED:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path):
+    with machine_lock(str(path)):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     PREPARED.add(uri)
 
