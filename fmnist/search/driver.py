@@ -22,7 +22,6 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -31,7 +30,6 @@ from torch import nn
 from fmnist import tracking
 from fmnist.config import SearchOptions
 from fmnist.errors import TrainingDiverged
-from fmnist.locks import machine_lock
 from fmnist.search import points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
@@ -69,16 +67,13 @@ def start_search(n_jobs: int, pending: int) -> threading.Thread:
     """Open the tracking store in a background thread and, for several workers, start their
     fork server: both overlap with the caller's data loading. ``run_search`` joins the thread.
 
-    A new SQLite store spends seconds creating its tables; errors are left for the first real
-    call to report.
+    A new database store spends seconds creating its tables (``tracking.configure`` does it,
+    once per machine at a time); errors are left for the first real call to report.
     """
 
     def open_store() -> None:
         try:
-            uri = tracking.configure()
-            # workers started together on a fresh store must not all create its tables
-            with machine_lock(uri if "://" in uri else str(Path(uri).resolve())):
-                mlflow.MlflowClient().search_experiments(max_results=1)
+            tracking.configure()
         except Exception:  # noqa: BLE001 - the caller's own first call reports it properly
             pass
 

@@ -20,6 +20,7 @@ from fmnist.locks import machine_lock
 
 PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores besides SQLite
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -33,13 +34,20 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def prepare_store(uri: str) -> None:
-    """Open a local SQLite store once per process, creating (or migrating) its tables while
-    holding the machine's lock for that file; other stores are left to MLflow."""
-    path = sqlite_path(uri)
-    if path is None or uri in PREPARED:
+    """Open a database store once per process, creating (or migrating) its tables while holding
+    the machine's lock for it (a local SQLite file, or a database URL such as PostgreSQL's);
+    a tracking server (``http(s)://``) creates its own."""
+    if uri in PREPARED:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with machine_lock(str(path)):
+    path = sqlite_path(uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(path)
+    elif uri.split("://", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+        key = uri
+    else:
+        return
+    with machine_lock(key):
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     PREPARED.add(uri)
 
