@@ -27,6 +27,7 @@ from fmnist.config import CommonConfig, DnnSearchConfig, SearchOptions
 from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
+from fmnist.models import dense_lockstep
 from fmnist.search import points
 from fmnist.search import study as studies
 from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
@@ -289,6 +290,65 @@ def test_an_interrupted_search_trains_only_the_missing_point(
     assert sorted(table["state"]) == ["COMPLETE", "FAIL"]
     # every point is done now (one failed for good): running again trains nothing
     assert run_dnn_search(config(synthetic_data_dir, grid))["trained_now"] == 0
+
+
+def test_an_interrupted_lockstep_group_queues_each_point_again(
+    synthetic_data_dir, store, tmp_path, monkeypatch
+):
+    """The tiny grid's two points share a batch size: one claim takes both and trains them in
+    lockstep (one stacked epoch for both). Ctrl-C in the middle of it fails both trials for a
+    retry and ends both child runs KILLED; running again trains both, with the results of
+    points trained alone (the stacked epoch is exact)."""
+    grid = write_grid(tmp_path)
+    real_epoch = dense_lockstep.run_stacked_epoch
+    widths = []
+
+    def interrupted(steps, *args, **kwargs):
+        widths.append(len(steps))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_dnn_search(config(synthetic_data_dir, grid))
+    assert widths == [2]  # both points in one stacked epoch
+    runs = runs_of()
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = children_of(runs, parent.info.run_id)
+    assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]
+    study = study_of({"study_name": parent.data.tags["optuna_study"]}, tmp_path)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert points.point_statuses(study.trials, sorted(POINTS)) == dict.fromkeys(POINTS, "missing")
+
+    def counted(steps, *args, **kwargs):
+        widths.append(len(steps))
+        return real_epoch(steps, *args, **kwargs)
+
+    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", counted)
+    result = run_dnn_search(config(synthetic_data_dir, grid))
+    assert result["trained_now"] == 2 and result["model_uri"]
+    assert widths == [2, 2, 2]  # two more epochs, both points together
+    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", real_epoch)
+    complete = [t for t in study_of(result, tmp_path).trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.user_attrs[studies.POINT] for t in complete) == sorted(POINTS)
+    for trial in complete:
+        alone = fit_alone(synthetic_data_dir, grid, trial.params)
+        assert trial.value == alone  # exactly: the stacked epoch computes what one point does
+
+
+def fit_alone(data_dir: Path, grid: Path, params: dict) -> float:
+    """The best validation accuracy of one point of the tiny grid fitted on its own (no group),
+    as a trial builds and fits it."""
+    from fmnist.flows.dnn_search import dense_family, prepare_data
+    from fmnist.train.runtime import seed_everything
+
+    cfg = config(data_dir, grid)
+    loaded = load_grid(str(grid))
+    digest, splits, basis, features = prepare_data(cfg, loaded)
+    family = dense_family(cfg, loaded, basis, digest, "cpu", splits)
+    seed_everything(0)
+    built = family.spec.space.build(params, features.context)
+    train_cfg = built.train.replace(epochs=2, seed=0, device="cpu", quiet=True)
+    return engine.fit(built.trainable, features.train, features.val, train_cfg).best_val_accuracy
 
 
 def test_pruned_points_end_finished_with_their_state_and_register_nothing(

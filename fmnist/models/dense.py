@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmnist.data import scale_pixels
+from fmnist.models.dense_lockstep import Lockstep, LockstepMember
 from fmnist.models.dense_step import ExplicitStep
 
 INPUT_SIZE = 28 * 28
@@ -82,13 +83,25 @@ class MLP(nn.Module):
             nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.dropout = float(dropout)
+        self.lockstep: tuple[Lockstep, int] | None = None
 
-    def epoch_runner(self, optimizer: torch.optim.Optimizer) -> ExplicitStep | None:
+    def train_in_lockstep(self, group: Lockstep, key: int) -> None:
+        """Let ``fit`` train this network as member ``key`` of ``group`` (``dense_lockstep``)."""
+        self.lockstep = (group, key)
+
+    def epoch_runner(
+        self, optimizer: torch.optim.Optimizer
+    ) -> ExplicitStep | LockstepMember | None:
         """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies (it has
-        no dropout)."""
-        if self.dropout or not ExplicitStep.supports(self.parameters(), optimizer):
-            return None
-        return ExplicitStep(optimizer)
+        no dropout); in a lockstep group, that group's member."""
+        usable = not self.dropout and ExplicitStep.supports(self.parameters(), optimizer)
+        if self.lockstep is not None:
+            group, key = self.lockstep
+            if not usable:
+                group.leave(key)  # the others must not wait for a point that trains alone
+                return None
+            return group.member(key, ExplicitStep(optimizer))
+        return ExplicitStep(optimizer) if usable else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         *hidden, last = self.layers

@@ -25,6 +25,7 @@ from fmnist.search.spec import Built, SamplerSpec
 from fmnist.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
+LOCKSTEP_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # those ``ExplicitStep`` implements
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,18 @@ class DnnSpace:
 
     def point_name(self, params) -> str:
         return f"dnn-h{params['hidden']}-{params['optimizer']}-bs{params['batch_size']}"
+
+    def lockstep_key(self, params) -> int | None:
+        """Points with the same key train in lockstep (``fmnist.models.dense_lockstep``): their
+        batch size, when the grid trains the plain numpy epoch (on features, no dropout,
+        schedule or label smoothing, an optimizer it implements); None: the point trains alone.
+        Every point of a search has the same seed, so the same batches in the same order."""
+        grid = self.grid
+        plain = not (grid.trains_on_images or grid.dropout or grid.label_smoothing)
+        plain = plain and grid.schedule == "none"
+        if not plain or params["optimizer"] not in LOCKSTEP_OPTIMIZERS:
+            return None
+        return int(params["batch_size"])
 
     def cost(self, params) -> float:
         """Steps per epoch dominate; a deeper net (+10%) and RMSprop's foreach update instead of

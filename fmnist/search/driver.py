@@ -15,6 +15,7 @@ not Optuna.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import sys
 import threading
@@ -30,6 +31,7 @@ from torch import nn
 from fmnist import tracking
 from fmnist.config import SearchOptions
 from fmnist.errors import TrainingDiverged
+from fmnist.models.dense_lockstep import Lockstep
 from fmnist.search import points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
@@ -116,12 +118,14 @@ def run_search(
         log_setup(family, ref)
         pending = 0 if finalize_only else points.pending_count(study, spec)
         n_workers = workers.worker_count(n_jobs, pending)
-        runner = partial(run_trial, parent_run_id=run.info.run_id)
+        runner = partial(run_trials, parent_run_id=run.info.run_id)
         env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
         ended = []
         if n_workers:
+            # the points shared out evenly: each worker trains its share in lockstep
+            group_limit = max(1, math.ceil(pending / n_workers))
             ended = workers.run_workers(
-                runner, spec, ref, data, n_workers, env, on_released=end_released_runs
+                runner, spec, ref, data, n_workers, env, end_released_runs, group_limit
             )
         summary = summaries.summarize(study, spec)
         pids = [pid for pid, _ in ended]
@@ -243,11 +247,83 @@ def parent_run(
         yield run
 
 
+# --- the trials of one claim ------------------------------------------------------------------
+
+
+def run_trials(study, trials, spec: SearchSpec, data: SearchData, parent_run_id: str) -> None:
+    """Train the trials a worker claimed: those whose points share a lockstep key together
+    (``run_in_lockstep``), any other alone. Trials not started when an error stops the worker
+    fail for a retry, so that their points are queued again."""
+    groups: dict[Any, list] = {}
+    for trial in trials:
+        key = points.lockstep_key(spec, trial)
+        groups.setdefault(("alone", trial.number) if key is None else key, []).append(trial)
+    pending = list(groups.values())
+    try:
+        while pending:
+            group = pending.pop(0)
+            if len(group) == 1:
+                run_trial(study, group[0], spec, data, parent_run_id)
+            else:
+                run_in_lockstep(study, group, spec, data, parent_run_id)
+    except BaseException:
+        for trial in (t for group in pending for t in group):
+            points.finish_failed(study, trial, "its worker stopped before it started", False)
+        raise
+
+
+def run_in_lockstep(study, trials, spec: SearchSpec, data: SearchData, parent_run_id: str):
+    """Train several points together: each in its own thread with its own child run, trial,
+    heartbeat and ``engine.fit``, their epochs trained at once by one ``Lockstep`` (MLflow's
+    active run is per thread). Ctrl-C (which reaches only this thread) interrupts them all;
+    the first error of any point is raised once every point has ended."""
+    group = Lockstep()
+    for trial in trials:
+        group.join(trial.number)
+    errors: list[BaseException] = []
+
+    def train(trial) -> None:
+        try:
+            run_trial(study, trial, spec, data, parent_run_id, group, len(trials))
+        except BaseException as exc:  # noqa: BLE001 - raised again by the calling thread
+            errors.append(exc)
+            group.interrupt()  # the worker stops: the other points stop too, for a retry
+        finally:
+            group.leave(trial.number)
+
+    threads = [
+        threading.Thread(target=train, args=(t,), name=f"trial-{t.number}", daemon=True)
+        for t in trials
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.5)  # a timed join lets Ctrl-C through
+    except BaseException:
+        group.interrupt()
+        for thread in threads:
+            thread.join()
+        raise
+    if errors:
+        raise errors[0]
+
+
 # --- one trial -------------------------------------------------------------------------------
 
 
-def run_trial(study, trial, spec: SearchSpec, data: SearchData, parent_run_id: str) -> None:
-    """Train one point in a child run and tell the study how it ended.
+def run_trial(
+    study,
+    trial,
+    spec: SearchSpec,
+    data: SearchData,
+    parent_run_id: str,
+    lockstep: Lockstep | None = None,
+    sharing: int = 1,
+) -> None:
+    """Train one point in a child run and tell the study how it ended (in ``lockstep`` with
+    ``sharing`` points in all, when given).
 
     A diverged loss fails the trial for good (re-running would diverge again) and the search goes
     on; an interruption or any other error fails it for a retry and propagates.
@@ -270,7 +346,7 @@ def run_trial(study, trial, spec: SearchSpec, data: SearchData, parent_run_id: s
             run_id = run.info.run_id
             trial.set_user_attr(RUN_ID, run_id)
             with points.heartbeat(trial) as released:
-                result = train_in_run(trial, spec, data, params, released)
+                result = train_in_run(trial, spec, data, params, released, lockstep, sharing)
     except TrialReleased as exc:
         report(spec, f"trial {trial.number} {name}: stopped ({exc})")
         return  # its run ended FAILED; the worker that released the trial trains the point
@@ -303,12 +379,24 @@ def train_in_run(
     data: SearchData,
     params: Mapping[str, Any],
     released: threading.Event | None = None,
+    lockstep: Lockstep | None = None,
+    sharing: int = 1,
 ) -> engine.FitResult | None:
     """Fit the point inside its active child run; None when the pruner stopped it. Raises
-    ``TrialReleased`` at the end of an epoch when ``released`` is set."""
+    ``TrialReleased`` at the end of an epoch when ``released`` is set. In ``lockstep``, its
+    epochs are trained with the group's (``fit_cpu_seconds``: the process's CPU time over the
+    ``sharing`` points)."""
+    if lockstep is not None:
+        lockstep.set_up(trial.number)  # seeding and building are process-wide: one at a time
     # The initial weights depend on the seed alone, not on what this process trained before.
     seed_everything(spec.seed)
     built = spec.space.build(params, data.context)
+    if lockstep is not None:
+        join = getattr(built.trainable, "train_in_lockstep", None)
+        if join is None:
+            lockstep.leave(trial.number)  # a model without a lockstep epoch trains alone
+        else:
+            join(lockstep, trial.number)
     cfg = built.train.replace(
         epochs=spec.epochs, seed=spec.seed, device=spec.device, quiet=spec.quiet
     )
@@ -348,7 +436,7 @@ def train_in_run(
             "best_epoch": result.best_epoch,
             "fit_seconds": result.seconds,
             # CPU time, unlike wall time, does not grow when other processes share the cores
-            "fit_cpu_seconds": time.process_time() - cpu_started,
+            "fit_cpu_seconds": (time.process_time() - cpu_started) / sharing,
         }
     )
     log_model_files(built.spec, built.model, CHECKPOINT_DIR)  # the best epoch's weights

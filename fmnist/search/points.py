@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -266,6 +266,45 @@ def claim(study: optuna.Study, spec: SearchSpec, started: float) -> optuna.Trial
         if holder is None:
             return trial
         give_up(study, trial, f"point {name} is held by trial {holder}")
+
+
+def lockstep_key(spec: SearchSpec, trial: Any) -> Hashable | None:
+    """What a queued trial's point must share with others to train in lockstep with them (the
+    space's ``lockstep_key`` of its queued params), or None: it trains alone."""
+    key_of = getattr(spec.space, "lockstep_key", None)
+    if key_of is None:
+        return None
+    if not isinstance(trial, FrozenTrial):  # a live trial shows its queued params in storage
+        trial = trial.storage.get_trial(trial._trial_id)  # private: as ``beat`` reads it
+    params = trial.system_attrs.get("fixed_params")
+    return None if params is None else key_of(params)
+
+
+def next_queued_key(study: optuna.Study, spec: SearchSpec) -> Hashable | None:
+    """The lockstep key of the trial ``ask`` pops next (the oldest queued), or None."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if not waiting:
+        return None
+    return lockstep_key(spec, min(waiting, key=lambda t: t.number))
+
+
+def claim_group(
+    study: optuna.Study, spec: SearchSpec, started: float, limit: int = 1
+) -> list[optuna.Trial]:
+    """The next trials this worker trains (empty: nothing is left for it): one, and up to
+    ``limit`` in all while the next queued point shares its lockstep key. Each is claimed as
+    ``claim`` claims one, so each is held, beats and is taken back on its own; another worker
+    may pop a point first, so the group's keys may still differ (the driver checks them)."""
+    first = claim(study, spec, started)
+    if first is None:
+        return []
+    group, key = [first], lockstep_key(spec, first)
+    while key is not None and len(group) < limit and next_queued_key(study, spec) == key:
+        trial = claim(study, spec, started)
+        if trial is None:
+            break
+        group.append(trial)
+    return group
 
 
 # --- how a trial ends --------------------------------------------------------------------------

@@ -27,16 +27,23 @@ import torch
 from optuna.trial import FrozenTrial
 
 from fmnist.data import Split
-from fmnist.search.points import claim, others_training, take_back
+from fmnist.search.points import claim_group, others_training, take_back
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.search.study import StudyRef, liveness, open_study
 
-TrialRunner = Callable[[optuna.Study, optuna.Trial, SearchSpec, SearchData], None]
+# Trains the trials one claim returned (several when their points can train in lockstep).
+TrialRunner = Callable[[optuna.Study, list[optuna.Trial], SearchSpec, SearchData], None]
 # Called with the trials of dead workers this worker released (the driver ends their runs).
 ReleaseHook = Callable[[Sequence[FrozenTrial]], None]
 WAIT_POLL_SECONDS = 2.0  # how often a worker with nothing to claim looks at the others' trials
 # Imported once by the fork server that launches workers, so a worker starts in milliseconds.
-WORKER_PRELOAD = ["fmnist.search.driver", "mlflow", "mlflow.store.tracking.sqlalchemy_store"]
+# torch._dynamo too: torch.optim imports it on a process's first optimizer (about 1.2 s).
+WORKER_PRELOAD = [
+    "fmnist.search.driver",
+    "mlflow",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "torch._dynamo",
+]
 
 
 def worker_count(n_jobs: int, pending: int) -> int:
@@ -53,9 +60,10 @@ def work(
     data: SearchData,
     worker: int = 0,
     on_released: ReleaseHook | None = None,
+    group_limit: int = 1,
 ) -> int:
     """Claim and train trials until none is left and no other worker trains one; return how
-    many it trained.
+    many it trained. A claim takes up to ``group_limit`` points that train in lockstep.
 
     While others train, this worker polls: a trial whose worker stops beating for the grace
     period (a machine that died) is released, handed to ``on_released`` (which ends its MLflow
@@ -69,10 +77,10 @@ def work(
         released = take_back(study, spec)
         if released and on_released is not None:
             on_released(released)
-        trial = claim(study, spec, started)
-        if trial is not None:
-            runner(study, trial, spec, data)
-            trained += 1
+        trials = claim_group(study, spec, started, group_limit)
+        if trials:
+            runner(study, trials, spec, data)
+            trained += len(trials)
             waiting = False
             continue
         held = others_training(study, spec, started)
@@ -124,6 +132,7 @@ def worker_main(
     env: Mapping[str, str],
     worker: int,
     on_released: ReleaseHook | None = None,
+    group_limit: int = 1,
 ) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGTERM, interrupt_once)
@@ -132,7 +141,7 @@ def worker_main(
     os.environ.update(env)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        work(runner, spec, ref, unpack(payload), worker, on_released)
+        work(runner, spec, ref, unpack(payload), worker, on_released, group_limit)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -171,9 +180,11 @@ def run_workers(
     n_workers: int,
     env: Mapping[str, str],
     on_released: ReleaseHook | None = None,
+    group_limit: int = 1,
 ) -> list[tuple[int, int]]:
     """Train queued points with ``n_workers`` processes (this one included; the others get
-    ``env``); the others' pids and exit codes."""
+    ``env``), each claiming up to ``group_limit`` lockstep points at a time; the others' pids
+    and exit codes."""
     processes = []
     if n_workers > 1:
         start_worker_launcher()  # a no-op when the caller started it early, as it should
@@ -182,7 +193,7 @@ def run_workers(
         for worker in range(1, n_workers):
             process = context.Process(
                 target=worker_main,
-                args=(runner, spec, ref, payload, dict(env), worker, on_released),
+                args=(runner, spec, ref, payload, dict(env), worker, on_released, group_limit),
                 daemon=True,
                 name=f"search-worker-{worker}",
             )
@@ -190,7 +201,7 @@ def run_workers(
             processes.append(process)
     try:
         with torch_threads(1):
-            work(runner, spec, ref, data, 0, on_released)
+            work(runner, spec, ref, data, 0, on_released, group_limit)
         for process in processes:
             process.join()
     except BaseException:
