@@ -6,10 +6,12 @@ whole dense grid (wall time and best validation accuracy, ours over several seed
 batch, p50 latency of one image), (5) peak resident memory of the entry points, (6) tracking
 overhead (the same training with and without MLflow logging), (7) serving under load
 (``serve_load.py``: ``mlflow models serve`` of both champions, 4 clients x 300 requests of 1 and
-of 64 images with malformed ones mixed in: 5xx count, p50/p99, throughput). Prints a table of
+of 64 images with malformed ones mixed in: 5xx count, p50/p99, throughput), (8) how fast the CLI
+answers (``cli_times.py``: every ``--help``, and a cold ``fmnist predict`` of one PNG with each
+model the memory part registered). Prints a table of
 ratios reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two
 minutes; ratios then compare like with like on the shrunk workloads. Usage:
-``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve]``.
+``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve,cli]``.
 """
 
 from __future__ import annotations
@@ -32,11 +34,12 @@ import torch
 # root must be importable for ``fmnist`` when it is not installed.
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
+import cli_times  # noqa: E402
 import reference  # noqa: E402
 import serve_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("dense", "cnn", "tracking", "memory", "serve")
+PARTS = ("dense", "cnn", "tracking", "memory", "serve", "cli")
 
 
 def machine() -> str:
@@ -255,6 +258,15 @@ def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
         images = images[:2000] if quick else images
         for model in ("fmnist-dnn", "fmnist-cnn"):
             results["inference"][model] = measure_inference(f"models:/{model}@champion", images)
+        png = cli_times.write_png(
+            load_fashion_mnist(data_dir).test_images[0].numpy(), Path(tmp) / "one.png"
+        )
+        results["predict"] = {
+            f"models:/{model}@champion": cli_times.bench_predict(
+                f"models:/{model}@champion", png, env, tmp
+            )
+            for model in ("fmnist-dnn", "fmnist-cnn")
+        }
     return results
 
 
@@ -330,6 +342,12 @@ def table(results: dict) -> str:
             f"{inf['latency_p50_ms']:.2f} ms | | |"
         )
     lines += serve_load.table_rows(results.get("serve", {}))
+    lines += cli_times.table_rows(
+        {
+            "help": results.get("cli", {}),
+            "predict": results.get("memory", {}).get("predict", {}),
+        }
+    )
     return "\n".join(lines)
 
 
@@ -365,6 +383,8 @@ def main(quick: bool, data_dir: str, seeds: int, out: str, parts: str) -> None:
         results["memory"] = bench_inference_and_memory(data_dir, quick)
     if "serve" in chosen:
         results["serve"] = bench_serving(data_dir, quick)
+    if "cli" in chosen:
+        results["cli"] = cli_times.bench_help()
     text = table(results)
     click.echo(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,7 @@ def train_once(recipe, data, epochs: int, args, device) -> dict:
     """One full training run of ``epochs``; returns timings and accuracies."""
     train, val, test = data
     torch.manual_seed(args.seed)
-    model = build_classifier(recipe)
+    model = build_classifier(recipe, train.images)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     history = []

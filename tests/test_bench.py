@@ -141,3 +141,22 @@ def test_gpu_scripts_run_without_the_tracking_stack(synthetic_data_dir):
     assert search["retrained_best"]["params"] == search["best_params"]
     assert search["base_recipe"]["params"] == {}
     assert round(search["retrained_best"]["test_accuracy"] * 50, 6).is_integer()
+
+
+def test_cli_times_cover_every_command_and_report_the_slowest(tmp_path):
+    import cli_times
+    from PIL import Image
+
+    from fmnist.cli import COMMANDS
+
+    assert set(cli_times.COMMANDS) - {""} == set(COMMANDS)
+    png = cli_times.write_png(np.full((28, 28), 200, dtype=np.uint8), tmp_path / "one.png")
+    assert np.asarray(Image.open(png)).shape == (28, 28)
+    help_rows = {
+        "fmnist --help": {"median_s": 0.1, "max_s": 0.2, "runs": 3},
+        "fmnist cnn --help": {"median_s": 0.3, "max_s": 0.6, "runs": 3},
+    }
+    predict = {"models:/fmnist-cnn@champion": {"median_s": 2.0, "max_s": 2.5, "runs": 3}}
+    rows = cli_times.table_rows({"help": help_rows, "predict": predict})
+    assert "0.20 s, 0.60 s" in rows[0] and "`fmnist cnn --help`" in rows[0]
+    assert "2.00 s / 2.50 s" in rows[1]

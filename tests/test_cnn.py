@@ -31,8 +31,8 @@ from fmnist.models.cnn import build_cnn, describe, layer_output_sizes
 from fmnist.tracking import registry
 from tests.helpers import isolated_store, mlflow_run
 
-RECIPES = ("paper", "fast", "best")
-SHRINK = {"best": {"width": 8}}
+RECIPES = ("paper", "fast", "bf16_cpu", "best")
+SHRINK = {"best": {"width": 8}, "bf16_cpu": {"width": 8}}
 EPOCH_METRICS = ("train_loss", "val_accuracy", "lr", "epoch_seconds", "images_per_second")
 
 
@@ -59,6 +59,50 @@ def test_resnet_family_maps_images_to_logits(spec):
     assert model(torch.rand(2, 28, 28)).shape == (2, 10)
     with pytest.raises(ValueError):
         build_cnn(arch="resnet", width=0)
+
+
+def test_whitening_decorrelates_the_training_patches():
+    """After ``fit_whitening`` the first convolution's outputs on the fitted images have zero
+    mean and unit variance (each direction twice, with both signs) and no correlation."""
+    torch.manual_seed(0)
+    noise = torch.rand(300, 29, 29)
+    images = (noise[:, 1:, 1:] + noise[:, :-1, :-1]) / 2  # diagonal neighbours correlate
+    assert (
+        torch.corrcoef(torch.stack([images[:, 1:, 1:], images[:, :-1, :-1]]).flatten(1))[0, 1]
+        > 0.4
+    )
+    model = build_cnn(arch="whitened", width=4)
+    model.fit_whitening(images)
+    out = model.whiten(images.unsqueeze(1)).permute(1, 0, 2, 3).flatten(1)[:4]  # (4, patches)
+    assert torch.allclose(out.mean(1), torch.zeros(4), atol=1e-3)
+    cov = torch.cov(out.double())
+    assert torch.allclose(cov, torch.eye(4, dtype=torch.double), atol=0.05), cov
+    assert not model.whiten.weight.requires_grad
+    assert model(torch.rand(2, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError):
+        build_cnn(arch="whitened", stages=4)
+
+
+def test_whitened_convolutions_start_as_identities():
+    model = build_cnn(arch="whitened", width=8, stages=1)
+    first, second = (m for m in model.features if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(1, 8, 5, 5)
+    assert torch.allclose(first(x)[:, :8], x) and torch.allclose(second(x), x)
+
+
+def test_triangle_schedule_rises_then_falls_to_zero():
+    from fmnist.train.optim import make_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler("triangle", optimizer, 1.0, 2, 5)  # 10 steps, 2 of warm-up
+    lrs = []
+    for _ in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.2, 0.6, 1.0])
+    assert lrs[2:] == sorted(lrs[2:], reverse=True) and lrs[-1] == pytest.approx(0.125)
+    assert optimizer.param_groups[0]["lr"] == 0.0
 
 
 def test_augmentations_are_batched_and_keep_shapes():
@@ -172,7 +216,8 @@ def test_recipe_run_logs_params_metrics_and_artifacts(recipe_runs, recipe):
             "128",
             "adam",
         )
-    assert params["cfg.model.arch"] == ("paper" if recipe == "paper" else "resnet")
+    arch = {"paper": "paper", "fast": "whitened"}.get(recipe, "resnet")
+    assert params["cfg.model.arch"] == arch
     registered = registry.load_module(summary["model_uri"])
     assert run.data.metrics["parameter_count"] == count_parameters(registered)
     client = mlflow.MlflowClient()

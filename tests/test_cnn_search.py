@@ -283,11 +283,11 @@ def test_the_mlproject_command_line_parses_and_runs(synthetic_data_dir, tracking
     assert "trained_now=1" in result.output and "model_uri=None" in result.output
 
 
-def test_the_default_space_contains_the_fast_recipe():
+def test_the_default_space_contains_the_bf16_cpu_recipe():
     space_file, dimensions, base, where = load_space("cnn_search")
     assert [d.key for d in dimensions] == list(yaml.safe_load(where.read_text())["params"])
-    assert space_file.recipe == "fast"
-    space = CnnSpace(dimensions, base, "fast")
+    assert space_file.recipe == "bf16_cpu"
+    space = CnnSpace(dimensions, base, "bf16_cpu")
     assert set(space.baseline()) == {d.key for d in dimensions}
     assert space.recipe_for(space.baseline()) == base
 

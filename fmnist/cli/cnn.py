@@ -19,7 +19,7 @@ DEFAULTS = CnnConfig()
     "--recipe",
     default=DEFAULTS.recipe,
     show_default=True,
-    help="Recipe in experiments/cnn (paper, fast, best) or a path to a recipe YAML file.",
+    help="Recipe in experiments/cnn (paper, fast, bf16_cpu, best) or a recipe YAML path.",
 )
 @click.option("--epochs", default=AUTO, show_default=True, help="Epochs (auto: the recipe's).")
 @click.option(

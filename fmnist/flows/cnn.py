@@ -138,7 +138,7 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
         )
     splits = make_subsets(make_splits(data, cfg.common.split_seed), cfg.quick)
     seed_everything(cfg.common.seed)
-    model = build_classifier(recipe)
+    model = build_classifier(recipe, splits[0].images)
     summary_text = describe(model)
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)

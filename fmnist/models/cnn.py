@@ -3,10 +3,15 @@
 ``paper`` is the network of the study's published notebook, layer for layer: four 3x3 convolutions
 without padding (1→16, max-pool, 16→32, 32→64, max-pool, 64→128), BatchNorm and LeakyReLU(0.2)
 after all but the last, flattened to 512 features, then a 512→256→128→10 ReLU head. ``resnet`` is
-the stronger family the ``fast`` and ``best`` recipes and the CNN search use: a padded 3x3 stem,
-then ``stages`` stages that each widen (``width`` doubling per stage), max-pool and add ``blocks``
-residual blocks, global average pooling, dropout and one linear layer. Its spec keys (``width``,
-``blocks``, ``stages``, ``dropout``, ``stem_pool``) are plain numbers so a search can sample them.
+the residual family the ``bf16_cpu`` and ``best`` recipes and the CNN search use: a padded 3x3
+stem, then ``stages`` stages that each widen (``width`` doubling per stage), max-pool and add
+``blocks`` residual blocks, global average pooling, dropout and one linear layer. Its spec keys
+(``width``, ``blocks``, ``stages``, ``dropout``, ``stem_pool``) are plain numbers so a search can
+sample them. ``whitened`` is the ``fast`` recipe's small network after airbench (Keller Jordan's
+CIFAR-10 speed runs), chosen for time-to-accuracy on a CPU: a frozen 2x2 patch-whitening
+convolution fitted to the training images, then ``stages`` blocks of conv, max-pool, BatchNorm,
+GELU, conv, BatchNorm, GELU (identity-initialised convolutions, BatchNorm without a trained scale),
+global max pooling and a linear layer.
 Every model takes float32 (N, 28, 28) images in [0, 1], adds the channel dimension itself and
 returns (N, 10) logits.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHITECTURES = ("paper", "resnet")
+ARCHITECTURES = ("paper", "resnet", "whitened")
 
 
 def conv_bn(c_in: int, c_out: int, padding: int, activation: nn.Module) -> list[nn.Module]:
@@ -103,6 +108,71 @@ class ResNet(nn.Module):
         return self.head(self.features(images.unsqueeze(1)))
 
 
+class WhitenedCNN(nn.Module):
+    """airbench's recipe for a grayscale 28x28 image: whitening, ``stages`` conv blocks, max-pool.
+
+    Spatial sizes with 3 stages: 28 -> 27 (whitening, no padding) -> 13 -> 6 -> 3.
+    """
+
+    def __init__(self, width: int = 32, stages: int = 3) -> None:
+        super().__init__()
+        # 2x2 patches have 4 dimensions; each whitened direction is kept with both signs so the
+        # GELU after it loses nothing.
+        self.whiten = nn.Conv2d(1, 2 * PATCH_DIMS, 2, bias=True)
+        self.whiten.requires_grad_(False)  # fitted to the data once (``fit_whitening``)
+        layers: list[nn.Module] = [nn.GELU()]
+        channels = 2 * PATCH_DIMS
+        for stage in range(stages):
+            out = width * 2**stage
+            layers += whitened_block(channels, out)
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(channels, 10, bias=False)
+
+    @torch.no_grad()
+    def fit_whitening(self, images: torch.Tensor, sample: int = 5000) -> None:
+        """Set the first convolution to whiten the 2x2 patches of ``images`` (N, 28, 28) in
+        [0, 1]: zero mean, unit variance along each eigenvector of their covariance."""
+        patches = images[:sample].float().unsqueeze(1).unfold(2, 2, 1).unfold(3, 2, 1)
+        patches = patches.reshape(-1, PATCH_DIMS).double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
+        scaled = eigenvectors.T / torch.sqrt(eigenvalues + WHITENING_EPS)[:, None]
+        weight = torch.cat([scaled, -scaled])
+        self.whiten.weight.copy_(weight.reshape(-1, 1, 2, 2).float())
+        self.whiten.bias.copy_(-(weight @ patches.mean(0)).float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.features(self.whiten(images.unsqueeze(1)))
+        # Max pooling keeps the strongest response of each channel; airbench's fixed 1/9 scale
+        # keeps the logits small at the start, as a tuned temperature would.
+        return self.head(torch.amax(x, dim=(2, 3))) / 9.0
+
+
+PATCH_DIMS = 4
+WHITENING_EPS = 5e-4
+
+
+def whitened_block(c_in: int, c_out: int) -> list[nn.Module]:
+    """conv, pool, BN, GELU, conv, BN, GELU; convolutions start as identities (dirac) on the
+    channels they share, so the untrained network passes its input through."""
+    first = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+    second = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+    nn.init.dirac_(first.weight[:c_in])
+    nn.init.dirac_(second.weight)
+    return [first, nn.MaxPool2d(2), fixed_scale_bn(c_out), nn.GELU()] + [
+        second,
+        fixed_scale_bn(c_out),
+        nn.GELU(),
+    ]
+
+
+def fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
+    # airbench: a trained BN scale adds nothing before GELU + the next conv; only the shift trains.
+    bn = nn.BatchNorm2d(channels)
+    bn.weight.requires_grad_(False)
+    return bn
+
+
 def build_cnn(arch: str = "paper", **options) -> nn.Module:
     """Build a CNN from its spec (``family`` already removed): ``arch`` plus its options."""
     if arch == "paper":
@@ -111,6 +181,8 @@ def build_cnn(arch: str = "paper", **options) -> nn.Module:
         return PaperCNN()
     if arch == "resnet":
         return build_resnet(**options)
+    if arch == "whitened":
+        return build_whitened(**options)
     raise ValueError(f"unknown CNN arch {arch!r} (known: {', '.join(ARCHITECTURES)})")
 
 
@@ -127,6 +199,12 @@ def build_resnet(
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
     return ResNet(int(width), int(blocks), int(stages), float(dropout), bool(stem_pool))
+
+
+def build_whitened(width: int = 32, stages: int = 3) -> WhitenedCNN:
+    if int(width) < 1 or not 1 <= int(stages) <= 3:
+        raise ValueError(f"invalid whitened spec: width {width}, stages {stages} (1 to 3)")
+    return WhitenedCNN(int(width), int(stages))
 
 
 def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str, tuple]]:

@@ -41,7 +41,7 @@ class SpaceFile:
     """A search-space definition (``experiments/cnn_search.yaml``)."""
 
     params: dict[str, Any]
-    recipe: str = "fast"
+    recipe: str = "bf16_cpu"  # the residual family the space's keys (width, blocks) belong to
     startup_trials: int = 5  # random trials (the base point included) before TPE models the space
     description: str = ""
 

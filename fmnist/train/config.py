@@ -15,7 +15,7 @@ from typing import Any
 from fmnist.errors import ConfigError
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "sgd")
-SCHEDULES = ("none", "onecycle", "cosine")
+SCHEDULES = ("none", "onecycle", "cosine", "triangle")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # the study's L2 regularisation (decoupled for adamw)
     batch_size: int = 64
     epochs: int = 10
-    schedule: str = "none"  # per-step learning-rate schedule: none, onecycle, cosine
+    schedule: str = "none"  # per-step learning-rate schedule (SCHEDULES)
     early_stopping_patience: int = 0  # epochs without a better validation accuracy; 0: never
     label_smoothing: float = 0.0
     crop_padding: int = 0  # random translation by up to this many pixels

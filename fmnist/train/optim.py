@@ -59,7 +59,20 @@ def make_scheduler(
         )
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "triangle":
+        # airbench's schedule: a linear rise from lr/5 over the first fifth of the steps, then a
+        # linear fall to zero; momentum stays fixed (SGD's 0.9).
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: triangle(step, total, max(1, round(0.2 * total)))
+        )
     raise ConfigError(f"Unknown schedule {name!r} (known: {', '.join(SCHEDULES)}).")
+
+
+def triangle(step: int, total: int, warmup: int) -> float:
+    """The ``triangle`` schedule's factor at ``step`` of ``total``."""
+    if step < warmup:
+        return 0.2 + 0.8 * step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 class WeightEMA:

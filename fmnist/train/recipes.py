@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
+from fmnist.data import scale_pixels
 from fmnist.definitions import load_definition
 from fmnist.errors import ConfigError
 from fmnist.models import build_model
@@ -100,9 +102,18 @@ def model_spec(recipe: CnnRecipe) -> dict[str, Any]:
     return {"family": "cnn", **recipe.model}
 
 
-def build_classifier(recipe: CnnRecipe) -> nn.Module:
-    """The recipe's untrained network (logits out); a bad architecture is a ``ConfigError``."""
+def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None) -> nn.Module:
+    """The recipe's untrained network (logits out); a bad architecture is a ``ConfigError``.
+
+    With ``train_images`` (uint8 or [0, 1]), a network with data-dependent initialisation (the
+    ``whitened`` arch's patch whitening) is fitted to them; a network rebuilt to load trained
+    weights needs none.
+    """
     try:
-        return build_model(model_spec(recipe))
+        model = build_model(model_spec(recipe))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"Invalid CNN architecture {recipe.model}: {exc}") from None
+    fit_to_data = getattr(model, "fit_whitening", None)
+    if train_images is not None and fit_to_data is not None:
+        fit_to_data(scale_pixels(train_images))
+    return model
