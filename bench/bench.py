@@ -219,7 +219,7 @@ def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
 
 def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
     """Train tiny tracked models through the entry points (peak RSS each), then time pyfunc."""
-    from fmnist.data import load_fashion_mnist
+    from fmnist.data import load_fashion_mnist, scale_pixels
     from fmnist.flows.compare import measure_inference
 
     results: dict = {"rss_mb": {}, "inference": {}}
@@ -254,13 +254,11 @@ def bench_inference_and_memory(data_dir: str, quick: bool) -> dict:
         # an earlier measurement pointed this process's MLflow at its own store
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
         mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        images = load_fashion_mnist(data_dir).test_images.numpy().astype(np.float32) / 255.0
-        images = images[:2000] if quick else images
+        test_images = load_fashion_mnist(data_dir).test_images.numpy()  # uint8
+        images = scale_pixels(test_images[:2000] if quick else test_images)
         for model in ("fmnist-dnn", "fmnist-cnn"):
             results["inference"][model] = measure_inference(f"models:/{model}@champion", images)
-        png = cli_times.write_png(
-            load_fashion_mnist(data_dir).test_images[0].numpy(), Path(tmp) / "one.png"
-        )
+        png = cli_times.write_png(test_images[0], Path(tmp) / "one.png")
         results["predict"] = {
             f"models:/{model}@champion": cli_times.bench_predict(
                 f"models:/{model}@champion", png, env, tmp
