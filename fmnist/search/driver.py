@@ -36,7 +36,7 @@ from fmnist.search import points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
 from fmnist.search.family import Family, SearchIncomplete, SearchOutcome
-from fmnist.search.spec import SearchData, SearchSpec
+from fmnist.search.spec import Built, SearchData, SearchSpec
 from fmnist.search.study import POINT, RUN_ID, StudyRef
 from fmnist.tracking.artifacts import load_run_model, log_model_files
 from fmnist.tracking.search_runs import earlier_result, fail_run, log_search_summary, run_exists
@@ -386,17 +386,7 @@ def train_in_run(
     ``TrialReleased`` at the end of an epoch when ``released`` is set. In ``lockstep``, its
     epochs are trained with the group's (``fit_cpu_seconds``: the process's CPU time over the
     ``sharing`` points)."""
-    if lockstep is not None:
-        lockstep.set_up(trial.number)  # seeding and building are process-wide: one at a time
-    # The initial weights depend on the seed alone, not on what this process trained before.
-    seed_everything(spec.seed)
-    built = spec.space.build(params, data.context)
-    if lockstep is not None:
-        join = getattr(built.trainable, "train_in_lockstep", None)
-        if join is None:
-            lockstep.leave(trial.number)  # a model without a lockstep epoch trains alone
-        else:
-            join(lockstep, trial.number)
+    built = build_point(trial.number, spec, data, params, lockstep)
     cfg = built.train.replace(
         epochs=spec.epochs, seed=spec.seed, device=spec.device, quiet=spec.quiet
     )
@@ -443,6 +433,29 @@ def train_in_run(
     mlflow.log_dict({"history": result.history}, HISTORY_FILE)
     mlflow.set_tag("optuna_state", "COMPLETE")
     return result
+
+
+def build_point(
+    number: int,
+    spec: SearchSpec,
+    data: SearchData,
+    params: Mapping[str, Any],
+    lockstep: Lockstep | None,
+) -> Built:
+    """The point's untrained model and settings, seeded; in ``lockstep``, joined to its group
+    (or leaving it when the model has no lockstep epoch)."""
+    if lockstep is not None:
+        lockstep.set_up(number)  # seeding and building are process-wide: one at a time
+    # The initial weights depend on the seed alone, not on what this process trained before.
+    seed_everything(spec.seed)
+    built = spec.space.build(params, data.context)
+    if lockstep is not None:
+        join = getattr(built.trainable, "train_in_lockstep", None)
+        if join is None:
+            lockstep.leave(number)  # a model without a lockstep epoch trains alone
+        else:
+            join(lockstep, number)
+    return built
 
 
 def end_released_runs(trials) -> None:
