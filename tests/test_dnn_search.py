@@ -28,7 +28,7 @@ from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.models import dense_lockstep
-from fmnist.search import points
+from fmnist.search import driver, points
 from fmnist.search import study as studies
 from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
 from fmnist.search.driver import EPOCH_METRICS, load_trial_model
@@ -523,3 +523,31 @@ def test_a_grid_beyond_the_study_trains_on_images_and_its_winner_reproduces_its_
     np.testing.assert_allclose(logged, expected, atol=1e-5)
     accuracy = float((logged.argmax(axis=1) == test.labels.numpy()).mean())
     assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-4)
+
+
+def test_the_workers_fork_server_is_stopped_at_exit_not_left_tearing_down():
+    """A fork server outlives its command by the seconds its teardown takes, holding the
+    command's output pipes open; the launcher ends it at exit (here with a light preload)."""
+    code = (
+        "import os, signal\n"
+        "from multiprocessing import forkserver\n"
+        "from fmnist.search import launcher\n"
+        "launcher.WORKER_PRELOAD[:] = ['json']\n"
+        "launcher.start_worker_launcher()\n"
+        "launcher.start_worker_launcher()  # a second call starts nothing more\n"
+        "pid = forkserver._forkserver._forkserver_pid\n"
+        "launcher.stop_worker_launcher()\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
+
+
+@pytest.mark.parametrize(
+    ("pending", "n_workers", "size"), [(8, 1, 8), (8, 2, 2), (2, 2, 1), (9, 2, 3), (1, 4, 1)]
+)
+def test_a_worker_claims_two_shares_of_the_lockstep_points(pending, n_workers, size):
+    assert driver.claim_size(pending, n_workers) == size

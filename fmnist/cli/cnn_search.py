@@ -15,6 +15,7 @@ from fmnist.cli.options import (
     pop_common,
     pop_search,
     search_options,
+    start_workers_early,
 )
 from fmnist.config import CnnSearchConfig
 
@@ -83,6 +84,7 @@ def cnn_search(
 
     Re-running the same command resumes the study; a larger --n-trials adds trials.
     """
+    start_workers_early(kwargs["n_jobs"])
     from fmnist.flows.cnn_search import run_cnn_search  # heavy imports only when it runs
 
     cfg = CnnSearchConfig(

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import click
 
-from fmnist.cli.options import common_options, pop_common, pop_search, search_options
+from fmnist.cli.options import (
+    common_options,
+    pop_common,
+    pop_search,
+    search_options,
+    start_workers_early,
+)
 from fmnist.config import DnnSearchConfig
 
 DEFAULTS = DnnSearchConfig()
@@ -57,6 +63,7 @@ def dnn_search(
 
     Re-running the same command resumes it: only points not yet done are trained.
     """
+    start_workers_early(kwargs["n_jobs"])
     from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
 
     cfg = DnnSearchConfig(

@@ -36,6 +36,7 @@ from fmnist.search import points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
 from fmnist.search.family import Family, SearchIncomplete, SearchOutcome
+from fmnist.search.launcher import start_worker_launcher
 from fmnist.search.spec import Built, SearchData, SearchSpec
 from fmnist.search.study import POINT, RUN_ID, StudyRef
 from fmnist.tracking.artifacts import load_run_model, log_model_files
@@ -82,7 +83,7 @@ def start_search(n_jobs: int, pending: int) -> threading.Thread:
     thread = threading.Thread(target=open_store, name="open-tracking-store", daemon=True)
     thread.start()
     if workers.worker_count(n_jobs, pending) > 1:
-        workers.start_worker_launcher()
+        start_worker_launcher()
     return thread
 
 
@@ -122,10 +123,15 @@ def run_search(
         env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
         ended = []
         if n_workers:
-            # the points shared out evenly: each worker trains its share in lockstep
-            group_limit = max(1, math.ceil(pending / n_workers))
             ended = workers.run_workers(
-                runner, spec, ref, data, n_workers, env, end_released_runs, group_limit
+                runner,
+                spec,
+                ref,
+                data,
+                n_workers,
+                env,
+                end_released_runs,
+                claim_size(pending, n_workers),
             )
         summary = summaries.summarize(study, spec)
         pids = [pid for pid, _ in ended]
@@ -138,6 +144,16 @@ def run_search(
         outcome.final = outcome.final or earlier_result(run.info.run_id, outcome.finalized)
         outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def claim_size(pending: int, n_workers: int) -> int:
+    """How many lockstep points a worker claims at once: all of them for a lone worker; else
+    enough for two claims per worker, so that after the costliest points (the study's grid: two
+    batch-32 points each) the cheaper ones go to whoever finishes first. One claim each
+    gave one worker every batch-32 point of the study's grid and left the other idle (measured:
+    8 points, 2 workers, 36 s -> 27 s)."""
+    claims = 1 if n_workers == 1 else 2 * n_workers
+    return max(1, math.ceil(pending / claims))
 
 
 def open_for_run(spec: SearchSpec, ref: StudyRef, finalize_only: bool):

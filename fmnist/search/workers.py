@@ -1,17 +1,16 @@
 """Search workers: processes that claim trials from the study and train them until none is left.
 
 Workers are processes with one torch thread each, the calling process being the first of them.
-They fork from a fork server started early (it imports torch, Optuna and MLflow while the caller
-loads data), get the data as plain numpy arrays, and train each claimed trial with the
-``runner`` the driver passes (a picklable ``runner(study, trial, spec, data)``; ``on_released``
-ends a dead worker's run), so this module knows nothing of MLflow. A worker stays until no other
-worker trains a point, to take back one whose worker dies. Ctrl-C reaches every worker; each
-records its interruption once.
+They fork from a fork server (``launcher``) started early (it imports torch, Optuna and MLflow
+while the caller imports and loads data), get the data as plain numpy arrays, and train each
+claimed trial with the ``runner`` the driver passes (a picklable ``runner(study, trial, spec,
+data)``; ``on_released`` ends a dead worker's run), so this module knows nothing of MLflow. A
+worker stays until no other worker trains a point, to take back one whose worker dies. Ctrl-C
+reaches every worker; each records its interruption once.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import sys
@@ -19,7 +18,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from multiprocessing import forkserver
 from typing import Any
 
 import optuna
@@ -27,6 +25,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from fmnist.data import Split
+from fmnist.search.launcher import start_worker_launcher, worker_context
 from fmnist.search.points import claim_group, others_training, take_back
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.search.study import StudyRef, liveness, open_study
@@ -36,14 +35,6 @@ TrialRunner = Callable[[optuna.Study, list[optuna.Trial], SearchSpec, SearchData
 # Called with the trials of dead workers this worker released (the driver ends their runs).
 ReleaseHook = Callable[[Sequence[FrozenTrial]], None]
 WAIT_POLL_SECONDS = 2.0  # how often a worker with nothing to claim looks at the others' trials
-# Imported once by the fork server that launches workers, so a worker starts in milliseconds.
-# torch._dynamo too: torch.optim imports it on a process's first optimizer (about 1.2 s).
-WORKER_PRELOAD = [
-    "fmnist.search.driver",
-    "mlflow",
-    "mlflow.store.tracking.sqlalchemy_store",
-    "torch._dynamo",
-]
 
 
 def worker_count(n_jobs: int, pending: int) -> int:
@@ -153,23 +144,6 @@ def interrupt_once(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def worker_context():
-    """Workers fork from a fork server (a clean process that never opened a store or a thread
-    pool), or are spawned where there is none."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("forkserver")
-    return multiprocessing.get_context("spawn")
-
-
-def start_worker_launcher() -> None:
-    """Start the fork server now: it imports torch, Optuna and MLflow while the caller loads
-    data, instead of every worker importing them when the training starts."""
-    context = worker_context()
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(WORKER_PRELOAD)
-        forkserver.ensure_running()
 
 
 def run_workers(
