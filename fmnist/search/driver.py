@@ -8,8 +8,8 @@ the winner is registered without retraining. Re-running a command trains only wh
 finished search trains nothing); independent commands on several machines can share a study: the
 study's creator makes the parent run, and the worker that finds every point done and wins the
 finalize lock logs the table and finalizes, once. The Optuna side (storage, queue, workers,
-figures) is ``study``, ``points``, ``summary`` and ``workers``; this module imports MLflow but
-not Optuna.
+figures) is ``study``, ``points``, ``summary`` and ``workers``, and a claim's lockstep
+threads are ``claims``; this module imports MLflow but not Optuna.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fmnist import tracking
 from fmnist.config import SearchOptions
 from fmnist.errors import TrainingDiverged
 from fmnist.models.dense_lockstep import Lockstep
-from fmnist.search import points, workers
+from fmnist.search import claims, points, workers
 from fmnist.search import study as studies
 from fmnist.search import summary as summaries
 from fmnist.search.family import Family, SearchIncomplete, SearchOutcome
@@ -119,7 +119,9 @@ def run_search(
         log_setup(family, ref)
         pending = 0 if finalize_only else points.pending_count(study, spec)
         n_workers = workers.worker_count(n_jobs, pending)
-        runner = partial(run_trials, parent_run_id=run.info.run_id)
+        runner = partial(
+            claims.run_claimed, run_one=partial(run_trial, parent_run_id=run.info.run_id)
+        )
         env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
         ended = []
         if n_workers:
@@ -261,69 +263,6 @@ def parent_run(
     ) as run:
         study.set_user_attr(studies.PARENT_RUN, run.info.run_id)
         yield run
-
-
-# --- the trials of one claim ------------------------------------------------------------------
-
-
-def run_trials(study, trials, spec: SearchSpec, data: SearchData, parent_run_id: str) -> None:
-    """Train the trials a worker claimed: those whose points share a lockstep key together
-    (``run_in_lockstep``), any other alone. Trials not started when an error stops the worker
-    fail for a retry, so that their points are queued again."""
-    groups: dict[Any, list] = {}
-    for trial in trials:
-        key = points.lockstep_key(spec, trial)
-        groups.setdefault(("alone", trial.number) if key is None else key, []).append(trial)
-    pending = list(groups.values())
-    try:
-        while pending:
-            group = pending.pop(0)
-            if len(group) == 1:
-                run_trial(study, group[0], spec, data, parent_run_id)
-            else:
-                run_in_lockstep(study, group, spec, data, parent_run_id)
-    except BaseException:
-        for trial in (t for group in pending for t in group):
-            points.finish_failed(study, trial, "its worker stopped before it started", False)
-        raise
-
-
-def run_in_lockstep(study, trials, spec: SearchSpec, data: SearchData, parent_run_id: str):
-    """Train several points together: each in its own thread with its own child run, trial,
-    heartbeat and ``engine.fit``, their epochs trained at once by one ``Lockstep`` (MLflow's
-    active run is per thread). Ctrl-C (which reaches only this thread) interrupts them all;
-    the first error of any point is raised once every point has ended."""
-    group = Lockstep()
-    for trial in trials:
-        group.join(trial.number)
-    errors: list[BaseException] = []
-
-    def train(trial) -> None:
-        try:
-            run_trial(study, trial, spec, data, parent_run_id, group, len(trials))
-        except BaseException as exc:  # noqa: BLE001 - raised again by the calling thread
-            errors.append(exc)
-            group.interrupt()  # the worker stops: the other points stop too, for a retry
-        finally:
-            group.leave(trial.number)
-
-    threads = [
-        threading.Thread(target=train, args=(t,), name=f"trial-{t.number}", daemon=True)
-        for t in trials
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(timeout=0.5)  # a timed join lets Ctrl-C through
-    except BaseException:
-        group.interrupt()
-        for thread in threads:
-            thread.join()
-        raise
-    if errors:
-        raise errors[0]
 
 
 # --- one trial -------------------------------------------------------------------------------
