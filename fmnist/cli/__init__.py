@@ -189,15 +189,17 @@ def main() -> None:
 def exit_now(code: int | str | None) -> None:
     """End the process without tearing the interpreter down. With torch, MLflow and SQLAlchemy
     loaded, freeing every module object by object takes 1-3 s after the command's last line
-    (measured on 2 cores). What an exit must still do is done first: threads that are not
-    daemons are joined, the atexit handlers run (MLflow's, logging's, the fork server's stop)
-    and the standard streams are flushed."""
+    (measured on 2 cores). What an exit must still do is done first, in the interpreter's own
+    order: the threading module's exit hooks run and the threads that are not daemons are joined
+    (``threading._shutdown``), then the atexit handlers run (MLflow's, logging's, the fork
+    server's stop) and the standard streams are flushed."""
     if isinstance(code, str):
         click.echo(code, err=True)  # as ``sys.exit("message")`` prints it
         code = 1
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # Not a bare join of every thread: an idle ThreadPoolExecutor worker (an MLflow artifact
+    # download leaves one until the garbage collector frees its repository) waits for work until
+    # the hook concurrent.futures registers there wakes it; joined before that, it never ends.
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
