@@ -6,7 +6,8 @@ grayscale and a dark-on-light photo (told apart by its border pixels) is inverte
 otherwise. Every reader checks what a file claims before it allocates memory for it: a photo's
 format and dimensions (``MAX_IMAGE_PIXELS``) before it is decoded, a ``.npy`` header's dtype,
 shape and size against the file before its body is read (never with pickle), an IDX header
-against the file's size (``fmnist.data.read_idx``). A hostile file is a ``DataError``.
+against the file's size (``fmnist.dataset_format.read_idx``). A hostile file is a ``DataError``.
+Nothing here imports torch: ``fmnist predict`` of an ONNX model runs without it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmnist.data import IMAGE_SIZE, read_idx, scale_pixels
+from fmnist.dataset_format import IMAGE_SIZE, read_idx, scale_array
 from fmnist.errors import DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -59,7 +60,7 @@ def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
         raise DataError(
             f"{path}: not a readable image ({type(exc).__name__}: {first_line})."
         ) from None
-    pixels = scale_pixels(np.asarray(gray, dtype=np.uint8))
+    pixels = scale_array(np.asarray(gray, dtype=np.uint8))
     if invert is None:
         invert = looks_dark_on_light(pixels)
     return 1.0 - pixels if invert else pixels
@@ -78,7 +79,7 @@ def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
     if array.ndim != 3 or array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or array.shape[0] == 0:
         raise DataError(f"{source}: expected shape (N, 28, 28) or (28, 28), got {array.shape}.")
     if array.dtype == np.uint8:
-        return scale_pixels(array)
+        return scale_array(array)
     if not np.issubdtype(array.dtype, np.floating):
         raise DataError(f"{source}: expected uint8 or float pixels, got {array.dtype}.")
     array = array.astype(np.float32)

@@ -6,6 +6,8 @@ module, so a checker that silently finds nothing cannot pass.
 The layers, lowest first: config/errors/definitions/published < data/augment/inputs/models <
 train/search coordination < tracking/analysis/search driver/search spaces < flows < cli. A module
 may import its own layer and the layers below it, never one above, not even inside a function.
+The modules of ``fmnist predict`` import nothing that loads torch at module level, followed
+through every module and package an import runs (``TORCH_LOADERS``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.published", "foundation"),
     ("fmnist.locks", "foundation"),
     ("fmnist.data", "core"),
+    ("fmnist.dataset_format", "core"),  # what fmnist.data defines that needs no torch
     ("fmnist.augment", "core"),
     ("fmnist.inputs", "core"),  # the files `fmnist predict` reads, as image arrays
     ("fmnist.models", "core"),
@@ -66,9 +69,14 @@ MLFLOW_ALLOWED = (
 # them on a machine without the tracking stack): no module-level import of these, and a
 # function-local one only with a comment saying why.
 LEAN = ("fmnist.train", "fmnist.train.*", "fmnist.models", "fmnist.models.*")
-LEAN += ("fmnist.data", "fmnist.augment")
+LEAN += ("fmnist.data", "fmnist.dataset_format", "fmnist.augment")
 LEAN_FORBIDS = ("mlflow", "optuna", "click", "sklearn")
 ENGINE = "fmnist.train.engine"
+# `fmnist predict` of a model with an ONNX copy never imports torch (seconds of a cold one-image
+# prediction): these modules, and every package above them, load without it.
+TORCH_FREE = ("fmnist.dataset_format", "fmnist.inputs", "fmnist.tracking.onnx_model")
+TORCH_FREE += ("fmnist.flows.predict", "fmnist.cli.predict")
+TORCH = ("torch", "torchvision")
 
 
 @dataclass(frozen=True)
@@ -212,6 +220,58 @@ def analysis_keeps_no_pyplot_state(module: str, imp: Import) -> str | None:
     return None
 
 
+def packages_run_by(target: str) -> list[str]:
+    """What importing ``target`` executes: ``fmnist.a.b`` runs ``fmnist``, ``fmnist.a`` and
+    ``fmnist.a.b``."""
+    parts = target.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def torch_loaders(sources: dict[str, tuple[str, bool]]) -> frozenset[str]:
+    """The modules (name -> (source, is_package)) whose import loads torch: a module-level import
+    of torch, or of a module (or a package above it) that loads torch, followed to a fixpoint."""
+    targets = {
+        module: [imp.target for imp in imports_of(source, module, is_package) if imp.module_level]
+        for module, (source, is_package) in sources.items()
+    }
+    loaders: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for module, imported in targets.items():
+            if module not in loaders and any(
+                top(target) in TORCH or loaders.intersection(packages_run_by(target))
+                for target in imported
+            ):
+                loaders.add(module)
+                grew = True
+    return frozenset(loaders)
+
+
+TORCH_LOADERS = torch_loaders(
+    {
+        name: (path.read_text(), path.name == "__init__.py")
+        for name, path in package_modules().items()
+    }
+)
+
+
+def the_predict_path_imports_no_torch(module: str, imp: Import) -> str | None:
+    torch_free = matches(module, TORCH_FREE) or any(
+        matches(inner, TORCH_FREE) for inner in KNOWN_MODULES if inner.startswith(module + ".")
+    )
+    if not torch_free or not imp.module_level:
+        return None
+    if top(imp.target) in TORCH:
+        return (
+            f"imports {imp.target} at module level: `fmnist predict` of an ONNX model needs none"
+        )
+    loader = next((p for p in packages_run_by(imp.target) if p in TORCH_LOADERS), None)
+    if loader is not None:
+        return f"imports {imp.target} at module level, which loads torch (through {loader})"
+    return None
+
+
 def imports_point_down_the_layers(module: str, imp: Import) -> str | None:
     if top(imp.target) != "fmnist":
         return None
@@ -234,6 +294,7 @@ RULES: dict[str, Rule] = {
         lean_layers_import_without_the_tracking_stack,
         the_engine_imports_no_concrete_model,
         analysis_keeps_no_pyplot_state,
+        the_predict_path_imports_no_torch,
         imports_point_down_the_layers,
     )
 }
@@ -316,3 +377,25 @@ def test_the_checker_catches_each_kind_of_violation():
     pyplot = "import matplotlib.pyplot as plt\n"
     assert check(analysis_keeps_no_pyplot_state, pyplot, "fmnist.analysis.evaluation")
     assert not check(analysis_keeps_no_pyplot_state, pyplot, "fmnist.flows.eda")
+    # the predict path: torch directly, or through a module that loads it, only inside a function
+    predict = "import torch\nfrom fmnist.data import CLASS_NAMES\nfrom fmnist import errors\n"
+    predict += "def late():\n    import torch\n"
+    found = check(the_predict_path_imports_no_torch, predict, "fmnist.inputs")
+    assert [v.split(":")[1] for v in found] == ["1", "2"]
+    assert "through fmnist.data" in found[1]
+    assert check(the_predict_path_imports_no_torch, "import fmnist.tracking.registry\n", "fmnist")
+    assert not check(the_predict_path_imports_no_torch, predict, "fmnist.flows.evaluate")
+
+
+def test_torch_loaders_follow_imports_through_modules_and_packages():
+    sources = {
+        "pkg": ("", True),
+        "pkg.a": ("import torch.nn\n", False),
+        "pkg.b": ("import pkg.a\n", False),
+        "pkg.sub": ("from pkg.b import x\n", True),
+        "pkg.sub.c": ("import numpy\n", False),
+        "pkg.d": ("def late():\n    import torch\n", False),
+    }
+    assert torch_loaders(sources) == {"pkg.a", "pkg.b", "pkg.sub"}
+    assert "fmnist.data" in TORCH_LOADERS and "fmnist.tracking.registry" in TORCH_LOADERS
+    assert "fmnist.tracking.onnx_model" not in TORCH_LOADERS

@@ -1,9 +1,11 @@
 """The ``predict`` flow: classify image files with any logged or registered model.
 
 Inputs are read by ``fmnist.inputs`` (photos, ``.npy`` arrays, IDX files); each input that cannot
-be read gives a message naming the file while the others are still predicted. The model is
-loaded through ``mlflow.pyfunc`` (``fmnist.tracking.registry.load_pyfunc``) from any URI MLflow
-understands; one that does not resolve is a user error, not a traceback.
+be read gives a message naming the file while the others are still predicted. The model comes
+from any URI MLflow understands or a local model folder; one that does not resolve is a user
+error, not a traceback. A model with an ONNX copy (``extra_files/model.onnx``, every model
+logged since it existed) is fetched alone and run by onnxruntime, and the process never imports
+torch (seconds of a cold one-image prediction); an older model loads with torch as before.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fmnist import tracking
-from fmnist.data import CLASS_NAMES
+from fmnist.dataset_format import CLASS_NAMES
 from fmnist.errors import DataError, FmnistError
 from fmnist.inputs import load_inputs
-from fmnist.tracking.registry import load_probability_module, load_pyfunc
+from fmnist.tracking.onnx_model import OnnxModel, load_onnx_model
 
 
 @dataclass(frozen=True)
@@ -33,20 +34,33 @@ class Prediction:
 
 
 def load_model(model_uri: str):
-    """The model as an eager probability module where its files allow (a second or more faster
-    than loading its pt2 graph), else as a pyfunc model; a URI that does not resolve is a user
-    error, not a traceback."""
+    """The model's ONNX copy where it has one, else the torch model (``load_torch_model``); a
+    URI that does not resolve is a user error, not a traceback."""
     tracking.configure()
     try:
-        return load_probability_module(model_uri) or load_pyfunc(model_uri)
+        return load_onnx_model(model_uri) or load_torch_model(model_uri)
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise FmnistError(f"Could not load model {model_uri!r}: {message}") from None
 
 
+def load_torch_model(model_uri: str):
+    """The model as an eager probability module where its files allow (a second or more faster
+    than loading its pt2 graph), else as a pyfunc model."""
+    # torch loads only for a model without an ONNX copy
+    from fmnist.tracking.registry import load_probability_module, load_pyfunc
+
+    return load_probability_module(model_uri) or load_pyfunc(model_uri)
+
+
 def predict_batch(model, batch: np.ndarray) -> np.ndarray:
-    """(N, 10) probabilities for a float32 (N, 28, 28) batch, from a module or a pyfunc model."""
+    """(N, 10) probabilities for a float32 (N, 28, 28) batch, from an ONNX model, a module or a
+    pyfunc model."""
     batch = np.ascontiguousarray(batch, dtype=np.float32)
+    if isinstance(model, OnnxModel):
+        return model.predict(batch)
+    import torch  # already loaded with the torch model: an ONNX model never gets here
+
     if isinstance(model, torch.nn.Module):
         with torch.no_grad():
             return model(torch.from_numpy(batch)).double().numpy()
