@@ -25,24 +25,18 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+# defined without torch, for `fmnist predict`; the training side imports them from here
+from fmnist.dataset_format import (
+    CLASS_NAMES,  # noqa: F401 - re-exported
+    IMAGE_SIZE,
+    NUM_CLASSES,
+    read_idx,
+    scale_array,
+)
 from fmnist.errors import DataError
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-NUM_CLASSES = len(CLASS_NAMES)
-IMAGE_SIZE = 28
 
 # (file name, IDX magic number, number of dimensions) in torchvision's raw layout.
 RAW_FILES: dict[str, tuple[int, int]] = {
@@ -237,9 +231,7 @@ def scale_pixels(images: T) -> T:
     The one place pixels are scaled: training, evaluation, export examples and predictions."""
     if isinstance(images, torch.Tensor):
         return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255.0)
-    return images
+    return scale_array(images)
 
 
 def iterate_batches(
@@ -283,37 +275,6 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         handle.write(struct.pack(">I", magic))
         handle.write(struct.pack(f">{array.ndim}I", *array.shape))
         handle.write(array.tobytes())
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array.
-
-    The header is read and checked against the file's size before the body is: a header that
-    claims more (or less) than the file holds is a ``DataError``, never an allocation.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(4)
-        if len(head) < 4:
-            raise DataError(f"{path} is too short to be an IDX file ({size} bytes).")
-        zero, dtype_code, ndim = head[0:2], head[2], head[3]
-        if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
-            raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
-        shape = handle.read(4 * ndim)
-        if len(shape) < 4 * ndim:
-            raise DataError(f"{path} is truncated: {size} bytes, shorter than its IDX header.")
-        dims = struct.unpack(f">{ndim}I", shape)
-        expected = 4 + 4 * ndim + math.prod(dims)
-        if size != expected:
-            raise DataError(
-                f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs "
-                f"{expected}."
-            )
-        body = handle.read()
-    if len(body) != math.prod(dims):  # the file changed while it was read
-        raise DataError(f"{path} is truncated or corrupt: size does not match its header {dims}.")
-    return np.frombuffer(body, dtype=np.uint8).reshape(dims)
 
 
 def write_synthetic_dataset(

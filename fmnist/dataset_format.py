@@ -1,9 +1,9 @@
 """The Fashion-MNIST format without torch: class names, image size, IDX files, pixel scaling.
 
 What ``fmnist predict`` needs to read its inputs and name its classes, importable without torch
-(``import torch`` alone is seconds of a one-image prediction). ``fmnist.data`` holds the same
-definitions for the training side, where torch is loaded anyway; tests/test_dataset_format.py
-checks that the two agree, value for value.
+(``import torch`` alone is seconds of a one-image prediction). ``fmnist.data`` imports them from
+here for the training side and scales torch tensors the same way (tests/test_dataset_format.py
+checks that the two scalings agree).
 """
 
 from __future__ import annotations
