@@ -1,4 +1,5 @@
-"""Helpers shared by tests: running MLproject entry points through `mlflow run` in a subprocess."""
+"""Helpers shared by tests: running MLproject entry points through `mlflow run`, or a Python
+snippet, in a subprocess."""
 
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ from pathlib import Path
 import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_python(
+    code: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: int = 120
+) -> subprocess.CompletedProcess:
+    """``python -c code`` with this interpreter (a fresh process: cold imports, its own exit)."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        check=False,
+        timeout=timeout,
+    )
 
 
 def mlflow_run(

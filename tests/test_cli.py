@@ -8,6 +8,7 @@ import sys
 from click.testing import CliRunner
 
 from fmnist.cli import COMMANDS, cli
+from tests.helpers import run_python
 
 
 def test_help_lists_every_command():
@@ -41,12 +42,6 @@ def test_info_prints_counts_of_the_synthetic_data(synthetic_data_dir):
     result = CliRunner().invoke(cli, ["info", "--data-dir", str(synthetic_data_dir)])
     assert result.exit_code == 0, result.output
     assert "160 / 40 / 50" in result.output
-
-
-def run_python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
-    )
 
 
 def test_the_fast_exit_still_joins_threads_runs_atexit_and_flushes():

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -26,7 +24,7 @@ from fmnist.flows.predict import load_model, predict_batch, predict_files
 from fmnist.models import ProbabilityModel, build_model
 from fmnist.tracking import registry
 from fmnist.tracking.onnx_model import EXTRA_DIR, ONNX_FILE, OnnxModel, fetch_onnx_bytes
-from tests.helpers import PROJECT_ROOT, isolated_store
+from tests.helpers import PROJECT_ROOT, isolated_store, run_python
 
 SPECS = {
     "dnn": {"family": "dnn", "pca_components": 12, "hidden": [16]},
@@ -150,15 +148,7 @@ def run_predict_in_a_fresh_process(store_uri: str, model_uri: str, path: Path) -
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri}
     env.pop("MLFLOW_RUN_ID", None)
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=PROJECT_ROOT,
-        check=False,
-        timeout=120,
-    )
+    done = run_python(code, env, PROJECT_ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     rows, marker = done.stdout.rsplit("LOADED ", 1)
     return {"rows": json.loads(rows), "loaded": json.loads(marker), "stderr": done.stderr}

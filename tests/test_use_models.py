@@ -21,6 +21,7 @@ from PIL import Image
 
 from fmnist.cli import cli
 from fmnist.data import CLASS_NAMES, load_fashion_mnist
+from tests.helpers import run_python
 
 MODELS = ("fmnist-dnn", "fmnist-cnn")
 PIPELINE_STEPS = ("data", "eda", "dnn_search", "cnn", "compare")  # one child run each
@@ -99,14 +100,7 @@ def test_registered_models_load_in_a_fresh_process(use_pipeline_store):
         "print(out)\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    done = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
-    )
+    done = run_python(code, env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = eval(done.stdout.strip().splitlines()[-1])  # noqa: S307 - our own subprocess output
     for name in MODELS:
