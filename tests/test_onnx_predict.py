@@ -22,7 +22,7 @@ import torch
 from fmnist.dataset_format import CLASS_NAMES
 from fmnist.flows.predict import load_model, predict_batch, predict_files
 from fmnist.models import ProbabilityModel, build_model
-from fmnist.tracking import registry
+from fmnist.tracking import onnx_export, registry
 from fmnist.tracking.onnx_model import EXTRA_DIR, ONNX_FILE, OnnxModel, fetch_onnx_bytes
 from tests.helpers import PROJECT_ROOT, isolated_store, run_python
 
@@ -201,7 +201,7 @@ def test_a_failed_export_logs_the_model_without_onnx_and_warns(in_store, monkeyp
     def broken_export(module, example, path):
         raise RuntimeError("exporter exploded\nsecond line")
 
-    monkeypatch.setattr(registry, "export_onnx", broken_export)
+    monkeypatch.setattr(onnx_export, "export_onnx", broken_export)
     model = random_model("dnn")
     with pytest.warns(
         RuntimeWarning, match="without its ONNX copy .RuntimeError: exporter explod"
@@ -219,16 +219,16 @@ def test_a_failed_export_logs_the_model_without_onnx_and_warns(in_store, monkeyp
 def test_an_onnx_copy_that_differs_from_torch_is_left_out(tmp_path, monkeypatch):
     module = registry.to_export_module(random_model("cnn"), tta_flip=True, temperature=0.8)
     example = images(4)
-    assert registry.write_onnx_model(tmp_path, module, example) == str(tmp_path / ONNX_FILE)
-    monkeypatch.setattr(registry, "ONNX_TOLERANCE", -1.0)  # no copy can pass
+    assert onnx_export.write_onnx_model(tmp_path, module, example) == str(tmp_path / ONNX_FILE)
+    monkeypatch.setattr(onnx_export, "ONNX_TOLERANCE", -1.0)  # no copy can pass
     with pytest.warns(RuntimeWarning, match="onnxruntime differs from torch by"):
-        assert registry.write_onnx_model(tmp_path, module, example) is None
+        assert onnx_export.write_onnx_model(tmp_path, module, example) is None
     assert not (tmp_path / ONNX_FILE).exists()
 
 
 def test_the_export_writes_the_same_bytes_every_time(tmp_path):
     module = registry.to_export_module(random_model("dnn"), tta_flip=False, temperature=1.7)
     first, second = tmp_path / "first.onnx", tmp_path / "second.onnx"
-    registry.export_onnx(module, images(4), first)
-    registry.export_onnx(module, images(4), second)
+    onnx_export.export_onnx(module, images(4), first)
+    onnx_export.export_onnx(module, images(4), second)
     assert first.read_bytes() == second.read_bytes()

@@ -8,12 +8,12 @@ with a dynamic batch dimension. The model folder also carries ``extra_files/mode
 (a loaded pt2 graph cannot switch train/eval mode), and ``extra_files/calibration.json`` the
 temperature folded into the graph (``read_temperature``: 1 for models logged before it
 existed), and ``extra_files/model.onnx`` the same probability function for onnxruntime
-(``fmnist.tracking.onnx_model``: ``fmnist predict`` without importing torch), checked against
-torch when it is written and left out, with a warning, when export or check fails: the pt2
-graph is the contract, the ONNX copy only an accelerator. The test metrics are linked to the
-MLflow 3 Logged Model, the version gets tags and a description, and the alias rule picks
-``champion`` or ``challenger``. The module never imports the training engine: any module
-``build_model`` can rebuild from its spec works.
+(written and checked by ``fmnist.tracking.onnx_export``, read without torch by
+``fmnist.tracking.onnx_model`` for ``fmnist predict``; left out, with a warning, when export or
+check fails: the pt2 graph is the contract, the ONNX copy only an accelerator). The test
+metrics are linked to the MLflow 3 Logged Model, the version gets tags and a description, and
+the alias rule picks ``champion`` or ``challenger``. The module never imports the training
+engine: any module ``build_model`` can rebuild from its spec works.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -42,7 +41,8 @@ from torch import nn
 from fmnist.data import scale_pixels
 from fmnist.models import ProbabilityModel
 from fmnist.tracking.artifacts import read_model_files, write_model_files
-from fmnist.tracking.onnx_model import EXTRA_DIR, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, OnnxModel
+from fmnist.tracking.onnx_export import write_onnx_model
+from fmnist.tracking.onnx_model import EXTRA_DIR
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -51,8 +51,6 @@ IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 EXAMPLE_BATCH = 4  # > 1, otherwise torch.export specialises the batch dimension to 1
 CALIBRATION_FILE = "calibration.json"  # beside the rebuild files; absent before calibration
-ONNX_OPSET = 18
-ONNX_TOLERANCE = 1e-5  # largest |onnxruntime - torch| probability accepted when exporting
 
 
 @dataclass(frozen=True)
@@ -285,63 +283,6 @@ def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example, t
             pip_requirements=pip_requirements(),
             tags=tags,
         )
-
-
-def write_onnx_model(folder: Path, module: nn.Module, example: np.ndarray) -> str | None:
-    """``model.onnx`` in ``folder``: the eval-mode CPU probability ``module`` with a dynamic batch
-    dimension, checked against torch on ``example``. None, with a warning, when export or check
-    fails: the model is still logged, and ``fmnist predict`` loads it with torch."""
-    path = Path(folder) / ONNX_FILE
-    try:
-        export_onnx(module, example, path)
-        check_onnx(module, example, path)
-    except Exception as exc:  # noqa: BLE001 - any failure only costs predict's fast path
-        path.unlink(missing_ok=True)
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        warnings.warn(
-            f"model logged without its ONNX copy ({type(exc).__name__}: {first_line}); "
-            "`fmnist predict` will load it with torch",
-            RuntimeWarning,
-            2,
-        )
-        return None
-    return str(path)
-
-
-def export_onnx(module: nn.Module, example: np.ndarray, path: Path) -> None:
-    """Trace ``module`` on ``example`` into an ONNX file whose batch dimension is dynamic.
-
-    The TorchScript exporter (``dynamo=False``) writes the dense model in a tenth of a second
-    and the same bytes every time; the default torch.export-based one took 3.4 s and needs
-    onnxscript besides. Its deprecation warning says nothing a user can act on.
-    """
-    batch = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings(
-            "ignore", "You are using the legacy TorchScript", DeprecationWarning
-        )
-        torch.onnx.export(
-            module,
-            (torch.from_numpy(example),),
-            str(path),
-            dynamo=False,
-            opset_version=ONNX_OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: batch, OUTPUT_NAME: batch},
-        )
-
-
-def check_onnx(module: nn.Module, example: np.ndarray, path: Path) -> None:
-    """Raise unless onnxruntime's probabilities of ``example``, as a batch and its first image
-    alone (the batch dimension really is dynamic), match ``module``'s within ONNX_TOLERANCE."""
-    onnx_model = OnnxModel(path)
-    with torch.no_grad():
-        expected = module(torch.from_numpy(example)).double().numpy()
-    for rows in (slice(None), slice(0, 1)):
-        gap = float(np.abs(onnx_model.predict(example[rows]) - expected[rows]).max())
-        if not gap <= ONNX_TOLERANCE:
-            raise ValueError(f"onnxruntime differs from torch by {gap:.2e}")
 
 
 def link_metrics(client, model_id: str, run_id: str, metrics: Mapping[str, float]) -> None:
