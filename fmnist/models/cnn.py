@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("paper", "resnet", "whitened")
+PATCH_DIMS = 4  # a 2x2 patch of a grayscale image, as the whitening convolution sees it
+WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench's value)
 
 
 def conv_bn(c_in: int, c_out: int, padding: int, activation: nn.Module) -> list[nn.Module]:
@@ -148,10 +150,6 @@ class WhitenedCNN(nn.Module):
         return self.head(torch.amax(x, dim=(2, 3))) / 9.0
 
 
-PATCH_DIMS = 4
-WHITENING_EPS = 5e-4
-
-
 def whitened_block(c_in: int, c_out: int) -> list[nn.Module]:
     """conv, pool, BN, GELU, conv, BN, GELU; convolutions start as identities (dirac) on the
     channels they share, so the untrained network passes its input through."""
@@ -159,10 +157,9 @@ def whitened_block(c_in: int, c_out: int) -> list[nn.Module]:
     second = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
     nn.init.dirac_(first.weight[:c_in])
     nn.init.dirac_(second.weight)
-    return [first, nn.MaxPool2d(2), fixed_scale_bn(c_out), nn.GELU()] + [
-        second,
-        fixed_scale_bn(c_out),
-        nn.GELU(),
+    return [
+        *(first, nn.MaxPool2d(2), fixed_scale_bn(c_out), nn.GELU()),
+        *(second, fixed_scale_bn(c_out), nn.GELU()),
     ]
 
 

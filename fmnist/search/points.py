@@ -294,7 +294,8 @@ def claim_group(
     """The next trials this worker trains (empty: nothing is left for it): one, and up to
     ``limit`` in all while the next queued point shares its lockstep key. Each is claimed as
     ``claim`` claims one, so each is held, beats and is taken back on its own; another worker
-    may pop a point first, so the group's keys may still differ (the driver checks them)."""
+    may pop a point first, so the group's keys may still differ (``claims.run_claimed`` groups
+    them by key)."""
     first = claim(study, spec, started)
     if first is None:
         return []

@@ -3,7 +3,7 @@
 Workers are processes with one torch thread each, the calling process being the first of them.
 They fork from a fork server (``launcher``) started early (it imports torch, Optuna and MLflow
 while the caller imports and loads data), get the data as plain numpy arrays, and train each
-claimed trial with the ``runner`` the driver passes (a picklable ``runner(study, trial, spec,
+claim with the ``runner`` the driver passes (a picklable ``runner(study, trials, spec,
 data)``; ``on_released`` ends a dead worker's run), so this module knows nothing of MLflow. A
 worker stays until no other worker trains a point, to take back one whose worker dies. Ctrl-C
 reaches every worker; each records its interruption once.
