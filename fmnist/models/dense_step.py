@@ -2,9 +2,11 @@
 
 For a network as small as the study's MLP, a torch operator's dispatch costs more than its
 arithmetic and autograd's bookkeeping twice that, while a numpy call costs about a microsecond:
-the dense grid is a million such steps. ``ExplicitStep`` runs an epoch over index slices
+the dense grid is a million such steps. ``ExplicitStep`` is the engine's epoch runner for a plain
+MLP and optimizer: a network with a hidden layer trains in ``dense_stacked``'s kernel as a group
+of one (what it computes alone it computes in a lockstep group); one without trains here
 (``backpropagate``) on a flat working copy of the weights and the optimizer's state, with the
-optimizer's own arithmetic (the fused Adam kernel; RMSprop's formula in numpy), and writes the
+optimizer's own arithmetic (the fused Adam kernel; RMSprop's formula in numpy). Both write the
 copy back after the epoch, so ``state_dict``, checkpoints and resuming are unchanged
 (``tests/test_dense.py`` compares it with autograd and with ``torch.optim`` step by step). The
 engine reaches it through ``MLP.epoch_runner``: it never imports a model.
@@ -13,7 +15,6 @@ engine reaches it through ``MLP.epoch_runner``: it never imports a model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,15 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from fmnist.data import scale_pixels
+from fmnist.models.dense_stacked import (
+    adam_update,
+    cross_entropy_sum,
+    one_blas_thread,
+    rmsprop_update,
+    run_stacked_epoch,
+    scaled_one_hot,
+    stackable,
+)
 
 
 def backpropagate(
@@ -58,33 +68,10 @@ def backpropagate(
     return logits
 
 
-def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
-    """One-hot rows of ``targets``, each divided by the size of the batch it falls in.
-
-    Batches are ``batch_size`` consecutive rows, the last one shorter; None: one batch.
-    """
-    n = len(targets)
-    one_hot = np.zeros((n, n_classes), np.float32)
-    one_hot[np.arange(n), targets] = 1.0
-    size = batch_size or max(n, 1)
-    sizes = np.full(n, size, np.float32)
-    if n % size:
-        sizes[n - n % size :] = n % size
-    one_hot /= sizes[:, None]
-    return one_hot
-
-
-def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The summed cross-entropy of float logits (any row shift) against integer targets."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
-    return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
-
-
 class ExplicitStep:
     """The MLP's epoch runner for Adam, AdamW or RMSprop in their plain forms, on the CPU.
 
-    At batch 32 a step costs about 90 us against about 200 us for the same step in torch
+    At batch 32 a step costs about 80 us against about 200 us for the same step in torch
     operators written out by hand: the dense grid's whole cost.
     """
 
@@ -122,10 +109,14 @@ class ExplicitStep:
     ) -> tuple[float, int]:
         """Train on ``inputs[order]`` in batches; returns the summed loss and the correct count.
 
-        The weights, gradients and optimizer state live in one flat working copy for the epoch
-        (written back at its end, also when it is interrupted), so that each step's update is a
-        single kernel over all parameters instead of one per parameter.
+        A network with a hidden layer trains in ``dense_stacked``'s kernel as a group of one
+        (so alone it computes what it computes in lockstep). Without one, the weights, gradients
+        and optimizer state live in one flat working copy for the epoch (written back at its
+        end, also when it is interrupted), so that each step's update is a single kernel over
+        all parameters instead of one per parameter.
         """
+        if stackable(self):
+            return run_stacked_epoch([self], inputs, labels, order, batch_size)[0]
         features, order_ = inputs.numpy(), order.numpy()
         targets = labels.numpy()[order_]
         flat = FlatParameters(self.params, self.state_keys(), self.state)
@@ -176,6 +167,7 @@ class ExplicitStep:
             [flat.grads],
             [flat.states["exp_avg"]],
             [flat.states["exp_avg_sq"]],
+            flat.step.numpy(),
             [flat.step],
             lr=group["lr"],
             beta1=group["betas"][0],
@@ -198,20 +190,6 @@ class ExplicitStep:
                     state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
             states.append(state[key])
         return states
-
-
-def one_blas_thread():
-    """Limit numpy's BLAS to one thread (a no-op context where threadpoolctl is missing).
-
-    At the dense grid's sizes a second BLAS thread only waits, and when search workers run in
-    parallel their idle BLAS threads spin on each other's cores (measured: batch-64 trials 8x
-    slower). Imported here, not at the top: the GPU bench scripts run without scikit-learn.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return nullcontext()
-    return threadpool_limits(1, user_api="blas")
 
 
 class FlatParameters:
@@ -255,41 +233,3 @@ class FlatParameters:
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return list(flat.split([p.numel() for p in self.originals]))
-
-
-def adam_update(kernel, params, grads, exp_avgs, exp_avg_sqs, steps, **settings) -> None:
-    """``torch.optim.Adam(fused=True).step()``'s arithmetic (AdamW's with the AdamW kernel)."""
-    torch._foreach_add_(steps, 1)
-    kernel(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        [],
-        steps,
-        amsgrad=False,
-        maximize=False,
-        grad_scale=None,
-        found_inf=None,
-        **settings,
-    )
-
-
-def rmsprop_update(
-    params, grads, square_avg, scratch, step, *, lr, alpha, eps, weight_decay
-) -> None:
-    """``torch.optim.RMSprop.step()``'s arithmetic without momentum or centering, on flat numpy
-    arrays (a numpy call costs a third of a torch operator's dispatch at this size)."""
-    step += 1
-    if weight_decay:
-        np.multiply(params, np.float32(weight_decay), out=scratch)
-        grads += scratch  # grads are scratch space too
-    square_avg *= np.float32(alpha)
-    np.multiply(grads, grads, out=scratch)
-    scratch *= np.float32(1 - alpha)
-    square_avg += scratch
-    np.sqrt(square_avg, out=scratch)
-    scratch += np.float32(eps)
-    np.divide(grads, scratch, out=scratch)
-    scratch *= np.float32(-lr)
-    params += scratch

@@ -1,12 +1,13 @@
 """Search workers: processes that claim trials from the study and train them until none is left.
 
-Workers are processes with one torch thread each, the calling process being the first of them.
-They fork from a fork server (``launcher``) started early (it imports torch, Optuna and MLflow
-while the caller imports and loads data), get the data as plain numpy arrays, and train each
-claim with the ``runner`` the driver passes (a picklable ``runner(study, trials, spec,
-data)``; ``on_released`` ends a dead worker's run), so this module knows nothing of MLflow. A
-worker stays until no other worker trains a point, to take back one whose worker dies. Ctrl-C
-reaches every worker; each records its interruption once.
+Workers are processes with one torch thread each: the calling process when it is the only one,
+else processes that fork from a fork server (``launcher``) started early (it imports torch,
+Optuna and MLflow while the caller imports and loads data) while the caller waits. They get the
+data as plain numpy arrays, and train each claim with the ``runner`` the driver passes (a
+picklable ``runner(study, trials, spec, data)``; ``on_released`` ends a dead worker's run), so
+this module knows nothing of MLflow. A worker stays until no other worker trains a point, to
+take back one whose worker dies. Ctrl-C reaches every worker; each records its interruption
+once.
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ def work(
     worker: int = 0,
     on_released: ReleaseHook | None = None,
     group_limit: int = 1,
+    wake: Any = None,
 ) -> int:
     """Claim and train trials until none is left and no other worker trains one; return how
     many it trained. A claim takes up to ``group_limit`` points that train in lockstep.
+    ``wake`` (an Event shared by the workers of one machine) is set when this worker ends a
+    claim or stops, so that one waiting for it looks again at once instead of at its next poll.
 
     While others train, this worker polls: a trial whose worker stops beating for the grace
     period (a machine that died) is released, handed to ``on_released`` (which ends its MLflow
@@ -70,12 +74,16 @@ def work(
             on_released(released)
         trials = claim_group(study, spec, started, group_limit)
         if trials:
-            runner(study, trials, spec, data)
+            try:
+                runner(study, trials, spec, data)
+            finally:
+                signal_others(wake)
             trained += len(trials)
             waiting = False
             continue
         held = others_training(study, spec, started)
         if not held:
+            signal_others(wake)
             return trained
         if not waiting and not spec.quiet and worker == 0:
             print(
@@ -85,7 +93,23 @@ def work(
                 flush=True,
             )
         waiting = True
-        time.sleep(min(WAIT_POLL_SECONDS, liveness().heartbeat))
+        pause(wake, min(WAIT_POLL_SECONDS, liveness().heartbeat))
+
+
+def signal_others(wake: Any) -> None:
+    if wake is not None:
+        wake.set()
+
+
+def pause(wake: Any, seconds: float) -> None:
+    """Wait ``seconds``, or less when a worker of this machine ends a claim: the others' last
+    trial ending would otherwise leave this worker (and the command) idle until its next poll,
+    up to two seconds (measured at the end of the dense grid)."""
+    if wake is None:
+        time.sleep(seconds)
+        return
+    wake.wait(seconds)
+    wake.clear()  # a wake-up set after the wait returned is seen by the check that follows
 
 
 @contextmanager
@@ -124,6 +148,7 @@ def worker_main(
     worker: int,
     on_released: ReleaseHook | None = None,
     group_limit: int = 1,
+    wake: Any = None,
 ) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGTERM, interrupt_once)
@@ -132,7 +157,7 @@ def worker_main(
     os.environ.update(env)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        work(runner, spec, ref, unpack(payload), worker, on_released, group_limit)
+        work(runner, spec, ref, unpack(payload), worker, on_released, group_limit, wake)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -156,26 +181,26 @@ def run_workers(
     on_released: ReleaseHook | None = None,
     group_limit: int = 1,
 ) -> list[tuple[int, int]]:
-    """Train queued points with ``n_workers`` processes (this one included; the others get
-    ``env``), each claiming up to ``group_limit`` lockstep points at a time; the others' pids
-    and exit codes."""
-    processes = []
-    if n_workers > 1:
-        start_worker_launcher()  # a no-op when the caller started it early, as it should
-        context = worker_context()
-        payload = pack(data)
-        for worker in range(1, n_workers):
+    """Train queued points with ``n_workers`` processes, each claiming up to ``group_limit``
+    lockstep points at a time; their pids and exit codes. One worker is this process; several
+    fork from the launcher (getting ``env``) while this one waits: it would otherwise import
+    what they have preloaded (torch.optim's first optimizer imports torch._dynamo, about 1.5 s
+    on the dense grid's critical path)."""
+    if n_workers <= 1:
+        with torch_threads(1):
+            work(runner, spec, ref, data, 0, on_released, group_limit)
+        return []
+    start_worker_launcher()  # a no-op when the caller started it early, as it should
+    context = worker_context()
+    payload, wake, processes = pack(data), context.Event(), []
+    try:
+        for worker in range(n_workers):
+            args = (runner, spec, ref, payload, dict(env), worker, on_released, group_limit, wake)
             process = context.Process(
-                target=worker_main,
-                args=(runner, spec, ref, payload, dict(env), worker, on_released, group_limit),
-                daemon=True,
-                name=f"search-worker-{worker}",
+                target=worker_main, args=args, daemon=True, name=f"search-worker-{worker}"
             )
             process.start()
             processes.append(process)
-    try:
-        with torch_threads(1):
-            work(runner, spec, ref, data, 0, on_released, group_limit)
         for process in processes:
             process.join()
     except BaseException:
