@@ -27,7 +27,7 @@ from fmnist.models.dense_stacked import (
     adam_update,
     cross_entropy_sum,
     one_blas_thread,
-    rmsprop_update,
+    rmsprop_updater,
     run_stacked_epoch,
     scaled_one_hot,
     stackable,
@@ -145,17 +145,10 @@ class ExplicitStep:
         """The optimizer's update with its settings and the flat state bound: one call a step."""
         group = self.group
         if self.rmsprop:
-            return partial(
-                rmsprop_update,
-                flat.params.numpy(),
-                flat.grads.numpy(),
-                flat.states["square_avg"].numpy(),
-                np.empty(flat.params.shape, np.float32),
-                flat.step.numpy(),
-                lr=group["lr"],
-                alpha=group["alpha"],
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
+            scratch = torch.zeros_like(flat.params)
+            square_avg = flat.states["square_avg"]
+            return rmsprop_updater(
+                flat.params, flat.grads, square_avg, scratch, flat.step.numpy(), group
             )
         decoupled = group.get("decoupled_weight_decay") or isinstance(
             self.optimizer, torch.optim.AdamW
