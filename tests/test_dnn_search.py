@@ -338,7 +338,8 @@ def test_an_interrupted_lockstep_group_queues_each_point_again(
 def fit_alone(data_dir: Path, grid: Path, params: dict) -> float:
     """The best validation accuracy of one point of the tiny grid fitted on its own (no group),
     as a trial builds and fits it."""
-    from fmnist.flows.dnn_search import dense_family, prepare_data
+    from fmnist.flows.dnn_data import prepare_data
+    from fmnist.flows.dnn_search import dense_family
     from fmnist.train.runtime import seed_everything
 
     cfg = config(data_dir, grid)

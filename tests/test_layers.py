@@ -36,6 +36,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.definitions", "foundation"),
     ("fmnist.published", "foundation"),
     ("fmnist.locks", "foundation"),
+    ("fmnist.prefetch", "foundation"),  # standard library only: the CLI starts work early
     ("fmnist.data", "core"),
     ("fmnist.dataset_format", "core"),  # what fmnist.data defines that needs no torch
     ("fmnist.augment", "core"),

@@ -339,8 +339,12 @@ def plot_misclassified(images: np.ndarray, errors: Sequence[Mapping[str, Any]]) 
     count = len(errors)
     columns = min(5, max(count, 1))
     rows = max(1, math.ceil(count / columns))
-    fig = Figure(figsize=(2.4 * columns, 2.7 * rows + 0.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    height = 2.7 * rows + 0.6
+    fig = Figure(figsize=(2.4 * columns, height))
+    # fixed margins: constrained layout over 25 axes took half of this figure's 0.8 s
+    spacing = {"left": 0.02, "right": 0.98, "bottom": 0.1 / height, "top": 1 - 0.75 / height}
+    grid = {**spacing, "hspace": 0.35, "wspace": 0.1}
+    axes = np.atleast_1d(fig.subplots(rows, columns, gridspec_kw=grid)).ravel()
     # uint8 pixels are 0-255; float pixels are already in [0, 1]
     vmax = 255 if images.dtype == np.uint8 else 1.0
     for ax in axes:

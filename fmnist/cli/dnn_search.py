@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from fmnist import prefetch
 from fmnist.cli.options import (
     common_options,
     pop_common,
@@ -63,9 +64,6 @@ def dnn_search(
 
     Re-running the same command resumes it: only points not yet done are trained.
     """
-    start_workers_early(kwargs["n_jobs"])
-    from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
-
     cfg = DnnSearchConfig(
         common=pop_common(kwargs),
         search=pop_search(kwargs),
@@ -74,6 +72,11 @@ def dnn_search(
         prune=prune and not no_prune,
         finalize=finalize,
     )
+    start_workers_early(cfg.search.n_jobs)
+    if not finalize:  # the data loads and PCA fits while the flow imports (fmnist.prefetch)
+        prefetch.start(("dnn-data", cfg), "fmnist.flows.dnn_data:prepare_data", cfg)
+    from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
+
     result = run_dnn_search(cfg)
     click.echo(", ".join(f"{key}={value}" for key, value in result.items()))
     if result["model_uri"]:

