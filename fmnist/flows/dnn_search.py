@@ -33,7 +33,7 @@ from fmnist.search.dense_space import (
 )
 from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spec import SearchSpec
-from fmnist.tracking.evaluation import evaluate_calibrated_and_log
+from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
 from fmnist.train.engine import predict_logits
 from fmnist.train.runtime import resolve_device
@@ -152,7 +152,7 @@ def finalize_winner(
     test set and register them (the temperature folded into the logged model)."""
     best = outcome.summary.best
     model, spec, history = driver.load_trial_model(best.run_id)
-    metrics, temperature = evaluate_calibrated_and_log(
+    evaluation = calibrated_evaluation(
         predict_logits(model, splits.val.images).numpy(),
         splits.val.labels.numpy(),
         predict_logits(model, splits.test.images).numpy(),
@@ -160,22 +160,23 @@ def finalize_winner(
         splits.test.images.numpy(),
         history,
     )
-    info = log_and_register(
-        model,
-        spec,
-        cfg.registered_name,
-        best.value,
-        metrics,
-        digest,
-        quick=cfg.quick,
-        extra_tags={
-            "optuna_study": outcome.ref.study_name,
-            "search_point": best.point,
-            "trial_run_id": best.run_id,
-        },
-        input_example=splits.test.images[:4].numpy(),
-        temperature=temperature,
-    )
+    with evaluation as (metrics, temperature):  # its figures render beside the registration
+        info = log_and_register(
+            model,
+            spec,
+            cfg.registered_name,
+            best.value,
+            metrics,
+            digest,
+            quick=cfg.quick,
+            extra_tags={
+                "optuna_study": outcome.ref.study_name,
+                "search_point": best.point,
+                "trial_run_id": best.run_id,
+            },
+            input_example=splits.test.images[:4].numpy(),
+            temperature=temperature,
+        )
     mlflow.set_tags({"registered_model_uri": info.model_uri, "registered_alias": info.alias})
     # the winner's size and training time on the parent, as a CNN run carries its own
     trial_metrics = mlflow.get_run(best.run_id).data.metrics

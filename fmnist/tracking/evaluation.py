@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,6 @@ from fmnist.analysis import calibration as cal
 from fmnist.analysis import robustness as rob
 from fmnist.analysis.evaluation import (
     ARTIFACT_DIR,
-    artifact_path,
     build_artifacts,
     compute_metrics,
 )
@@ -54,7 +57,7 @@ def write_artifacts(artifacts: Mapping[str, Any], folder: Path) -> None:
             path.write_text(value)
         else:
             path.write_text(json.dumps(value, indent=2, default=float))
-    child = fork_to_save(figures[1::2]) if len(figures) > 1 else None
+    child = fork_child(partial(save_figures, figures[1::2])) if len(figures) > 1 else None
     save_figures(figures[::2] if child is not None else figures)
     if child is not None and not child_succeeded(child):
         save_figures(figures[1::2])  # the child failed: render its share here
@@ -65,10 +68,10 @@ def save_figures(figures: Sequence[tuple[Path, Figure]]) -> None:
         figure.savefig(path, dpi=100)
 
 
-def fork_to_save(figures: Sequence[tuple[Path, Figure]]) -> int | None:
-    """The pid of a forked child that saves ``figures`` and exits; None where there is no fork.
-    The child touches nothing but matplotlib and its files, and leaves by ``os._exit`` (no
-    atexit handler, buffer flush or store connection of this process runs twice)."""
+def fork_child(work: Callable[[], None]) -> int | None:
+    """The pid of a forked child that runs ``work`` and exits; None where there is no fork.
+    The child touches nothing but numpy, matplotlib and its files, and leaves by ``os._exit``
+    (no atexit handler, buffer flush or store connection of this process runs twice)."""
     if not hasattr(os, "fork"):
         return None
     pid = os.fork()
@@ -76,15 +79,24 @@ def fork_to_save(figures: Sequence[tuple[Path, Figure]]) -> int | None:
         return pid
     code = 1
     try:
-        save_figures(figures)
+        work()
         code = 0
     finally:
         os._exit(code)
 
 
-def child_succeeded(pid: int) -> bool:
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) == 0
+def child_succeeded(pid: int, timeout: float = 300.0) -> bool:
+    """Whether the child ended well within ``timeout`` seconds (else it is killed: a fork can
+    inherit a lock another thread held, and the work is then done here instead)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
 
 
 def evaluate_and_log(
@@ -102,10 +114,10 @@ def evaluate_and_log(
     """
     metrics = compute_metrics(probabilities, labels, loss, prefix)
     log_metrics_finite(metrics)
-    artifacts = build_artifacts(probabilities, labels, images, metrics, history, prefix)
-    with tempfile.TemporaryDirectory() as tmp:
-        write_artifacts(artifacts, Path(tmp))
-        mlflow.log_artifacts(tmp, ARTIFACT_DIR)
+    with artifacts_in_background(
+        partial(build_artifacts, probabilities, labels, images, metrics, history, prefix)
+    ):
+        pass
     return metrics
 
 
@@ -118,11 +130,29 @@ def log_calibration(
 ) -> dict[str, float]:
     """NLL, Brier, ECE before and after, ``temperature``, and the reliability diagram (under
     ``evaluation/<prefix>/``) into the active run; return the metrics."""
+    metrics = log_calibration_metrics(calibrated, uncalibrated, labels, temperature, prefix)
+    with artifacts_in_background(
+        partial(
+            calibration_artifacts, calibrated, uncalibrated, labels, temperature, metrics, prefix
+        )
+    ):
+        pass
+    return metrics
+
+
+def log_calibration_metrics(calibrated, uncalibrated, labels, temperature, prefix="test"):
     labels = np.asarray(labels).reshape(-1)
     metrics = cal.calibration_metrics(calibrated, uncalibrated, labels, temperature, prefix)
     log_metrics_finite(metrics)
+    return metrics
+
+
+def calibration_artifacts(
+    calibrated, uncalibrated, labels, temperature: float, metrics, prefix: str = "test"
+) -> dict[str, Any]:
+    """The reliability diagram and its bins (JSON), by path under ``evaluation/``."""
+    labels = np.asarray(labels).reshape(-1)
     figure = cal.plot_reliability_diagram(calibrated, uncalibrated, labels, temperature)
-    mlflow.log_figure(figure, artifact_path(RELIABILITY_FIGURE, prefix))
     bins = cal.reliability_bins(calibrated, labels)
     table = {
         **metrics,
@@ -131,8 +161,7 @@ def log_calibration(
         "bin_confidence": np.nan_to_num(bins.confidence).round(6).tolist(),
         "bin_accuracy": np.nan_to_num(bins.accuracy).round(6).tolist(),
     }
-    mlflow.log_dict(table, artifact_path(CALIBRATION_JSON, prefix))
-    return metrics
+    return {f"{prefix}/{RELIABILITY_FIGURE}": figure, f"{prefix}/{CALIBRATION_JSON}": table}
 
 
 def evaluate_calibrated_and_log(
@@ -143,19 +172,66 @@ def evaluate_calibrated_and_log(
     test_images: np.ndarray,
     history: Sequence[Mapping[str, float]] | None = None,
 ) -> tuple[dict[str, float], float]:
+    """``calibrated_evaluation`` with nothing to do beside its artifacts."""
+    with calibrated_evaluation(
+        val_scores, val_labels, test_scores, test_labels, test_images, history
+    ) as (metrics, temperature):
+        pass
+    return metrics, temperature
+
+
+@contextmanager
+def calibrated_evaluation(
+    val_scores: np.ndarray,
+    val_labels: np.ndarray,
+    test_scores: np.ndarray,
+    test_labels: np.ndarray,
+    test_images: np.ndarray,
+    history: Sequence[Mapping[str, float]] | None = None,
+) -> Iterator[tuple[dict[str, float], float]]:
     """Fit the temperature on the validation scores (logits or log-probabilities), evaluate the
     tempered test probabilities (the registered model's output) and log it all.
 
-    Returns the metrics (the test evaluation's and the calibration's) and the temperature. The
-    test loss is the tempered model's NLL; the accuracy is unchanged (a monotone map of each row),
-    and ``test_accuracy_uncalibrated`` is logged beside it to show it.
+    Yields the metrics (the test evaluation's and the calibration's, logged) and the
+    temperature; the artifacts (figures, reports, the reliability diagram) are built and
+    written beside the block (``artifacts_in_background``: the caller logs its model meanwhile)
+    and logged when it ends. The test loss is the tempered model's NLL; the accuracy is
+    unchanged (a monotone map of each row), and ``test_accuracy_uncalibrated`` is logged beside
+    it to show it.
     """
     temperature = cal.fit_temperature(val_scores, val_labels)
     calibrated = cal.tempered(test_scores, temperature)
     uncalibrated = cal.tempered(test_scores, 1.0)
-    metrics = evaluate_and_log(calibrated, test_labels, test_images, None, history)
-    metrics.update(log_calibration(calibrated, uncalibrated, test_labels, temperature))
-    return metrics, temperature
+    metrics = compute_metrics(calibrated, test_labels, None, "test")
+    log_metrics_finite(metrics)
+    calibration = log_calibration_metrics(calibrated, uncalibrated, test_labels, temperature)
+
+    def build() -> dict[str, Any]:
+        artifacts = build_artifacts(calibrated, test_labels, test_images, metrics, history)
+        artifacts.update(
+            calibration_artifacts(calibrated, uncalibrated, test_labels, temperature, calibration)
+        )
+        return artifacts
+
+    with artifacts_in_background(build):
+        yield {**metrics, **calibration}, temperature
+
+
+@contextmanager
+def artifacts_in_background(build: Callable[[], Mapping[str, Any]]) -> Iterator[None]:
+    """Build and write ``build()``'s artifacts in a forked child while the block runs, then log
+    them under ``evaluation/``. Figures are most of an evaluation's time on one core, and what
+    a flow does next (logging its model) does not need them: the two then share two cores.
+    Where there is no fork, or the child fails, they are built here after the block."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        child = fork_child(lambda: write_artifacts(build(), folder))
+        try:
+            yield
+        finally:
+            if child is None or not child_succeeded(child):
+                write_artifacts(build(), folder)
+        mlflow.log_artifacts(tmp, ARTIFACT_DIR)
 
 
 def log_robustness(result: rob.RobustnessResult) -> dict[str, float]:
