@@ -35,7 +35,7 @@ from fmnist.errors import ConfigError
 from fmnist.models import count_parameters
 from fmnist.models.cnn import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
-from fmnist.tracking.evaluation import evaluate_calibrated_and_log
+from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
 from fmnist.train.engine import FitResult, fit, predict_logits
 from fmnist.train.optim import bf16_active
@@ -241,7 +241,7 @@ def evaluate_test(
         .numpy()
         for split in (val, test)
     ]
-    metrics, temperature = evaluate_calibrated_and_log(
+    evaluation = calibrated_evaluation(
         scores[0],
         val.labels.numpy(),
         scores[1],
@@ -249,6 +249,8 @@ def evaluate_test(
         test.images.numpy(),
         result.history,
     )
+    with evaluation as (metrics, temperature):
+        pass  # the figures are rendered and logged by the end of the block
     mlflow.log_metrics(
         {
             "best_epoch": result.best_epoch,

@@ -3,7 +3,7 @@ calibration (``fmnist.analysis.calibration``) and the robustness suite (``...rob
 
 The analysis layer computes metrics, tables and figures from arrays; this module writes them into
 the active MLflow run: metrics at step 0 (so MLflow links them to a model logged at step 0 in the
-same run), artifacts under ``evaluation/``. ``evaluate_calibrated_and_log`` is what a training
+same run), artifacts under ``evaluation/``. ``calibrated_evaluation`` is what a training
 flow calls: it fits the temperature on the validation outputs, scores the test set with it (what
 the registered model will output) and logs both evaluations.
 """
@@ -162,22 +162,6 @@ def calibration_artifacts(
         "bin_accuracy": np.nan_to_num(bins.accuracy).round(6).tolist(),
     }
     return {f"{prefix}/{RELIABILITY_FIGURE}": figure, f"{prefix}/{CALIBRATION_JSON}": table}
-
-
-def evaluate_calibrated_and_log(
-    val_scores: np.ndarray,
-    val_labels: np.ndarray,
-    test_scores: np.ndarray,
-    test_labels: np.ndarray,
-    test_images: np.ndarray,
-    history: Sequence[Mapping[str, float]] | None = None,
-) -> tuple[dict[str, float], float]:
-    """``calibrated_evaluation`` with nothing to do beside its artifacts."""
-    with calibrated_evaluation(
-        val_scores, val_labels, test_scores, test_labels, test_images, history
-    ) as (metrics, temperature):
-        pass
-    return metrics, temperature
 
 
 @contextmanager

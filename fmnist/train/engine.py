@@ -181,24 +181,6 @@ def evaluate(
     return EvalResult(loss, accuracy, predictions.cpu().numpy(), probabilities.cpu().numpy())
 
 
-def score(
-    model: nn.Module,
-    split: Split,
-    batch_size: int = 1024,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    tta_flip: bool = False,
-) -> tuple[float, float]:
-    """``evaluate``'s loss and accuracy alone, for every epoch's validation: without the
-    probabilities and predictions it also returns (a quarter of a dense epoch's validation)."""
-    logits = predict_logits(model, split.images, batch_size, device, bf16, tta_flip)
-    if not len(split):
-        return float("nan"), float("nan")
-    labels = split.labels.to(logits.device)
-    predictions = logits.softmax(dim=-1).argmax(dim=-1)  # as evaluate's, ties included
-    return float(F.cross_entropy(logits, labels)), float((predictions == labels).float().mean())
-
-
 def move_split(split: Split, device: torch.device) -> Split:
     if split.images.device == device:
         return split
@@ -319,19 +301,19 @@ class FitRun:
                 f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})."
             )
         scored = self.trainer.ema.model if self.trainer.ema is not None else self.model
-        val_loss, val_accuracy = score(
+        result = evaluate(
             scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
         )
         seconds = time.perf_counter() - started
         metrics = {
             **train_metrics,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
+            "val_loss": result.loss,
+            "val_accuracy": result.accuracy,
             "lr": current_lr,
             "epoch_seconds": seconds,
             "images_per_second": len(self.train_split) / seconds,
         }
         self.history.append({"epoch": epoch, **metrics})
-        if val_accuracy > self.best.val_accuracy:
-            self.best = Best(epoch, val_accuracy, snapshot(scored))
+        if result.accuracy > self.best.val_accuracy:
+            self.best = Best(epoch, result.accuracy, snapshot(scored))
         return metrics
