@@ -24,14 +24,13 @@ from torch.optim.optimizer import _get_scalar_dtype
 
 from fmnist.data import scale_pixels
 from fmnist.models.dense_stacked import (
-    adam_update,
     cross_entropy_sum,
     one_blas_thread,
-    rmsprop_updater,
     run_stacked_epoch,
     scaled_one_hot,
     stackable,
 )
+from fmnist.models.dense_update import adam_update, rmsprop_updater
 
 
 def backpropagate(

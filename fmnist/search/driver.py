@@ -40,7 +40,7 @@ from fmnist.search.launcher import start_worker_launcher
 from fmnist.search.spec import Built, SearchData, SearchSpec
 from fmnist.search.study import POINT, RUN_ID, StudyRef
 from fmnist.tracking.artifacts import load_run_model, log_model_files
-from fmnist.tracking.registry import prefetch_export_modules
+from fmnist.tracking.onnx_export import prefetch_export_modules
 from fmnist.tracking.search_runs import earlier_result, fail_run, log_search_summary, run_exists
 from fmnist.train import engine
 from fmnist.train.runtime import seed_everything
@@ -123,10 +123,9 @@ def run_search(
         runner = partial(
             claims.run_claimed, run_one=partial(run_trial, parent_run_id=run.info.run_id)
         )
-        env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri()}
-        ended = []
         if n_workers > 1 and family.finalize is not None:
             prefetch_export_modules()  # this process only waits while the workers train
+        ended = []
         if n_workers:
             ended = workers.run_workers(
                 runner,
@@ -134,7 +133,7 @@ def run_search(
                 ref,
                 data,
                 n_workers,
-                env,
+                {"MLFLOW_TRACKING_URI": tracking.tracking_uri()},
                 end_released_runs,
                 claim_size(pending, n_workers),
             )

@@ -9,6 +9,8 @@ fails: the pt2 graph is the model's contract, the ONNX copy only an accelerator.
 
 from __future__ import annotations
 
+import importlib
+import threading
 import warnings
 from pathlib import Path
 
@@ -77,3 +79,21 @@ def check_onnx(module: nn.Module, example: np.ndarray, path: Path) -> None:
         gap = float(np.abs(onnx_model.predict(example[rows]) - expected[rows]).max())
         if not gap <= ONNX_TOLERANCE:
             raise ValueError(f"onnxruntime differs from torch by {gap:.2e}")
+
+
+# What logging a model imports on first use: torch.export (with dynamo, sympy and networkx) and
+# the ONNX exporter, some 1,400 modules and about 2 s.
+EXPORT_MODULES = ("torch._dynamo", "torch.export", "torch.onnx", "mlflow.pytorch")
+
+
+def prefetch_export_modules() -> threading.Thread:
+    """Import ``EXPORT_MODULES`` in a background thread, for a caller that waits anyway (a
+    search's coordinator while its workers train) and logs a model afterwards."""
+
+    def import_all() -> None:
+        for name in EXPORT_MODULES:
+            importlib.import_module(name)
+
+    thread = threading.Thread(target=import_all, name="prefetch-export", daemon=True)
+    thread.start()
+    return thread

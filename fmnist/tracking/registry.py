@@ -19,12 +19,10 @@ engine: any module ``build_model`` can rebuild from its spec works.
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import os
 import tempfile
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -78,24 +76,6 @@ class Candidate:
     val_accuracy: float
     data_digest: str
     quick: bool
-
-
-# What logging a model imports on first use: torch.export (with dynamo, sympy and networkx) and
-# the ONNX exporter, some 1,400 modules and about 2 s.
-EXPORT_MODULES = ("torch._dynamo", "torch.export", "torch.onnx", "mlflow.pytorch")
-
-
-def prefetch_export_modules() -> threading.Thread:
-    """Import ``EXPORT_MODULES`` in a background thread, for a caller that waits anyway (a
-    search's coordinator while its workers train) and logs a model afterwards."""
-
-    def import_all() -> None:
-        for name in EXPORT_MODULES:
-            importlib.import_module(name)
-
-    thread = threading.Thread(target=import_all, name="prefetch-export", daemon=True)
-    thread.start()
-    return thread
 
 
 def choose_alias(new: Candidate, champion: Candidate | None) -> tuple[str, str]:
