@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -74,6 +75,9 @@ def fork_child(work: Callable[[], None]) -> int | None:
     (no atexit handler, buffer flush or store connection of this process runs twice)."""
     if not hasattr(os, "fork"):
         return None
+    for thread in threading.enumerate():
+        if thread.name.startswith("prefetch-"):
+            thread.join()  # a thread mid-import would leave the child its module locks
     pid = os.fork()
     if pid:
         return pid
