@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import mlflow
@@ -28,7 +30,7 @@ from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.models import dense_lockstep
-from fmnist.search import driver, points
+from fmnist.search import driver, points, workers
 from fmnist.search import study as studies
 from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
 from fmnist.search.driver import EPOCH_METRICS, load_trial_model
@@ -552,3 +554,21 @@ def test_the_workers_fork_server_is_stopped_at_exit_not_left_tearing_down():
 )
 def test_a_worker_claims_two_shares_of_the_lockstep_points(pending, n_workers, size):
     assert driver.claim_size(pending, n_workers) == size
+
+
+def test_a_waiting_worker_wakes_when_another_ends_a_claim():
+    """A worker with nothing to claim waits for the others' next poll or for ``wake``, which a
+    worker of the same machine sets when it ends a claim: the command does not idle to the
+    poll's end once the last point is trained."""
+    wake = threading.Event()
+    timer = threading.Timer(0.2, wake.set)
+    started = time.monotonic()
+    timer.start()
+    workers.pause(wake, 30.0)
+    waited = time.monotonic() - started
+    timer.join()
+    assert waited < 15.0  # woken by the other worker, long before the 30 s poll
+    assert not wake.is_set()  # cleared for the next wait
+    started = time.monotonic()
+    workers.pause(None, 0.05)  # a lone process just sleeps its poll
+    assert time.monotonic() - started >= 0.05
