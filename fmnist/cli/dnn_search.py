@@ -74,7 +74,7 @@ def dnn_search(
     )
     start_workers_early(cfg.search.n_jobs)
     if not finalize:  # the data loads and PCA fits while the flow imports (fmnist.prefetch)
-        prefetch.start(("dnn-data", cfg), "fmnist.flows.dnn_data:prepare_data", cfg)
+        prefetch.start("fmnist.flows.dnn_data:prepare_data", cfg)
     from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
 
     result = run_dnn_search(cfg)

@@ -14,12 +14,6 @@ from fmnist.search.spec import SearchData
 PreparedData = tuple[str, Splits, PCABasis, SearchData]
 
 
-def prefetch_key(cfg: DnnSearchConfig) -> tuple:
-    """The key under which ``fmnist.prefetch`` keeps ``prepare_data(cfg)`` (the CLI computes it
-    without importing this module: a config is a frozen, hashable dataclass)."""
-    return ("dnn-data", cfg)
-
-
 def prepare_data(cfg: DnnSearchConfig, grid: DnnGrid | None = None) -> PreparedData:
     """The data digest, the splits, the PCA basis and the features the points train on (a grid
     that augments images trains on the images themselves)."""

@@ -67,9 +67,8 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     grid = load_grid(cfg.grid)
     device = str(resolve_device(cfg.common.device))
     store_ready = driver.start_search(cfg.search.n_jobs, grid_size(grid))
-    started_early = prefetch.take(dnn_data.prefetch_key(cfg))
-    prepared = started_early.result() if started_early else dnn_data.prepare_data(cfg, grid)
-    digest, splits, basis, features = prepared
+    # started by the CLI before this module was imported, else loaded now
+    digest, splits, basis, features = prefetch.result_or_call(dnn_data.prepare_data, cfg)
     family = dense_family(cfg, grid, basis, digest, device, splits)
     outcome = driver.run_search(
         family,

@@ -18,14 +18,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from fmnist.data import scale_pixels
-from fmnist.models.dense_update import adam_update, rmsprop_updater, update_signature
+from fmnist.models.dense_update import flat_updater, update_signature
 
 STOP_CHECK_STEPS = 256  # how often (in steps) an epoch looks for an interruption
 
@@ -172,26 +171,12 @@ class Block:
                     step.fill_(float(self.counter))
 
     def updater(self) -> Callable[[], None]:
-        """The block's optimizer step: one call over its flat buffers."""
-        first = self.points[0]
-        group = first.group
-        if first.rmsprop:  # states[1] serves as the kernel's first moment
-            buffers = (self.params, self.grads, self.states[0], self.states[1])
-            return rmsprop_updater(*[torch.from_numpy(b) for b in buffers], self.counter, group)
-        decoupled = update_signature(first)[1]
-        tensors = [[torch.from_numpy(b)] for b in (self.params, self.grads, *self.states)]
-        return partial(
-            adam_update,
-            torch._fused_adamw_ if decoupled else torch._fused_adam_,
-            *tensors,
-            self.counter,
-            [torch.from_numpy(self.counter)],
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-        )
+        """The block's optimizer step: one call over its flat buffers (for RMSprop, states[1]
+        is the kernel's scratch first moment)."""
+        params, grads, *states = [
+            torch.from_numpy(b) for b in (self.params, self.grads, *self.states)
+        ]
+        return flat_updater(self.points[0].optimizer, params, grads, states, self.counter)
 
 
 def make_blocks(points: Sequence[Point]) -> list[Block]:
@@ -210,8 +195,7 @@ class Plan:
     """
 
     def __init__(self, blocks: Sequence[Block], batch: int, n_classes: int) -> None:
-        hidden = sum(block.first_layer(block.params)[0].shape[0] for block in blocks)
-        self.hidden = np.empty((hidden, batch), np.float32)
+        self.hidden = np.empty((sum(block.hidden for block in blocks), batch), np.float32)
         self.hidden_delta = np.empty_like(self.hidden)
         n_points = sum(len(block.points) for block in blocks)
         self.logits = np.empty((n_points, n_classes, batch), np.float32)

@@ -15,7 +15,6 @@ engine reaches it through ``MLP.epoch_runner``: it never imports a model.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from fmnist.models.dense_stacked import (
     scaled_one_hot,
     stackable,
 )
-from fmnist.models.dense_update import adam_update, rmsprop_updater
+from fmnist.models.dense_update import flat_updater
 
 
 def backpropagate(
@@ -142,31 +141,10 @@ class ExplicitStep:
 
     def updater(self, flat: FlatParameters) -> Callable[[], None]:
         """The optimizer's update with its settings and the flat state bound: one call a step."""
-        group = self.group
+        states = [flat.states[key] for key in self.state_keys()]
         if self.rmsprop:
-            scratch = torch.zeros_like(flat.params)
-            square_avg = flat.states["square_avg"]
-            return rmsprop_updater(
-                flat.params, flat.grads, square_avg, scratch, flat.step.numpy(), group
-            )
-        decoupled = group.get("decoupled_weight_decay") or isinstance(
-            self.optimizer, torch.optim.AdamW
-        )
-        return partial(
-            adam_update,
-            torch._fused_adamw_ if decoupled else torch._fused_adam_,
-            [flat.params],
-            [flat.grads],
-            [flat.states["exp_avg"]],
-            [flat.states["exp_avg_sq"]],
-            flat.step.numpy(),
-            [flat.step],
-            lr=group["lr"],
-            beta1=group["betas"][0],
-            beta2=group["betas"][1],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-        )
+            states.append(torch.zeros_like(flat.params))  # the kernel's unused first moment
+        return flat_updater(self.optimizer, flat.params, flat.grads, states, flat.step.numpy())
 
     def state(self, key: str) -> list[torch.Tensor]:
         """Per-parameter state ``key``, created as the optimizer would on its first step."""

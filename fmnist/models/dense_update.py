@@ -2,7 +2,8 @@
 
 ``adam_update`` is ``torch.optim.Adam(fused=True).step()``'s kernel on whole buffers;
 ``rmsprop_updater`` runs RMSprop (no momentum, not centered) through the same kernel;
-``update_signature`` says which points can share one call. No autograd, no ``Optimizer.step``:
+``flat_updater`` binds either to its buffers; ``update_signature`` says which points can share
+one call. No autograd, no ``Optimizer.step``:
 the dense grid makes a million steps, and each call's overhead counts.
 """
 
@@ -23,11 +24,40 @@ def update_signature(point: Any) -> tuple:
     count = int(counters[0]) if counters[0] is not None else 0
     if point.rmsprop:
         return ("rmsprop", group["lr"], group["alpha"], group["eps"], group["weight_decay"], count)
-    decoupled = bool(
-        group.get("decoupled_weight_decay") or isinstance(point.optimizer, torch.optim.AdamW)
-    )
+    decoupled = is_decoupled(point.optimizer)
     betas = tuple(group["betas"])
     return ("adam", decoupled, group["lr"], betas, group["eps"], group["weight_decay"], count)
+
+
+def is_decoupled(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether an Adam-family optimizer decays its weights as AdamW does."""
+    group = optimizer.param_groups[0]
+    return bool(group.get("decoupled_weight_decay") or isinstance(optimizer, torch.optim.AdamW))
+
+
+def flat_updater(optimizer, params, grads, states, counter) -> Callable[[], None]:
+    """One step of ``optimizer``'s rule over flat buffers (tensors), one kernel call: Adam or
+    AdamW through its fused kernel, RMSprop through the same kernel (``rmsprop_updater``).
+    ``states`` are Adam's two moments, or RMSprop's square average and a scratch buffer;
+    ``counter`` is a numpy scalar that counts the steps (the kernel reads it as a tensor)."""
+    group = optimizer.param_groups[0]
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return rmsprop_updater(params, grads, states[0], states[1], counter, group)
+    return partial(
+        adam_update,
+        torch._fused_adamw_ if is_decoupled(optimizer) else torch._fused_adam_,
+        [params],
+        [grads],
+        [states[0]],
+        [states[1]],
+        counter,
+        [torch.from_numpy(counter)],
+        lr=group["lr"],
+        beta1=group["betas"][0],
+        beta2=group["betas"][1],
+        weight_decay=group["weight_decay"],
+        eps=group["eps"],
+    )
 
 
 def adam_update(kernel, params, grads, exp_avgs, exp_avg_sqs, counter, steps, **settings):

@@ -33,6 +33,7 @@ from fmnist.analysis.evaluation import (
     build_artifacts,
     compute_metrics,
 )
+from fmnist.prefetch import THREAD_PREFIX
 from fmnist.tracking.runs import log_metrics_finite
 
 RELIABILITY_FIGURE = "reliability_diagram.png"
@@ -76,7 +77,7 @@ def fork_child(work: Callable[[], None]) -> int | None:
     if not hasattr(os, "fork"):
         return None
     for thread in threading.enumerate():
-        if thread.name.startswith("prefetch-"):
+        if thread.name.startswith(THREAD_PREFIX):
             thread.join()  # a thread mid-import would leave the child its module locks
     pid = os.fork()
     if pid:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fmnist.prefetch import THREAD_PREFIX
 from fmnist.tracking.onnx_model import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, OnnxModel
 
 ONNX_OPSET = 18
@@ -94,6 +95,6 @@ def prefetch_export_modules() -> threading.Thread:
         for name in EXPORT_MODULES:
             importlib.import_module(name)
 
-    thread = threading.Thread(target=import_all, name="prefetch-export", daemon=True)
+    thread = threading.Thread(target=import_all, name=f"{THREAD_PREFIX}export", daemon=True)
     thread.start()
     return thread
