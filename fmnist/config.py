@@ -88,7 +88,7 @@ class DnnSearchConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     search: SearchOptions = field(default_factory=SearchOptions)
     grid: str = DEFAULT_GRID
-    epochs: int = 30
+    epochs: int | None = None  # None: the grid's (its ``epochs`` key, 30 when it has none)
     prune: bool = False
     quick: bool = False
     registered_name: str = DNN_REGISTERED_NAME

@@ -19,7 +19,7 @@ from fmnist.models.dense_step import (
 )
 from fmnist.train import engine
 from fmnist.train.config import TrainConfig
-from fmnist.train.optim import make_optimizer
+from fmnist.train.optim import make_optimizer, make_scheduler
 
 CPU = torch.device("cpu")
 
@@ -153,6 +153,47 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
             torch.testing.assert_close(fast_state[key][name], value, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize(
+    ("hidden", "optimizer", "schedule"),
+    [([16, 8], "adam", "cosine"), ([16], "rmsprop", "triangle"), ([], "adamw", "cosine")],
+)
+def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optimizer, schedule):
+    """A per-step schedule in the numpy loops (stacked kernel, and the flat loop of a network
+    without a hidden layer): the same weights as autograd + ``step()`` + ``scheduler.step()``,
+    and the scheduler left exactly where the stepped one is (rate, step count)."""
+    features, targets = torch.randn(60, 12), torch.randint(0, 10, (60,))
+
+    def train(explicit: bool):
+        torch.manual_seed(0)
+        mlp = build_mlp(12, hidden)
+        opt = make_optimizer(optimizer, mlp.parameters(), 0.01, 0.01, CPU)
+        scheduler = make_scheduler(schedule, opt, 0.01, 3, 4)
+        step = ExplicitStep(opt, scheduler)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(2):  # two of the schedule's three epochs: it ends mid-way
+            order = torch.randperm(60, generator=generator)
+            if explicit:
+                step.run_epoch(features, targets, order, 16)
+                continue
+            for start in range(0, 60, 16):
+                index = order[start : start + 16]
+                loss = torch.nn.functional.cross_entropy(mlp(features[index]), targets[index])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                scheduler.step()
+        return mlp, opt, scheduler
+
+    fast, fast_opt, fast_scheduler = train(True)
+    slow, slow_opt, slow_scheduler = train(False)
+    assert ExplicitStep.supports(fast.parameters(), fast_opt, fast_scheduler)
+    for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert fast_scheduler.last_epoch == slow_scheduler.last_epoch == 8
+    assert fast_opt.param_groups[0]["lr"] == slow_opt.param_groups[0]["lr"] < 0.01
+    assert fast_scheduler.get_last_lr() == slow_scheduler.get_last_lr()
+
+
 def runner_for(model, **settings):
     """The epoch runner ``fit`` would take for ``model`` with these settings (None: autograd)."""
     cfg = TrainConfig(**settings)
@@ -165,7 +206,8 @@ def test_fit_takes_the_explicit_step_only_where_it_applies(splits):
     assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), ExplicitStep)
     assert runner_for(mlp, optimizer="sgd", lr=0.1) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, label_smoothing=0.1) is None
-    assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None
+    assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None  # momentum
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), ExplicitStep)
     assert runner_for(mlp, optimizer="adam", lr=0.1, flip=True) is None
     cnn = build_model({"family": "cnn", "arch": "paper"})
     assert runner_for(cnn, optimizer="adam", lr=0.1) is None

@@ -337,6 +337,31 @@ def test_an_interrupted_lockstep_group_queues_each_point_again(
         assert trial.value == alone  # exactly: the stacked epoch computes what one point does
 
 
+def test_a_grid_sets_its_epochs_and_a_cosine_schedule_keeps_lockstep(
+    synthetic_data_dir, store, tmp_path, monkeypatch
+):
+    """``epochs: 3`` in the grid is what ``--epochs auto`` trains (and logs); a cosine schedule
+    only scales the rate, so both points still share one stacked epoch each time."""
+    grid = tmp_path / "cosine_grid.yaml"
+    grid.write_text(TINY_GRID + "schedule: cosine\nepochs: 3\n")
+    real_epoch, widths = dense_lockstep.run_stacked_epoch, []
+
+    def counted(steps, *args, **kwargs):
+        widths.append(len(steps))
+        return real_epoch(steps, *args, **kwargs)
+
+    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", counted)
+    result = run_dnn_search(config(synthetic_data_dir, grid, epochs=None))
+    assert widths == [2, 2, 2]
+    runs = runs_of()
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.data.params["epochs"] == "3" and parent.data.params["schedule"] == "cosine"
+    assert "-e3-" in result["study_name"]
+    for child in children_of(runs, parent.info.run_id):
+        history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")
+        assert sorted(m.step for m in history) == [1, 2, 3]
+
+
 def fit_alone(data_dir: Path, grid: Path, params: dict) -> float:
     """The best validation accuracy of one point of the tiny grid fitted on its own (no group),
     as a trial builds and fits it."""

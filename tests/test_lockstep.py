@@ -16,7 +16,7 @@ from fmnist.models.dense_lockstep import Lockstep, run_stacked_epoch
 from fmnist.models.dense_step import ExplicitStep
 from fmnist.train import engine
 from fmnist.train.config import TrainConfig
-from fmnist.train.optim import make_optimizer
+from fmnist.train.optim import make_optimizer, make_scheduler
 
 CPU = torch.device("cpu")
 # (hidden, optimizer, lr): two optimizer settings, one and two hidden layers, AdamW too
@@ -30,14 +30,15 @@ POINTS = [
 TIMING = ("epoch_seconds", "images_per_second")
 
 
-def make_steps(weight_decay: float) -> list[ExplicitStep]:
+def make_steps(weight_decay: float, schedule: str = "none") -> list[ExplicitStep]:
+    """The points; with ``schedule``, every other one on it (three epochs of five steps)."""
     steps = []
     for hidden, optimizer, lr in POINTS:
         torch.manual_seed(len(steps))
         mlp = build_mlp(12, hidden)
-        steps.append(
-            ExplicitStep(make_optimizer(optimizer, mlp.parameters(), lr, weight_decay, CPU))
-        )
+        opt = make_optimizer(optimizer, mlp.parameters(), lr, weight_decay, CPU)
+        scheduled = schedule if len(steps) % 2 == 0 else "none"
+        steps.append(ExplicitStep(opt, make_scheduler(scheduled, opt, lr, 3, 5)))
     return steps
 
 
@@ -50,12 +51,13 @@ def assert_same_training(a: ExplicitStep, b: ExplicitStep) -> None:
             assert torch.equal(state_a[key], state_b[key]), key
 
 
-@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_a_stacked_epoch_trains_each_point_exactly_as_alone(weight_decay):
+@pytest.mark.parametrize(("weight_decay", "schedule"), [(0.0, "none"), (0.01, "cosine")])
+def test_a_stacked_epoch_trains_each_point_exactly_as_alone(weight_decay, schedule):
     """Three shuffled epochs of 70 rows at batch 16 (a short last batch): every point's loss,
-    correct count, weights and optimizer state equal those of its own ``ExplicitStep``."""
+    correct count, weights and optimizer state equal those of its own ``ExplicitStep`` (with a
+    schedule on some points: they share calls with each other, not with the others)."""
     features, targets = torch.randn(70, 12) * 3, torch.randint(0, 10, (70,))
-    alone, stacked = make_steps(weight_decay), make_steps(weight_decay)
+    alone, stacked = make_steps(weight_decay, schedule), make_steps(weight_decay, schedule)
     generator = torch.Generator().manual_seed(1)
     for _ in range(3):
         order = torch.randperm(70, generator=generator)
@@ -63,6 +65,10 @@ def test_a_stacked_epoch_trains_each_point_exactly_as_alone(weight_decay):
         assert run_stacked_epoch(stacked, features, targets, order, 16) == expected
     for a, b in zip(alone, stacked, strict=True):
         assert_same_training(a, b)
+        assert a.optimizer.param_groups[0]["lr"] == b.optimizer.param_groups[0]["lr"]
+    if schedule != "none":  # the schedule ran: three epochs of five steps, down to zero
+        assert stacked[0].scheduler.last_epoch == 15
+        assert stacked[0].optimizer.param_groups[0]["lr"] == 0.0
 
 
 def fit_point(index: int, train: Split, val: Split, group: Lockstep | None = None):

@@ -10,7 +10,9 @@ import click
 
 from fmnist import prefetch
 from fmnist.cli.options import (
+    AUTO,
     common_options,
+    parse_override,
     pop_common,
     pop_search,
     search_options,
@@ -29,7 +31,10 @@ DEFAULTS = DnnSearchConfig()
     help="Grid definition: a name in experiments/ or a YAML file.",
 )
 @click.option(
-    "--epochs", type=int, default=DEFAULTS.epochs, show_default=True, help="Epochs per grid point."
+    "--epochs",
+    default=AUTO,
+    show_default=True,
+    help="Epochs per grid point (auto: the grid's `epochs`, else 30).",
 )
 @search_options(
     study_name_help="Optuna study (empty: derived from grid, epochs, seeds and data digest).",
@@ -54,7 +59,7 @@ DEFAULTS = DnnSearchConfig()
 @common_options
 def dnn_search(
     grid: str,
-    epochs: int,
+    epochs: str,
     prune: bool,
     no_prune: bool,
     finalize: bool,
@@ -68,7 +73,7 @@ def dnn_search(
         common=pop_common(kwargs),
         search=pop_search(kwargs),
         grid=grid,
-        epochs=epochs,
+        epochs=parse_override("epochs", epochs, int),
         prune=prune and not no_prune,
         finalize=finalize,
     )

@@ -10,6 +10,7 @@ per study.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from functools import partial
 from typing import Any
@@ -63,12 +64,14 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     ``outer_run_id`` nests the search's parent run under another run (the pipeline's).
     """
     started = time.perf_counter()
-    check_search_options(cfg.epochs, cfg.search.n_jobs)
     grid = load_grid(cfg.grid)
+    epochs = grid.epochs if cfg.epochs is None else cfg.epochs
+    check_search_options(epochs, cfg.search.n_jobs)
     device = str(resolve_device(cfg.common.device))
     store_ready = driver.start_search(cfg.search.n_jobs, grid_size(grid))
-    # started by the CLI before this module was imported, else loaded now
+    # started by the CLI before this module was imported (with the options as given), else now
     digest, splits, basis, features = prefetch.result_or_call(dnn_data.prepare_data, cfg)
+    cfg = dataclasses.replace(cfg, epochs=epochs)
     family = dense_family(cfg, grid, basis, digest, device, splits)
     outcome = driver.run_search(
         family,

@@ -95,7 +95,7 @@ def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     dnn_cfg = DnnSearchConfig(
         common=cfg.common,
         grid=QUICK_GRID if cfg.quick else DEFAULT_GRID,
-        epochs=2 if cfg.quick else DnnSearchConfig().epochs,
+        epochs=2 if cfg.quick else None,
         quick=cfg.quick,
     )
     return run_dnn_search(dnn_cfg, outer_run_id=parent_run_id)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,18 +91,19 @@ class MLP(nn.Module):
         self.lockstep = (group, key)
 
     def epoch_runner(
-        self, optimizer: torch.optim.Optimizer
+        self, optimizer: torch.optim.Optimizer, scheduler: Any = None
     ) -> ExplicitStep | LockstepMember | None:
-        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies (it has
-        no dropout); in a lockstep group, that group's member."""
-        usable = not self.dropout and ExplicitStep.supports(self.parameters(), optimizer)
+        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies (no
+        dropout, a schedule it runs); in a lockstep group, that group's member."""
+        supported = ExplicitStep.supports(self.parameters(), optimizer, scheduler)
+        usable = not self.dropout and supported
         if self.lockstep is not None:
             group, key = self.lockstep
             if not usable:
                 group.leave(key)  # the others must not wait for a point that trains alone
                 return None
-            return group.member(key, ExplicitStep(optimizer))
-        return ExplicitStep(optimizer) if usable else None
+            return group.member(key, ExplicitStep(optimizer, scheduler))
+        return ExplicitStep(optimizer, scheduler) if usable else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         *hidden, last = self.layers

@@ -24,7 +24,12 @@ import numpy as np
 import torch
 
 from fmnist.data import scale_pixels
-from fmnist.models.dense_update import flat_updater, update_signature
+from fmnist.models.dense_update import (
+    advance_schedule,
+    flat_updater,
+    scheduled_lrs,
+    update_signature,
+)
 
 STOP_CHECK_STEPS = 256  # how often (in steps) an epoch looks for an interruption
 
@@ -33,6 +38,7 @@ class Point(Protocol):
     """What the kernel needs of a point (``dense_step.ExplicitStep`` is one)."""
 
     optimizer: torch.optim.Optimizer
+    scheduler: Any  # None, or a per-step ``LambdaLR`` (``dense_update.schedulable``)
     params: list[torch.Tensor]
     rmsprop: bool
 
@@ -105,8 +111,12 @@ class Block:
     instructions whatever the group, and a point computes the same numbers alone or stacked.
     """
 
-    def __init__(self, points: Sequence[Point], indices: Sequence[int]) -> None:
+    def __init__(
+        self, points: Sequence[Point], indices: Sequence[int], lrs: np.ndarray | None = None
+    ) -> None:
         self.points, self.indices = list(points), list(indices)
+        # a schedule's rate for each step of the epoch, and the cell the update kernel reads
+        self.lrs, self.lr = lrs, (None if lrs is None else np.zeros((), np.float64))
         shapes = [architecture(point) for point in self.points]
         widths = [shape[0][0] for shape in shapes]
         hidden, n_inputs = sum(widths), shapes[0][0][1]
@@ -176,15 +186,21 @@ class Block:
         params, grads, *states = [
             torch.from_numpy(b) for b in (self.params, self.grads, *self.states)
         ]
-        return flat_updater(self.points[0].optimizer, params, grads, states, self.counter)
+        optimizer = self.points[0].optimizer
+        return flat_updater(optimizer, params, grads, states, self.counter, self.lr)
 
 
-def make_blocks(points: Sequence[Point]) -> list[Block]:
-    """Points grouped by update signature, in the order given."""
+def make_blocks(points: Sequence[Point], steps: int) -> list[Block]:
+    """Points grouped by update signature (a schedule's rates for the epoch's ``steps`` steps
+    included), in the order given."""
     groups: dict[tuple, list[int]] = {}
+    lrs = [scheduled_lrs(point.scheduler, steps) for point in points]
     for index, point in enumerate(points):
-        groups.setdefault(update_signature(point), []).append(index)
-    return [Block([points[i] for i in indices], indices) for indices in groups.values()]
+        groups.setdefault(update_signature(point, lrs[index]), []).append(index)
+    return [
+        Block([points[i] for i in indices], indices, lrs[indices[0]])
+        for indices in groups.values()
+    ]
 
 
 class Plan:
@@ -305,11 +321,13 @@ def run_stacked_epoch(
     targets = labels.numpy()[order_]
     n_classes = int(points[0].params[-1].shape[0])
     one_hot = np.ascontiguousarray(scaled_one_hot(targets, n_classes, batch_size).T)
-    blocks = make_blocks(points)
+    blocks = make_blocks(points, -(-len(order_) // batch_size))
     for block in blocks:
         block.load()
     updates = [block.updater() for block in blocks]
+    schedules = [(block.lr, block.lrs) for block in blocks if block.lrs is not None]
     plans: dict[int, Plan] = {}
+    steps = 0
     # each step's shifted logits, for the epoch's loss and accuracy (computed once at the end)
     logits = np.empty((len(order_), len(points), n_classes), np.float32)
     try:
@@ -326,11 +344,16 @@ def run_stacked_epoch(
                 delta = softmax_delta(plan, one_hot[:, start:stop])
                 logits[start:stop] = plan.logits.transpose(2, 0, 1)
                 backward(plan, batch, delta)
+                for cell, lrs in schedules:
+                    cell[...] = lrs[number]
                 for update in updates:
                     update()
+                steps += 1
     finally:
         for block in blocks:
             block.write_back()
+        for point in points:
+            advance_schedule(point.scheduler, steps)
     results = []
     for column in range(len(points)):
         point = logits[:, column]

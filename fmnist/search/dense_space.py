@@ -26,6 +26,7 @@ from fmnist.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
 LOCKSTEP_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # those ``ExplicitStep`` implements
+LOCKSTEP_SCHEDULES = ("none", "cosine", "triangle")  # rate factors (onecycle moves momentum)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class DnnGrid:
     learning_rates: dict[str, float]
     pca_variance: float = 0.95
     weight_decay: float = 0.0
+    epochs: int = 30  # per point, unless the command says (the study's 30)
     description: str = ""
     # Beyond the study (its grids leave them out: off). Dropout is part of the architecture.
     dropout: float = 0.0
@@ -66,6 +68,7 @@ def grid_identity(grid: DnnGrid) -> dict[str, Any]:
     """The grid's values that name its study: the keys beyond the study only when set, so a
     study grid keeps the study name (and so the resumable study) it always had."""
     values = dataclasses.asdict(grid)
+    del values["epochs"]  # the search's identity holds the epochs it trains, however chosen
     return {k: v for k, v in values.items() if k not in EXTRA_DEFAULTS or EXTRA_DEFAULTS[k] != v}
 
 
@@ -95,6 +98,8 @@ def load_grid(name_or_path: str) -> DnnGrid:
             raise ConfigError(
                 f"{where}: key 'learning_rates' needs a positive rate for {optimizer!r}."
             )
+    if grid.epochs < 1:
+        raise ConfigError(f"{where}: key 'epochs' must be at least 1.")
     if not 0 < grid.pca_variance <= 1:
         raise ConfigError(f"{where}: key 'pca_variance' must lie in (0, 1].")
     check_extras(grid, where)
@@ -167,12 +172,13 @@ class DnnSpace:
 
     def lockstep_key(self, params) -> int | None:
         """Points with the same key train in lockstep (``fmnist.models.dense_lockstep``): their
-        batch size, when the grid trains the plain numpy epoch (on features, no dropout,
-        schedule or label smoothing, an optimizer it implements); None: the point trains alone.
-        Every point of a search has the same seed, so the same batches in the same order."""
+        batch size, when the grid trains the plain numpy epoch (on features, no dropout or
+        label smoothing, a schedule that only scales the rate, an optimizer it implements);
+        None: the point trains alone. Every point of a search has the same seed, so the same
+        batches in the same order."""
         grid = self.grid
         plain = not (grid.trains_on_images or grid.dropout or grid.label_smoothing)
-        plain = plain and grid.schedule == "none"
+        plain = plain and grid.schedule in LOCKSTEP_SCHEDULES
         if not plain or params["optimizer"] not in LOCKSTEP_OPTIMIZERS:
             return None
         return int(params["batch_size"])

@@ -39,7 +39,8 @@ CheckpointCallback = Callable[[int, dict[str, Any]], None]
 
 class EpochRunner(Protocol):
     """A model's own training epoch (the dense network's numpy loop), used instead of autograd
-    when the settings are plain: ``model.epoch_runner(optimizer)`` returns one, or None."""
+    when the settings are plain: ``model.epoch_runner(optimizer, scheduler)`` returns one, or
+    None (it also steps the schedule, if it takes it)."""
 
     def run_epoch(
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
@@ -69,15 +70,14 @@ class EvalResult:
 def make_runner(model: nn.Module, trainer: Trainer, cfg: TrainConfig) -> EpochRunner | None:
     """The model's own epoch runner when the settings allow it, else None (autograd)."""
     fancy = (
-        trainer.scheduler
-        or trainer.ema
+        trainer.ema
         or cfg.label_smoothing
         or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
         or cfg.bf16
         or cfg.compile
     )
     offer = getattr(model, "epoch_runner", None)
-    return None if fancy or offer is None else offer(trainer.optimizer)
+    return None if fancy or offer is None else offer(trainer.optimizer, trainer.scheduler)
 
 
 def train_one_epoch(

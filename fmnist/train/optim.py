@@ -7,6 +7,7 @@ here knows a model family.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import nullcontext
 
 import torch
@@ -58,7 +59,9 @@ def make_scheduler(
             final_div_factor=100.0,
         )
     if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        # CosineAnnealingLR's values in closed form, as a LambdaLR: the dense network's numpy
+        # loop runs a LambdaLR itself (``dense_update.scheduled_lrs``), with the same numbers
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, total))
     if name == "triangle":
         # airbench's schedule: a linear rise from lr/5 over the first fifth of the steps, then a
         # linear fall to zero; momentum stays fixed (SGD's 0.9).
@@ -66,6 +69,11 @@ def make_scheduler(
             optimizer, lambda step: triangle(step, total, max(1, round(0.2 * total)))
         )
     raise ConfigError(f"Unknown schedule {name!r} (known: {', '.join(SCHEDULES)}).")
+
+
+def cosine(step: int, total: int) -> float:
+    """The ``cosine`` schedule's factor at ``step`` of ``total``: from 1 down to 0."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 def triangle(step: int, total: int, warmup: int) -> float:
