@@ -68,6 +68,33 @@ def test_processes_opening_a_fresh_store_together_create_it_once(tmp_path):
     assert store.sqlite_path("http://127.0.0.1:5000") is None
 
 
+def test_a_new_store_is_a_copy_of_a_migrated_empty_one_with_its_own_default_experiment(
+    tmp_path, monkeypatch
+):
+    """The first new store migrates a template in the cache; the next ones copy it. Each gets
+    MLflow's Default experiment with an artifact location of its own, and MLflow accepts the
+    copy's schema (a run can be logged)."""
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        uri = f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        store.prepare_store(uri)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        (default,) = client.search_experiments()
+        assert default.name == "Default" and default.experiment_id == "0"
+        assert "cache" not in default.artifact_location
+        run = client.create_run("0")
+        client.log_metric(run.info.run_id, "val_accuracy", 0.5, step=1)
+        assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.5}
+    (template,) = (tmp_path / "cache").iterdir()
+    assert template.name == f"mlflow-{mlflow.__version__}-empty.db"
+    # a cache that cannot be written (here a file): MLflow creates the store as before
+    monkeypatch.setenv("FMNIST_CACHE_DIR", str(template))
+    uri = f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}"
+    store.prepare_store(uri)
+    assert [e.name for e in mlflow.MlflowClient(uri).search_experiments()] == ["Default"]
+
+
 def test_a_store_locked_past_the_busy_timeout_is_one_paragraph_naming_the_fix(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store is named
     cause = sqlalchemy.exc.OperationalError(
