@@ -508,6 +508,7 @@ def test_the_wide_grid_loads_and_the_study_grids_keep_their_identity():
         ("crop_padding: 9", "crop_padding"),
         ("flip: 1", "flip"),
         ("weight_decay: -0.1", "weight_decay"),
+        ("epochs: 0", "epochs"),
     ],
 )
 def test_a_bad_value_of_a_key_beyond_the_study_names_file_and_key(tmp_path, line, key):
