@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import cli_times  # noqa: E402
+import dense_grid  # noqa: E402
 import reference  # noqa: E402
 import serve_load  # noqa: E402
 
@@ -75,99 +75,6 @@ def bench_loading(data_dir: str) -> dict:
     ref_seconds, arrays = time_call(reference.load_arrays, data_dir)
     ours_seconds, _ = time_call(load_fashion_mnist, data_dir)
     return {"reference_s": ref_seconds, "ours_s": ours_seconds, "arrays": arrays}
-
-
-# Our two runs of the dense grid: the same work as the reference (its points for its epochs,
-# with the L2 the study's text describes), and the time-to-accuracy recipe (the same points on a
-# cosine decay over fewer epochs, which must reach the reference's accuracy); --quick runs the
-# bench's two-point slice for the reference's epochs in both.
-DENSE_GRIDS = {"same_work": "dnn_grid_l2.yaml", "to_accuracy": "dnn_grid_fast.yaml"}
-
-
-def bench_dense(arrays, data_dir: str, epochs: int, seeds: list[int], quick: bool) -> dict:
-    """The whole dense grid: the notebook's loop vs ``fmnist dnn-search`` (tracked, registered),
-    the same work and the time to the same accuracy."""
-    x, y = arrays[0], arrays[1]
-    points = reference.GRID[::4] if quick else reference.GRID
-    x_train, x_val, y_train, y_val, _ = reference.split_and_project(x, y)
-    ref_seconds, ref = time_call(
-        reference.run_dense_grid, x_train, y_train, x_val, y_val, epochs, 0, points
-    )
-    results = {
-        "reference_s": ref_seconds + 0.0,
-        "reference_best_val": ref["best_val_accuracy"],
-        "points": len(points),
-        "epochs": epochs,
-    }
-    for name, grid in DENSE_GRIDS.items():
-        grid = "dnn_bench_quick.yaml" if quick else grid
-        # the same work trains the reference's epochs; the recipe its own (--epochs auto)
-        grid_epochs = epochs if quick or name == "same_work" else None
-        ours = [run_our_search(data_dir, grid, grid_epochs, seed) for seed in seeds]
-        results[name] = summarize_searches(ours, grid, grid_epochs)
-    return results
-
-
-def summarize_searches(ours: list[dict], grid: str, epochs: int | None) -> dict:
-    walls = [o["seconds"] for o in ours]
-    accs = [o["best_val_accuracy"] for o in ours]
-    return {
-        "grid": grid,
-        "epochs": epochs or ours[0]["epochs"],
-        "ours_s": statistics.median(walls),
-        "ours_s_all": walls,
-        "ours_best_val_mean": statistics.mean(accs),
-        "ours_best_val_std": statistics.pstdev(accs),
-        "ours_best_val_all": accs,
-        "ours_test_all": [o["test_accuracy"] for o in ours],
-    }
-
-
-def run_our_search(data_dir: str, grid: str, epochs: int | None, seed: int) -> dict:
-    """One ``fmnist dnn-search`` in a subprocess on a fresh store, timed end to end (``epochs``
-    None: the grid's own)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        command = [
-            sys.executable,
-            "-m",
-            "fmnist",
-            "dnn-search",
-            "--data-dir",
-            data_dir,
-            "--seed",
-            str(seed),
-            "--epochs",
-            "auto" if epochs is None else str(epochs),
-            "--grid",
-            str(ROOT / "experiments" / grid),
-            "--quiet",
-            "--experiment-name",
-            "bench",
-        ]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
-        start = time.perf_counter()
-        done = subprocess.run(
-            command, cwd=tmp, env=env, capture_output=True, text=True, check=False
-        )
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"dnn-search failed: {done.stderr[-2000:]}")
-        import mlflow
-
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        runs = mlflow.search_runs(
-            experiment_names=["bench"],
-            output_format="list",
-            filter_string="tags.entry_point = 'dnn_search'",
-        )
-        # the search's parent run (its children carry best_val_accuracy too)
-        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-        return {
-            "seconds": seconds,
-            "best_val_accuracy": parent.data.metrics["best_val_accuracy"],
-            "test_accuracy": parent.data.metrics.get("test_accuracy"),
-            "epochs": int(parent.data.params["epochs"]),
-        }
 
 
 def bench_paper_cnn(arrays, data_dir: str, limit: int | None) -> dict:
@@ -354,7 +261,7 @@ def table(results: dict) -> str:
         f"{load['reference_s'] / load['ours_s']:.0f}x | >= 10x |",
     ]
     if "dense" in results:
-        lines += dense_rows(results["dense"])
+        lines += dense_grid.dense_rows(results["dense"])
     if "cnn" in results:
         c = results["cnn"]
         lines.append(
@@ -386,25 +293,6 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def dense_rows(d: dict) -> list[str]:
-    """Per run of ours: its wall time against the reference's, and its accuracy."""
-    lines = []
-    for name, label in (("same_work", "same work"), ("to_accuracy", "to equal accuracy")):
-        o = d[name]
-        tests = [t for t in o["ours_test_all"] if t is not None]
-        lines += [
-            f"| dense grid {d['points']} pts, {label}: reference training loop {d['epochs']} ep "
-            f"vs our whole `dnn-search --grid {o['grid']}` {o['epochs']} ep, wall (s) | "
-            f"{d['reference_s']:.1f} | {o['ours_s']:.1f} | {d['reference_s'] / o['ours_s']:.1f}x "
-            f"| {'>= 10x (issue 15)' if name == 'to_accuracy' else ''} |",
-            f"| dense grid best val acc, {label} | {d['reference_best_val']:.4f} | "
-            f"{o['ours_best_val_mean']:.4f} ± {o['ours_best_val_std']:.4f} "
-            f"({len(o['ours_best_val_all'])} seeds; test "
-            f"{statistics.mean(tests) if tests else float('nan'):.4f}) | | equal within spread |",
-        ]
-    return lines
-
-
 @click.command()
 @click.option("--quick", is_flag=True, help="Shrunk workloads, about two minutes.")
 @click.option("--data-dir", default=lambda: os.environ.get("FMNIST_DATA_DIR", "data"))
@@ -428,7 +316,7 @@ def main(quick: bool, data_dir: str, seeds: int, out: str, parts: str) -> None:
     results = {"machine": machine(), "quick": quick, "loading": loading}
     if "dense" in chosen:
         seed_list = list(range(1 if quick else seeds))
-        results["dense"] = bench_dense(arrays, data_dir, epochs, seed_list, quick)
+        results["dense"] = dense_grid.bench_dense(arrays, data_dir, epochs, seed_list, quick)
     if "cnn" in chosen:
         results["cnn"] = bench_paper_cnn(arrays, data_dir, 6000 if quick else None)
     if "tracking" in chosen:
