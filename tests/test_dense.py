@@ -109,6 +109,22 @@ def test_scaled_one_hot_divides_each_row_by_its_batch_size():
     np.testing.assert_allclose(one_hot.sum(axis=1), [0.5, 0.5, 0.5, 0.5, 1.0])
 
 
+def autograd_epoch(mlp, opt, scheduler, features, targets, order, batch_size: int) -> float:
+    """One epoch as torch trains it (autograd, ``step()``, the scheduler's ``step()`` when there
+    is one); returns the summed loss."""
+    loss_sum = 0.0
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        loss = torch.nn.functional.cross_entropy(mlp(features[index]), targets[index])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += float(loss.detach()) * len(index)
+    return loss_sum
+
+
 @pytest.mark.parametrize(
     ("optimizer", "weight_decay"),
     [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05), ("rmsprop", 0.01)],
@@ -129,16 +145,8 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
             order = torch.randperm(60, generator=generator)
             if explicit:
                 losses.append(step.run_epoch(features, targets, order, 16)[0])
-                continue
-            loss_sum = 0.0
-            for start in range(0, 60, 16):
-                index = order[start : start + 16]
-                loss = torch.nn.functional.cross_entropy(mlp(features[index]), targets[index])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum += float(loss.detach()) * len(index)
-            losses.append(loss_sum)
+            else:
+                losses.append(autograd_epoch(mlp, opt, None, features, targets, order, 16))
         return mlp, opt, losses
 
     fast, fast_opt, fast_losses = train(True)
@@ -174,14 +182,8 @@ def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optim
             order = torch.randperm(60, generator=generator)
             if explicit:
                 step.run_epoch(features, targets, order, 16)
-                continue
-            for start in range(0, 60, 16):
-                index = order[start : start + 16]
-                loss = torch.nn.functional.cross_entropy(mlp(features[index]), targets[index])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                scheduler.step()
+            else:
+                autograd_epoch(mlp, opt, scheduler, features, targets, order, 16)
         return mlp, opt, scheduler
 
     fast, fast_opt, fast_scheduler = train(True)
