@@ -202,3 +202,20 @@ def test_bad_resume_requests_fail_before_training(
     )
     assert outcome.exit_code == 2, outcome.output
     assert "--lr cannot be changed" in outcome.output
+
+
+def test_a_checkpoint_of_another_kind_of_schedule_is_refused_in_words():
+    """A cosine run checkpointed when cosine was ``CosineAnnealingLR`` cannot go on as today's
+    closed-form ``LambdaLR``: a ``ConfigError`` that says so, not a ``KeyError``."""
+    from fmnist.train.config import TrainConfig
+    from fmnist.train.engine import make_trainer
+    from fmnist.train.state import Best, capture_state, restore_state
+
+    cfg = TrainConfig(optimizer="sgd", lr=0.1, epochs=2, schedule="cosine")
+    trainer = make_trainer(torch.nn.Linear(3, 2), cfg, steps_per_epoch=4)
+    state = capture_state(1, trainer, [], Best(1, 0.5, {}), 1.0, False)
+    restore_state(state, trainer, torch.device("cpu"))  # the same kind: fine
+    old = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=8)
+    state["scheduler"] = old.state_dict()
+    with pytest.raises(ConfigError, match="another kind of schedule"):
+        restore_state(state, trainer, torch.device("cpu"))

@@ -87,7 +87,10 @@ def test_a_new_store_is_a_copy_of_a_migrated_empty_one_with_its_own_default_expe
         client.log_metric(run.info.run_id, "val_accuracy", 0.5, step=1)
         assert client.get_run(run.info.run_id).data.metrics == {"val_accuracy": 0.5}
     (template,) = (tmp_path / "cache").iterdir()
-    assert template.name == f"mlflow-{mlflow.__version__}-empty.db"
+    assert template == store.template_path() and mlflow.__version__ in template.name
+    if Path("/proc/self/fd").is_dir():  # no connection left open on the template
+        open_files = {os.path.realpath(fd) for fd in Path("/proc/self/fd").iterdir()}
+        assert str(template.resolve()) not in open_files
     # a cache that cannot be written (here a file): MLflow creates the store as before
     monkeypatch.setenv("FMNIST_CACHE_DIR", str(template))
     uri = f"sqlite:///{tmp_path / 'c' / 'mlflow.db'}"

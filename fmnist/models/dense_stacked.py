@@ -327,7 +327,7 @@ def run_stacked_epoch(
     updates = [block.updater() for block in blocks]
     schedules = [(block.lr, block.lrs) for block in blocks if block.lrs is not None]
     plans: dict[int, Plan] = {}
-    steps = 0
+    first_step = float(blocks[0].counter)  # the optimizer's own count says how far it went
     # each step's shifted logits, for the epoch's loss and accuracy (computed once at the end)
     logits = np.empty((len(order_), len(points), n_classes), np.float32)
     try:
@@ -348,12 +348,11 @@ def run_stacked_epoch(
                     cell[...] = lrs[number]
                 for update in updates:
                     update()
-                steps += 1
     finally:
         for block in blocks:
             block.write_back()
         for point in points:
-            advance_schedule(point.scheduler, steps)
+            advance_schedule(point.scheduler, int(blocks[0].counter - first_step))
     results = []
     for column in range(len(points)):
         point = logits[:, column]

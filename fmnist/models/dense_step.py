@@ -98,6 +98,8 @@ class ExplicitStep:
         if len(optimizer.param_groups) != 1 or not schedulable(scheduler):
             return False
         group = optimizer.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):  # the loops hand the kernel a float rate
+            return False
         if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in group["params"]):
             return False
         params, own = list(group["params"]), list(params)
@@ -135,7 +137,7 @@ class ExplicitStep:
         # epoch at once: per batch they would cost more calls than the step's arithmetic.
         one_hot = scaled_one_hot(targets, weights[-1].shape[0], batch_size)
         logits = np.empty(one_hot.shape, np.float32)
-        steps = 0
+        first_step, steps = float(flat.step), 0
         try:
             with torch.no_grad(), one_blas_thread():
                 for start in range(0, len(order_), batch_size):
@@ -148,7 +150,8 @@ class ExplicitStep:
                     steps += 1
         finally:
             flat.write_back()
-            advance_schedule(self.scheduler, steps)
+            # the optimizer's own count says how far it went
+            advance_schedule(self.scheduler, int(float(flat.step) - first_step))
         correct = int(np.count_nonzero(logits.argmax(axis=1) == targets))
         return cross_entropy_sum(logits, targets), correct
 

@@ -14,10 +14,12 @@ as a copy of an empty one that this MLflow version migrated once (``copy_empty_s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sqlite3
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -68,27 +70,50 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnist"
 
 
+def template_path() -> Path:
+    """The empty store of this MLflow version and migration chain (its file names hashed: a
+    build with other migrations under the same version string gets its own template)."""
+    versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
+    names = sorted(p.name for p in versions.glob("*.py")) if versions.is_dir() else []
+    chain = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    return cache_dir() / f"mlflow-{mlflow.__version__}-{chain}-empty.db"
+
+
 def copy_empty_store(path: Path) -> None:
     """Start the SQLite store ``path`` as a copy of an empty store of this MLflow version (made
-    on first use; any failure leaves ``path`` to MLflow's own creation). MLflow then only adds
+    on first use), written under another name and renamed, so that an interrupted copy leaves
+    no half a store. Any failure leaves ``path`` to MLflow's own creation. MLflow then only adds
     its Default experiment, with this store's artifact location."""
-    template = cache_dir() / f"mlflow-{mlflow.__version__}-empty.db"
+    template = template_path()
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         if not template.exists():
             make_empty_store(template)
-        shutil.copyfile(template, path)
-    except (OSError, sqlite3.Error):
-        path.unlink(missing_ok=True)
+        shutil.copyfile(template, partial)
+        os.replace(partial, path)
+    except Exception:  # noqa: BLE001 - a cache is an optimisation: MLflow creates the store
+        pass
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def make_empty_store(template: Path) -> None:
     """An MLflow-created, fully migrated store without its Default experiment (whose artifact
-    location would be the cache's), written under a temporary name and renamed."""
+    location would be the cache's), written under a temporary name and renamed. MLflow's engine
+    for it is disposed of: no connection stays open on the template."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # its engines' cache
+
     template.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
         made = Path(tmp) / "empty.db"
-        MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments(max_results=1)
-        with sqlite3.connect(made) as db:
+        uri = f"sqlite:///{made}"
+        try:
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        finally:
+            engine = SqlAlchemyStore._engine_map.pop(uri, None)
+            if engine is not None:
+                engine.dispose()
+        with closing(sqlite3.connect(made)) as db, db:
             db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
             db.execute("DELETE FROM experiments WHERE experiment_id = 0")
         os.replace(made, template)

@@ -72,8 +72,9 @@ def make_scheduler(
 
 
 def cosine(step: int, total: int) -> float:
-    """The ``cosine`` schedule's factor at ``step`` of ``total``: from 1 down to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    """The ``cosine`` schedule's factor at ``step`` of ``total``: from 1 down to 0 (the values
+    of ``CosineAnnealingLR``, whose recursion they can differ from in the last bit)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def triangle(step: int, total: int, warmup: int) -> float:

@@ -94,6 +94,12 @@ def restore_state(state: dict[str, Any], trainer: Trainer, device: torch.device)
     # moves the optimizer state to the parameters' device
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scheduler is not None:
+        if set(trainer.scheduler.state_dict()) != set(state["scheduler"]):
+            # e.g. a cosine run checkpointed before cosine became a closed-form LambdaLR
+            raise ConfigError(
+                "The checkpoint was made with another kind of schedule (an earlier version's "
+                f"{type(trainer.scheduler).__name__} differs); start the run afresh."
+            )
         trainer.scheduler.load_state_dict(state["scheduler"])
     if trainer.ema is not None:
         trainer.ema.model.load_state_dict(state["ema"])
