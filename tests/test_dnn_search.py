@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from fmnist.search import study as studies
 from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
 from fmnist.search.driver import EPOCH_METRICS, load_trial_model
 from fmnist.search.spec import SamplerSpec, SearchSpec
+from fmnist.tracking.store import prepare_store
 from fmnist.train import engine
 from tests.helpers import isolated_store, mlflow_run, search_table, store_copy
 
@@ -73,17 +73,11 @@ SUMMARY_FILES = {
 IMPORTANCES = {"search/param_importances.png", "search/param_importances.png.txt"}
 
 
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store: copying it saves each test the table creation."""
-    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    mlflow.MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture()
-def store(tracking_store, tmp_path, store_template) -> str:
-    shutil.copy(store_template, tmp_path / "mlflow.db")
+def store(tracking_store) -> str:
+    """The test's store, created before anything opens it: a copy of the migrated empty store
+    (``prepare_store``), also for a server or an ``mlflow run`` that would migrate it anew."""
+    prepare_store(tracking_store)
     return tracking_store
 
 
@@ -105,10 +99,9 @@ def config(data_dir: Path, grid: Path, epochs: int = 2, **overrides) -> DnnSearc
 
 
 @pytest.fixture(scope="module")
-def searched(synthetic_data_dir, tmp_path_factory, store_template):
+def searched(synthetic_data_dir, tmp_path_factory):
     """One search of the tiny grid in a fresh store; yields (URI, result, grid path, folder)."""
     folder = tmp_path_factory.mktemp("dnn-search")
-    shutil.copy(store_template, folder / "mlflow.db")
     with isolated_store(folder) as (uri, _):
         grid = write_grid(folder)
         result = run_dnn_search(config(synthetic_data_dir, grid))

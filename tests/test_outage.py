@@ -13,7 +13,6 @@ spans the outage.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from fmnist import tracking
 from fmnist.tracking import outage
 from fmnist.tracking.checkpoints import CHECKPOINT_ARTIFACT, CheckpointLogger
+from fmnist.tracking.store import prepare_store
 from tests.conftest import forget_active_experiment
 
 REFUSED = (
@@ -44,17 +44,11 @@ REFUSED = (
 TEST_OUTAGE_SECONDS = float(os.environ.get("FMNIST_TEST_OUTAGE_SECONDS", "20"))
 
 
-@pytest.fixture(scope="module")
-def store_template(tmp_path_factory) -> Path:
-    """An empty, migrated MLflow SQLite store: copying it saves each test the table creation."""
-    path = tmp_path_factory.mktemp("store-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture()
-def store(tmp_path, store_template, tracking_store) -> str:
-    shutil.copy(store_template, tmp_path / "mlflow.db")
+def store(tracking_store) -> str:
+    """The test's store, created before anything opens it: a copy of the migrated empty store
+    (``prepare_store``), also for a server or an ``mlflow run`` that would migrate it anew."""
+    prepare_store(tracking_store)
     return tracking_store
 
 
