@@ -91,8 +91,6 @@ def bench_paper_cnn(arrays, data_dir: str, limit: int | None) -> dict:
     recipe = load_recipe("paper")
     torch.manual_seed(0)
     model = build_classifier(recipe)
-    if recipe.channels_last:  # as `fmnist cnn --recipe paper` trains it
-        model = model.to(memory_format=torch.channels_last)
     settings = train_config(recipe, device="cpu", seed=0, quiet=True).replace(batch_size=128)
     trainer = make_trainer(model, settings, steps_per_epoch=1)
     seconds, _ = time_call(train_one_epoch, model, train, trainer, settings)

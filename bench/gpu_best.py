@@ -50,8 +50,6 @@ def train_once(recipe, data, epochs: int, args, device) -> dict:
     train, val, test = data
     torch.manual_seed(args.seed)
     model = build_classifier(recipe, train.images)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     history = []
     settings = train_config(
         recipe, device=str(device), seed=args.seed, quiet=True, checkpoint_every=0

@@ -18,7 +18,11 @@ class DataError(FmnistError):
 
 
 class ConfigError(FmnistError):
-    """An option or an experiment definition is invalid."""
+    """An option or an experiment definition is invalid (``key``: the setting, when one is)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class TrainingDiverged(FmnistError):

@@ -8,7 +8,6 @@ import sys
 from click.testing import CliRunner
 
 from fmnist.cli import COMMANDS, cli
-from tests.helpers import run_python
 
 
 def test_help_lists_every_command():
@@ -44,26 +43,7 @@ def test_info_prints_counts_of_the_synthetic_data(synthetic_data_dir):
     assert "160 / 40 / 50" in result.output
 
 
-def test_the_fast_exit_still_joins_threads_runs_atexit_and_flushes():
-    done = run_python(
-        "import atexit, threading, time\n"
-        "from fmnist.cli import exit_now\n"
-        "atexit.register(lambda: print('atexit ran', flush=False))\n"
-        "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done'))).start()\n"
-        "print('last line', end='')\n"
-        "exit_now(3)\n"
-    )
-    assert done.returncode == 3
-    # the thread was joined before the handlers ran, and nothing printed was lost
-    assert done.stdout == "last linethread done\natexit ran\n"
-
-
-def test_the_fast_exit_prints_a_message_exit_code_as_sys_exit_does():
-    done = run_python("from fmnist.cli import exit_now\nexit_now('bad thing')\n")
-    assert (done.returncode, done.stderr) == (1, "bad thing\n")
-
-
-def test_a_failing_command_keeps_its_exit_code_through_the_fast_exit(tmp_path):
+def test_a_failing_command_exits_with_its_code(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "fmnist", "info", "--data-dir", str(tmp_path / "none")],
         capture_output=True,

@@ -15,15 +15,20 @@ import mlflow
 import numpy as np
 import optuna
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
 from fmnist.cli import cli
 from fmnist.config import CnnSearchConfig, CommonConfig, SearchOptions
+from fmnist.data import load_splits
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn_search import run_cnn_search
-from fmnist.search.cnn_space import CnnSpace, load_space
+from fmnist.search.cnn_space import CnnSpace, Dimension, load_space
 from fmnist.tracking import format_param
+from fmnist.train.config import train_config
+from fmnist.train.recipes import build_classifier, load_recipe, model_spec
+from fmnist.train.runtime import seed_everything
 from tests.helpers import PROJECT_ROOT, isolated_store, search_table, store_copy
 
 TINY_RECIPE = """\
@@ -65,15 +70,20 @@ SUMMARY_FILES = {
 }
 # Optuna draws importances only when it can compute them; otherwise the reason is logged.
 IMPORTANCES = {"search/param_importances.png", "search/param_importances.png.txt"}
-# What a trial logs beside its sampled keys: the tiny recipe's fit settings and model spec.
+# What a trial logs beside its sampled keys: every other training setting of the tiny recipe
+# (``augment`` sets crop_padding and flip) and its model spec.
 TRIAL_SETTINGS = {
     "optimizer": "adamw",
     "weight_decay": "0.01",
     "schedule": "onecycle",
     "label_smoothing": "0.1",
+    "early_stopping_patience": "0",
+    "erasing": "0.0",
+    "ema_decay": "0.0",
     "bf16": "false",
+    "compile": "false",
     "val_batch_size": "2048",
-    "compile_model": "false",
+    "val_tta_flip": "false",
     "model.family": "cnn",
     "model.arch": "resnet",
     "model.blocks": "1",
@@ -151,9 +161,12 @@ def test_a_child_run_per_trial_with_the_pruned_one_finished_and_partial(searched
     for number, run in enumerate(trials):
         params = run.data.params
         sampled = {key: params[key] for key in BASELINE}
+        augmented = sampled["augment"] == "true"
         assert params == {
             **sampled,
             **TRIAL_SETTINGS,
+            "crop_padding": "2" if augmented else "0",
+            "flip": "true" if augmented else "false",
             "model.width": sampled["width"],
             "model.dropout": sampled["dropout"],
             "trial_number": str(number),
@@ -218,12 +231,12 @@ def test_best_point_is_retrained_registered_and_loadable(searched):
         (("width: [4, 6]", "width: []"), "params.width'.*empty list"),
         (("{low: 0.0, high: 0.3}", "{low: 0.3, high: 0.1}"), "params.dropout'.*low 0.3 > high"),
         (("{low: 0.0, high: 0.3}", "{low: 0.2, high: 0.2}"), "params.dropout'.*empty range"),
-        (("low: 0.001, high: 0.01", "low: 0.0, high: 0.01"), "params.lr'.*must be positive"),
+        (("low: 0.001, high: 0.01", "low: 0.0, high: 0.01"), "params.lr'.*needs low > 0"),
         (("{low: 0.0, high: 0.3}", "{low: 0.0, high: 0.3, log: true}"), "log scale needs"),
-        (("{low: 0.0, high: 0.3}", "{low: 0.0, high: 1.5}"), "params.dropout'.*below 1.0"),
+        (("{low: 0.0, high: 0.3}", "{low: 0.0, high: 1.5}"), "params.dropout'.*lie in \\[0, 1\\)"),
         (("{low: 0.0, high: 0.3}", "{low: 0.0, hi: 0.3}"), "unknown field 'hi'"),
-        (("[32, 64]", "[32, 0]"), "params.batch_size'.*below 1"),
-        (("[true, false]", "[yes, 2]"), "params.augment'.*expected bool"),
+        (("[32, 64]", "[32, 0]"), "params.batch_size'.*batch_size must be positive"),
+        (("[true, false]", "[yes, 2]"), "params.augment'.*expected true or false"),
         (("recipe: tiny.yaml", "recipe: nope"), "key 'recipe'.*Unknown definition 'nope'"),
         (("params:", "paramz:"), "unknown key 'paramz'"),
     ],
@@ -312,3 +325,29 @@ def test_resuming_with_more_trials_trains_only_the_new_ones(
         assert params[3] not in params[:3]  # the resumed sampler does not repeat a draw
         table = search_table(first["run_id"])
         assert list(table["trial"]) == [0, 1, 2, 3]  # the summary is logged again
+
+
+@pytest.mark.parametrize("recipe_name", ["paper", "fast", "bf16_cpu", "best"])
+def test_a_trial_builds_what_fmnist_cnn_builds_for_every_architecture(
+    synthetic_data_dir, recipe_name
+):
+    """A search trial of a recipe's own point builds the network (initial weights, the
+    ``whitened`` arch's whitening fitted to the training images included) and the training
+    settings that ``fmnist cnn`` builds for the same recipe and seed."""
+    recipe = load_recipe(recipe_name)
+    images = load_splits(synthetic_data_dir).train.images
+    lr = Dimension("lr", "categorical", choices=(recipe.lr, recipe.lr * 2))
+    space = CnnSpace((lr,), recipe, recipe_name)
+    seed_everything(7)
+    built = space.build(space.baseline(), images)
+    seed_everything(7)
+    model = build_classifier(recipe, images)  # as flows.cnn.run_cnn builds it
+    assert model_spec(recipe) == built.spec and built.train == train_config(recipe)
+    ours, theirs = model.state_dict(), built.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=0, atol=0)
+    if recipe.model["arch"] == "whitened":  # fitted: the patches' whitening, not the init
+        seed_everything(7)
+        unfitted = build_classifier(recipe).state_dict()["whiten.weight"]
+        assert not torch.equal(theirs["whiten.weight"], unfitted)

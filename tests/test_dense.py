@@ -11,14 +11,15 @@ from sklearn.decomposition import PCA
 from fmnist.data import Split, load_splits
 from fmnist.models import build_model
 from fmnist.models.dense import PCAProjection, build_dense, build_mlp, dense_spec, fit_pca, project
-from fmnist.models.dense_step import (
-    ExplicitStep,
-    backpropagate,
-    cross_entropy_sum,
-    scaled_one_hot,
-)
 from fmnist.train import engine
 from fmnist.train.config import TrainConfig
+from fmnist.train.dense_loop import (
+    NumpyEpoch,
+    backpropagate,
+    cross_entropy_sum,
+    numpy_epoch,
+    scaled_one_hot,
+)
 from fmnist.train.optim import make_optimizer, make_scheduler
 
 CPU = torch.device("cpu")
@@ -129,7 +130,7 @@ def autograd_epoch(mlp, opt, scheduler, features, targets, order, batch_size: in
     ("optimizer", "weight_decay"),
     [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05), ("rmsprop", 0.01)],
 )
-def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_decay):
+def test_the_numpy_epoch_trains_as_the_torch_optimizer_does(optimizer, weight_decay):
     """The dense grid's fast path: same weights, optimizer state and loss as autograd + step(),
     over two shuffled epochs of 60 rows at batch 16 (the last batch of each epoch is short)."""
     features, targets = torch.randn(60, 12), torch.randint(0, 10, (60,))
@@ -138,7 +139,7 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
         torch.manual_seed(0)
         mlp = build_mlp(12, [16, 8])
         opt = make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
-        step = ExplicitStep(opt) if explicit else None
+        step = numpy_epoch(mlp, opt) if explicit else None
         generator = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(2):
@@ -151,7 +152,7 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
 
     fast, fast_opt, fast_losses = train(True)
     slow, slow_opt, slow_losses = train(False)
-    assert ExplicitStep.supports(fast.parameters(), fast_opt)
+    assert isinstance(numpy_epoch(fast, fast_opt), NumpyEpoch)
     assert fast_losses == pytest.approx(slow_losses, rel=1e-5)
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -165,10 +166,10 @@ def test_explicit_step_trains_as_the_torch_optimizer_does(optimizer, weight_deca
     ("hidden", "optimizer", "schedule"),
     [([16, 8], "adam", "cosine"), ([16], "rmsprop", "triangle"), ([], "adamw", "cosine")],
 )
-def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optimizer, schedule):
-    """A per-step schedule in the numpy loops (stacked kernel, and the flat loop of a network
-    without a hidden layer): the same weights as autograd + ``step()`` + ``scheduler.step()``,
-    and the scheduler left exactly where the stepped one is (rate, step count)."""
+def test_the_numpy_epoch_runs_a_schedule_as_the_torch_scheduler_does(hidden, optimizer, schedule):
+    """A per-step schedule in the numpy epoch (with and without a hidden layer): the same
+    weights as autograd + ``step()`` + ``scheduler.step()``, and the scheduler left exactly
+    where the stepped one is (rate, step count)."""
     features, targets = torch.randn(60, 12), torch.randint(0, 10, (60,))
 
     def train(explicit: bool):
@@ -176,7 +177,7 @@ def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optim
         mlp = build_mlp(12, hidden)
         opt = make_optimizer(optimizer, mlp.parameters(), 0.01, 0.01, CPU)
         scheduler = make_scheduler(schedule, opt, 0.01, 3, 4)
-        step = ExplicitStep(opt, scheduler)
+        step = numpy_epoch(mlp, opt, scheduler)
         generator = torch.Generator().manual_seed(1)
         for _ in range(2):  # two of the schedule's three epochs: it ends mid-way
             order = torch.randperm(60, generator=generator)
@@ -188,7 +189,7 @@ def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optim
 
     fast, fast_opt, fast_scheduler = train(True)
     slow, slow_opt, slow_scheduler = train(False)
-    assert ExplicitStep.supports(fast.parameters(), fast_opt, fast_scheduler)
+    assert isinstance(numpy_epoch(fast, fast_opt, fast_scheduler), NumpyEpoch)
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert fast_scheduler.last_epoch == slow_scheduler.last_epoch == 8
@@ -199,39 +200,38 @@ def test_explicit_step_runs_a_schedule_as_the_torch_scheduler_does(hidden, optim
 def runner_for(model, **settings):
     """The epoch runner ``fit`` would take for ``model`` with these settings (None: autograd)."""
     cfg = TrainConfig(**settings)
-    return engine.make_runner(model, engine.make_trainer(model, cfg, 1), cfg)
+    return engine.make_runner(model, engine.make_trainer(model, cfg, 1), cfg, numpy_epoch)
 
 
-def test_fit_takes_the_explicit_step_only_where_it_applies(splits):
+def test_fit_takes_the_numpy_epoch_only_where_it_applies(splits):
     mlp = build_mlp(784, [8])
-    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1), ExplicitStep)
-    assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), ExplicitStep)
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1), NumpyEpoch)
+    assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), NumpyEpoch)
     assert runner_for(mlp, optimizer="sgd", lr=0.1) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, label_smoothing=0.1) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None  # momentum
-    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), ExplicitStep)
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), NumpyEpoch)
     assert runner_for(mlp, optimizer="adam", lr=0.1, flip=True) is None
     cnn = build_model({"family": "cnn", "arch": "paper"})
     assert runner_for(cnn, optimizer="adam", lr=0.1) is None
 
 
-def test_explicit_loop_overfits_one_batch_of_raw_pixels(splits):
-    """``fit`` on an MLP takes the numpy loop, raw uint8 pixels included, and it learns."""
+def test_the_numpy_epoch_overfits_one_batch_of_raw_pixels(splits):
+    """``fit`` on an MLP takes the numpy epoch, raw uint8 pixels included, and it learns."""
     torch.manual_seed(0)
     mlp = build_mlp(784, [64])
     batch = Split(splits.train.images[:32].reshape(32, -1), splits.train.labels[:32])
     settings = TrainConfig(optimizer="adam", lr=1e-2, batch_size=8, epochs=40, quiet=True)
-    assert isinstance(runner_for(mlp, **vars(settings)), ExplicitStep)
-    result = engine.fit(mlp, batch, batch, settings)
+    assert isinstance(runner_for(mlp, **vars(settings)), NumpyEpoch)
+    result = engine.fit(mlp, batch, batch, settings, epoch_runner=numpy_epoch)
     assert result.history[-1]["train_loss"] < 0.05
     assert result.best_val_accuracy == 1.0
 
 
-def test_explicit_step_refuses_an_optimizer_over_other_parameters():
+def test_the_numpy_epoch_refuses_an_optimizer_over_other_parameters():
     mlp = build_mlp(12, [8])
     subset = make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
-    assert not ExplicitStep.supports(mlp.parameters(), subset)
-    assert mlp.epoch_runner(subset) is None
+    assert numpy_epoch(mlp, subset) is None
 
 
 def test_dropout_is_a_spec_key_that_rebuilds_the_architecture(splits):
@@ -259,7 +259,7 @@ def test_dropout_is_a_spec_key_that_rebuilds_the_architecture(splits):
 def test_dropout_takes_the_autograd_path_and_still_learns(splits):
     mlp = build_mlp(784, [32], dropout=0.2)
     optimizer = make_optimizer("adam", mlp.parameters(), 1e-3, 0.0, CPU)
-    assert mlp.epoch_runner(optimizer) is None  # the numpy step has no dropout
+    assert numpy_epoch(mlp, optimizer) is None  # the numpy epoch has no dropout
     images = splits.train.images[:64].float().reshape(64, -1) / 255.0
     batch = Split(images, splits.train.labels[:64])
     cfg = TrainConfig(lr=0.01, batch_size=64, epochs=30, quiet=True)

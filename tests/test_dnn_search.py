@@ -13,8 +13,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import mlflow
@@ -28,12 +26,11 @@ from fmnist.config import CommonConfig, DnnSearchConfig, SearchOptions
 from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
-from fmnist.models import dense_lockstep
-from fmnist.search import driver, points, workers
 from fmnist.search import study as studies
 from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
-from fmnist.search.driver import EPOCH_METRICS, load_trial_model
-from fmnist.search.spec import SamplerSpec, SearchSpec
+from fmnist.search.driver import EPOCH_METRICS
+from fmnist.search.spec import SamplerSpec
+from fmnist.tracking.search_runs import load_trial_model
 from fmnist.tracking.store import prepare_store
 from fmnist.train import engine
 from tests.helpers import isolated_store, mlflow_run, search_table, store_copy
@@ -132,16 +129,28 @@ def test_one_parent_and_a_child_per_point_with_params_and_histories(searched):
     for child in children:
         params = child.data.params
         optimizer = child.info.run_name.split("-")[2]
+        # the point, every training setting of the grid, the architecture, the trial
         assert params == {
             "hidden": "16",
             "optimizer": optimizer,
             "batch_size": "32",
             "lr": "0.003",
             "weight_decay": "0.0",
+            "epochs": "2",
+            "schedule": "none",
+            "early_stopping_patience": "0",
+            "label_smoothing": "0.0",
+            "crop_padding": "0",
+            "flip": "false",
+            "erasing": "0.0",
+            "ema_decay": "0.0",
+            "bf16": "false",
+            "compile": "false",
+            "val_batch_size": "2048",
+            "val_tta_flip": "false",
             "model.family": "dnn",
             "model.pca_components": params["model.pca_components"],
             "model.hidden": "[16]",
-            "epochs": "2",
             "seed": "0",
             "trial_number": child.data.tags["optuna_trial"],
         }
@@ -287,89 +296,21 @@ def test_an_interrupted_search_trains_only_the_missing_point(
     assert run_dnn_search(config(synthetic_data_dir, grid))["trained_now"] == 0
 
 
-def test_an_interrupted_lockstep_group_queues_each_point_again(
-    synthetic_data_dir, store, tmp_path, monkeypatch
-):
-    """The tiny grid's two points share a batch size: one claim takes both and trains them in
-    lockstep (one stacked epoch for both). Ctrl-C in the middle of it fails both trials for a
-    retry and ends both child runs KILLED; running again trains both, with the results of
-    points trained alone (the stacked epoch is exact)."""
-    grid = write_grid(tmp_path)
-    real_epoch = dense_lockstep.run_stacked_epoch
-    widths = []
-
-    def interrupted(steps, *args, **kwargs):
-        widths.append(len(steps))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_dnn_search(config(synthetic_data_dir, grid))
-    assert widths == [2]  # both points in one stacked epoch
-    runs = runs_of()
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = children_of(runs, parent.info.run_id)
-    assert sorted(r.info.status for r in children) == ["KILLED", "KILLED"]
-    study = study_of({"study_name": parent.data.tags["optuna_study"]}, tmp_path)
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
-    assert points.point_statuses(study.trials, sorted(POINTS)) == dict.fromkeys(POINTS, "missing")
-
-    def counted(steps, *args, **kwargs):
-        widths.append(len(steps))
-        return real_epoch(steps, *args, **kwargs)
-
-    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", counted)
-    result = run_dnn_search(config(synthetic_data_dir, grid))
-    assert result["trained_now"] == 2 and result["model_uri"]
-    assert widths == [2, 2, 2]  # two more epochs, both points together
-    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", real_epoch)
-    complete = [t for t in study_of(result, tmp_path).trials if t.state == TrialState.COMPLETE]
-    assert sorted(t.user_attrs[studies.POINT] for t in complete) == sorted(POINTS)
-    for trial in complete:
-        alone = fit_alone(synthetic_data_dir, grid, trial.params)
-        assert trial.value == alone  # exactly: the stacked epoch computes what one point does
-
-
-def test_a_grid_sets_its_epochs_and_a_cosine_schedule_keeps_lockstep(
-    synthetic_data_dir, store, tmp_path, monkeypatch
-):
-    """``epochs: 3`` in the grid is what ``--epochs auto`` trains (and logs); a cosine schedule
-    only scales the rate, so both points still share one stacked epoch each time."""
+def test_a_grid_sets_its_epochs_and_a_cosine_schedule(synthetic_data_dir, store, tmp_path):
+    """``epochs: 3`` in the grid is what ``--epochs auto`` trains (and logs); the cosine
+    schedule moves each point's rate down to zero."""
     grid = tmp_path / "cosine_grid.yaml"
     grid.write_text(TINY_GRID + "schedule: cosine\nepochs: 3\n")
-    real_epoch, widths = dense_lockstep.run_stacked_epoch, []
-
-    def counted(steps, *args, **kwargs):
-        widths.append(len(steps))
-        return real_epoch(steps, *args, **kwargs)
-
-    monkeypatch.setattr(dense_lockstep, "run_stacked_epoch", counted)
     result = run_dnn_search(config(synthetic_data_dir, grid, epochs=None))
-    assert widths == [2, 2, 2]
     runs = runs_of()
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.data.params["epochs"] == "3" and parent.data.params["schedule"] == "cosine"
     assert "-e3-" in result["study_name"]
     for child in children_of(runs, parent.info.run_id):
-        history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "val_accuracy")
+        history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "lr")
         assert sorted(m.step for m in history) == [1, 2, 3]
-
-
-def fit_alone(data_dir: Path, grid: Path, params: dict) -> float:
-    """The best validation accuracy of one point of the tiny grid fitted on its own (no group),
-    as a trial builds and fits it."""
-    from fmnist.flows.dnn_data import prepare_data
-    from fmnist.flows.dnn_search import dense_family
-    from fmnist.train.runtime import seed_everything
-
-    cfg = config(data_dir, grid)
-    loaded = load_grid(str(grid))
-    digest, splits, basis, features = prepare_data(cfg, loaded)
-    family = dense_family(cfg, loaded, basis, digest, "cpu", splits)
-    seed_everything(0)
-    built = family.spec.space.build(params, features.context)
-    train_cfg = built.train.replace(epochs=2, seed=0, device="cpu", quiet=True)
-    return engine.fit(built.trainable, features.train, features.val, train_cfg).best_val_accuracy
+        rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+        assert rates[0] == pytest.approx(0.003) and rates[0] > rates[1] > rates[2] > 0
 
 
 def test_pruned_points_end_finished_with_their_state_and_register_nothing(
@@ -392,24 +333,32 @@ def test_pruned_points_end_finished_with_their_state_and_register_nothing(
     assert list(table["state"]) == ["PRUNED", "PRUNED"]
 
 
-def test_duplicate_and_stale_trials_never_train_a_point_twice(tmp_path):
-    """Two processes may queue the same point; a dead worker's trial is queued again."""
-    sampler = SamplerSpec("grid", choices={"x": (1, 2)})
+def test_a_point_queued_twice_trains_once_and_a_dead_workers_point_is_queued_again(tmp_path):
+    """Two processes may queue the same point: the younger trial gives up. A trial whose worker
+    (a process of this machine) is gone is failed and its point queued again by Optuna's retry
+    callback, with its key; the hook ends its run."""
     ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
-    study, created = studies.open_study(ref, sampler, False, create=True)
+    study, created = studies.open_study(
+        ref, SamplerSpec("grid", choices={"x": (1, 2)}), False, True
+    )
     assert created
+    key = '{"x": 1}'  # the point's params as canonical JSON
     for _ in range(2):  # the same point queued twice, as two racing processes would
-        study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: "p1"})
-    spec = SearchSpec("t", "t", space=None, sampler=sampler, grid=({},))
-    first = points.claim(study, spec, 0.0)
-    assert first.user_attrs[studies.POINT] == "p1"
-    assert points.claim(study, spec, 0.0) is None  # the duplicate is given up, not trained
-    skipped = [t for t in study.trials if t.user_attrs.get(studies.SKIPPED)]
-    assert [t.number for t in skipped] == [first.number + 1]
-    # the first trial's worker "died": its RUNNING trial is released and the point is missing
-    first.set_user_attr(studies.WORKER, f"{socket.gethostname()}:999999999:1")
-    assert [t.number for t in points.release_stale_trials(study)] == [first.number]
-    assert points.point_statuses(study.trials, ["p1"]) == {"p1": "missing"}
+        study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: key})
+    first, second = study.ask(), study.ask()
+    assert first.suggest_categorical("x", [1, 2]) == 1  # the queued value, as a worker reads it
+    assert studies.held_elsewhere(study, second.number, key)
+    assert not studies.held_elsewhere(study, first.number, key)
+    second.set_user_attr(studies.SKIPPED, True)
+    study.tell(second, state=TrialState.FAIL)
+    first.set_user_attr(studies.WORKER, f"{socket.gethostname()}:999999999:1")  # no such pid
+    ended = []
+    released = studies.release_dead(study, on_stale=ended.append)
+    assert [t.number for t in released] == [first.number] == [t.number for t in ended]
+    assert studies.release_dead(study) == []  # released once
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.user_attrs[studies.POINT] == key and queued.params == {"x": 1}
+    assert studies.point_statuses(study.trials, [key]) == {key: "held"}
 
 
 def test_invalid_settings_fail_before_any_run(synthetic_data_dir, tracking_store, tmp_path):
@@ -545,49 +494,3 @@ def test_a_grid_beyond_the_study_trains_on_images_and_its_winner_reproduces_its_
     np.testing.assert_allclose(logged, expected, atol=1e-5)
     accuracy = float((logged.argmax(axis=1) == test.labels.numpy()).mean())
     assert accuracy == pytest.approx(result["test_accuracy"], abs=1e-4)
-
-
-def test_the_workers_fork_server_is_stopped_at_exit_not_left_tearing_down():
-    """A fork server outlives its command by the seconds its teardown takes, holding the
-    command's output pipes open; the launcher ends it at exit (here with a light preload)."""
-    code = (
-        "import os, signal\n"
-        "from multiprocessing import forkserver\n"
-        "from fmnist.search import launcher\n"
-        "launcher.WORKER_PRELOAD[:] = ['json']\n"
-        "launcher.start_worker_launcher()\n"
-        "launcher.start_worker_launcher()  # a second call starts nothing more\n"
-        "pid = forkserver._forkserver._forkserver_pid\n"
-        "launcher.stop_worker_launcher()\n"
-        "_, status = os.waitpid(pid, 0)\n"
-        "print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
-    )
-    assert (done.returncode, done.stdout.strip()) == (0, "True"), done.stderr
-
-
-@pytest.mark.parametrize(
-    ("pending", "n_workers", "size"), [(8, 1, 8), (8, 2, 2), (2, 2, 1), (9, 2, 3), (1, 4, 1)]
-)
-def test_a_worker_claims_two_shares_of_the_lockstep_points(pending, n_workers, size):
-    assert driver.claim_size(pending, n_workers) == size
-
-
-def test_a_waiting_worker_wakes_when_another_ends_a_claim():
-    """A worker with nothing to claim waits for the others' next poll or for ``wake``, which a
-    worker of the same machine sets when it ends a claim: the command does not idle to the
-    poll's end once the last point is trained."""
-    wake = threading.Event()
-    timer = threading.Timer(0.2, wake.set)
-    started = time.monotonic()
-    timer.start()
-    workers.pause(wake, 30.0)
-    waited = time.monotonic() - started
-    timer.join()
-    assert waited < 15.0  # woken by the other worker, long before the 30 s poll
-    assert not wake.is_set()  # cleared for the next wait
-    started = time.monotonic()
-    workers.pause(None, 0.05)  # a lone process just sleeps its poll
-    assert time.monotonic() - started >= 0.05

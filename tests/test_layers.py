@@ -3,9 +3,10 @@ imported) and each of its imports is checked against the rules below, written he
 violation names the file, the line and the rule. One test feeds the checker a small synthetic
 module, so a checker that silently finds nothing cannot pass.
 
-The layers, lowest first: config/errors/definitions/published < data/augment/inputs/models <
-train/search coordination < tracking/analysis/search driver/search spaces < flows < cli. A module
-may import its own layer and the layers below it, never one above, not even inside a function.
+The layers, lowest first: config/errors/definitions/published/liveness < data/augment/inputs/
+models < train < tracking/analysis < search < flows < cli. A module may import its own layer and
+the layers below it, never one above, not even inside a function. MLflow is imported by tracking
+and the flows only, Optuna by the search only.
 The modules of ``fmnist predict`` import nothing that loads torch at module level, followed
 through every module and package an import runs (``TORCH_LOADERS``).
 """
@@ -24,19 +25,16 @@ from tests.helpers import PROJECT_ROOT
 
 PACKAGE = PROJECT_ROOT / "fmnist"
 
-LAYER_ORDER = ("foundation", "core", "training", "services", "flows", "cli")
-SEARCH_DRIVER = ("fmnist.search.driver",)
-SEARCH_SPACES = ("fmnist.search.*_space",)
-# (module pattern, layer): the first matching pattern decides, so the search driver and the
-# spaces come before the rest of ``fmnist/search/`` (the Optuna coordination).
+LAYER_ORDER = ("foundation", "core", "training", "services", "search", "flows", "cli")
+SEARCH = ("fmnist.search", "fmnist.search.*")
+# (module pattern, layer): the first matching pattern decides.
 LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist", "foundation"),
     ("fmnist.config", "foundation"),
     ("fmnist.errors", "foundation"),
     ("fmnist.definitions", "foundation"),
     ("fmnist.published", "foundation"),
-    ("fmnist.locks", "foundation"),
-    ("fmnist.prefetch", "foundation"),  # standard library only: the CLI starts work early
+    ("fmnist.liveness", "foundation"),  # standard library only: which process runs, if it lives
     ("fmnist.data", "core"),
     ("fmnist.dataset_format", "core"),  # what fmnist.data defines that needs no torch
     ("fmnist.augment", "core"),
@@ -45,9 +43,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.models.*", "core"),
     ("fmnist.train", "training"),
     ("fmnist.train.*", "training"),
-    *((pattern, "services") for pattern in SEARCH_DRIVER + SEARCH_SPACES),
-    ("fmnist.search", "training"),
-    ("fmnist.search.*", "training"),
+    *((pattern, "search") for pattern in SEARCH),
     ("fmnist.tracking", "services"),
     ("fmnist.tracking.*", "services"),
     ("fmnist.analysis", "services"),
@@ -59,13 +55,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.__main__", "cli"),
 )
 CLI = ("fmnist.cli", "fmnist.cli.*", "fmnist.__main__")
-MLFLOW_ALLOWED = (
-    "fmnist.tracking",
-    "fmnist.tracking.*",
-    "fmnist.flows",
-    "fmnist.flows.*",
-    *SEARCH_DRIVER,
-)
+MLFLOW_ALLOWED = ("fmnist.tracking", "fmnist.tracking.*", "fmnist.flows", "fmnist.flows.*")
 # What ``train``, ``models``, ``data`` and ``augment`` must import without (the GPU scripts run
 # them on a machine without the tracking stack): no module-level import of these, and a
 # function-local one only with a comment saying why.
@@ -100,12 +90,6 @@ def layer_of(module: str) -> str | None:
 
 def top(target: str) -> str:
     return target.split(".")[0]
-
-
-def is_search_coordination(module: str) -> bool:
-    return matches(module, ("fmnist.search", "fmnist.search.*")) and not matches(
-        module, SEARCH_DRIVER + SEARCH_SPACES
-    )
 
 
 def module_name(path: Path) -> tuple[str, bool]:
@@ -180,18 +164,15 @@ def nothing_imports_the_cli(module: str, imp: Import) -> str | None:
     return None
 
 
-def mlflow_only_in_tracking_flows_and_the_driver(module: str, imp: Import) -> str | None:
+def mlflow_only_in_tracking_and_flows(module: str, imp: Import) -> str | None:
     if top(imp.target) == "mlflow" and not matches(module, MLFLOW_ALLOWED):
-        return f"imports {imp.target}: only tracking, flows and the search driver may"
+        return f"imports {imp.target}: only tracking and the flows may"
     return None
 
 
-def optuna_only_in_the_search_coordination(module: str, imp: Import) -> str | None:
-    if top(imp.target) == "optuna" and not is_search_coordination(module):
-        return (
-            f"imports {imp.target}: only fmnist/search modules other than the driver and the "
-            "spaces may"
-        )
+def optuna_only_in_the_search(module: str, imp: Import) -> str | None:
+    if top(imp.target) == "optuna" and not matches(module, SEARCH):
+        return f"imports {imp.target}: only fmnist/search may"
     return None
 
 
@@ -290,8 +271,8 @@ RULES: dict[str, Rule] = {
     for rule in (
         click_only_in_the_cli,
         nothing_imports_the_cli,
-        mlflow_only_in_tracking_flows_and_the_driver,
-        optuna_only_in_the_search_coordination,
+        mlflow_only_in_tracking_and_flows,
+        optuna_only_in_the_search,
         lean_layers_import_without_the_tracking_stack,
         the_engine_imports_no_concrete_model,
         analysis_keeps_no_pyplot_state,
@@ -352,8 +333,8 @@ def test_the_checker_catches_each_kind_of_violation():
 
     assert check(click_only_in_the_cli) == ["engine.py:2: imports click: only fmnist/cli may"]
     assert [v.split(":")[1] for v in check(nothing_imports_the_cli)] == ["5"]
-    assert [v.split(":")[1] for v in check(mlflow_only_in_tracking_flows_and_the_driver)] == ["3"]
-    assert [v.split(":")[1] for v in check(optuna_only_in_the_search_coordination)] == ["11"]
+    assert [v.split(":")[1] for v in check(mlflow_only_in_tracking_and_flows)] == ["3"]
+    assert [v.split(":")[1] for v in check(optuna_only_in_the_search)] == ["11"]
     lean = check(lean_layers_import_without_the_tracking_stack)
     assert [v.split(":")[1] for v in lean] == ["2", "3", "11", "12"]
     assert "inside a function without a comment" in lean[-1]
@@ -364,17 +345,15 @@ def test_the_checker_catches_each_kind_of_violation():
     assert [v.split(":")[1] for v in upward] == ["5", "6"]
     assert "fmnist.flows.cnn (layer flows) from layer training" in upward[1]
     # the allowed cases stay quiet: a commented local import in data.py, optuna in the
-    # coordination, mlflow in the driver, pyplot outside analysis
+    # search, mlflow in tracking, pyplot outside analysis
     data = "def split():\n    # why: only the split needs it\n    import sklearn\n"
     assert check(lean_layers_import_without_the_tracking_stack, data, "fmnist.data") == []
     assert check(lean_layers_import_without_the_tracking_stack, "import sklearn\n", "fmnist.data")
-    for coordination in ("fmnist.search", "fmnist.search.study"):
-        assert not check(optuna_only_in_the_search_coordination, "import optuna\n", coordination)
-    for space in ("fmnist.search.driver", "fmnist.search.cnn_space"):
-        assert check(optuna_only_in_the_search_coordination, "import optuna\n", space)
-    assert not check(
-        mlflow_only_in_tracking_flows_and_the_driver, "import mlflow\n", SEARCH_DRIVER[0]
-    )
+    for search in ("fmnist.search", "fmnist.search.study", "fmnist.search.driver"):
+        assert not check(optuna_only_in_the_search, "import optuna\n", search)
+        assert check(mlflow_only_in_tracking_and_flows, "import mlflow\n", search)
+    assert check(optuna_only_in_the_search, "import optuna\n", "fmnist.tracking.runs")
+    assert not check(mlflow_only_in_tracking_and_flows, "import mlflow\n", "fmnist.tracking")
     pyplot = "import matplotlib.pyplot as plt\n"
     assert check(analysis_keeps_no_pyplot_state, pyplot, "fmnist.analysis.evaluation")
     assert not check(analysis_keeps_no_pyplot_state, pyplot, "fmnist.flows.eda")

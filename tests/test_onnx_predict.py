@@ -135,16 +135,19 @@ def test_every_kind_of_uri_fetches_the_same_onnx_file(in_store):
 def run_predict_in_a_fresh_process(store_uri: str, model_uri: str, path: Path) -> dict:
     """`fmnist predict --format json` in a new interpreter through the CLI's real exit (a thread
     left waiting would hang it: the timeout fails the test); its rows and whether torch and
-    onnxruntime were imported, printed by an atexit handler."""
+    onnxruntime were imported, printed by the CLI's last exit handler."""
     args = ["fmnist", "predict", "--model", model_uri, "--format", "json", str(path)]
     code = (
-        "import atexit, json, sys\n"
+        "import json, sys\n"
+        "import fmnist.cli\n"
         "names = ('torch', 'onnxruntime')\n"
-        "loaded = lambda: json.dumps({n: n in sys.modules for n in names})\n"
-        "atexit.register(lambda: print('LOADED', loaded()))\n"
+        "last = fmnist.cli.end_without_teardown\n"
+        "def report():\n"
+        "    print('LOADED', json.dumps({n: n in sys.modules for n in names}))\n"
+        "    last()\n"
+        "fmnist.cli.end_without_teardown = report\n"
         f"sys.argv = {args!r}\n"
-        "from fmnist.cli import main\n"
-        "main()\n"
+        "fmnist.cli.main()\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri}
     env.pop("MLFLOW_RUN_ID", None)

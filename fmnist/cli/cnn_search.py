@@ -15,7 +15,6 @@ from fmnist.cli.options import (
     pop_common,
     pop_search,
     search_options,
-    start_workers_early,
 )
 from fmnist.config import CnnSearchConfig
 
@@ -84,7 +83,6 @@ def cnn_search(
 
     Re-running the same command resumes the study; a larger --n-trials adds trials.
     """
-    start_workers_early(kwargs["n_jobs"])
     from fmnist.flows.cnn_search import run_cnn_search  # heavy imports only when it runs
 
     cfg = CnnSearchConfig(

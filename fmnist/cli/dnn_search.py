@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import click
 
-from fmnist import prefetch
 from fmnist.cli.options import (
     AUTO,
     common_options,
@@ -16,7 +15,6 @@ from fmnist.cli.options import (
     pop_common,
     pop_search,
     search_options,
-    start_workers_early,
 )
 from fmnist.config import DnnSearchConfig
 
@@ -77,9 +75,6 @@ def dnn_search(
         prune=prune and not no_prune,
         finalize=finalize,
     )
-    start_workers_early(cfg.search.n_jobs)
-    if not finalize:  # the data loads and PCA fits while the flow imports (fmnist.prefetch)
-        prefetch.start("fmnist.flows.dnn_data:prepare_data", cfg)
     from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
 
     result = run_dnn_search(cfg)

@@ -74,16 +74,6 @@ def pop_search(kwargs: dict) -> SearchOptions:
     return SearchOptions(**{key: kwargs.pop(key) for key in ("storage", "study_name", "n_jobs")})
 
 
-def start_workers_early(n_jobs: int) -> None:
-    """Start the search workers' fork server before the command imports its flow: the server's
-    imports (about five seconds) then run beside the command's own on a second core, instead of
-    after them, when the workers are needed. One worker (``--n-jobs 1``) needs no server."""
-    if n_jobs != 1:
-        from fmnist.search.launcher import start_worker_launcher  # standard library only
-
-        start_worker_launcher()
-
-
 def search_options(study_name_help: str, n_jobs_help: str):
     """Add ``--storage``, ``--study-name`` and ``--n-jobs``, shared by the search commands."""
     defaults = SearchOptions()

@@ -30,13 +30,13 @@ import torch
 from fmnist import tracking
 from fmnist.config import CnnConfig
 from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
-from fmnist.definitions import build_dataclass
 from fmnist.errors import ConfigError
 from fmnist.models import count_parameters
 from fmnist.models.cnn import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
 from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
+from fmnist.train.config import RUN_FIELDS, train_config
 from fmnist.train.engine import FitResult, fit, predict_logits
 from fmnist.train.optim import bf16_active
 from fmnist.train.recipes import (
@@ -44,7 +44,7 @@ from fmnist.train.recipes import (
     build_classifier,
     load_recipe,
     model_spec,
-    train_config,
+    recipe_from_dict,
 )
 from fmnist.train.runtime import resolve_device, seed_everything
 
@@ -71,7 +71,14 @@ def resolve_recipe(cfg: CnnConfig) -> CnnRecipe:
     changes = {key: getattr(cfg, key) for key in OVERRIDE_KEYS if getattr(cfg, key) is not None}
     if cfg.quick:
         changes["epochs"] = QUICK_EPOCHS
-    return load_recipe(cfg.recipe, changes, cfg.model_overrides)
+    try:
+        return load_recipe(cfg.recipe, changes, cfg.model_overrides)
+    except ConfigError as exc:
+        if exc.key not in changes:
+            raise
+        value = changes[exc.key]
+        option = f"--{exc.key.replace('_', '-')}"
+        raise ConfigError(f"{option} {value}: {str(exc).split(': ', 2)[-1]}") from None
 
 
 def make_subsets(splits: Splits, quick: bool) -> tuple[Split, Split, Split]:
@@ -90,7 +97,7 @@ def resolved_params(cfg: CnnConfig, recipe: CnnRecipe, device: torch.device) -> 
     values = {
         f"cfg.{f.name}": getattr(recipe, f.name)
         for f in dataclasses.fields(recipe)
-        if f.name not in {"model", "description"}
+        if f.name not in {"model", "description", *RUN_FIELDS}
     }
     values.update({f"cfg.model.{key}": value for key, value in recipe.model.items()})
     values.update(
@@ -140,8 +147,6 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     seed_everything(cfg.common.seed)
     model = build_classifier(recipe, splits[0].images)
     summary_text = describe(model)
-    if recipe.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     recipe_name = Path(cfg.recipe).stem  # a recipe may also be given as a YAML path
     with open_cnn_run(cfg, recipe_name, parent_run_id, point) as (run, same_run):
         if not same_run:
@@ -241,7 +246,7 @@ def evaluate_test(
         .numpy()
         for split in (val, test)
     ]
-    evaluation = calibrated_evaluation(
+    metrics, temperature = calibrated_evaluation(
         scores[0],
         val.labels.numpy(),
         scores[1],
@@ -249,8 +254,6 @@ def evaluate_test(
         test.images.numpy(),
         result.history,
     )
-    with evaluation as (metrics, temperature):
-        pass  # the figures are rendered and logged by the end of the block
     mlflow.log_metrics(
         {
             "best_epoch": result.best_epoch,
@@ -308,7 +311,7 @@ def load_resume_point(cfg: CnnConfig) -> ResumePoint:
     check_resume_options(cfg)
     state = read_checkpoint(cfg.resume)
     settings = state.pop("settings")
-    recipe = build_dataclass(CnnRecipe, settings["recipe"], f"run {cfg.resume}'s checkpoint")
+    recipe = recipe_from_dict(settings["recipe"], f"run {cfg.resume}'s checkpoint")
     if settings["recipe_name"] != cfg.recipe and Path(settings["recipe_name"]).stem != cfg.recipe:
         print(
             f"Resuming run {cfg.resume}: it trains recipe {settings['recipe_name']!r} "

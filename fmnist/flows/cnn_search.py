@@ -28,9 +28,10 @@ from fmnist.errors import ConfigError
 from fmnist.flows.cnn import run_cnn
 from fmnist.search import driver
 from fmnist.search.cnn_space import CnnSpace, SpaceFile, load_space
-from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
+from fmnist.train.config import RUN_FIELDS
 from fmnist.train.recipes import CnnRecipe
 from fmnist.train.runtime import resolve_device
 
@@ -78,7 +79,6 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
     device = str(resolve_device(cfg.common.device))
     # a GPU is shared badly by several processes: one worker there unless asked otherwise
     n_jobs = 1 if device.startswith("cuda") and cfg.search.n_jobs == 0 else cfg.search.n_jobs
-    store_ready = driver.start_search(n_jobs, cfg.n_trials or 1 << 30)
     data = load_fashion_mnist(cfg.common.data_dir or None)
     splits = make_splits(data, cfg.common.split_seed)
     space = CnnSpace(
@@ -87,9 +87,8 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
     family = cnn_family(cfg, space_file, space, where, data.digest, device)
     outcome = driver.run_search(
         family,
-        SearchData(splits.train, splits.val),
+        SearchData(splits.train, splits.val, splits.train.images),
         cfg.search,
-        store_ready,
         n_jobs=n_jobs,
         experiment_name=cfg.common.experiment_name,
         outer_run_id=outer_run_id,
@@ -176,7 +175,8 @@ def search_spec(cfg: CnnSearchConfig, space: CnnSpace, device: str) -> SearchSpe
 
 
 def recipe_yaml(recipe: CnnRecipe) -> str:
-    return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+    values = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUN_FIELDS}
+    return yaml.safe_dump(values, sort_keys=False)
 
 
 def retrain_best(outcome: SearchOutcome, cfg: CnnSearchConfig, space: CnnSpace) -> dict[str, Any]:

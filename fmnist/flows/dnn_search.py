@@ -17,25 +17,23 @@ from typing import Any
 
 import mlflow
 
-from fmnist import prefetch
 from fmnist.config import DnnSearchConfig
-from fmnist.data import Splits
-from fmnist.flows import dnn_data
+from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
 from fmnist.models import count_parameters
-from fmnist.models.dense import PCABasis
+from fmnist.models.dense import PCABasis, fit_pca, project
 from fmnist.search import driver
 from fmnist.search.dense_space import (
     DnnGrid,
     DnnSpace,
     grid_extras,
     grid_identity,
-    grid_size,
     load_grid,
 )
-from fmnist.search.family import Family, SearchOutcome, check_search_options, describe_outcome
-from fmnist.search.spec import SearchSpec
+from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
+from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.engine import predict_logits
 from fmnist.train.runtime import resolve_device
 
@@ -68,16 +66,13 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     epochs = grid.epochs if cfg.epochs is None else cfg.epochs
     check_search_options(epochs, cfg.search.n_jobs)
     device = str(resolve_device(cfg.common.device))
-    store_ready = driver.start_search(cfg.search.n_jobs, grid_size(grid))
-    # started by the CLI before this module was imported (with the options as given), else now
-    digest, splits, basis, features = prefetch.result_or_call(dnn_data.prepare_data, cfg)
+    digest, splits, basis, features = prepare_data(cfg, grid)
     cfg = dataclasses.replace(cfg, epochs=epochs)
     family = dense_family(cfg, grid, basis, digest, device, splits)
     outcome = driver.run_search(
         family,
         features,
         cfg.search,
-        store_ready,
         n_jobs=cfg.search.n_jobs,
         experiment_name=cfg.common.experiment_name,
         outer_run_id=outer_run_id,
@@ -86,6 +81,23 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     summary = describe_outcome(outcome, time.perf_counter() - started)
     summary["pca_components"] = basis.n_components
     return {key: summary[key] for key in SUMMARY_KEYS}
+
+
+def prepare_data(cfg: DnnSearchConfig, grid: DnnGrid):
+    """The data digest, the splits, the PCA basis fitted on the training split and the features
+    the points train on (a grid that augments images trains on the images themselves)."""
+    data = load_fashion_mnist(cfg.common.data_dir or None)
+    splits = make_splits(data, cfg.common.split_seed)
+    basis = fit_pca(splits.train.images, grid.pca_variance)
+    if grid.trains_on_images:
+        return data.digest, splits, basis, SearchData(splits.train, splits.val, basis)
+    layer = basis.layer()
+    features = SearchData(
+        Split(project(layer, splits.train.images), splits.train.labels),
+        Split(project(layer, splits.val.images), splits.val.labels),
+        basis,
+    )
+    return data.digest, splits, basis, features
 
 
 def grid_label(cfg: DnnSearchConfig) -> str:
@@ -153,8 +165,8 @@ def finalize_winner(
     """Calibrate the best trial's logged weights on the validation split, evaluate them on the
     test set and register them (the temperature folded into the logged model)."""
     best = outcome.summary.best
-    model, spec, history = driver.load_trial_model(best.run_id)
-    evaluation = calibrated_evaluation(
+    model, spec, history = load_trial_model(best.run_id)
+    metrics, temperature = calibrated_evaluation(
         predict_logits(model, splits.val.images).numpy(),
         splits.val.labels.numpy(),
         predict_logits(model, splits.test.images).numpy(),
@@ -162,23 +174,22 @@ def finalize_winner(
         splits.test.images.numpy(),
         history,
     )
-    with evaluation as (metrics, temperature):  # its figures render beside the registration
-        info = log_and_register(
-            model,
-            spec,
-            cfg.registered_name,
-            best.value,
-            metrics,
-            digest,
-            quick=cfg.quick,
-            extra_tags={
-                "optuna_study": outcome.ref.study_name,
-                "search_point": best.point,
-                "trial_run_id": best.run_id,
-            },
-            input_example=splits.test.images[:4].numpy(),
-            temperature=temperature,
-        )
+    info = log_and_register(
+        model,
+        spec,
+        cfg.registered_name,
+        best.value,
+        metrics,
+        digest,
+        quick=cfg.quick,
+        extra_tags={
+            "optuna_study": outcome.ref.study_name,
+            "search_point": best.point,
+            "trial_run_id": best.run_id,
+        },
+        input_example=splits.test.images[:4].numpy(),
+        temperature=temperature,
+    )
     mlflow.set_tags({"registered_model_uri": info.model_uri, "registered_alias": info.alias})
     # the winner's size and training time on the parent, as a CNN run carries its own
     trial_metrics = mlflow.get_run(best.run_id).data.metrics

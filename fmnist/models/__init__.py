@@ -5,7 +5,7 @@ the logged model wraps it in ``ProbabilityModel`` so it returns softmax probabil
 described by a plain ``spec`` dict (``{"family": "dnn" | "cnn", ...}``) from which ``build_model``
 rebuilds the architecture exactly, so a registered model can be reloaded as an ``nn.Module``.
 The rule of this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``); no
-training loop, no tracking. A model may offer the engine a faster epoch (``MLP.epoch_runner``).
+training loop, no tracking.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-ARCHITECTURES = ("paper", "resnet", "whitened")
 PATCH_DIMS = 4  # a 2x2 patch of a grayscale image, as the whitening convolution sees it
 WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench's value)
 
@@ -172,15 +171,15 @@ def fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
 
 def build_cnn(arch: str = "paper", **options) -> nn.Module:
     """Build a CNN from its spec (``family`` already removed): ``arch`` plus its options."""
-    if arch == "paper":
-        if options:
-            raise ValueError(f"the paper CNN takes no options, got {sorted(options)}")
-        return PaperCNN()
-    if arch == "resnet":
-        return build_resnet(**options)
-    if arch == "whitened":
-        return build_whitened(**options)
-    raise ValueError(f"unknown CNN arch {arch!r} (known: {', '.join(ARCHITECTURES)})")
+    return builder_for(arch)(**options)
+
+
+def builder_for(arch: str):
+    """The function that builds ``arch`` from its options (its parameters are the options)."""
+    builders = {"paper": PaperCNN, "resnet": build_resnet, "whitened": build_whitened}
+    if arch not in builders:
+        raise ValueError(f"unknown CNN arch {arch!r} (known: {', '.join(builders)})")
+    return builders[arch]
 
 
 def build_resnet(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fmnist.data import scale_pixels
-from fmnist.models.dense_lockstep import Lockstep, LockstepMember
-from fmnist.models.dense_step import ExplicitStep
 
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
@@ -84,26 +81,6 @@ class MLP(nn.Module):
             nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         )
         self.dropout = float(dropout)
-        self.lockstep: tuple[Lockstep, int] | None = None
-
-    def train_in_lockstep(self, group: Lockstep, key: int) -> None:
-        """Let ``fit`` train this network as member ``key`` of ``group`` (``dense_lockstep``)."""
-        self.lockstep = (group, key)
-
-    def epoch_runner(
-        self, optimizer: torch.optim.Optimizer, scheduler: Any = None
-    ) -> ExplicitStep | LockstepMember | None:
-        """The engine's faster epoch: the numpy loop of ``dense_step``, when it applies (no
-        dropout, a schedule it runs); in a lockstep group, that group's member."""
-        supported = ExplicitStep.supports(self.parameters(), optimizer, scheduler)
-        usable = not self.dropout and supported
-        if self.lockstep is not None:
-            group, key = self.lockstep
-            if not usable:
-                group.leave(key)  # the others must not wait for a point that trains alone
-                return None
-            return group.member(key, ExplicitStep(optimizer, scheduler))
-        return ExplicitStep(optimizer, scheduler) if usable else None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         *hidden, last = self.layers

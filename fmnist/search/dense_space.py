@@ -22,11 +22,10 @@ from fmnist.errors import ConfigError
 from fmnist.models.dense import build_dense, dense_spec
 from fmnist.published import TABLE_I
 from fmnist.search.spec import Built, SamplerSpec
-from fmnist.train.config import OPTIMIZERS, SCHEDULES, TrainConfig
+from fmnist.train.config import TrainConfig
+from fmnist.train.dense_loop import numpy_epoch
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
-LOCKSTEP_OPTIMIZERS = ("adam", "adamw", "rmsprop")  # those ``ExplicitStep`` implements
-LOCKSTEP_SCHEDULES = ("none", "cosine", "triangle")  # rate factors (onecycle moves momentum)
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,8 @@ def grid_extras(grid: DnnGrid) -> dict[str, Any]:
 
 
 def load_grid(name_or_path: str) -> DnnGrid:
-    """Load and check a grid definition; every problem names the file and the key."""
+    """Load and check a grid definition; every problem names the file and the key. Its training
+    settings are checked as ``TrainConfig`` checks them, for every optimizer and batch size."""
     grid = load_definition(name_or_path, DnnGrid)
     where = definition_path(name_or_path)
     for key in ("hidden", "optimizers", "batch_sizes"):
@@ -86,41 +86,34 @@ def load_grid(name_or_path: str) -> DnnGrid:
             raise ConfigError(f"{where}: key {key!r} must list at least one value.")
     if any(not layers or min(layers) <= 0 for layers in grid.hidden):
         raise ConfigError(f"{where}: key 'hidden': each entry lists positive layer widths.")
-    if min(grid.batch_sizes) <= 0:
-        raise ConfigError(f"{where}: key 'batch_sizes': values must be positive.")
-    for optimizer in grid.optimizers:
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"{where}: key 'optimizers': unknown optimizer {optimizer!r} "
-                f"(known: {', '.join(OPTIMIZERS)})."
-            )
-        if not grid.learning_rates.get(optimizer, 0) > 0:
-            raise ConfigError(
-                f"{where}: key 'learning_rates' needs a positive rate for {optimizer!r}."
-            )
-    if grid.epochs < 1:
-        raise ConfigError(f"{where}: key 'epochs' must be at least 1.")
+    if not 0 <= grid.dropout < 1:
+        raise ConfigError(f"{where}: key 'dropout' must lie in [0, 1).")
     if not 0 < grid.pca_variance <= 1:
         raise ConfigError(f"{where}: key 'pca_variance' must lie in (0, 1].")
-    check_extras(grid, where)
+    for optimizer, batch_size in product(grid.optimizers, grid.batch_sizes):
+        if not grid.learning_rates.get(optimizer, 1) > 0:
+            raise ConfigError(f"{where}: key 'learning_rates' for {optimizer!r} must be positive.")
+        try:
+            point_config(grid, optimizer, batch_size).check()
+        except ConfigError as exc:
+            key = {"optimizer": "optimizers", "batch_size": "batch_sizes"}.get(exc.key, exc.key)
+            raise ConfigError(f"{where}: key {key!r}: {exc}", key=key) from None
     return grid
 
 
-def check_extras(grid: DnnGrid, where) -> None:
-    """The keys beyond the study: each error names the file and the key."""
-    if grid.weight_decay < 0:
-        raise ConfigError(f"{where}: key 'weight_decay' must not be negative.")
-    if not 0 <= grid.dropout < 1:
-        raise ConfigError(f"{where}: key 'dropout' must lie in [0, 1).")
-    if grid.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"{where}: key 'schedule': unknown schedule {grid.schedule!r} "
-            f"(known: {', '.join(SCHEDULES)})."
-        )
-    if not 0 <= grid.label_smoothing < 1:
-        raise ConfigError(f"{where}: key 'label_smoothing' must lie in [0, 1).")
-    if not 0 <= grid.crop_padding <= 4:
-        raise ConfigError(f"{where}: key 'crop_padding' must lie in 0..4 (pixels).")
+def point_config(grid: DnnGrid, optimizer: str, batch_size: int) -> TrainConfig:
+    """The training settings of one grid point."""
+    return TrainConfig(
+        optimizer=optimizer,
+        lr=float(grid.learning_rates.get(optimizer, 0.0)),
+        weight_decay=float(grid.weight_decay),
+        batch_size=int(batch_size),
+        epochs=grid.epochs,
+        schedule=grid.schedule,
+        label_smoothing=float(grid.label_smoothing),
+        crop_padding=int(grid.crop_padding),
+        flip=bool(grid.flip),
+    )
 
 
 def grid_size(grid: DnnGrid) -> int:
@@ -170,19 +163,6 @@ class DnnSpace:
     def point_name(self, params) -> str:
         return f"dnn-h{params['hidden']}-{params['optimizer']}-bs{params['batch_size']}"
 
-    def lockstep_key(self, params) -> int | None:
-        """Points with the same key train in lockstep (``fmnist.models.dense_lockstep``): their
-        batch size, when the grid trains the plain numpy epoch (on features, no dropout or
-        label smoothing, a schedule that only scales the rate, an optimizer it implements);
-        None: the point trains alone. Every point of a search has the same seed, so the same
-        batches in the same order."""
-        grid = self.grid
-        plain = not (grid.trains_on_images or grid.dropout or grid.label_smoothing)
-        plain = plain and grid.schedule in LOCKSTEP_SCHEDULES
-        if not plain or params["optimizer"] not in LOCKSTEP_OPTIMIZERS:
-            return None
-        return int(params["batch_size"])
-
     def cost(self, params) -> float:
         """Steps per epoch dominate; a deeper net (+10%) and RMSprop's foreach update instead of
         fused Adam (+20%) cost more per step (CPU seconds measured on the real data)."""
@@ -197,17 +177,7 @@ class DnnSpace:
         grid = self.grid
         model = build_dense(context.n_components, hidden, dropout=grid.dropout)
         model.pca.set_basis(context.mean, context.components)
-        optimizer = params["optimizer"]
-        train = TrainConfig(
-            optimizer=optimizer,
-            lr=float(grid.learning_rates[optimizer]),
-            weight_decay=float(grid.weight_decay),
-            batch_size=int(params["batch_size"]),
-            schedule=grid.schedule,
-            label_smoothing=float(grid.label_smoothing),
-            crop_padding=int(grid.crop_padding),
-            flip=bool(grid.flip),
-        )
+        train = point_config(grid, params["optimizer"], int(params["batch_size"]))
         return Built(
             model=model,
             # on images (augmented) the whole network, its projection fixed (buffers); else
@@ -215,13 +185,8 @@ class DnnSpace:
             trainable=model if grid.trains_on_images else model.mlp,
             spec=dense_spec(context.n_components, hidden, grid.dropout),
             train=train,
-            fit_params={
-                "optimizer": train.optimizer,
-                "lr": train.lr,
-                "weight_decay": train.weight_decay,
-                "batch_size": train.batch_size,
-                **{k: v for k, v in grid_extras(grid).items() if k != "dropout"},
-            },
+            # the MLP on features, without dropout, trains in the numpy epoch when it can
+            epoch_runner=None if grid.trains_on_images or grid.dropout else numpy_epoch,
         )
 
     def table_row(self, params) -> dict[str, Any]:

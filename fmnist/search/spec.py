@@ -1,9 +1,7 @@
 """What a search is, as plain values: the space protocol, a built trial model, the data, the spec.
 
-These types are shared by the spaces (which import neither Optuna nor MLflow), the Optuna
-coordination (``study``, ``points``, ``workers``) and the driver. A ``SearchSpec`` travels to
-worker processes, so everything in it pickles; the sampler is described (``SamplerSpec``), not
-built, so that a space never touches Optuna.
+A ``SearchSpec`` travels to worker processes (forked, or Ray tasks), so everything in it pickles;
+the sampler is described (``SamplerSpec``), not built, so that a space never touches Optuna.
 """
 
 from __future__ import annotations
@@ -23,15 +21,14 @@ class Built:
     """One trial's model: what is logged, what the engine trains, how to rebuild it, how to fit.
 
     ``train`` is the trial's ``TrainConfig`` before the search's epochs, seed, device and quiet
-    are set on it; ``fit_params`` are its settings as the trial's run logs them (the names and
-    values the runs have always carried).
+    are set on it; every one of its fields is logged as the trial's params.
     """
 
     model: nn.Module  # raw (N, 28, 28) images in, logits out: the weights that are logged
     trainable: nn.Module  # the module ``fit`` trains (the model, or its head on features)
     spec: dict[str, Any]  # rebuilds ``model``'s architecture through fmnist.models.build_model
     train: TrainConfig
-    fit_params: dict[str, Any]
+    epoch_runner: Callable[..., Any] | None = None  # engine.fit's faster epoch, if any
 
 
 @dataclass(frozen=True)
@@ -47,14 +44,11 @@ class SamplerSpec:
 class SearchSpace(Protocol):
     """The family-specific half of a search; instances must pickle (workers are processes)."""
 
-    def sampler_spec(self) -> SamplerSpec:
-        """The sampler that draws this space's points."""
-
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Turn a trial into a plain params dict (the only place a trial's values are read)."""
 
     def point_name(self, params: Mapping[str, Any]) -> str:
-        """A readable, unique name for the point, used as the child run's name."""
+        """A readable name for the point: its run's name (not its identity in the study)."""
 
     def build(self, params: Mapping[str, Any], context: Any) -> Built:
         """The objective's model builder: params (and the data's context) to a model to fit."""
@@ -92,3 +86,10 @@ class SearchSpec:
     prune: bool = False
     device: str = "cpu"
     quiet: bool = True
+
+    def queued(self) -> list[dict[str, Any]]:
+        """The points to queue: the grid costliest first, or a sampled search's first ones."""
+        if not self.grid:
+            return list(self.first)
+        cost = self.cost or (lambda point: 0.0)
+        return sorted(self.grid, key=lambda point: -cost(point))

@@ -1,12 +1,12 @@
-"""The Optuna study of a search: samplers, storage, opening it, the finalize lock, worker identity.
+"""A search's Optuna study: storage, sampler, the queue of points, dead workers, the summary.
 
-The study lives in an Optuna storage: by default a journal file next to the tracking store (safe
-for several processes), or an RDB URL shared by several machines, opened with Optuna's trial
-heartbeat (``liveness``: a beat every ``FMNIST_HEARTBEAT_SECONDS``, a trial released after
-``FMNIST_GRACE_SECONDS`` of silence). A worker is named ``host:pid:start`` so that another
-process can tell whether it still lives. Of several workers sharing a study, the one that wins an
-atomic lock (the creation of a ``<study>:finalize`` study) logs the summary and registers the
-winner, once. With ``points`` and ``workers`` this is the only code that imports Optuna.
+The study lives in an Optuna storage: by default a journal file beside the tracking store (one
+machine), or an RDB URL (PostgreSQL) that several machines share, opened with Optuna's heartbeat:
+``fail_stale_trials`` fails a trial whose worker went silent and Optuna's
+``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go through Optuna's own queue
+(``enqueue_trial``). A trial's point is known by its key (the study's identity of the point, its
+params as canonical JSON), apart from the name its MLflow run shows. With ``workers`` this is the
+only code of the project that imports Optuna; it imports no MLflow.
 """
 
 from __future__ import annotations
@@ -14,50 +14,45 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-import socket
-import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy.exc
-from optuna.storages import JournalStorage
+from optuna.storages import JournalStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from fmnist.config import redact_uri
 from fmnist.errors import FmnistError
-from fmnist.locks import machine_lock
+from fmnist.liveness import is_gone, machine_lock, process_id
 from fmnist.search.spec import SamplerSpec
 
 # Trial user attributes.
-POINT = "point"  # the grid point's name, fixed when the point is queued
+POINT = "point"  # the point's key: its params as canonical JSON (the study's identity)
 FAIL_REASON = "fail_reason"
 FINAL = "final"  # a failure re-running would repeat (a diverged loss): its point is done
-SKIPPED = "skipped"  # a duplicate given up when claimed; never counts for its point
-WORKER = "worker"  # host:pid:start of the process that runs the trial
-HEARTBEAT = "heartbeat"  # a journal trial's wall-clock seconds, refreshed while it trains
+SKIPPED = "skipped"  # a duplicate given up when popped; never counts for its point
+WORKER = "worker"  # host:pid:start of the process that trains the trial
 RUN_ID = "mlflow_run_id"
+BEST_EPOCH = "best_epoch"
 # Study user attributes.
 PARENT_RUN = "mlflow_parent_run_id"
-CREATOR = "creator"  # the worker that created the study, and so makes its parent run
+CREATOR = "creator"  # the process that created the study, and so makes its parent run
 FINALIZED = "registered_model_uri"
-# A sampled search's last finalization: {"trials": done trials then, "model_uri": ... or None}.
-FINALIZED_ROUND = "finalized_round"
-# The study whose creation (atomic in every Optuna storage) elects the one finalizing worker.
-FINALIZE_LOCK_SUFFIX = ":finalize"
-PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the study creator's parent run
+FINALIZED_ROUND = "finalized_round"  # a sampled search's last: {"trials": n, "model_uri": ...}
 JOURNAL_FILE = "optuna-journal.log"
-# How often a training worker proves it lives, and how long a silent one keeps its trial. Every
-# worker of a study should use the same values (a worker releases what looks stale to it).
+# A worker's heartbeat period and the silence after which its trial is failed (RDB storages).
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
-HOST_ENV = "FMNIST_WORKER_HOST"  # the host name a worker records (default: the machine's)
+MAX_RETRY = 3  # how often a dead worker's trial is queued again before its point stays missing
+# Called with a trial failed because its worker died (ends its MLflow run).
+StaleHook = Callable[[FrozenTrial], None]
 
 
 @dataclass(frozen=True)
@@ -68,113 +63,19 @@ class StudyRef:
     study_name: str
 
 
-class QueueGridSampler(optuna.samplers.GridSampler):
-    """A ``GridSampler`` whose points arrive through the trial queue.
-
-    ``GridSampler.after_trial`` calls ``study.stop()``, which raises outside ``study.optimize``
-    and would fail the ask-and-tell loop of a worker; here the worker loop ends the search when
-    the queue is empty.
-    """
-
-    def after_trial(self, study, trial, state, values) -> None:
-        return None
-
-
-class TrialSeededTPESampler(optuna.samplers.TPESampler):
-    """A ``TPESampler`` whose random state is derived from (seed, trial number) before each trial.
-
-    Seeded once, a sampler repeats its draws in every process that opens the study: a resumed
-    search, or a second worker, would train the first random points again. Reseeding per trial
-    makes every trial's draw distinct and reproducible given the trials before it.
-    """
-
-    def __init__(self, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(seed=seed, **kwargs)
-        self._base_seed = int(seed)
-
-    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        seed = (self._base_seed * 1_000_003 + trial.number) % 2**32
-        # private in Optuna 5: TPE's own state and its startup RandomSampler's
-        self._rng.rng.seed(seed)
-        self._random_sampler._rng.rng.seed(seed + 1)
-        super().before_trial(study, trial)
-
-
-def make_sampler(spec: SamplerSpec) -> optuna.samplers.BaseSampler:
-    """The grid sampler over ``spec.choices``, or a seeded TPE sampler (constant liar: parallel
-    workers spread out)."""
-    if spec.kind == "grid":
-        choices = {key: list(values) for key, values in (spec.choices or {}).items()}
-        return QueueGridSampler(choices, seed=spec.seed)
-    return TrialSeededTPESampler(
-        seed=spec.seed, n_startup_trials=spec.startup_trials, constant_liar=True
-    )
-
-
-def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
-    if prune:
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    return optuna.pruners.NopPruner()
-
-
-# --- storage ---------------------------------------------------------------------------------
-
-
-def default_storage(tracking_uri: str) -> str:
-    """A journal file next to the tracking store (its folder), else in the working directory."""
-    folder = Path.cwd()
-    if tracking_uri.startswith("sqlite:///"):
-        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
-    elif tracking_uri.startswith("file://"):
-        folder = Path(tracking_uri.removeprefix("file://")).parent
-    elif "://" not in tracking_uri and tracking_uri:
-        folder = Path(tracking_uri).parent
-    return str((folder / JOURNAL_FILE).resolve())
-
-
-def resolve_storage(storage: str, tracking_uri: str) -> str:
-    """``--storage``: an Optuna URL as given, a file path as an absolute journal path."""
-    if not storage:
-        return default_storage(tracking_uri)
-    if "://" in storage:
-        return storage
-    return str(Path(storage).expanduser().resolve())
-
-
-def redact_storage(location: str) -> str:
-    """What may be logged of a storage: a URL without its password, a journal's file name."""
-    return redact_uri(location) if "://" in location else Path(location).name
-
-
-def sqlalchemy_url(url: str) -> str:
-    """``postgresql://`` means psycopg2 to SQLAlchemy; the project installs psycopg (3)."""
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme):
-            try:
-                import psycopg2  # noqa: F401 - optional: only its presence is asked
-            except ImportError:
-                return "postgresql+psycopg://" + url.removeprefix(scheme)
-    return url
-
-
 @dataclass(frozen=True)
 class Liveness:
-    """A training worker's heartbeat period and the silence after which its trial is released
-    (both whole seconds: Optuna's RDB heartbeat takes integers)."""
-
     heartbeat: int = DEFAULT_HEARTBEAT_SECONDS
     grace: int = DEFAULT_GRACE_SECONDS
 
 
 def liveness() -> Liveness:
-    """The heartbeat settings from ``FMNIST_HEARTBEAT_SECONDS`` and ``FMNIST_GRACE_SECONDS``."""
+    """Heartbeat period and grace from ``FMNIST_HEARTBEAT_SECONDS`` / ``FMNIST_GRACE_SECONDS``
+    (whole seconds; every worker of a study should use the same values)."""
     values = {}
     for key, default in ((HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS), (GRACE_ENV, 0)):
         text = os.environ.get(key, "").strip()
-        try:
-            values[key] = int(text) if text else default
-        except ValueError:
-            values[key] = -1
+        values[key] = int(text) if text.isdigit() else (default if not text else -1)
         if values[key] < 0 or (key == HEARTBEAT_ENV and values[key] == 0):
             raise FmnistError(f"{key}={text!r}: expected a whole number of seconds above 0.")
     beat = values[HEARTBEAT_ENV]
@@ -187,60 +88,103 @@ def liveness() -> Liveness:
     return Liveness(beat, grace)
 
 
-class StaleTrials:
-    """Optuna's ``heartbeat_stale_trial_callback``: remembers, per study, the trials that this
-    process failed (``fail_stale_trials`` calls it only for those it won), so exactly one worker
-    requeues each released point and ends its MLflow run."""
+# --- storage ---------------------------------------------------------------------------------
 
-    def __init__(self) -> None:
-        self.trials: dict[str, list[FrozenTrial]] = {}
+
+def resolve_storage(storage: str, tracking_uri: str) -> str:
+    """``--storage``: an Optuna URL as given, a file path as an absolute journal path; empty: a
+    journal beside the tracking store (its folder), else in the working directory."""
+    if "://" in storage:
+        return storage
+    if storage:
+        return str(Path(storage).expanduser().resolve())
+    folder = Path.cwd()
+    for scheme in ("sqlite:///", "file://"):
+        if tracking_uri.startswith(scheme):
+            folder = Path(tracking_uri.removeprefix(scheme)).parent
+    if tracking_uri and "://" not in tracking_uri:
+        folder = Path(tracking_uri).parent
+    return str((folder / JOURNAL_FILE).resolve())
+
+
+def redact_storage(location: str) -> str:
+    """What may be logged of a storage: a URL without its password, a journal's file name."""
+    return redact_uri(location) if "://" in location else Path(location).name
+
+
+def sqlalchemy_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 to SQLAlchemy; the project installs psycopg (3)."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url.removeprefix(scheme)
+    return url
+
+
+class Requeue:
+    """Optuna's stale-trial callback: end the dead trial's run (``on_stale``), then queue its
+    point again with Optuna's ``RetryHeartbeatStaleTrialCallback`` (``MAX_RETRY`` times)."""
+
+    def __init__(self, on_stale: StaleHook | None = None) -> None:
+        self.on_stale = on_stale
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self.trials.setdefault(study.study_name, []).append(trial)
-
-    def drain(self, study_name: str) -> list[FrozenTrial]:
-        return self.trials.pop(study_name, [])
-
-
-STALE_TRIALS = StaleTrials()
+        if self.on_stale is not None and not trial.user_attrs.get(SKIPPED):
+            self.on_stale(trial)
+        if not trial.user_attrs.get(SKIPPED):
+            self.retry(study, trial)
 
 
-def rdb_storage(url: str) -> optuna.storages.BaseStorage:
-    """An RDB storage with Optuna's trial heartbeat (``liveness``); workers on other machines
-    creating its tables at the same moment make one of them fail with a duplicate-table error,
-    so that is retried (a few times)."""
-    url = sqlalchemy_url(url)
-    settings = liveness()
+def make_storage(location: str, on_stale: StaleHook | None = None) -> optuna.storages.BaseStorage:
+    """An RDB storage with Optuna's heartbeat for a URL, else a journal file (made if missing).
+
+    Workers on several machines creating an RDB's tables at once make one of them fail with a
+    duplicate table: tried again (a lock only serialises the processes of one machine)."""
+    if "://" not in location:
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(location))
+    url, settings = sqlalchemy_url(location), liveness()
     for attempt in range(5):
         try:
             with machine_lock(url), warnings.catch_warnings():
-                # the heartbeat is experimental in Optuna 5 (stable enough: used since 2.x)
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(
                     url,
                     engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=settings.heartbeat,
                     grace_period=settings.grace,
-                    heartbeat_stale_trial_callback=STALE_TRIALS,
+                    heartbeat_stale_trial_callback=Requeue(on_stale),
                 )
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == 4:
                 raise
-            time.sleep(0.5 + random.random())
         except (sqlalchemy.exc.OperationalError, ImportError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc)
-            raise FmnistError(
-                f"Cannot open the Optuna storage {redact_uri(url)}: {first_line}"
-            ) from None
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            message = f"Cannot open the Optuna storage {redact_uri(url)}: {lines[0]}"
+            raise FmnistError(message) from None
     raise AssertionError("unreachable")
 
 
-def make_storage(location: str) -> optuna.storages.BaseStorage:
-    """An Optuna URL is an RDB storage; anything else is a journal file (made if missing)."""
-    if "://" in location:
-        return rdb_storage(location)
-    Path(location).parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(location))
+def make_sampler(spec: SamplerSpec, worker_seed: int = 0) -> optuna.samplers.BaseSampler:
+    """A grid over ``spec.choices`` (its points come through the queue), or TPE with constant
+    liar (parallel workers spread out). TPE's seed mixes in ``worker_seed`` (the worker and the
+    trials done when it starts): a second worker or a resumed search draws new points."""
+    if spec.kind == "grid":
+        choices = {key: list(values) for key, values in (spec.choices or {}).items()}
+        return optuna.samplers.GridSampler(choices, seed=spec.seed)
+    return optuna.samplers.TPESampler(
+        seed=(spec.seed * 1_000_003 + worker_seed) % 2**32,
+        n_startup_trials=spec.startup_trials,
+        constant_liar=True,
+    )
+
+
+def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
+    if prune:
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+    return optuna.pruners.NopPruner()
 
 
 # --- the study -------------------------------------------------------------------------------
@@ -253,130 +197,255 @@ def derive_study_name(prefix: str, identity: Mapping[str, Any]) -> str:
 
 
 def open_study(
-    ref: StudyRef, sampler: SamplerSpec, prune: bool, create: bool = False
+    ref: StudyRef,
+    sampler: SamplerSpec,
+    prune: bool,
+    create: bool = False,
+    worker_seed: int = 0,
+    on_stale: StaleHook | None = None,
 ) -> tuple[optuna.Study, bool]:
     """Load the study, creating it first when ``create``; returns (study, created here)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(ref.storage)
-    settings = {"sampler": make_sampler(sampler), "pruner": make_pruner(prune)}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say how trials end
+    settings = {
+        "storage": make_storage(ref.storage, on_stale),
+        "sampler": make_sampler(sampler, worker_seed),
+        "pruner": make_pruner(prune),
+    }
     if create:
         try:
             study = optuna.create_study(
-                storage=storage, study_name=ref.study_name, direction="maximize", **settings
+                study_name=ref.study_name, direction="maximize", **settings
             )
-            study.set_user_attr(CREATOR, worker_id())
+            study.set_user_attr(CREATOR, process_id())
             return study, True
         except optuna.exceptions.DuplicatedStudyError:
             pass
     try:
-        study = optuna.load_study(study_name=ref.study_name, storage=storage, **settings)
+        return optuna.load_study(study_name=ref.study_name, **settings), False
     except KeyError:
         raise FmnistError(
             f"No study {ref.study_name!r} in {redact_storage(ref.storage)}: run the search first."
         ) from None
-    return study, False
 
 
-def wait_for_parent(study: optuna.Study, timeout: float = PARENT_WAIT_SECONDS) -> bool:
-    """Wait until the worker that created the study has recorded its parent run.
-
-    Workers started together all find the study new; only its creator makes the parent run, so
-    the others join it instead of making their own. False when none appeared in time or the
-    creator (on this machine) is gone without making it: then this worker makes it.
-    """
-    started = time.monotonic()
-    while PARENT_RUN not in (attrs := study.user_attrs):
-        waited = time.monotonic() - started
-        creator = attrs.get(CREATOR, "")
-        if waited >= timeout or (creator and worker_gone(creator)):
-            return False
-        if not creator and waited >= 5:  # the creator records itself right after creating
-            return False
-        time.sleep(0.5)
-    return True
+def point_key(params: Mapping[str, Any]) -> str:
+    """A point's identity in the study: its params as canonical JSON."""
+    return json.dumps(dict(params), sort_keys=True, default=str)
 
 
-def claim_finalization(ref: StudyRef, force: bool = False, round_name: str = "") -> bool:
-    """Elect this worker to log Table I and register the winner: True for exactly one caller.
+def trial_status(trial: FrozenTrial) -> str:
+    """``done``, ``held`` (queued or running) or ``missing`` (interrupted: train it again)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return "done"
+    if trial.state == TrialState.FAIL and trial.user_attrs.get(FINAL):
+        return "done"
+    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        return "held"
+    return "missing"
 
-    The claim is the creation of a lock study, atomic in the journal (one log, replayed in
-    order) and in RDB storages (a unique study name). A lock whose holder died on this machine
-    is taken over; ``force`` (``--finalize``) takes over any lock. A sampled search finalizes
-    once per ``round_name`` (its number of done trials), so a resumed search that trained more
-    trials logs its summary (and retrains) again.
-    """
+
+RANK = {"missing": 0, "held": 1, "done": 2}
+
+
+def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    return [t for t in trials if not t.user_attrs.get(SKIPPED)]
+
+
+def point_statuses(trials: Sequence[FrozenTrial], keys: Sequence[str]) -> dict[str, str]:
+    """Each point's status over all its trials (done beats held beats missing)."""
+    statuses = dict.fromkeys(keys, "missing")
+    for trial in counted(trials):
+        key = trial.user_attrs.get(POINT)
+        if key in statuses and RANK[trial_status(trial)] > RANK[statuses[key]]:
+            statuses[key] = trial_status(trial)
+    return statuses
+
+
+def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Enqueue, in order, the points that no trial has done or holds; return their keys."""
+    keys = [point_key(p) for p in points]
+    statuses = point_statuses(study.get_trials(deepcopy=False), keys)
+    queued = []
+    for key, params in zip(keys, points, strict=True):
+        if statuses[key] == "missing":
+            study.enqueue_trial(dict(params), user_attrs={POINT: key})
+            queued.append(key)
+    return queued
+
+
+def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
+    """Whether another trial already has point ``key``: done, or queued/running and older (two
+    processes queued it); the younger one gives up."""
+    for other in counted(study.get_trials(deepcopy=False)):
+        if other.number == number or other.user_attrs.get(POINT) != key:
+            continue
+        status = trial_status(other)
+        if status == "done" or (status == "held" and other.number < number):
+            return True
+    return False
+
+
+def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list[FrozenTrial]:
+    """Fail the running trials of processes of this machine that are gone, and queue their
+    points again (what Optuna's heartbeat does for an RDB storage, which a journal lacks)."""
+    released = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_gone(str(trial.user_attrs.get(WORKER, ""))):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # another process released it first
+        Requeue(on_stale)(study, trial)
+        released.append(trial)
+    return released
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Optuna's own release of silent workers' trials (a no-op without a heartbeat)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def elect(ref: StudyRef, name: str, force: bool = False) -> bool:
+    """True for exactly one caller: the one whose creation of study ``name`` succeeds (atomic in
+    every Optuna storage). A holder gone from this machine, or ``force``, loses its lock."""
     storage = make_storage(ref.storage)
-    name = ref.study_name + FINALIZE_LOCK_SUFFIX + round_name
     for _ in range(2):
         try:
-            lock_id = storage.create_new_study([StudyDirection.MAXIMIZE], name)
+            lock = storage.create_new_study([StudyDirection.MAXIMIZE], name)
         except optuna.exceptions.DuplicatedStudyError:
-            if not take_over_lock(storage, name, force):
-                return False
+            try:
+                lock = storage.get_study_id_from_name(name)
+                holder = storage.get_study_user_attrs(lock).get(WORKER, "")
+                if not (force or is_gone(holder)):
+                    return False
+                storage.delete_study(lock)  # by id: a lock made again meanwhile survives
+            except KeyError:
+                pass  # removed by another caller first: the next creation decides
             continue
-        storage.set_study_user_attr(lock_id, WORKER, worker_id())
+        storage.set_study_user_attr(lock, WORKER, process_id())
         return True
     return False
 
 
-def take_over_lock(storage: optuna.storages.BaseStorage, name: str, force: bool) -> bool:
-    """Delete the lock study when its holder is gone (or ``force``); True to claim again."""
-    try:
-        lock_id = storage.get_study_id_from_name(name)
-        holder = storage.get_study_user_attrs(lock_id).get(WORKER, "")
-        if not force and not (holder and worker_gone(holder)):
-            return False
-        # deleting by id: a lock another worker re-created meanwhile has a new id and survives
-        storage.delete_study(lock_id)
-    except KeyError:
-        pass  # another worker removed it first; the creation race decides
-    return True
+# --- the summary -------------------------------------------------------------------------------
 
 
-def record_finalized(
-    study: optuna.Study, model_uri: str | None, sampled: bool, trials: int
-) -> None:
-    """Remember what finalization registered, so a re-run does not register again."""
+@dataclass(frozen=True)
+class BestTrial:
+    number: int
+    value: float
+    params: dict[str, Any]
+    run_id: str
+    best_epoch: int
+    point: str = ""  # its run's name (the driver names it)
+
+
+@dataclass
+class Summary:
+    """The study as a table (a row per point or trial), its best trial, what is left."""
+
+    rows: list[tuple[Mapping[str, Any], FrozenTrial | None]]
+    best: BestTrial | None
+    missing: list[dict[str, Any]] = field(default_factory=list)
+    held: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing and not self.held
+
+
+def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary:
+    """A grid: a row per point (the trial that decided it); a sampled search: a row per done
+    trial. Running trials are ``held``: the worker that ends the last one finalizes."""
+    trials = counted(study.get_trials(deepcopy=False))
+    if grid:
+        keys = [point_key(p) for p in grid]
+        statuses = point_statuses(trials, keys)
+        deciding: dict[str, FrozenTrial] = {}
+        for trial in trials:  # a later trial of a point replaces an earlier, unfinished one
+            key = trial.user_attrs.get(POINT)
+            if key in statuses and (key not in deciding or trial_status(deciding[key]) != "done"):
+                deciding[key] = trial
+        rows = [(p, deciding.get(k)) for k, p in zip(keys, grid, strict=True)]
+        missing = [dict(p) for k, p in zip(keys, grid, strict=True) if statuses[k] == "missing"]
+        held = [dict(p) for k, p in zip(keys, grid, strict=True) if statuses[k] == "held"]
+    else:
+        rows = [(t.params, t) for t in trials if trial_status(t) == "done"]
+        missing, held = [], [t.params for t in trials if t.state == TrialState.RUNNING]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+    return Summary(rows, best and best_trial(best), missing, held)
+
+
+def best_trial(trial: FrozenTrial) -> BestTrial:
+    return BestTrial(
+        trial.number,
+        float(trial.value),
+        dict(trial.params),
+        str(trial.user_attrs.get(RUN_ID, "")),
+        int(trial.user_attrs.get(BEST_EPOCH, 0)),
+    )
+
+
+def trial_columns(trial: FrozenTrial | None) -> dict[str, Any]:
+    """The study's columns of a table row."""
+    value = trial.value if trial is not None and trial.state == TrialState.COMPLETE else None
+    return {
+        "val_accuracy": round(100 * value, 2) if value is not None else None,
+        "best_epoch": trial.user_attrs.get(BEST_EPOCH) if trial else None,
+        "state": trial.state.name if trial else "MISSING",
+        "trial": trial.number if trial else None,
+    }
+
+
+def finalized_model(study: optuna.Study, sampled: bool, done: int, wants_model: bool):
+    """What an earlier finalization registered while it still describes the study: its model
+    URI, "" for one without a model, None when (again) to finalize. A grid is finalized once; a
+    sampled search per number of done trials (and again when a model is now wanted)."""
+    if not sampled:
+        return study.user_attrs.get(FINALIZED)
+    last = study.user_attrs.get(FINALIZED_ROUND) or {}
+    if last.get("trials") != done or (wants_model and not last.get("model_uri")):
+        return None
+    return last.get("model_uri") or ""
+
+
+def record_finalized(study: optuna.Study, model_uri: str | None, sampled: bool, done: int):
     if model_uri:
         study.set_user_attr(FINALIZED, model_uri)
     if sampled:
-        study.set_user_attr(FINALIZED_ROUND, {"trials": trials, "model_uri": model_uri})
+        study.set_user_attr(FINALIZED_ROUND, {"trials": done, "model_uri": model_uri})
 
 
-# --- worker identity -------------------------------------------------------------------------
+FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
 
 
-def process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
+def study_figures(study: optuna.Study) -> Iterator[tuple[str, Any, str]]:
+    """Optuna's matplotlib plots: ``(file name, figure, "")`` or ``(file name, None, why not
+    drawn)``; each figure is closed once the caller has taken it."""
+    import matplotlib  # local: only a finalizing process draws
 
+    matplotlib.use("Agg")  # files only: never a window, whatever the environment asks for
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
 
-def host_name() -> str:
-    """This machine's name in worker ids: ``FMNIST_WORKER_HOST``, else the host name. Set it
-    where several machines share a host name but not their processes (containers)."""
-    return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
-
-
-def worker_id() -> str:
-    pid = os.getpid()
-    return f"{host_name()}:{pid}:{process_start(pid)}"
-
-
-def worker_gone(worker: str) -> bool:
-    """True when ``worker`` ran on this machine and its process no longer exists."""
-    host, _, rest = worker.partition(":")
-    pid_text, _, start = rest.partition(":")
-    if host != host_name() or not pid_text.isdigit():
-        return False  # another machine's worker: its heartbeat decides (release_stale_trials)
-    pid = int(pid_text)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return bool(start) and process_start(pid) not in ("", start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for figure_name in FIGURES:
+            name, plot = f"{figure_name}.png", getattr(optuna_plots, f"plot_{figure_name}")
+            try:
+                axes = plot(study)
+            except Exception as exc:  # noqa: BLE001 - importances need two different trials
+                yield name, None, str(exc)
+                continue
+            panels = 1 if hasattr(axes, "figure") else np.size(axes)
+            figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
+            figure.set_size_inches(max(8, 3.2 * panels), 5)  # a slice panel per parameter
+            figure.tight_layout()
+            try:
+                yield name, figure, ""
+            finally:
+                plt.close(figure)

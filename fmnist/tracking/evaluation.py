@@ -11,14 +11,8 @@ the registered model will output) and logs both evaluations.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +27,6 @@ from fmnist.analysis.evaluation import (
     build_artifacts,
     compute_metrics,
 )
-from fmnist.prefetch import THREAD_PREFIX
 from fmnist.tracking.runs import log_metrics_finite
 
 RELIABILITY_FIGURE = "reliability_diagram.png"
@@ -42,66 +35,23 @@ ROBUSTNESS_DIR = f"{ARTIFACT_DIR}/robustness"
 
 
 def write_artifacts(artifacts: Mapping[str, Any], folder: Path) -> None:
-    """Write texts, JSON-able dicts and figures to ``folder`` under their relative paths.
-
-    Rendering the figures (PNG encoding, constrained layout) is most of an evaluation's time
-    and runs on one core: where the platform forks, a child process renders every other figure
-    while this one renders the rest (measured: a test evaluation's seven figures, 1.07 s in one
-    process, 0.65 s in two).
-    """
-    figures = []
+    """Write texts, JSON-able dicts and figures to ``folder`` under their relative paths."""
     for relative, value in artifacts.items():
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(value, Figure):
-            figures.append((path, value))
+            value.savefig(path, dpi=100)
         elif isinstance(value, str):
             path.write_text(value)
         else:
             path.write_text(json.dumps(value, indent=2, default=float))
-    child = fork_child(partial(save_figures, figures[1::2])) if len(figures) > 1 else None
-    save_figures(figures[::2] if child is not None else figures)
-    if child is not None and not child_succeeded(child):
-        save_figures(figures[1::2])  # the child failed: render its share here
 
 
-def save_figures(figures: Sequence[tuple[Path, Figure]]) -> None:
-    for path, figure in figures:
-        figure.savefig(path, dpi=100)
-
-
-def fork_child(work: Callable[[], None]) -> int | None:
-    """The pid of a forked child that runs ``work`` and exits; None where there is no fork.
-    The child touches nothing but numpy, matplotlib and its files, and leaves by ``os._exit``
-    (no atexit handler, buffer flush or store connection of this process runs twice)."""
-    if not hasattr(os, "fork"):
-        return None
-    for thread in threading.enumerate():
-        if thread.name.startswith(THREAD_PREFIX):
-            thread.join()  # a thread mid-import would leave the child its module locks
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        work()
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def child_succeeded(pid: int, timeout: float = 300.0) -> bool:
-    """Whether the child ended well within ``timeout`` seconds (else it is killed: a fork can
-    inherit a lock another thread held, and the work is then done here instead)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status) == 0
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    return False
+def log_artifacts(artifacts: Mapping[str, Any]) -> None:
+    """``write_artifacts`` into the active run, under ``evaluation/``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_artifacts(artifacts, Path(tmp))
+        mlflow.log_artifacts(tmp, ARTIFACT_DIR)
 
 
 def evaluate_and_log(
@@ -119,10 +69,7 @@ def evaluate_and_log(
     """
     metrics = compute_metrics(probabilities, labels, loss, prefix)
     log_metrics_finite(metrics)
-    with artifacts_in_background(
-        partial(build_artifacts, probabilities, labels, images, metrics, history, prefix)
-    ):
-        pass
+    log_artifacts(build_artifacts(probabilities, labels, images, metrics, history, prefix))
     return metrics
 
 
@@ -136,12 +83,9 @@ def log_calibration(
     """NLL, Brier, ECE before and after, ``temperature``, and the reliability diagram (under
     ``evaluation/<prefix>/``) into the active run; return the metrics."""
     metrics = log_calibration_metrics(calibrated, uncalibrated, labels, temperature, prefix)
-    with artifacts_in_background(
-        partial(
-            calibration_artifacts, calibrated, uncalibrated, labels, temperature, metrics, prefix
-        )
-    ):
-        pass
+    log_artifacts(
+        calibration_artifacts(calibrated, uncalibrated, labels, temperature, metrics, prefix)
+    )
     return metrics
 
 
@@ -169,7 +113,6 @@ def calibration_artifacts(
     return {f"{prefix}/{RELIABILITY_FIGURE}": figure, f"{prefix}/{CALIBRATION_JSON}": table}
 
 
-@contextmanager
 def calibrated_evaluation(
     val_scores: np.ndarray,
     val_labels: np.ndarray,
@@ -177,16 +120,13 @@ def calibrated_evaluation(
     test_labels: np.ndarray,
     test_images: np.ndarray,
     history: Sequence[Mapping[str, float]] | None = None,
-) -> Iterator[tuple[dict[str, float], float]]:
+) -> tuple[dict[str, float], float]:
     """Fit the temperature on the validation scores (logits or log-probabilities), evaluate the
-    tempered test probabilities (the registered model's output) and log it all.
-
-    Yields the metrics (the test evaluation's and the calibration's, logged) and the
-    temperature; the artifacts (figures, reports, the reliability diagram) are built and
-    written beside the block (``artifacts_in_background``: the caller logs its model meanwhile)
-    and logged when it ends. The test loss is the tempered model's NLL; the accuracy is
-    unchanged (a monotone map of each row), and ``test_accuracy_uncalibrated`` is logged beside
-    it to show it.
+    tempered test probabilities (the registered model's output) and log it all: the metrics
+    (the test evaluation's and the calibration's) and the artifacts (figures, reports, the
+    reliability diagram). Returns the metrics and the temperature. The test loss is the
+    tempered model's NLL; the accuracy is unchanged (a monotone map of each row), and
+    ``test_accuracy_uncalibrated`` is logged beside it to show it.
     """
     temperature = cal.fit_temperature(val_scores, val_labels)
     calibrated = cal.tempered(test_scores, temperature)
@@ -194,33 +134,12 @@ def calibrated_evaluation(
     metrics = compute_metrics(calibrated, test_labels, None, "test")
     log_metrics_finite(metrics)
     calibration = log_calibration_metrics(calibrated, uncalibrated, test_labels, temperature)
-
-    def build() -> dict[str, Any]:
-        artifacts = build_artifacts(calibrated, test_labels, test_images, metrics, history)
-        artifacts.update(
-            calibration_artifacts(calibrated, uncalibrated, test_labels, temperature, calibration)
-        )
-        return artifacts
-
-    with artifacts_in_background(build):
-        yield {**metrics, **calibration}, temperature
-
-
-@contextmanager
-def artifacts_in_background(build: Callable[[], Mapping[str, Any]]) -> Iterator[None]:
-    """Build and write ``build()``'s artifacts in a forked child while the block runs, then log
-    them under ``evaluation/``. Figures are most of an evaluation's time on one core, and what
-    a flow does next (logging its model) does not need them: the two then share two cores.
-    Where there is no fork, or the child fails, they are built here after the block."""
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        child = fork_child(lambda: write_artifacts(build(), folder))
-        try:
-            yield
-        finally:
-            if child is None or not child_succeeded(child):
-                write_artifacts(build(), folder)
-        mlflow.log_artifacts(tmp, ARTIFACT_DIR)
+    artifacts = build_artifacts(calibrated, test_labels, test_images, metrics, history)
+    artifacts.update(
+        calibration_artifacts(calibrated, uncalibrated, test_labels, temperature, calibration)
+    )
+    log_artifacts(artifacts)
+    return {**metrics, **calibration}, temperature
 
 
 def log_robustness(result: rob.RobustnessResult) -> dict[str, float]:

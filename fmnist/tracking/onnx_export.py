@@ -9,8 +9,6 @@ fails: the pt2 graph is the model's contract, the ONNX copy only an accelerator.
 
 from __future__ import annotations
 
-import importlib
-import threading
 import warnings
 from pathlib import Path
 
@@ -18,7 +16,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fmnist.prefetch import THREAD_PREFIX
 from fmnist.tracking.onnx_model import INPUT_NAME, ONNX_FILE, OUTPUT_NAME, OnnxModel
 
 ONNX_OPSET = 18
@@ -80,21 +77,3 @@ def check_onnx(module: nn.Module, example: np.ndarray, path: Path) -> None:
         gap = float(np.abs(onnx_model.predict(example[rows]) - expected[rows]).max())
         if not gap <= ONNX_TOLERANCE:
             raise ValueError(f"onnxruntime differs from torch by {gap:.2e}")
-
-
-# What logging a model imports on first use: torch.export (with dynamo, sympy and networkx) and
-# the ONNX exporter, some 1,400 modules and about 2 s.
-EXPORT_MODULES = ("torch._dynamo", "torch.export", "torch.onnx", "mlflow.pytorch")
-
-
-def prefetch_export_modules() -> threading.Thread:
-    """Import ``EXPORT_MODULES`` in a background thread, for a caller that waits anyway (a
-    search's coordinator while its workers train) and logs a model afterwards."""
-
-    def import_all() -> None:
-        for name in EXPORT_MODULES:
-            importlib.import_module(name)
-
-    thread = threading.Thread(target=import_all, name=f"{THREAD_PREFIX}export", daemon=True)
-    thread.start()
-    return thread

@@ -25,7 +25,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from fmnist.locks import machine_lock
+from fmnist.liveness import machine_lock
 
 PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"

@@ -1,9 +1,10 @@
 """``TrainConfig``: every setting of one ``fit`` call as plain values, in one frozen dataclass.
 
-A recipe, a search point and a test all describe training the same way, so the engine takes this
-instead of two dozen keyword arguments; ``dataclasses.replace`` derives a variant (a search
-trial's epochs and seed, a quick run's epochs). Augmentation is described by its settings, not by
-a function, so a config can be logged, compared and stored in a checkpoint as it is.
+A recipe (``fmnist.train.recipes.CnnRecipe`` extends it), a grid point and a test all describe
+training the same way; every list of training settings (what a recipe file may set, what a
+search may sample, what a run logs) is derived from these fields, and ``check`` is where each
+one's valid values are defined. Augmentation is described by its settings, not by a function,
+so a config can be logged, compared and stored in a checkpoint as it is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0  # the study's L2 regularisation (decoupled for adamw)
-    batch_size: int = 64
+    batch_size: int = 128
     epochs: int = 10
     schedule: str = "none"  # per-step learning-rate schedule (SCHEDULES)
     early_stopping_patience: int = 0  # epochs without a better validation accuracy; 0: never
@@ -38,39 +39,55 @@ class TrainConfig:
     compile: bool = False  # torch.compile the training model
     val_batch_size: int = 2048
     val_tta_flip: bool = False  # validate on the mean of each image and its mirror
+    # Where and how to run, not what is trained (RUN_FIELDS).
     device: str = "cpu"
     seed: int = 0
     quiet: bool = False  # no progress output
     label: str = ""  # what is trained, in the progress lines a log gets (e.g. "cnn fast")
     checkpoint_every: int = 1  # epochs between ``on_checkpoint`` calls (and after the last)
 
-    def check(self) -> None:
-        """Reject impossible settings before any training or run starts."""
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(
-                f"Unknown optimizer {self.optimizer!r} (known: {', '.join(OPTIMIZERS)})."
-            )
-        if (self.schedule or "none") not in SCHEDULES:
-            raise ConfigError(
-                f"Unknown schedule {self.schedule!r} (known: {', '.join(SCHEDULES)})."
-            )
-        if not self.lr > 0:
-            raise ConfigError(f"Learning rate must be positive, got {self.lr}.")
-        if self.batch_size <= 0:
-            raise ConfigError(f"Batch size must be positive, got {self.batch_size}.")
-        if self.epochs <= 0:
-            raise ConfigError(f"Epochs must be positive, got {self.epochs}.")
-        if self.weight_decay < 0:
-            raise ConfigError(f"Weight decay must not be negative, got {self.weight_decay}.")
+    def check(self) -> TrainConfig:
+        """Reject impossible settings before any training or run starts; the error names the
+        field (``ConfigError.key``). Returns the config."""
+        for name, (valid, rule) in RULES.items():
+            value = getattr(self, name)
+            if not valid(value):
+                raise ConfigError(f"{name} {rule}, got {value!r}.", key=name)
+        return self
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-def check_hyperparameters(
-    optimizer: str, lr: float, batch_size: int, epochs: int, schedule: str | None = None
-) -> None:
-    """``TrainConfig.check`` for settings that are not (yet) a config."""
-    TrainConfig(
-        optimizer=optimizer, lr=lr, batch_size=batch_size, epochs=epochs, schedule=schedule or ""
-    ).check()
+# Each checked field: (valid?, the rule in words).
+RULES = {
+    "optimizer": (lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+    "lr": (lambda v: v > 0, "must be positive"),
+    "weight_decay": (lambda v: v >= 0, "must not be negative"),
+    "batch_size": (lambda v: v > 0, "must be positive"),
+    "epochs": (lambda v: v > 0, "must be positive"),
+    "schedule": (lambda v: (v or "none") in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
+    "early_stopping_patience": (lambda v: v >= 0, "must not be negative"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "crop_padding": (lambda v: 0 <= v <= 4, "must lie in 0..4 (pixels)"),
+    "erasing": (lambda v: 0 <= v <= 1, "must lie in [0, 1]"),
+    "ema_decay": (lambda v: 0 <= v < 1, "must lie in [0, 1)"),
+    "val_batch_size": (lambda v: v > 0, "must be positive"),
+    "checkpoint_every": (lambda v: v >= 0, "must not be negative"),
+}
+# Fields that say where and how to run, not what is trained: not a trial's hyperparameters.
+RUN_FIELDS = ("device", "seed", "quiet", "label", "checkpoint_every")
+HYPERPARAMETERS = tuple(
+    f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS
+)
+
+
+def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg`` that changes what is trained, by field name (what a run logs)."""
+    return {name: getattr(cfg, name) for name in HYPERPARAMETERS}
+
+
+def train_config(settings: Any, **run: Any) -> TrainConfig:
+    """The ``TrainConfig`` part of ``settings`` (a recipe, or any object with those fields),
+    with ``run``'s values (device, seed, quiet, ...) set."""
+    return TrainConfig(**{name: getattr(settings, name) for name in HYPERPARAMETERS}, **run)

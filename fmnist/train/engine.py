@@ -3,9 +3,9 @@
 In the spirit of pytorch/examples' mnist train/test pair and timm's dict-returning epoch
 functions: a ``TrainConfig`` of plain values in, a per-epoch metrics dict out, handed to an
 ``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna pruning (the engine
-imports neither, nor any concrete model: a model may offer its own faster epoch through
-``epoch_runner``). Data stays in memory (on the GPU when training there) and batches are index
-slices; uint8 images become float in [0, 1] per batch. Metrics accumulate on the device and are
+imports neither, nor any concrete model: a caller may pass a faster epoch, ``epoch_runner``).
+Data stays in memory (on the GPU when training there) and batches are index slices; uint8
+images become float in [0, 1] per batch. Metrics accumulate on the device and are
 read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch's weights
 (by validation accuracy) are restored at the end, as the study does; a NaN or infinite loss
 raises ``TrainingDiverged``.
@@ -38,8 +38,8 @@ CheckpointCallback = Callable[[int, dict[str, Any]], None]
 
 
 class EpochRunner(Protocol):
-    """A model's own training epoch (the dense network's numpy loop), used instead of autograd
-    when the settings are plain: ``model.epoch_runner(optimizer, scheduler)`` returns one, or
+    """A whole training epoch without autograd (the dense network's numpy loop), used when the
+    settings are plain: ``fit``'s ``epoch_runner(model, optimizer, scheduler)`` returns one, or
     None (it also steps the schedule, if it takes it)."""
 
     def run_epoch(
@@ -67,8 +67,10 @@ class EvalResult:
     probabilities: np.ndarray
 
 
-def make_runner(model: nn.Module, trainer: Trainer, cfg: TrainConfig) -> EpochRunner | None:
-    """The model's own epoch runner when the settings allow it, else None (autograd)."""
+def make_runner(
+    model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner=None
+) -> EpochRunner | None:
+    """``epoch_runner``'s runner when the settings allow one, else None (autograd)."""
     fancy = (
         trainer.ema
         or cfg.label_smoothing
@@ -76,8 +78,9 @@ def make_runner(model: nn.Module, trainer: Trainer, cfg: TrainConfig) -> EpochRu
         or cfg.bf16
         or cfg.compile
     )
-    offer = getattr(model, "epoch_runner", None)
-    return None if fancy or offer is None else offer(trainer.optimizer, trainer.scheduler)
+    if fancy or epoch_runner is None:
+        return None
+    return epoch_runner(model, trainer.optimizer, trainer.scheduler)
 
 
 def train_one_epoch(
@@ -207,6 +210,7 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     resume: dict[str, Any] | None = None,
+    epoch_runner: Callable[..., EpochRunner | None] | None = None,
 ) -> FitResult:
     """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy.
 
@@ -216,6 +220,7 @@ def fit(
     ``on_checkpoint(epoch, state)`` gets the full training state every ``checkpoint_every``
     epochs and after the last one; ``fit(..., resume=state)`` with the same settings goes on from
     it to ``epochs`` and ends exactly where an uninterrupted run would (same RNG streams).
+    ``epoch_runner(model, optimizer, scheduler)`` may offer a faster epoch than autograd's.
     """
     cfg.check()
     device = torch.device(cfg.device)
@@ -223,7 +228,7 @@ def fit(
     train, val = move_split(train, device), move_split(val, device)
     steps = math.ceil(len(train) / cfg.batch_size)
     trainer = make_trainer(model, cfg, steps)
-    run = FitRun(model, train, val, cfg, trainer, steps)
+    run = FitRun(model, train, val, cfg, trainer, steps, epoch_runner)
     if resume is not None:
         run.resume_from(resume)
     run.train(on_epoch_end, on_checkpoint)
@@ -241,11 +246,11 @@ def fit(
 class FitRun:
     """The state of one ``fit`` call as it goes: history, best epoch, elapsed time."""
 
-    def __init__(self, model, train: Split, val: Split, cfg: TrainConfig, trainer, steps: int):
+    def __init__(self, model, train, val, cfg: TrainConfig, trainer, steps: int, runner=None):
         self.model, self.train_split, self.val_split = model, train, val
         self.cfg, self.trainer, self.steps = cfg, trainer, steps
         self.train_model = torch.compile(model) if cfg.compile else model
-        self.runner = make_runner(model, trainer, cfg)
+        self.runner = make_runner(model, trainer, cfg, runner)
         self.history: list[dict[str, float]] = []
         self.best = Best(0, -1.0, snapshot(model))
         self.first_epoch, self.seconds_before, self.stopped_early = 1, 0.0, False

@@ -60,7 +60,7 @@ def make_scheduler(
         )
     if name == "cosine":
         # CosineAnnealingLR's values in closed form, as a LambdaLR: the dense network's numpy
-        # loop runs a LambdaLR itself (``dense_update.scheduled_lrs``), with the same numbers
+        # epoch (``dense_loop``) runs a LambdaLR's rates itself, with the same numbers
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, total))
     if name == "triangle":
         # airbench's schedule: a linear rise from lr/5 over the first fifth of the steps, then a

@@ -1,71 +1,40 @@
 """CNN recipes: one YAML file in ``experiments/cnn/`` fixes an architecture and its training.
 
-``load_recipe`` reads and validates a recipe (by name or path); ``train_config`` turns it into
-the engine's ``TrainConfig`` (the only place a recipe becomes fit settings: the ``cnn`` flow, the
-CNN search and the GPU bench scripts all call it), ``model_spec`` into the spec that
-``fmnist.models.build_model`` rebuilds.
+A ``CnnRecipe`` is a ``TrainConfig`` (every training setting, declared there once) plus the
+architecture spec and how the logged model predicts. ``load_recipe`` reads and validates one (by
+name or path); ``build_classifier`` is the one way a recipe becomes a network, used by ``fmnist
+cnn``, the CNN search and the GPU scripts alike (the ``whitened`` arch's whitening fitted to the
+training images, channels-last memory where the recipe says).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from fmnist.data import scale_pixels
-from fmnist.definitions import load_definition
+from fmnist.definitions import build_dataclass, load_definition
 from fmnist.errors import ConfigError
 from fmnist.models import build_model
-from fmnist.train.config import TrainConfig
+from fmnist.train.config import RUN_FIELDS, TrainConfig, train_config
 
 RECIPE_DIR = "cnn"  # recipes live in experiments/cnn/
-# Recipe fields that are TrainConfig fields of the same name and meaning.
-TRAIN_FIELDS = (
-    "optimizer",
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "schedule",
-    "label_smoothing",
-    "early_stopping_patience",
-    "crop_padding",
-    "flip",
-    "erasing",
-    "ema_decay",
-    "bf16",
-    "compile",
-    "val_batch_size",
-)
 
 
 @dataclass(frozen=True)
-class CnnRecipe:
-    """One ``experiments/cnn/<name>.yaml``: architecture spec and every training setting."""
+class CnnRecipe(TrainConfig):
+    """One ``experiments/cnn/<name>.yaml``: every ``TrainConfig`` setting (not where to run),
+    the architecture spec, and how the logged model predicts."""
 
-    model: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
     description: str = ""
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 10
-    schedule: str = "none"
-    label_smoothing: float = 0.0
-    early_stopping_patience: int = 0
-    crop_padding: int = 0
-    flip: bool = False
-    erasing: float = 0.0
-    ema_decay: float = 0.0
-    bf16: bool = False
-    channels_last: bool = True
-    compile: bool = False
-    tta_flip: bool = False
-    val_batch_size: int = 2048
+    channels_last: bool = True  # NHWC activations: faster convolutions on CPU and GPU
+    tta_flip: bool = False  # the logged model averages each image and its mirror
 
 
 def load_recipe(
@@ -76,26 +45,35 @@ def load_recipe(
     """Read a recipe, apply ``changes`` (recipe fields) and ``model_changes`` (spec keys), and
     validate the result: an invalid setting or architecture fails before any run exists."""
     recipe = load_definition(name_or_path, CnnRecipe, subdir=RECIPE_DIR)
-    return change_recipe(recipe, changes, model_changes)
+    where = f"recipe {name_or_path}"
+    placed = [key for key in RUN_FIELDS if getattr(recipe, key) != getattr(TrainConfig, key)]
+    if placed:
+        raise ConfigError(f"{where}: key {placed[0]!r} is an option of the command, not a recipe.")
+    return change_recipe(recipe, changes, model_changes, where)
 
 
 def change_recipe(
     recipe: CnnRecipe,
     changes: Mapping[str, Any] | None = None,
     model_changes: Mapping[str, Any] | None = None,
+    where: str = "recipe",
 ) -> CnnRecipe:
-    """The recipe with other values, validated."""
-    recipe = dataclasses.replace(
-        recipe, model={**recipe.model, **(model_changes or {})}, **dict(changes or {})
-    )
-    train_config(recipe).check()
-    build_classifier(recipe)
+    """The recipe with other values, validated (errors name ``where`` and the key)."""
+    try:
+        recipe = dataclasses.replace(
+            recipe, model={**recipe.model, **(model_changes or {})}, **dict(changes or {})
+        )
+        train_config(recipe).check()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key {exc.key!r}: {exc}", key=exc.key) from None
+    with torch.random.fork_rng():  # a network built to validate must not move the seeds
+        build_classifier(recipe)
     return recipe
 
 
-def train_config(recipe: CnnRecipe, **run: Any) -> TrainConfig:
-    """The engine's settings for a recipe; ``run`` adds device, seed, quiet, checkpoint_every."""
-    return TrainConfig(**{name: getattr(recipe, name) for name in TRAIN_FIELDS}, **run)
+def recipe_from_dict(values: Mapping[str, Any], source: str) -> CnnRecipe:
+    """A recipe stored as a dict (a checkpoint's), validated like a file."""
+    return build_dataclass(CnnRecipe, dict(values), source)
 
 
 def model_spec(recipe: CnnRecipe) -> dict[str, Any]:
@@ -105,9 +83,9 @@ def model_spec(recipe: CnnRecipe) -> dict[str, Any]:
 def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None) -> nn.Module:
     """The recipe's untrained network (logits out); a bad architecture is a ``ConfigError``.
 
-    With ``train_images`` (uint8 or [0, 1]), a network with data-dependent initialisation (the
+    With ``train_images`` (uint8 or [0, 1]) a network with data-dependent initialisation (the
     ``whitened`` arch's patch whitening) is fitted to them; a network rebuilt to load trained
-    weights needs none.
+    weights needs none. Channels-last memory when the recipe says.
     """
     try:
         model = build_model(model_spec(recipe))
@@ -116,4 +94,6 @@ def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None
     fit_to_data = getattr(model, "fit_whitening", None)
     if train_images is not None and fit_to_data is not None:
         fit_to_data(scale_pixels(train_images))
+    if recipe.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     return model

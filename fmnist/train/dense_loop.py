@@ -1,0 +1,262 @@
+"""The dense network's numpy epoch: a ReLU MLP trained without autograd or ``Optimizer.step``.
+
+For a network as small as the study's MLP a torch operator's dispatch costs more than its
+arithmetic, and the dense grid is a million steps: ``numpy_epoch`` hands ``engine.fit`` a whole
+epoch written in numpy (forward, backward, the optimizer's own formula) for a chain of linear
+layers with ReLU between them (parameters ``w0, b0, w1, b1, ...``), Adam, AdamW or RMSprop in
+their plain forms on the CPU, and no schedule or a per-step ``LambdaLR``. The weights and the
+optimizer state live in flat numpy buffers for the epoch and are written back at its end (also
+when it is interrupted), so ``state_dict``, checkpoints and resuming see ordinary tensors
+(``tests/test_dense.py`` compares it with autograd and ``torch.optim`` step by step). The search
+passes it for the dense grid's points; the engine knows no model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from fmnist.data import scale_pixels
+
+
+def one_blas_thread():
+    """numpy's BLAS on one thread: at these sizes a second thread only waits, and parallel
+    search workers' idle BLAS threads spin on each other's cores (measured: batch-64 trials 8x
+    slower). A no-op where threadpoolctl is missing (the GPU bench scripts)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
+    """One-hot rows of ``targets``, each divided by the size of the batch it falls in (batches
+    of ``batch_size`` consecutive rows, the last one shorter; None: one batch)."""
+    n = len(targets)
+    one_hot = np.zeros((n, n_classes), np.float32)
+    one_hot[np.arange(n), targets] = 1.0
+    size = batch_size or max(n, 1)
+    sizes = np.full(n, size, np.float32)
+    if n % size:
+        sizes[n - n % size :] = n % size
+    return one_hot / sizes[:, None]
+
+
+def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """The summed cross-entropy of float logits (any row shift) against integer targets."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
+    return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
+
+
+def backpropagate(
+    weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
+) -> np.ndarray:
+    """One MLP's forward pass and mean cross-entropy gradients (written into ``grads``, in
+    ``weights`` order); ``one_hot`` is ``scaled_one_hot``'s. Returns the logits less their row
+    maximum (the same softmax, loss and argmax)."""
+    activations = [features]
+    n_layers = len(weights) // 2
+    for index in range(n_layers - 1):
+        hidden = activations[-1] @ weights[2 * index].T
+        hidden += weights[2 * index + 1]
+        activations.append(np.maximum(hidden, 0.0, out=hidden))
+    logits = activations[-1] @ weights[-2].T
+    logits += weights[-1]
+    logits -= logits.max(axis=1, keepdims=True)  # exp cannot overflow
+    delta = np.exp(logits)
+    sums = delta.sum(axis=1, keepdims=True)
+    sums *= np.float32(len(features))
+    delta /= sums
+    delta -= one_hot  # d mean loss / d logits = (softmax - one_hot) / n
+    for index in range(n_layers - 1, -1, -1):
+        inputs = activations[index]
+        np.matmul(delta.T, inputs, out=grads[2 * index])
+        delta.sum(axis=0, out=grads[2 * index + 1])
+        if index:
+            delta = delta @ weights[2 * index]
+            delta *= inputs > 0
+    return logits
+
+
+def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any) -> bool:
+    """Whether the numpy epoch runs this: the optimizer over exactly ``params`` (float32, CPU,
+    one group), Adam/AdamW without amsgrad or RMSprop without momentum or centering, and no
+    schedule or a one-group ``LambdaLR`` (a rate factor; ``OneCycleLR`` also moves momentum)."""
+    if len(optimizer.param_groups) != 1:
+        return False
+    group = optimizer.param_groups[0]
+    own = list(group["params"])
+    if len(own) != len(params) or any(p is not q for p, q in zip(own, params, strict=True)):
+        return False
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in own):
+        return False
+    if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
+        return False
+    if scheduler is not None and not (
+        isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and len(scheduler.lr_lambdas) == 1
+    ):
+        return False
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return group["momentum"] == 0 and not group["centered"]
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and not group["amsgrad"]
+
+
+def numpy_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
+    """``engine.fit``'s epoch runner for an MLP (``model``: linear layers with ReLU between, its
+    parameters a chain of weight matrices and bias vectors, no dropout), or None when the model
+    or the settings are not plain (autograd trains it)."""
+    params = list(model.parameters())
+    shapes = [tuple(p.shape) for p in params]
+    chain = len(shapes) % 2 == 0 and all(
+        len(w) == 2 and b == (w[0],) for w, b in zip(shapes[::2], shapes[1::2], strict=True)
+    )
+    chain = chain and all(a[0] == b[1] for a, b in zip(shapes[::2], shapes[2::2], strict=False))
+    if not chain or getattr(model, "dropout", 0) or not plain(optimizer, params, scheduler):
+        return None
+    return NumpyEpoch(optimizer, scheduler, params)
+
+
+class NumpyEpoch:
+    """Epochs of one MLP on flat numpy copies of its weights and its optimizer's state."""
+
+    def __init__(self, optimizer, scheduler, params: list[torch.Tensor]) -> None:
+        self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
+        self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
+        self.keys = ("square_avg",) if self.rmsprop else ("exp_avg", "exp_avg_sq")
+        self.sizes = [p.numel() for p in params]
+
+    def state(self) -> list[dict[str, torch.Tensor]]:
+        """Each parameter's optimizer state, created as the optimizer creates it."""
+        states = []
+        for param in self.params:
+            state = self.optimizer.state[param]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                for key in self.keys:
+                    state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            states.append(state)
+        return states
+
+    def flat(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+        return np.concatenate([t.detach().numpy().reshape(-1) for t in tensors])
+
+    def views(self, flat: np.ndarray) -> list[np.ndarray]:
+        offsets = np.cumsum([0, *self.sizes])
+        return [
+            flat[a:b].reshape(p.shape)
+            for a, b, p in zip(offsets[:-1], offsets[1:], self.params, strict=True)
+        ]
+
+    def run_epoch(
+        self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
+    ) -> tuple[float, int]:
+        """Train on ``inputs[order]`` in batches; the summed loss and the correct count."""
+        states = self.state()
+        weights = self.flat(self.params)
+        moments = [self.flat([s[key] for s in states]) for key in self.keys]
+        step = float(states[0]["step"])
+        features, order_ = inputs.numpy(), order.numpy()
+        targets = labels.numpy()[order_]
+        views, grads = self.views(weights), np.zeros_like(weights)
+        grad_views = self.views(grads)
+        one_hot = scaled_one_hot(targets, self.params[-1].shape[0], batch_size)
+        logits = np.empty(one_hot.shape, np.float32)
+        update = Update(self.optimizer, weights, grads, moments)
+        rates = self.rates(-(-len(order_) // batch_size))
+        steps = 0
+        try:
+            with torch.no_grad(), one_blas_thread():
+                for start in range(0, len(order_), batch_size):
+                    stop = start + batch_size
+                    batch = scale_pixels(features[order_[start:stop]])
+                    scaled = one_hot[start:stop]
+                    logits[start:stop] = backpropagate(views, batch, scaled, grad_views)
+                    update(step + steps + 1, rates[steps])
+                    steps += 1
+        finally:
+            self.write_back(weights, moments, states, step + steps)
+            self.advance_schedule(steps)
+        correct = int(np.count_nonzero(logits.argmax(axis=1) == targets))
+        return cross_entropy_sum(logits, targets), correct
+
+    def rates(self, steps: int) -> list[float]:
+        """Each step's learning rate, as ``LambdaLR`` sets them (``base * factor(step)``)."""
+        if self.scheduler is None:
+            return [self.optimizer.param_groups[0]["lr"]] * steps
+        factor, base = self.scheduler.lr_lambdas[0], self.scheduler.base_lrs[0]
+        first = self.scheduler.last_epoch
+        return [base * factor(first + n) for n in range(steps)]
+
+    def advance_schedule(self, steps: int) -> None:
+        """Leave the schedule and the optimizer's rate where ``steps`` of its steps would."""
+        with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
+            warnings.filterwarnings("ignore", "Detected call of")
+            for _ in range(steps if self.scheduler is not None else 0):
+                self.scheduler.step()
+
+    def write_back(self, weights, moments, states, step: float) -> None:
+        with torch.no_grad():
+            for param, view in zip(self.params, self.views(weights), strict=True):
+                param.copy_(torch.from_numpy(view))
+            for key, flat in zip(self.keys, moments, strict=True):
+                for state, view in zip(states, self.views(flat), strict=True):
+                    state[key].copy_(torch.from_numpy(view))
+            for state in states:
+                state["step"].fill_(step)
+
+
+class Update:
+    """The optimizer's step on the flat buffers, in numpy: Adam's (L2 decay), AdamW's (decoupled
+    decay) or RMSprop's formula, as ``torch.optim`` computes it, with each step's rate."""
+
+    def __init__(self, optimizer, weights, grads, moments) -> None:
+        group = optimizer.param_groups[0]
+        self.weights, self.grads, self.moments = weights, grads, moments
+        self.decay, self.eps = group["weight_decay"], group["eps"]
+        self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
+        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
+            group.get("decoupled_weight_decay")
+        )
+        self.betas = (0.0, group["alpha"]) if self.rmsprop else tuple(group["betas"])
+        self.scratch = np.empty_like(weights)
+
+    def __call__(self, step: float, lr: float) -> None:
+        weights, grads, scratch = self.weights, self.grads, self.scratch
+        beta1, beta2 = self.betas
+        if self.decay and self.decoupled:
+            weights *= np.float32(1.0 - lr * self.decay)
+        elif self.decay:
+            grads += np.float32(self.decay) * weights
+        if self.rmsprop:
+            (square,) = self.moments
+            square *= np.float32(beta2)
+            np.multiply(grads, grads, out=scratch)
+            scratch *= np.float32(1.0 - beta2)
+            square += scratch
+            np.sqrt(square, out=scratch)
+            scratch += np.float32(self.eps)
+            np.divide(grads, scratch, out=scratch)
+            scratch *= np.float32(-lr)
+            weights += scratch
+            return
+        average, square = self.moments
+        np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
+        scratch *= np.float32(1.0 - beta1)
+        average += scratch
+        square *= np.float32(beta2)
+        np.multiply(grads, grads, out=scratch)
+        scratch *= np.float32(1.0 - beta2)
+        square += scratch
+        np.sqrt(square, out=scratch)
+        scratch *= np.float32(1.0 / (1.0 - beta2**step) ** 0.5)
+        scratch += np.float32(self.eps)
+        np.divide(average, scratch, out=scratch)
+        scratch *= np.float32(-lr / (1.0 - beta1**step))
+        weights += scratch
