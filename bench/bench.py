@@ -117,8 +117,8 @@ def bench_tracking_overhead(data_dir: str, epochs: int) -> dict:
     from fmnist import tracking
     from fmnist.data import Split, load_fashion_mnist, make_splits
     from fmnist.models.dense import build_mlp, fit_pca, project
-    from fmnist.train.config import TrainConfig
     from fmnist.train.engine import fit
+    from fmnist.train.settings import TrainConfig
 
     splits = make_splits(load_fashion_mnist(data_dir), 42)
     layer = fit_pca(splits.train.images, 0.95).layer()

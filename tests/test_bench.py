@@ -19,8 +19,8 @@ import reference  # noqa: E402
 from fmnist.data import Split, load_fashion_mnist, make_splits  # noqa: E402
 from fmnist.models import build_model, count_parameters  # noqa: E402
 from fmnist.models.dense import build_mlp  # noqa: E402
-from fmnist.train.config import TrainConfig  # noqa: E402
 from fmnist.train.engine import fit  # noqa: E402
+from fmnist.train.settings import TrainConfig  # noqa: E402
 
 
 def test_reference_and_ours_load_the_same_pixels_and_split(synthetic_data_dir):

@@ -27,7 +27,7 @@ from fmnist.config import CnnConfig, CommonConfig
 from fmnist.data import load_fashion_mnist
 from fmnist.flows.cnn import run_cnn
 from fmnist.models import count_parameters
-from fmnist.models.cnn import build_cnn, describe, layer_output_sizes
+from fmnist.models.convnets import build_cnn, describe, layer_output_sizes
 from fmnist.tracking import registry
 from tests.helpers import isolated_store, mlflow_run
 
@@ -145,8 +145,8 @@ def run_through_mlflow_run(recipe: str, data_dir, uri: str) -> dict:
 def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
     """bf16 autocast (native-bf16 CPUs; float32 elsewhere) plus augmentation still learns."""
     from fmnist.data import load_splits
-    from fmnist.train.config import TrainConfig
     from fmnist.train.engine import fit
+    from fmnist.train.settings import TrainConfig
 
     splits = load_splits(synthetic_data_dir)
     torch.manual_seed(0)

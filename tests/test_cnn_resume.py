@@ -84,9 +84,9 @@ def run_interrupted(monkeypatch, cfg: CnnConfig, epoch: int):
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_does(synthetic_data_dir):
     from fmnist.data import load_splits
-    from fmnist.models.cnn import build_cnn
-    from fmnist.train.config import TrainConfig
+    from fmnist.models.convnets import build_cnn
     from fmnist.train.engine import fit
+    from fmnist.train.settings import TrainConfig
 
     splits = load_splits(synthetic_data_dir)
     settings = TrainConfig(
@@ -207,8 +207,8 @@ def test_bad_resume_requests_fail_before_training(
 def test_a_checkpoint_of_another_kind_of_schedule_is_refused_in_words():
     """A cosine run checkpointed when cosine was ``CosineAnnealingLR`` cannot go on as today's
     closed-form ``LambdaLR``: a ``ConfigError`` that says so, not a ``KeyError``."""
-    from fmnist.train.config import TrainConfig
     from fmnist.train.engine import make_trainer
+    from fmnist.train.settings import TrainConfig
     from fmnist.train.state import Best, capture_state, restore_state
 
     cfg = TrainConfig(optimizer="sgd", lr=0.1, epochs=2, schedule="cosine")

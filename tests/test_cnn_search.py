@@ -26,9 +26,9 @@ from fmnist.errors import ConfigError
 from fmnist.flows.cnn_search import run_cnn_search
 from fmnist.search.cnn_space import CnnSpace, Dimension, load_space
 from fmnist.tracking import format_param
-from fmnist.train.config import train_config
 from fmnist.train.recipes import build_classifier, load_recipe, model_spec
 from fmnist.train.runtime import seed_everything
+from fmnist.train.settings import train_config
 from tests.helpers import PROJECT_ROOT, isolated_store, search_table, store_copy
 
 TINY_RECIPE = """\

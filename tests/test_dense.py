@@ -12,7 +12,6 @@ from fmnist.data import Split, load_splits
 from fmnist.models import build_model
 from fmnist.models.dense import PCAProjection, build_dense, build_mlp, dense_spec, fit_pca, project
 from fmnist.train import engine
-from fmnist.train.config import TrainConfig
 from fmnist.train.dense_loop import (
     NumpyEpoch,
     backpropagate,
@@ -21,6 +20,7 @@ from fmnist.train.dense_loop import (
     scaled_one_hot,
 )
 from fmnist.train.optim import make_optimizer, make_scheduler
+from fmnist.train.settings import TrainConfig
 
 CPU = torch.device("cpu")
 

@@ -14,7 +14,8 @@ import yaml
 from fmnist.definitions import experiments_dir, load_definition
 from fmnist.errors import ConfigError
 from fmnist.search.cnn_space import CnnSpace, key_types, load_space
-from fmnist.train.config import (
+from fmnist.train.recipes import load_recipe
+from fmnist.train.settings import (
     HYPERPARAMETERS,
     OPTIMIZERS,
     RUN_FIELDS,
@@ -23,7 +24,6 @@ from fmnist.train.config import (
     hyperparameters,
     train_config,
 )
-from fmnist.train.recipes import load_recipe
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import gpu_store  # noqa: E402
 
 from fmnist.data import Split  # noqa: E402
-from fmnist.train.config import TrainConfig  # noqa: E402
 from fmnist.train.engine import fit  # noqa: E402
+from fmnist.train.settings import TrainConfig  # noqa: E402
 
 
 def run_session(tmp_path: Path, data_dir: Path, **settings: str) -> tuple[Path, str]:

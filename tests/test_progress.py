@@ -9,9 +9,9 @@ import torch
 
 from fmnist.data import Split
 from fmnist.models.dense import build_mlp
-from fmnist.train.config import TrainConfig
 from fmnist.train.engine import fit
 from fmnist.train.progress import EpochLines, format_duration
+from fmnist.train.settings import TrainConfig
 
 LINE = re.compile(
     r"^\[(?P<label>[^\]]+)\] epoch (?P<epoch>\d+)/(?P<epochs>\d+): val_accuracy "

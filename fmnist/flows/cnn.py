@@ -32,11 +32,10 @@ from fmnist.config import CnnConfig
 from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
 from fmnist.errors import ConfigError
 from fmnist.models import count_parameters
-from fmnist.models.cnn import describe
+from fmnist.models.convnets import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
 from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
-from fmnist.train.config import RUN_FIELDS, train_config
 from fmnist.train.engine import FitResult, fit, predict_logits
 from fmnist.train.optim import bf16_active
 from fmnist.train.recipes import (
@@ -47,6 +46,7 @@ from fmnist.train.recipes import (
     recipe_from_dict,
 )
 from fmnist.train.runtime import resolve_device, seed_everything
+from fmnist.train.settings import RUN_FIELDS, train_config
 
 # Quick mode's subset sizes (train / validation / test images) and epochs: enough steps (about
 # 40 at `fast`'s batch of 512) for a smoke-test model clearly better than chance, in seconds.

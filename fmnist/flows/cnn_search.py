@@ -31,9 +31,9 @@ from fmnist.search.cnn_space import CnnSpace, SpaceFile, load_space
 from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
-from fmnist.train.config import RUN_FIELDS
 from fmnist.train.recipes import CnnRecipe
 from fmnist.train.runtime import resolve_device
+from fmnist.train.settings import RUN_FIELDS
 
 ENTRY_POINT = "cnn_search"
 FAMILY = "cnn"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fmnist.augment import flip_averaged_log_probabilities, flip_averaged_probabilities
-from fmnist.models.cnn import build_cnn
+from fmnist.models.convnets import build_cnn
 from fmnist.models.dense import build_dense
 
 # model family -> the function building an nn.Module from a spec's other keys.

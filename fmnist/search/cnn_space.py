@@ -21,9 +21,8 @@ from typing import Any
 
 from fmnist.definitions import coerce, definition_path, load_definition
 from fmnist.errors import ConfigError
-from fmnist.models.cnn import builder_for
+from fmnist.models.convnets import builder_for
 from fmnist.search.spec import Built, SamplerSpec
-from fmnist.train.config import HYPERPARAMETERS, TrainConfig, train_config
 from fmnist.train.recipes import (
     CnnRecipe,
     build_classifier,
@@ -31,6 +30,7 @@ from fmnist.train.recipes import (
     load_recipe,
     model_spec,
 )
+from fmnist.train.settings import HYPERPARAMETERS, TrainConfig, train_config
 
 RANGE_FIELDS = frozenset({"low", "high", "log", "step"})
 AUGMENT = "augment"

@@ -22,8 +22,8 @@ from fmnist.errors import ConfigError
 from fmnist.models.dense import build_dense, dense_spec
 from fmnist.published import TABLE_I
 from fmnist.search.spec import Built, SamplerSpec
-from fmnist.train.config import TrainConfig
 from fmnist.train.dense_loop import numpy_epoch
+from fmnist.train.settings import TrainConfig
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
 

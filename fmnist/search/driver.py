@@ -40,8 +40,8 @@ from fmnist.tracking.search_runs import (
     set_tags,
 )
 from fmnist.train import engine
-from fmnist.train.config import hyperparameters
 from fmnist.train.runtime import seed_everything
+from fmnist.train.settings import hyperparameters
 
 EPOCH_METRICS = (
     "train_loss",

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from fmnist.data import Split
-from fmnist.train.config import TrainConfig
+from fmnist.train.settings import TrainConfig
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,9 @@ from torch import nn
 from fmnist.augment import flip_averaged_probabilities, make_augment
 from fmnist.data import Split, iterate_batches, scale_pixels, shuffled_order
 from fmnist.errors import TrainingDiverged
-from fmnist.train.config import TrainConfig
 from fmnist.train.optim import WeightEMA, autocast_for, make_optimizer, make_scheduler
 from fmnist.train.progress import EpochLines, epoch_bar
+from fmnist.train.settings import TrainConfig
 from fmnist.train.state import Best, Trainer, capture_state, restore_state, snapshot
 
 EpochCallback = Callable[[int, dict[str, float]], None]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fmnist.errors import ConfigError
-from fmnist.train.config import OPTIMIZERS, SCHEDULES
+from fmnist.train.settings import OPTIMIZERS, SCHEDULES
 
 
 def make_optimizer(

@@ -21,7 +21,7 @@ from fmnist.data import scale_pixels
 from fmnist.definitions import build_dataclass, load_definition
 from fmnist.errors import ConfigError
 from fmnist.models import build_model
-from fmnist.train.config import RUN_FIELDS, TrainConfig, train_config
+from fmnist.train.settings import RUN_FIELDS, TrainConfig, train_config
 
 RECIPE_DIR = "cnn"  # recipes live in experiments/cnn/
 
