@@ -116,7 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from fmnist.search.cnn_space import CnnSpace, load_space
+    from fmnist.search.spaces import CnnSpace
+    from fmnist.train.recipes import load_space
 
     args = parse_args(argv)
     if args.quick:
@@ -125,9 +126,8 @@ def main(argv=None) -> dict:
         args.retrain_epochs = args.retrain_epochs or 1
     device, name = pick_device(args.device)
     space_file, dimensions, base, where = load_space(args.space)
-    space = CnnSpace(
-        dimensions, base, Path(space_file.recipe).stem, args.seed, space_file.startup_trials
-    )
+    label = Path(space_file.recipe).stem
+    space = CnnSpace(dimensions, base, label, space_file.startup_trials, args.seed)
     data = load_data(Path(args.data_dir), device, args.limit or None)
     print(f"device {name}; torch {torch.__version__}; space {where.name}; train {len(data[0])}")
     # Warm-up (CUDA context, cuDNN autotuning) stays out of the first trial's time.

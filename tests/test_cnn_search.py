@@ -24,9 +24,9 @@ from fmnist.config import CnnSearchConfig, CommonConfig, SearchOptions
 from fmnist.data import load_splits
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn_search import run_cnn_search
-from fmnist.search.cnn_space import CnnSpace, Dimension, load_space
+from fmnist.search.spaces import CnnSpace
 from fmnist.tracking import format_param
-from fmnist.train.recipes import build_classifier, load_recipe, model_spec
+from fmnist.train.recipes import Dimension, build_classifier, load_recipe, load_space, model_spec
 from fmnist.train.runtime import seed_everything
 from fmnist.train.settings import train_config
 from tests.helpers import PROJECT_ROOT, isolated_store, search_table, store_copy
@@ -300,7 +300,7 @@ def test_the_default_space_contains_the_bf16_cpu_recipe():
     space_file, dimensions, base, where = load_space("cnn_search")
     assert [d.key for d in dimensions] == list(yaml.safe_load(where.read_text())["params"])
     assert space_file.recipe == "bf16_cpu"
-    space = CnnSpace(dimensions, base, "bf16_cpu")
+    space = CnnSpace(dimensions, base, "bf16_cpu", 5)
     assert set(space.baseline()) == {d.key for d in dimensions}
     assert space.recipe_for(space.baseline()) == base
 
@@ -337,7 +337,7 @@ def test_a_trial_builds_what_fmnist_cnn_builds_for_every_architecture(
     recipe = load_recipe(recipe_name)
     images = load_splits(synthetic_data_dir).train.images
     lr = Dimension("lr", "categorical", choices=(recipe.lr, recipe.lr * 2))
-    space = CnnSpace((lr,), recipe, recipe_name)
+    space = CnnSpace((lr,), recipe, recipe_name, 5)
     seed_everything(7)
     built = space.build(space.baseline(), images)
     seed_everything(7)

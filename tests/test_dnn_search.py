@@ -27,12 +27,12 @@ from fmnist.data import load_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.search import study as studies
-from fmnist.search.dense_space import grid_extras, grid_identity, load_grid
 from fmnist.search.driver import EPOCH_METRICS
 from fmnist.search.spec import SamplerSpec
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.tracking.store import prepare_store
 from fmnist.train import engine
+from fmnist.train.recipes import grid_extras, grid_identity, load_grid
 from tests.helpers import isolated_store, mlflow_run, search_table, store_copy
 
 TINY_GRID = """\

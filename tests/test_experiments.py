@@ -13,8 +13,8 @@ import yaml
 
 from fmnist.definitions import experiments_dir, load_definition
 from fmnist.errors import ConfigError
-from fmnist.search.cnn_space import CnnSpace, key_types, load_space
-from fmnist.train.recipes import load_recipe
+from fmnist.search.spaces import CnnSpace
+from fmnist.train.recipes import key_types, load_recipe, load_space
 from fmnist.train.settings import (
     HYPERPARAMETERS,
     OPTIMIZERS,
@@ -107,7 +107,7 @@ def test_each_training_setting_reaches_the_recipe_the_engine_the_search_and_the_
     space = tmp_path / "space.yaml"
     space.write_text(f"recipe: {recipe_file}\nparams:\n  {name}: [{json.dumps(value)}]\n")
     _, (dimension,), base, _ = load_space(str(space))
-    assert getattr(CnnSpace((dimension,), base, "r").recipe_for({name: value}), name) == value
+    assert getattr(CnnSpace((dimension,), base, "r", 5).recipe_for({name: value}), name) == value
 
 
 def test_a_recipe_refuses_where_to_run():

@@ -37,10 +37,8 @@ from fmnist.data import read_idx, write_idx
 from fmnist.definitions import MAX_DEFINITION_BYTES, MAX_DEPTH, read_yaml
 from fmnist.errors import ConfigError, DataError
 from fmnist.inputs import MAX_IMAGE_PIXELS, load_inputs
-from fmnist.search.cnn_space import load_space
-from fmnist.search.dense_space import load_grid
 from fmnist.tracking.checkpoints import load_checkpoint_file
-from fmnist.train.recipes import load_recipe
+from fmnist.train.recipes import load_grid, load_recipe, load_space
 
 FUZZ = settings(
     max_examples=60,

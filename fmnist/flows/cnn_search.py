@@ -27,11 +27,11 @@ from fmnist.data import load_fashion_mnist, make_splits
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn import run_cnn
 from fmnist.search import driver
-from fmnist.search.cnn_space import CnnSpace, SpaceFile, load_space
 from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.search.spaces import CnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
-from fmnist.train.recipes import CnnRecipe
+from fmnist.train.recipes import CnnRecipe, SpaceFile, load_space
 from fmnist.train.runtime import resolve_device
 from fmnist.train.settings import RUN_FIELDS
 
@@ -81,9 +81,8 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
     n_jobs = 1 if device.startswith("cuda") and cfg.search.n_jobs == 0 else cfg.search.n_jobs
     data = load_fashion_mnist(cfg.common.data_dir or None)
     splits = make_splits(data, cfg.common.split_seed)
-    space = CnnSpace(
-        dimensions, base, Path(space_file.recipe).stem, cfg.common.seed, space_file.startup_trials
-    )
+    label = Path(space_file.recipe).stem
+    space = CnnSpace(dimensions, base, label, space_file.startup_trials, cfg.common.seed)
     family = cnn_family(cfg, space_file, space, where, data.digest, device)
     outcome = driver.run_search(
         family,

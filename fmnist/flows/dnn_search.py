@@ -22,19 +22,14 @@ from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
 from fmnist.models import count_parameters
 from fmnist.models.dense import PCABasis, fit_pca, project
 from fmnist.search import driver
-from fmnist.search.dense_space import (
-    DnnGrid,
-    DnnSpace,
-    grid_extras,
-    grid_identity,
-    load_grid,
-)
 from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.search.spaces import DnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.evaluation import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.engine import predict_logits
+from fmnist.train.recipes import DnnGrid, grid_extras, grid_identity, load_grid
 from fmnist.train.runtime import resolve_device
 
 ENTRY_POINT = "dnn_search"

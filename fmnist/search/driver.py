@@ -4,20 +4,18 @@ A family (``Family``: the dense grid, the CNN's TPE search) is its space, the id
 its study, its parent run's params and tags and a finalize callback; ``run_search`` runs it. The
 study records its parent run; each trial trains in a child run with per-epoch metrics
 (``step=epoch``) and its best-epoch weights, so the winner is registered without training again.
-Re-running a command trains only what is missing; commands on several machines share a study
-through an RDB storage: the study's creator makes the parent run, and the command that finds
-every point done and wins the election (``study.elect``) logs the table and finalizes, once.
-MLflow is reached through ``fmnist.tracking`` only.
+Re-running a command trains only what is missing; commands on several machines share a study in
+an RDB storage: the study's creator makes the parent run, and the command that finds every point
+done and wins the election logs the table and finalizes, once. MLflow is reached through
+``fmnist.tracking`` only.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -31,27 +29,13 @@ from fmnist.liveness import process_id
 from fmnist.search import study as studies
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.search.workers import LocalWorkers, Work, pending_count, wait_for_parent, worker_count
-from fmnist.tracking.search_runs import (
-    earlier_result,
-    fail_run,
-    log_search_summary,
-    log_trial_result,
-    run_exists,
-    set_tags,
-)
+from fmnist.tracking import search_runs
 from fmnist.train import engine
 from fmnist.train.runtime import seed_everything
 from fmnist.train.settings import hyperparameters
 
-EPOCH_METRICS = (
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "lr",
-    "epoch_seconds",
-    "images_per_second",
-)
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+EPOCH_METRICS += ("epoch_seconds", "images_per_second")
 
 
 class SearchIncomplete(FmnistError):
@@ -116,12 +100,10 @@ def run_search(
     """Run (or resume) a family's search in its parent run, log its summary, finalize it once.
 
     The study is ``options.study_name``, else one named after the family's identity, in
-    ``options.storage`` (default: a journal next to the tracking store). The workers are forked
-    before this process opens the tracking store; ``finalize_only`` (``--finalize``) trains
-    nothing.
+    ``options.storage`` (default: a journal beside the tracking store). The workers fork before
+    this process opens the tracking store; ``finalize_only`` (``--finalize``) trains nothing.
     """
-    since = datetime.datetime.now()  # Optuna stamps trials with naive local times
-    spec = family.spec
+    since, spec = datetime.datetime.now(), family.spec  # Optuna stamps naive local times
     storage = studies.resolve_storage(options.storage, tracking.tracking_uri())
     name = options.study_name or studies.derive_study_name(family.study_prefix, family.identity)
     ref = studies.StudyRef(storage, name)
@@ -137,11 +119,23 @@ def run_search(
         tracking.configure()
         for trial in released:
             end_dead_run(trial)
-        with parent_run(study, family, experiment_name, outer_run_id, created) as run:
-            log_setup(family, ref)
+        tags = {"entry_point": spec.entry_point, "model_family": spec.family, **family.tags}
+        recorded = None if created else wait_for_parent(study)
+        with search_runs.parent_run(
+            recorded,
+            spec.entry_point,
+            spec.family,
+            experiment_name,
+            family.run_name,
+            outer_run_id,
+            {**tags, "optuna_study": name},
+        ) as run:
+            study.set_user_attr(studies.PARENT_RUN, run.info.run_id)
+            setup = {"study_name": name, "storage": studies.redact_storage(storage)}
+            search_runs.log_search_setup({**setup, **family.params}, family.texts, family.digest)
             workers.join(run.info.run_id)
+            trained = trained_by(study, spec, workers.ids, since)
             summary = studies.summarize(study, spec.grid)
-            trained = trained_by(study, spec, workers, since)
             outcome = SearchOutcome(ref, run.info.run_id, trained, summary)
             finish(study, family, outcome, finalize_only)
     except BaseException:
@@ -150,54 +144,16 @@ def run_search(
     return outcome
 
 
-def trained_by(study, spec: SearchSpec, workers: LocalWorkers, since) -> list[str]:
+def trained_by(study, spec: SearchSpec, ids: list[str], since) -> list[str]:
     """The points this command's processes trained to the end (others share the study)."""
     return [
         spec.space.point_name(t.params)
         for t in studies.counted(study.get_trials(deepcopy=False))
-        if t.user_attrs.get(studies.WORKER) in workers.ids
+        if t.user_attrs.get(studies.WORKER) in ids
         and t.datetime_start is not None
         and t.datetime_start >= since
         and studies.trial_status(t) == "done"
     ]
-
-
-@contextmanager
-def parent_run(study, family: Family, experiment_name, outer_run_id, created) -> Iterator[Any]:
-    """The study's one parent run: the recorded one when resuming or joining another machine's
-    search, else a new one (recorded). Under ``mlflow run`` a resumed search's new run is
-    linked to the recorded parent by a tag, and the trials keep going to the parent."""
-    spec = family.spec
-    tags = {"entry_point": spec.entry_point, "model_family": spec.family, **family.tags}
-    tags["optuna_study"] = study.study_name
-    recorded = None if created else wait_for_parent(study)
-    own = os.environ.get("MLFLOW_RUN_ID")
-    if recorded and recorded != own and run_exists(recorded):
-        if own and outer_run_id is None:
-            set_tags({"search_parent_run_id": recorded}, own)
-        with tracking.reopen_run(recorded, tags) as run:
-            yield run
-        return
-    with tracking.start_run(
-        spec.entry_point,
-        spec.family,
-        experiment_name,
-        run_name=family.run_name,
-        parent_run_id=outer_run_id,
-        tags=tags,
-    ) as run:
-        study.set_user_attr(studies.PARENT_RUN, run.info.run_id)
-        yield run
-
-
-def log_setup(family: Family, ref: studies.StudyRef) -> None:
-    """The search's own params, text artifacts and dataset on its parent run."""
-    storage = studies.redact_storage(ref.storage)
-    tracking.log_params_safe({"study_name": ref.study_name, "storage": storage})
-    tracking.log_params_safe(dict(family.params))
-    for path, text in family.texts.items():
-        tracking.log_text_artifact(text, path)
-    tracking.log_dataset(family.digest, context="train")
 
 
 def finish(study, family: Family, outcome: SearchOutcome, finalize_only: bool) -> None:
@@ -220,36 +176,38 @@ def finish(study, family: Family, outcome: SearchOutcome, finalize_only: bool) -
             + "). Run the same command again to train only those."
         )
     elif outcome.finalized is None:
-        finalize_once(study, family, outcome, finalize_only)
+        round_name = f"-{done}" + ("-model" if family.finalize else "") if sampled else ""
+        if studies.elect(outcome.ref, f"{study.study_name}:finalize{round_name}", finalize_only):
+            finalize(study, family, outcome)
+            studies.record_finalized(study, outcome.finalized, sampled, done)
     outcome.finalized = outcome.finalized or None  # "": finalized without a model
     # a re-run that finalizes nothing reports what the earlier finalization registered
-    outcome.final = outcome.final or earlier_result(outcome.parent_run_id, outcome.finalized)
+    outcome.final = outcome.final or search_runs.earlier_result(
+        outcome.parent_run_id, outcome.finalized
+    )
 
 
-def finalize_once(study, family: Family, outcome: SearchOutcome, force: bool) -> None:
-    spec, summary = family.spec, outcome.summary
-    sampled, done = not spec.grid, len(summary.rows)
-    round_name = f"-{done}" + ("-model" if family.finalize else "") if sampled else ""
-    if not studies.elect(outcome.ref, f"{outcome.ref.study_name}:finalize{round_name}", force):
-        return
-    best = summary.best and replace(summary.best, point=spec.space.point_name(summary.best.params))
-    summary.best = best
+def finalize(study, family: Family, outcome: SearchOutcome) -> None:
+    """The table, Optuna's figures and the best trial on the parent run; the winner
+    evaluated and registered by the family."""
+    space, summary = family.spec.space, outcome.summary
+    if summary.best is not None:
+        summary.best = replace(summary.best, point=space.point_name(summary.best.params))
     if summary.rows:
-        rows = [table_row(spec, params, trial) for params, trial in summary.rows]
-        log_search_summary(rows, family.title, studies.study_figures(study), best)
-    if family.finalize is not None and best is not None:
+        rows = [
+            {
+                **space.table_row(params),
+                **studies.trial_columns(trial),
+                "run_name": space.point_name(params),
+                "run_id": trial.user_attrs.get(studies.RUN_ID) if trial else None,
+            }
+            for params, trial in summary.rows
+        ]
+        figures = studies.study_figures(study)
+        search_runs.log_search_summary(rows, family.title, figures, summary.best)
+    if family.finalize is not None and summary.best is not None:
         outcome.final = dict(family.finalize(outcome))
         outcome.finalized = outcome.final.get("model_uri")
-    studies.record_finalized(study, outcome.finalized, sampled, done)
-
-
-def table_row(spec: SearchSpec, params, trial) -> dict[str, Any]:
-    return {
-        **spec.space.table_row(params),
-        **studies.trial_columns(trial),
-        "run_name": spec.space.point_name(params),
-        "run_id": trial.user_attrs.get(studies.RUN_ID) if trial else None,
-    }
 
 
 def describe_outcome(outcome: SearchOutcome, seconds: float) -> dict[str, Any]:
@@ -291,106 +249,79 @@ def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: s
     started = time.perf_counter()
     params = spec.space.suggest(trial)
     key = studies.point_key(params)
-    queued = trial.user_attrs.get(studies.POINT)
-    if spec.grid and (queued != key or studies.held_elsewhere(study, trial.number, key)):
+    if spec.grid and (
+        trial.user_attrs.get(studies.POINT) != key
+        or studies.held_elsewhere(study, trial.number, key)
+    ):
         trial.set_user_attr(studies.SKIPPED, True)
         raise SkipPoint(f"point {key} is held by another trial")
     trial.set_user_attr(studies.POINT, key)
     trial.set_user_attr(studies.WORKER, process_id())
     name = spec.space.point_name(params)
+    tags = {"optuna_study": study.study_name, "optuna_trial": str(trial.number)}
     try:
-        result = train_in_run(trial, study.study_name, spec, data, params, parent_run_id, name)
-    except TrainingDiverged as exc:
-        fail_trial(trial, f"diverged: {exc}", final=True)
-        report(spec, f"trial {trial.number} {name}: failed for good ({exc})")
-        raise
-    except KeyboardInterrupt:
-        fail_trial(trial, "interrupted", final=False)
-        raise
+        with search_runs.trial_run(
+            spec, parent_run_id, name, {**tags, "search_point": name}
+        ) as run:
+            trial.set_user_attr(studies.RUN_ID, run.info.run_id)
+            result = train_point(trial, spec, data, params)
     except BaseException as exc:
-        fail_trial(trial, f"{type(exc).__name__}: {exc}", final=False)
+        final = isinstance(exc, TrainingDiverged)
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{exc}"
+        trial.set_user_attr(
+            studies.FAIL_REASON, (f"diverged: {reason}" if final else reason)[:2000]
+        )
+        trial.set_user_attr(studies.FINAL, final)
+        report(spec, f"trial {trial.number} {name}: failed{' for good' * final} ({reason})")
         raise
     seconds = time.perf_counter() - started
     if result is None:
         report(spec, f"trial {trial.number} {name}: pruned after {seconds:.1f} s")
         raise optuna.TrialPruned()
     trial.set_user_attr(studies.BEST_EPOCH, result.best_epoch)
-    report(
-        spec,
-        f"trial {trial.number} {name}: val_accuracy {result.best_val_accuracy:.4f} "
-        f"(epoch {result.best_epoch}) in {seconds:.1f} s",
-    )
+    line = f"val_accuracy {result.best_val_accuracy:.4f} (epoch {result.best_epoch})"
+    report(spec, f"trial {trial.number} {name}: {line} in {seconds:.1f} s")
     return result.best_val_accuracy
 
 
-def fail_trial(trial, reason: str, final: bool) -> None:
-    trial.set_user_attr(studies.FAIL_REASON, reason[:2000])
-    trial.set_user_attr(studies.FINAL, final)
+def train_point(trial, spec: SearchSpec, data: SearchData, params) -> engine.FitResult | None:
+    """Fit the point in its (active) child run; None when the pruner stopped it."""
+    seed_everything(spec.seed)  # initial weights depend on the seed alone
+    built = spec.space.build(params, data.context)
+    cfg = built.train.replace(epochs=spec.epochs, seed=spec.seed, device=spec.device)
+    cfg = cfg.replace(quiet=spec.quiet)
+    model_params = {f"model.{k}": v for k, v in built.spec.items()}
+    run_params = {"trial_number": trial.number, "seed": spec.seed}
+    tracking.log_params_safe({**params, **hyperparameters(cfg), **model_params, **run_params})
+    log_epoch = tracking.EpochLogger()
 
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        log_epoch(epoch, {k: metrics[k] for k in EPOCH_METRICS if k in metrics})
+        trial.report(metrics["val_accuracy"], epoch)
+        if spec.prune and trial.should_prune():
+            raise Pruned(f"pruned after epoch {epoch}")
 
-def train_in_run(trial, study_name, spec: SearchSpec, data: SearchData, params, parent_id, name):
-    """Fit the point in its own child run; None when the pruner stopped it."""
-    tags = {
-        "optuna_study": study_name,
-        "optuna_trial": str(trial.number),
-        "optuna_state": "RUNNING",
-        "search_point": name,
-    }
-    with tracking.start_run(
-        spec.entry_point, spec.family, run_name=name, parent_run_id=parent_id, tags=tags
-    ) as run:
-        trial.set_user_attr(studies.RUN_ID, run.info.run_id)
-        seed_everything(spec.seed)  # initial weights depend on the seed alone
-        built = spec.space.build(params, data.context)
-        cfg = built.train.replace(
-            epochs=spec.epochs, seed=spec.seed, device=spec.device, quiet=spec.quiet
+    cpu_started = time.process_time()
+    try:
+        result = engine.fit(
+            built.trainable,
+            data.train,
+            data.val,
+            cfg,
+            on_epoch_end=on_epoch_end,
+            epoch_runner=built.epoch_runner,
         )
-        tracking.log_params_safe(
-            {
-                **params,
-                **hyperparameters(cfg),
-                **{f"model.{k}": v for k, v in built.spec.items()},
-                "trial_number": trial.number,
-                "seed": spec.seed,
-            }
-        )
-        log_epoch = tracking.EpochLogger()
-
-        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
-            log_epoch(epoch, {k: metrics[k] for k in EPOCH_METRICS if k in metrics})
-            trial.report(metrics["val_accuracy"], epoch)
-            if spec.prune and trial.should_prune():
-                raise Pruned(f"pruned after epoch {epoch}")
-
-        cpu_started = time.process_time()
-        try:
-            result = engine.fit(
-                built.trainable,
-                data.train,
-                data.val,
-                cfg,
-                on_epoch_end=on_epoch_end,
-                epoch_runner=built.epoch_runner,
-            )
-        except Pruned:
-            log_epoch.flush()
-            set_tags({"optuna_state": "PRUNED"})  # MLflow has no pruned status: FINISHED + tag
-            return None
-        except BaseException:
-            log_epoch.flush_quietly()  # the epochs trained so far stay with the failed run
-            set_tags({"optuna_state": "FAIL"})
-            raise
+    except Pruned:
         log_epoch.flush()
-        metrics = {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch,
-            "fit_seconds": result.seconds,
-            # CPU time, unlike wall time, does not grow when other processes share the cores
-            "fit_cpu_seconds": time.process_time() - cpu_started,
-        }
-        log_trial_result(metrics, built.spec, built.model, result.history)
-        set_tags({"optuna_state": "COMPLETE"})
-        return result
+        search_runs.set_tags({"optuna_state": "PRUNED"})  # MLflow has no pruned status
+        return None
+    except BaseException:
+        log_epoch.flush_quietly()  # the epochs trained so far stay with the failed run
+        raise
+    log_epoch.flush()
+    cpu_seconds = time.process_time() - cpu_started
+    search_runs.log_trial_result(result, built.spec, built.model, cpu_seconds)
+    return result
 
 
 def end_dead_run(trial) -> None:
@@ -405,7 +336,8 @@ def end_dead_run(trial) -> None:
     )
     tracking.configure()
     reason = f"worker {worker} stopped; released by {process_id()}"
-    fail_run(trial.user_attrs.get(studies.RUN_ID), {"optuna_state": "FAIL", "error": reason})
+    run_id = trial.user_attrs.get(studies.RUN_ID)
+    search_runs.fail_run(run_id, {"optuna_state": "FAIL", "error": reason})
 
 
 def report(spec: SearchSpec, line: str) -> None:

@@ -1,7 +1,7 @@
 """What a search is, as plain values: the space protocol, a built trial model, the data, the spec.
 
 A ``SearchSpec`` travels to worker processes (forked, or Ray tasks), so everything in it pickles;
-the sampler is described (``SamplerSpec``), not built, so that a space never touches Optuna.
+the sampler is described (``SamplerSpec``), not built.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ from fmnist.train.settings import TrainConfig
 
 @dataclass(frozen=True)
 class Built:
-    """One trial's model: what is logged, what the engine trains, how to rebuild it, how to fit.
-
-    ``train`` is the trial's ``TrainConfig`` before the search's epochs, seed, device and quiet
-    are set on it; every one of its fields is logged as the trial's params.
-    """
+    """One trial's model: what is logged, what the engine trains, how to rebuild it, how to fit
+    (``train``: before the search's epochs, seed, device and quiet are set on it)."""
 
     model: nn.Module  # raw (N, 28, 28) images in, logits out: the weights that are logged
     trainable: nn.Module  # the module ``fit`` trains (the model, or its head on features)
@@ -38,23 +35,19 @@ class SamplerSpec:
     kind: str  # "grid" or "tpe"
     seed: int = 0
     choices: Mapping[str, tuple[Any, ...]] | None = None  # the grid's values per key
-    startup_trials: int = 10  # random trials before TPE models the space
+    startup_trials: int = 0  # TPE: random trials before it models the space (a space file's)
 
 
 class SearchSpace(Protocol):
-    """The family-specific half of a search; instances must pickle (workers are processes)."""
+    """The family-specific half of a search (``fmnist.search.spaces``); it pickles."""
 
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        """Turn a trial into a plain params dict (the only place a trial's values are read)."""
+    def suggest(self, trial: Any) -> dict[str, Any]: ...  # a trial's values, as plain params
 
-    def point_name(self, params: Mapping[str, Any]) -> str:
-        """A readable name for the point: its run's name (not its identity in the study)."""
+    def point_name(self, params: Mapping[str, Any]) -> str: ...  # its run's name
 
-    def build(self, params: Mapping[str, Any], context: Any) -> Built:
-        """The objective's model builder: params (and the data's context) to a model to fit."""
+    def build(self, params: Mapping[str, Any], context: Any) -> Built: ...
 
-    def table_row(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """The point's leading columns in the search table (the study's values included)."""
+    def table_row(self, params: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +67,7 @@ class SearchSpec:
     entry_point: str
     space: SearchSpace
     sampler: SamplerSpec
+    epochs: int  # of every trial
     grid: tuple[dict[str, Any], ...] = ()  # every point of an exhaustive search, in table order
     # A point's relative cost: costlier points are queued first so parallel workers end together.
     cost: Callable[[Mapping[str, Any]], float] | None = None
@@ -81,7 +75,6 @@ class SearchSpec:
     timeout: float | None = None  # seconds, for a sampled search
     # Points a sampled search trains first (a known-good recipe), queued by the study's creator.
     first: tuple[dict[str, Any], ...] = ()
-    epochs: int = 10
     seed: int = 0
     prune: bool = False
     device: str = "cpu"

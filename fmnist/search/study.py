@@ -1,12 +1,11 @@
 """A search's Optuna study: storage, sampler, the queue of points, dead workers, the summary.
 
-The study lives in an Optuna storage: by default a journal file beside the tracking store (one
-machine), or an RDB URL (PostgreSQL) that several machines share, opened with Optuna's heartbeat:
-``fail_stale_trials`` fails a trial whose worker went silent and Optuna's
-``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go through Optuna's own queue
-(``enqueue_trial``). A trial's point is known by its key (the study's identity of the point, its
-params as canonical JSON), apart from the name its MLflow run shows. With ``workers`` this is the
-only code of the project that imports Optuna; it imports no MLflow.
+The study lives in a journal file beside the tracking store by default (one machine), or in an
+RDB (PostgreSQL) that several machines share, opened with Optuna's heartbeat: Optuna fails the
+trial of a silent worker and ``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go
+through Optuna's queue (``enqueue_trial``). A trial's point is known by its key, its params as
+canonical JSON (the study's identity of the point), apart from the name its run shows. With
+``workers`` and ``driver``, the only code of the project that imports Optuna.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from fmnist.liveness import is_gone, machine_lock, process_id
 from fmnist.search.spec import SamplerSpec
 
 # Trial user attributes.
-POINT = "point"  # the point's key: its params as canonical JSON (the study's identity)
+POINT = "point"  # the point's key: its params as canonical JSON
 FAIL_REASON = "fail_reason"
 FINAL = "final"  # a failure re-running would repeat (a diverged loss): its point is done
 SKIPPED = "skipped"  # a duplicate given up when popped; never counts for its point
@@ -47,12 +46,10 @@ CREATOR = "creator"  # the process that created the study, and so makes its pare
 FINALIZED = "registered_model_uri"
 FINALIZED_ROUND = "finalized_round"  # a sampled search's last: {"trials": n, "model_uri": ...}
 JOURNAL_FILE = "optuna-journal.log"
-# A worker's heartbeat period and the silence after which its trial is failed (RDB storages).
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
 MAX_RETRY = 3  # how often a dead worker's trial is queued again before its point stays missing
-# Called with a trial failed because its worker died (ends its MLflow run).
-StaleHook = Callable[[FrozenTrial], None]
+StaleHook = Callable[[FrozenTrial], None]  # told of a trial failed because its worker died
 
 
 @dataclass(frozen=True)
@@ -70,8 +67,8 @@ class Liveness:
 
 
 def liveness() -> Liveness:
-    """Heartbeat period and grace from ``FMNIST_HEARTBEAT_SECONDS`` / ``FMNIST_GRACE_SECONDS``
-    (whole seconds; every worker of a study should use the same values)."""
+    """An RDB worker's heartbeat period and the silence after which its trial is failed, from
+    ``FMNIST_HEARTBEAT_SECONDS`` / ``FMNIST_GRACE_SECONDS`` (the same on every worker)."""
     values = {}
     for key, default in ((HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS), (GRACE_ENV, 0)):
         text = os.environ.get(key, "").strip()
@@ -88,23 +85,19 @@ def liveness() -> Liveness:
     return Liveness(beat, grace)
 
 
-# --- storage ---------------------------------------------------------------------------------
+# --- storage, sampler, study -------------------------------------------------------------------
 
 
 def resolve_storage(storage: str, tracking_uri: str) -> str:
-    """``--storage``: an Optuna URL as given, a file path as an absolute journal path; empty: a
-    journal beside the tracking store (its folder), else in the working directory."""
+    """``--storage``: an Optuna URL as given, a path as an absolute journal path; empty: a
+    journal in the tracking store's folder (a local store), else in the working directory."""
     if "://" in storage:
         return storage
-    if storage:
-        return str(Path(storage).expanduser().resolve())
-    folder = Path.cwd()
+    folder = Path(storage).expanduser() if storage else Path.cwd() / JOURNAL_FILE
     for scheme in ("sqlite:///", "file://"):
-        if tracking_uri.startswith(scheme):
-            folder = Path(tracking_uri.removeprefix(scheme)).parent
-    if tracking_uri and "://" not in tracking_uri:
-        folder = Path(tracking_uri).parent
-    return str((folder / JOURNAL_FILE).resolve())
+        if not storage and tracking_uri.startswith(scheme):
+            folder = Path(tracking_uri.removeprefix(scheme)).parent / JOURNAL_FILE
+    return str(folder.resolve())
 
 
 def redact_storage(location: str) -> str:
@@ -121,8 +114,8 @@ def sqlalchemy_url(url: str) -> str:
 
 
 class Requeue:
-    """Optuna's stale-trial callback: end the dead trial's run (``on_stale``), then queue its
-    point again with Optuna's ``RetryHeartbeatStaleTrialCallback`` (``MAX_RETRY`` times)."""
+    """When a worker died: tell ``on_stale`` (the driver ends its run), then queue its point
+    again with Optuna's ``RetryHeartbeatStaleTrialCallback`` (``MAX_RETRY`` times)."""
 
     def __init__(self, on_stale: StaleHook | None = None) -> None:
         self.on_stale = on_stale
@@ -131,17 +124,17 @@ class Requeue:
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.on_stale is not None and not trial.user_attrs.get(SKIPPED):
+        if trial.user_attrs.get(SKIPPED):
+            return
+        if self.on_stale is not None:
             self.on_stale(trial)
-        if not trial.user_attrs.get(SKIPPED):
-            self.retry(study, trial)
+        self.retry(study, trial)
 
 
 def make_storage(location: str, on_stale: StaleHook | None = None) -> optuna.storages.BaseStorage:
     """An RDB storage with Optuna's heartbeat for a URL, else a journal file (made if missing).
-
-    Workers on several machines creating an RDB's tables at once make one of them fail with a
-    duplicate table: tried again (a lock only serialises the processes of one machine)."""
+    Machines creating an RDB's tables at once make one fail with a duplicate table: tried
+    again (the lock only serialises the processes of one machine)."""
     if "://" not in location:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(location))
@@ -161,33 +154,23 @@ def make_storage(location: str, on_stale: StaleHook | None = None) -> optuna.sto
             if attempt == 4:
                 raise
         except (sqlalchemy.exc.OperationalError, ImportError) as exc:
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            message = f"Cannot open the Optuna storage {redact_uri(url)}: {lines[0]}"
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            message = f"Cannot open the Optuna storage {redact_uri(url)}: {first}"
             raise FmnistError(message) from None
     raise AssertionError("unreachable")
 
 
 def make_sampler(spec: SamplerSpec, worker_seed: int = 0) -> optuna.samplers.BaseSampler:
-    """A grid over ``spec.choices`` (its points come through the queue), or TPE with constant
-    liar (parallel workers spread out). TPE's seed mixes in ``worker_seed`` (the worker and the
-    trials done when it starts): a second worker or a resumed search draws new points."""
+    """A grid (its points come through the queue), or TPE with constant liar (parallel workers
+    spread out) seeded with ``worker_seed`` mixed in (the worker and the trials done when it
+    starts): a second worker or a resumed search draws new points."""
     if spec.kind == "grid":
         choices = {key: list(values) for key, values in (spec.choices or {}).items()}
         return optuna.samplers.GridSampler(choices, seed=spec.seed)
+    seed = (spec.seed * 1_000_003 + worker_seed) % 2**32
     return optuna.samplers.TPESampler(
-        seed=(spec.seed * 1_000_003 + worker_seed) % 2**32,
-        n_startup_trials=spec.startup_trials,
-        constant_liar=True,
+        seed=seed, n_startup_trials=spec.startup_trials, constant_liar=True
     )
-
-
-def make_pruner(prune: bool) -> optuna.pruners.BasePruner:
-    if prune:
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    return optuna.pruners.NopPruner()
-
-
-# --- the study -------------------------------------------------------------------------------
 
 
 def derive_study_name(prefix: str, identity: Mapping[str, Any]) -> str:
@@ -197,19 +180,15 @@ def derive_study_name(prefix: str, identity: Mapping[str, Any]) -> str:
 
 
 def open_study(
-    ref: StudyRef,
-    sampler: SamplerSpec,
-    prune: bool,
-    create: bool = False,
-    worker_seed: int = 0,
-    on_stale: StaleHook | None = None,
+    ref: StudyRef, sampler: SamplerSpec, prune: bool, create=False, worker_seed=0, on_stale=None
 ) -> tuple[optuna.Study, bool]:
     """Load the study, creating it first when ``create``; returns (study, created here)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say how trials end
+    pruner = optuna.pruners.MedianPruner(2, 2) if prune else optuna.pruners.NopPruner()
     settings = {
         "storage": make_storage(ref.storage, on_stale),
         "sampler": make_sampler(sampler, worker_seed),
-        "pruner": make_pruner(prune),
+        "pruner": pruner,
     }
     if create:
         try:
@@ -223,9 +202,34 @@ def open_study(
     try:
         return optuna.load_study(study_name=ref.study_name, **settings), False
     except KeyError:
+        where = redact_storage(ref.storage)
         raise FmnistError(
-            f"No study {ref.study_name!r} in {redact_storage(ref.storage)}: run the search first."
+            f"No study {ref.study_name!r} in {where}: run the search first."
         ) from None
+
+
+def elect(ref: StudyRef, name: str, force: bool = False) -> bool:
+    """True for exactly one caller: the one whose creation of study ``name`` succeeds (atomic in
+    every Optuna storage). A holder gone from this machine, or ``force``, loses its lock."""
+    storage = make_storage(ref.storage)
+    for _ in range(2):
+        try:
+            lock = storage.create_new_study([StudyDirection.MAXIMIZE], name)
+        except optuna.exceptions.DuplicatedStudyError:
+            try:
+                lock = storage.get_study_id_from_name(name)
+                if not (force or is_gone(storage.get_study_user_attrs(lock).get(WORKER, ""))):
+                    return False
+                storage.delete_study(lock)  # by id: a lock made again meanwhile survives
+            except KeyError:
+                pass  # removed by another caller first: the next creation decides
+            continue
+        storage.set_study_user_attr(lock, WORKER, process_id())
+        return True
+    return False
+
+
+# --- points and trials ---------------------------------------------------------------------------
 
 
 def point_key(params: Mapping[str, Any]) -> str:
@@ -233,31 +237,27 @@ def point_key(params: Mapping[str, Any]) -> str:
     return json.dumps(dict(params), sort_keys=True, default=str)
 
 
-def trial_status(trial: FrozenTrial) -> str:
-    """``done``, ``held`` (queued or running) or ``missing`` (interrupted: train it again)."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return "done"
-    if trial.state == TrialState.FAIL and trial.user_attrs.get(FINAL):
-        return "done"
-    if trial.state in (TrialState.RUNNING, TrialState.WAITING):
-        return "held"
-    return "missing"
-
-
-RANK = {"missing": 0, "held": 1, "done": 2}
-
-
 def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if not t.user_attrs.get(SKIPPED)]
 
 
+def trial_status(trial: FrozenTrial) -> str:
+    """``done``, ``held`` (queued or running) or ``missing`` (interrupted: train it again)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return "done"
+    if trial.state == TrialState.FAIL:
+        return "done" if trial.user_attrs.get(FINAL) else "missing"
+    return "held"
+
+
 def point_statuses(trials: Sequence[FrozenTrial], keys: Sequence[str]) -> dict[str, str]:
     """Each point's status over all its trials (done beats held beats missing)."""
+    rank = {"missing": 0, "held": 1, "done": 2}
     statuses = dict.fromkeys(keys, "missing")
     for trial in counted(trials):
-        key = trial.user_attrs.get(POINT)
-        if key in statuses and RANK[trial_status(trial)] > RANK[statuses[key]]:
-            statuses[key] = trial_status(trial)
+        key, status = trial.user_attrs.get(POINT), trial_status(trial)
+        if key in statuses and rank[status] > rank[statuses[key]]:
+            statuses[key] = status
     return statuses
 
 
@@ -265,29 +265,29 @@ def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> li
     """Enqueue, in order, the points that no trial has done or holds; return their keys."""
     keys = [point_key(p) for p in points]
     statuses = point_statuses(study.get_trials(deepcopy=False), keys)
-    queued = []
-    for key, params in zip(keys, points, strict=True):
-        if statuses[key] == "missing":
-            study.enqueue_trial(dict(params), user_attrs={POINT: key})
-            queued.append(key)
-    return queued
+    missing = [(k, p) for k, p in zip(keys, points, strict=True) if statuses[k] == "missing"]
+    for key, params in missing:
+        study.enqueue_trial(dict(params), user_attrs={POINT: key})
+    return [key for key, _ in missing]
 
 
 def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
-    """Whether another trial already has point ``key``: done, or queued/running and older (two
-    processes queued it); the younger one gives up."""
-    for other in counted(study.get_trials(deepcopy=False)):
-        if other.number == number or other.user_attrs.get(POINT) != key:
-            continue
-        status = trial_status(other)
-        if status == "done" or (status == "held" and other.number < number):
-            return True
-    return False
+    """Whether another trial has point ``key``: done, or held and older (two processes queued
+    it); the younger gives up."""
+    return any(
+        other.number != number
+        and other.user_attrs.get(POINT) == key
+        and (
+            trial_status(other) == "done"
+            or (trial_status(other) == "held" and other.number < number)
+        )
+        for other in counted(study.get_trials(deepcopy=False))
+    )
 
 
 def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list[FrozenTrial]:
-    """Fail the running trials of processes of this machine that are gone, and queue their
-    points again (what Optuna's heartbeat does for an RDB storage, which a journal lacks)."""
+    """Fail the running trials of this machine's processes that are gone, and queue their points
+    again: what Optuna's heartbeat does on an RDB storage, which a journal lacks."""
     released = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_gone(str(trial.user_attrs.get(WORKER, ""))):
@@ -308,28 +308,6 @@ def fail_stale(study: optuna.Study) -> None:
         optuna.storages.fail_stale_trials(study)
 
 
-def elect(ref: StudyRef, name: str, force: bool = False) -> bool:
-    """True for exactly one caller: the one whose creation of study ``name`` succeeds (atomic in
-    every Optuna storage). A holder gone from this machine, or ``force``, loses its lock."""
-    storage = make_storage(ref.storage)
-    for _ in range(2):
-        try:
-            lock = storage.create_new_study([StudyDirection.MAXIMIZE], name)
-        except optuna.exceptions.DuplicatedStudyError:
-            try:
-                lock = storage.get_study_id_from_name(name)
-                holder = storage.get_study_user_attrs(lock).get(WORKER, "")
-                if not (force or is_gone(holder)):
-                    return False
-                storage.delete_study(lock)  # by id: a lock made again meanwhile survives
-            except KeyError:
-                pass  # removed by another caller first: the next creation decides
-            continue
-        storage.set_study_user_attr(lock, WORKER, process_id())
-        return True
-    return False
-
-
 # --- the summary -------------------------------------------------------------------------------
 
 
@@ -345,16 +323,12 @@ class BestTrial:
 
 @dataclass
 class Summary:
-    """The study as a table (a row per point or trial), its best trial, what is left."""
+    """The study as a table (a row per point, or per done trial), its best trial, what is left."""
 
     rows: list[tuple[Mapping[str, Any], FrozenTrial | None]]
     best: BestTrial | None
     missing: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing and not self.held
 
 
 def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary:
@@ -363,31 +337,28 @@ def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary
     trials = counted(study.get_trials(deepcopy=False))
     if grid:
         keys = [point_key(p) for p in grid]
-        statuses = point_statuses(trials, keys)
-        deciding: dict[str, FrozenTrial] = {}
+        statuses, deciding = point_statuses(trials, keys), {}
         for trial in trials:  # a later trial of a point replaces an earlier, unfinished one
             key = trial.user_attrs.get(POINT)
             if key in statuses and (key not in deciding or trial_status(deciding[key]) != "done"):
                 deciding[key] = trial
         rows = [(p, deciding.get(k)) for k, p in zip(keys, grid, strict=True)]
-        missing = [dict(p) for k, p in zip(keys, grid, strict=True) if statuses[k] == "missing"]
-        held = [dict(p) for k, p in zip(keys, grid, strict=True) if statuses[k] == "held"]
+        left = {
+            s: [dict(p) for k, p in zip(keys, grid, strict=True) if statuses[k] == s]
+            for s in ("missing", "held")
+        }
     else:
         rows = [(t.params, t) for t in trials if trial_status(t) == "done"]
-        missing, held = [], [t.params for t in trials if t.state == TrialState.RUNNING]
+        left = {"missing": [], "held": [t.params for t in trials if t.state == TrialState.RUNNING]}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-    return Summary(rows, best and best_trial(best), missing, held)
-
-
-def best_trial(trial: FrozenTrial) -> BestTrial:
-    return BestTrial(
-        trial.number,
-        float(trial.value),
-        dict(trial.params),
-        str(trial.user_attrs.get(RUN_ID, "")),
-        int(trial.user_attrs.get(BEST_EPOCH, 0)),
-    )
+    if best is not None:
+        run_id, epoch = (
+            str(best.user_attrs.get(RUN_ID, "")),
+            int(best.user_attrs.get(BEST_EPOCH, 0)),
+        )
+        best = BestTrial(best.number, float(best.value), dict(best.params), run_id, epoch)
+    return Summary(rows, best, left["missing"], left["held"])
 
 
 def trial_columns(trial: FrozenTrial | None) -> dict[str, Any]:
@@ -420,32 +391,28 @@ def record_finalized(study: optuna.Study, model_uri: str | None, sampled: bool, 
         study.set_user_attr(FINALIZED_ROUND, {"trials": done, "model_uri": model_uri})
 
 
-FIGURES = ("optimization_history", "param_importances", "parallel_coordinate", "slice")
-
-
 def study_figures(study: optuna.Study) -> Iterator[tuple[str, Any, str]]:
-    """Optuna's matplotlib plots: ``(file name, figure, "")`` or ``(file name, None, why not
-    drawn)``; each figure is closed once the caller has taken it."""
+    """Optuna's plots: ``(file name, figure, "")``, or ``(file name, None, why not drawn)``;
+    each figure is closed once the caller has taken it."""
     import matplotlib  # local: only a finalizing process draws
 
     matplotlib.use("Agg")  # files only: never a window, whatever the environment asks for
     import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
+    from optuna.visualization import matplotlib as plots
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for figure_name in FIGURES:
-            name, plot = f"{figure_name}.png", getattr(optuna_plots, f"plot_{figure_name}")
+        for name in ("optimization_history", "param_importances", "parallel_coordinate", "slice"):
             try:
-                axes = plot(study)
+                axes = getattr(plots, f"plot_{name}")(study)
             except Exception as exc:  # noqa: BLE001 - importances need two different trials
-                yield name, None, str(exc)
+                yield f"{name}.png", None, str(exc)
                 continue
-            panels = 1 if hasattr(axes, "figure") else np.size(axes)
+            panels = 1 if hasattr(axes, "figure") else np.size(axes)  # a slice panel per param
             figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
-            figure.set_size_inches(max(8, 3.2 * panels), 5)  # a slice panel per parameter
+            figure.set_size_inches(max(8, 3.2 * panels), 5)
             figure.tight_layout()
             try:
-                yield name, figure, ""
+                yield f"{name}.png", figure, ""
             finally:
                 plt.close(figure)

@@ -11,7 +11,9 @@ Optuna, and the driver imports no MLflow.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import mlflow
@@ -24,7 +26,15 @@ from mlflow.exceptions import MlflowException
 
 from fmnist.analysis.report import markdown_table
 from fmnist.tracking.artifacts import load_run_model, log_model_files
-from fmnist.tracking.runs import log_changing_params, log_metrics_finite, log_table_replacing
+from fmnist.tracking.runs import (
+    log_changing_params,
+    log_dataset,
+    log_metrics_finite,
+    log_params_safe,
+    log_table_replacing,
+    reopen_run,
+    start_run,
+)
 
 if TYPE_CHECKING:  # search workers import this module, and they draw nothing (0.3 s less)
     from matplotlib.figure import Figure
@@ -34,11 +44,37 @@ CHECKPOINT_DIR = "checkpoint"  # child-run artifacts: best-epoch state dict and 
 HISTORY_FILE = "history.json"
 
 
-def log_trial_result(metrics: Mapping[str, float], spec, model, history) -> None:
-    """A finished trial's numbers, best-epoch weights and per-epoch history, in its run."""
-    log_metrics_finite(metrics)
+@contextmanager
+def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[Any]:
+    """A search trial's child run under ``parent_run_id`` (``spec``: its entry point and model
+    family); ends FINISHED, or FAILED / KILLED with the error, as ``tracking.start_run`` ends
+    runs, tagged with the trial's Optuna state."""
+    tags = {**tags, "optuna_state": "RUNNING"}
+    with start_run(
+        spec.entry_point, spec.family, run_name=name, parent_run_id=parent_run_id, tags=tags
+    ) as run:
+        try:
+            yield run
+        except BaseException:
+            mlflow.set_tag("optuna_state", "FAIL")
+            raise
+
+
+def log_trial_result(result, spec, model, cpu_seconds: float) -> None:
+    """A finished trial: its best epoch, best-epoch weights and per-epoch history, in its run
+    (``result``: the engine's ``FitResult``)."""
+    log_metrics_finite(
+        {
+            "best_val_accuracy": result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "fit_seconds": result.seconds,
+            # CPU time, unlike wall time, does not grow when other processes share the cores
+            "fit_cpu_seconds": cpu_seconds,
+        }
+    )
     log_model_files(spec, model, CHECKPOINT_DIR)
-    mlflow.log_dict({"history": history}, HISTORY_FILE)
+    mlflow.log_dict({"history": result.history}, HISTORY_FILE)
+    mlflow.set_tag("optuna_state", "COMPLETE")
 
 
 def load_trial_model(run_id: str):
@@ -56,6 +92,30 @@ def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
+
+
+@contextmanager
+def parent_run(recorded, entry_point, family, experiment_name, run_name, outer_run_id, tags):
+    """A search's parent run: ``recorded`` (the study's, resumed or another machine's) while it
+    exists, else a new one. Under ``mlflow run`` the run it made for a resumed search is linked
+    to the recorded parent by a tag; the trials keep going to the parent."""
+    own = os.environ.get("MLFLOW_RUN_ID")
+    if recorded and recorded != own and run_exists(recorded):
+        if own and outer_run_id is None:
+            set_tags({"search_parent_run_id": recorded}, own)
+        with reopen_run(recorded, tags) as run:
+            yield run
+        return
+    with start_run(entry_point, family, experiment_name, run_name, tags, outer_run_id) as run:
+        yield run
+
+
+def log_search_setup(params: Mapping[str, Any], texts: Mapping[str, str], digest: str) -> None:
+    """The search's own params, text artifacts and dataset on its parent run."""
+    log_params_safe(dict(params))
+    for path, text in texts.items():
+        mlflow.log_text(text, path)
+    log_dataset(digest, context="train")
 
 
 def log_search_summary(

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sqlite3
+import subprocess
+import sys
 import tempfile
-from contextlib import closing
 from pathlib import Path
 
 import mlflow
@@ -98,24 +98,14 @@ def copy_empty_store(path: Path) -> None:
 
 
 def make_empty_store(template: Path) -> None:
-    """An MLflow-created, fully migrated store without its Default experiment (whose artifact
-    location would be the cache's), written under a temporary name and renamed. MLflow's engine
-    for it is disposed of: no connection stays open on the template."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # its engines' cache
-
+    """A fully migrated store without experiments, made by ``mlflow db upgrade`` (in its own
+    process: no engine or connection of this one stays open on it) under a temporary name and
+    renamed."""
     template.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
         made = Path(tmp) / "empty.db"
-        uri = f"sqlite:///{made}"
-        try:
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            engine = SqlAlchemyStore._engine_map.pop(uri, None)
-            if engine is not None:
-                engine.dispose()
-        with closing(sqlite3.connect(made)) as db, db:
-            db.execute("DELETE FROM experiment_tags WHERE experiment_id = 0")
-            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{made}"]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
         os.replace(made, template)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -95,20 +96,20 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema_params = list(self.model.parameters())
-        torch._foreach_lerp_(
-            ema_params, [p.detach() for p in model.parameters()], 1.0 - self.decay
-        )
+        for average, param in zip(self.model.parameters(), model.parameters(), strict=True):
+            average.lerp_(param.detach(), 1.0 - self.decay)
         for ema_buf, buf in zip(self.model.buffers(), model.buffers(), strict=True):
             ema_buf.copy_(buf)
 
 
 def cpu_bf16_supported() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX, read from the kernel's CPU
+    flags); emulated bf16 is slower than float32."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
         return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def bf16_active(device: torch.device, bf16: bool) -> bool:
