@@ -163,6 +163,7 @@ class PipelineConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     quick: bool = False
     recipe: str = DEFAULT_RECIPE
+    fresh: bool = False  # start over: ignore a killed run of the same pipeline
 
 
 @dataclass(frozen=True)

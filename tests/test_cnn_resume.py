@@ -22,7 +22,7 @@ from fmnist.cli import cli
 from fmnist.config import CnnConfig, CommonConfig
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn import run_cnn
-from fmnist.tracking.checkpoints import CHECKPOINT_DIR, CHECKPOINT_FILE
+from fmnist.tracking.checkpoints import CHECKPOINT_DIR
 
 RECIPE = {
     "model": {"arch": "resnet", "width": 4, "blocks": 1, "stages": 2, "dropout": 0.1},
@@ -140,7 +140,9 @@ def test_interrupted_run_resumes_in_the_same_run(
     artifacts = [
         f.path for f in mlflow.MlflowClient().list_artifacts(stopped.info.run_id, "checkpoints")
     ]
-    assert artifacts == [f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"]
+    assert artifacts == [f"{CHECKPOINT_DIR}/a.pt"]  # the first of two slots
+    slot, digest, epoch = stopped.data.tags["checkpoint"].split(" ")
+    assert (slot, epoch, len(digest)) == ("a.pt", "1", 64)
 
     resumed = run_cnn(
         CnnConfig(
@@ -193,7 +195,7 @@ def test_bad_resume_requests_fail_before_training(
     with pytest.raises(ConfigError, match="nothing to resume"):
         run_cnn(CnnConfig(common=common, resume=finished["run_id"]))
     stopped = run_interrupted(monkeypatch, make_config(synthetic_data_dir, recipe_file), 1)
-    with pytest.raises(ConfigError, match="no checkpoints/last.pt"):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
         run_cnn(CnnConfig(common=common, resume=stopped.info.run_id))
     with pytest.raises(ConfigError, match="--epochs"):
         run_cnn(CnnConfig(common=common, resume=stopped.info.run_id, epochs=5))

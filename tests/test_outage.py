@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 
 from fmnist import tracking
 from fmnist.tracking import outage
-from fmnist.tracking.checkpoints import CHECKPOINT_ARTIFACT, CheckpointLogger
+from fmnist.tracking.checkpoints import CHECKPOINT_DIR, CheckpointLogger
 from fmnist.tracking.store import prepare_store
 from tests.conftest import forget_active_experiment
 
@@ -176,8 +176,9 @@ def test_the_newest_checkpoint_waits_for_the_server(store, monkeypatch):
         record = MlflowClient().get_run(run.info.run_id)
         assert record.data.tags["checkpoint_epoch"] == "2"
         assert not log_checkpoint.folder.exists()
+        slot = record.data.tags["checkpoint"].split(" ")[0]
         path = mlflow.artifacts.download_artifacts(
-            run_id=run.info.run_id, artifact_path=CHECKPOINT_ARTIFACT
+            run_id=run.info.run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}"
         )
         state = torch.load(path, weights_only=True)
     assert state["epoch"] == 2 and torch.equal(state["weights"], torch.ones(2))

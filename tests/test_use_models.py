@@ -29,7 +29,8 @@ PIPELINE_STEPS = ("data", "eda", "dnn_search", "cnn", "compare")  # one child ru
 
 def test_quick_pipeline_runs_every_step_as_a_child_run(use_pipeline_store):
     _, results = use_pipeline_store
-    assert set(results) == {*PIPELINE_STEPS, "pipeline"}
+    assert set(results) == {*PIPELINE_STEPS, "evaluate", "pipeline"}
+    assert results["evaluate"] == {}  # quick: the evaluate step evaluates nothing
     parent_id = results["pipeline"]["run_id"]
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED"

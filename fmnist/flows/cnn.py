@@ -8,7 +8,7 @@ fits a temperature on the validation split's outputs, scores the test set exactl
 registered model will (flip averaging and the temperature included), logs the shared evaluation
 and calibration artifacts and registers ``fmnist-cnn`` under the champion/challenger rule.
 ``quick`` trains two epochs on a data subset so the pipeline's demo finishes in seconds. Every
-``checkpoint_every`` epochs the whole training state is logged as ``checkpoints/last.pt``;
+``checkpoint_every`` epochs the whole training state is logged as a checkpoint;
 ``resume`` (a run id) goes on from it to the planned epochs: in that run when called directly,
 or in the run ``mlflow run`` created, tagged ``resumed_from``.
 """
@@ -167,6 +167,7 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
             tta_flip=recipe.tta_flip,
             input_example=splits[2].images[:4].numpy(),
             temperature=temperature,
+            model_name=f"{cfg.registered_name}-{recipe_name}",
         )
     return {
         "recipe": recipe_name,
@@ -211,8 +212,11 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
     log_checkpoint = None
     if cfg.checkpoint_every > 0:
         log_checkpoint = checkpoint_logger(checkpoint_settings(cfg, recipe, digest))
-    # every epoch written as it ends; kept while the tracking server is away (training goes on)
-    log_epoch = tracking.EpochLogger(interval=0.0)
+    # every epoch written as it ends; kept while the tracking server is away (training goes on);
+    # resumed in its own run, the epochs it logged before it was stopped are not logged twice
+    run_id = mlflow.active_run().info.run_id
+    logged = tracking.logged_steps(run_id, "val_accuracy") if point is not None else set()
+    log_epoch = tracking.EpochLogger(interval=0.0, skip=frozenset(logged))
     try:
         result = fit(
             model,
@@ -275,8 +279,8 @@ def open_cnn_run(
     used (an entry point cannot switch runs) and tagged ``resumed_from``.
     """
     tags = {"recipe": recipe_name, "quick": "true" if cfg.quick else "false"}
-    if point is not None and not tracking.under_mlflow_run() and parent_run_id is None:
-        with tracking.reopen_run(point.run_id, tags) as run:
+    if point is not None and (parent_run_id is not None or not tracking.under_mlflow_run()):
+        with tracking.reopen_run(point.run_id, tags, system_metrics=True) as run:
             yield run, True
         return
     if point is not None:
@@ -289,6 +293,7 @@ def open_cnn_run(
         run_name=run_name,
         tags=tags,
         parent_run_id=parent_run_id,
+        system_metrics=True,
     ) as run:
         yield run, False
 

@@ -184,6 +184,7 @@ def finalize_winner(
         },
         input_example=splits.test.images[:4].numpy(),
         temperature=temperature,
+        model_name=f"{cfg.registered_name}-{best.point.removeprefix('dnn-')}",
     )
     mlflow.set_tags({"registered_model_uri": info.model_uri, "registered_alias": info.alias})
     # the winner's size and training time on the parent, as a CNN run carries its own

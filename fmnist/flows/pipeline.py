@@ -9,6 +9,9 @@ the robustness suite, so ``compare`` shows them); ``quick`` skips that step to s
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import time
 from collections.abc import Callable
 
@@ -32,6 +35,7 @@ from fmnist.flows.compare import run_compare
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.flows.eda import run_eda
 from fmnist.flows.evaluate import run_evaluate
+from fmnist.tracking import resume
 
 EDA_SUMMARY_KEYS = (
     "pca_components_90",
@@ -102,16 +106,24 @@ def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 
 def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
-    """The pipeline's recipe, quick or not, as a child run."""
+    """The pipeline's recipe, quick or not, as a child run; a killed attempt of this step goes
+    on from its last checkpoint, in its own run."""
     config = CnnConfig(common=cfg.common, recipe=cfg.recipe, quick=cfg.quick)
+    earlier = resume.resumable_step_run(resume.CHILD_TAGS[parent_run_id][resume.STEP_KEY])
+    if earlier is not None:
+        config = CnnConfig(common=cfg.common, resume=earlier)
     return run_cnn(config, parent_run_id=parent_run_id)
 
 
-def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str, results: dict) -> dict:
-    """Evaluate the dense and the CNN model this pipeline registered (full pipeline only)."""
+def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
+    """Evaluate the dense and the CNN model this pipeline registered (full pipeline only: quick
+    skips it)."""
+    if cfg.quick:
+        return {}
+    run = mlflow.get_run(parent_run_id)
     evaluated = {}
     for step in ("dnn_search", "cnn"):
-        model_uri = results.get(step, {}).get("model_uri")
+        model_uri = resume.step_results(run).get(step, {}).get("model_uri")
         if model_uri:
             evaluate_cfg = EvaluateConfig(common=cfg.common, model=model_uri)
             evaluated[step] = run_evaluate(evaluate_cfg, parent_run_id)
@@ -134,32 +146,66 @@ STEPS: list[tuple[str, Callable[[PipelineConfig, str], dict]]] = [
     ("eda", run_eda_step),
     ("dnn_search", run_dnn_step),
     ("cnn", run_cnn_step),
+    ("evaluate", run_evaluate_step),
     ("compare", run_compare_step),
 ]
 
 
+def pipeline_key(cfg: PipelineConfig, digest: str) -> str:
+    """What a pipeline's results depend on: its options (not where it logs or prints) and the
+    data's digest; the same key means the same inputs, so a killed run's steps are reused."""
+    options = dataclasses.asdict(cfg)
+    options["common"] = {k: v for k, v in options["common"].items() if k not in NOT_INPUTS}
+    options.pop("fresh", None)
+    text = json.dumps({"options": options, "data": digest}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+NOT_INPUTS = ("data_dir", "experiment_name", "quiet")  # where from and to, not what
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
-    """Run every step as a child of one ``pipeline`` run; return each step's summary."""
-    results: dict[str, dict] = {}
+    """Run every step as a child of one ``pipeline`` run; return each step's summary.
+
+    Run again with the same inputs after it was killed, it goes on in the killed run (under
+    ``mlflow run``: in the new run, the killed one's steps moved under it): a finished step is
+    not run again, the search resumes its study and the CNN its last checkpoint. ``fresh``
+    starts over."""
+    tracking.configure()
     tags = {"quick": "true" if cfg.quick else "false"}
-    with tracking.start_run(
-        "main",
-        "pipeline",
-        cfg.common.experiment_name,
-        run_name="pipeline-quick" if cfg.quick else "pipeline",
-        tags=tags,
-    ) as run:
-        tracking.log_params_safe(
-            {
-                "quick": cfg.quick,
-                "recipe": cfg.recipe,
-                "seed": cfg.common.seed,
-                "split_seed": cfg.common.split_seed,
-            }
+    name = "pipeline-quick" if cfg.quick else "pipeline"
+    if tracking.under_mlflow_run():  # its run exists: a data error ends it FAILED, tagged
+        opened, earlier = tracking.start_run("main", "pipeline", run_name=name, tags=tags), None
+    else:
+        key = pipeline_key(cfg, load_fashion_mnist(cfg.common.data_dir or None).digest)
+        earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
+        tags[resume.PIPELINE_KEY] = key
+        experiment = cfg.common.experiment_name
+        opened = (
+            tracking.reopen_run(earlier.info.run_id, tags)
+            if earlier is not None
+            else tracking.start_run("main", "pipeline", experiment, name, tags)
         )
-        for name, step in STEPS:
-            if name == "compare" and not cfg.quick:
-                results["evaluate"] = run_evaluate_step(cfg, run.info.run_id, results)
-            results[name] = step(cfg, run.info.run_id)
-        results["pipeline"] = {"run_id": run.info.run_id}
+    with opened as run:
+        parent = run.info.run_id
+        if resume.PIPELINE_KEY not in tags:
+            key = pipeline_key(cfg, load_fashion_mnist(cfg.common.data_dir or None).digest)
+            mlflow.set_tag(resume.PIPELINE_KEY, key)
+            earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
+            if earlier is not None:
+                resume.adopt(earlier.info.run_id, parent)
+        tracking.log_params_safe(
+            {"quick": cfg.quick, "recipe": cfg.recipe, "seed": cfg.common.seed}
+            | {"split_seed": cfg.common.split_seed}
+        )
+        results = resume.step_results(earlier) if earlier is not None else {}
+        for step_name, step in STEPS:
+            if step_name in results:
+                continue  # finished with the same inputs before the pipeline was killed
+            step_tags = {"fmnist.step": step_name, resume.STEP_KEY: f"{key}:{step_name}"}
+            with resume.child_tags(parent, step_tags):
+                results[step_name] = step(cfg, parent)
+            resume.record_step(parent, step_name, results[step_name])
+        tracking.log_headline(results, ("dnn_search", "cnn"))
+        results["pipeline"] = {"run_id": parent}
     return results

@@ -18,6 +18,7 @@ from fmnist.tracking.runs import (
     log_params_safe,
     log_table_replacing,
     log_text_artifact,
+    logged_steps,
     redact_uri,
     reopen_run,
     safe_text,
@@ -25,8 +26,11 @@ from fmnist.tracking.runs import (
     tracking_uri,
     under_mlflow_run,
 )
+from fmnist.tracking.ui import log_headline, ui_url
 
 __all__ = [
+    "log_headline",
+    "ui_url",
     "EpochLogger",
     "configure",
     "fail_pending_run",
@@ -38,6 +42,7 @@ __all__ = [
     "log_params_safe",
     "log_table_replacing",
     "log_text_artifact",
+    "logged_steps",
     "redact_uri",
     "reopen_run",
     "safe_text",

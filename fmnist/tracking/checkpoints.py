@@ -1,17 +1,20 @@
-"""Training checkpoints in a run: ``checkpoints/last.pt``, logged as it goes, read to resume.
+"""Training checkpoints in a run, logged as it goes and read to resume, never half trusted.
 
 ``checkpoint_logger`` makes the engine's ``on_checkpoint`` callback (``CheckpointLogger``): it
 saves the training state (plus the settings a resumed run must reuse) to a local file and uploads
-it as one artifact, overwritten at each checkpoint, tagging the run ``checkpoint_epoch``. While
-the tracking server is away the newest checkpoint waits in that file and training goes on;
-``flush`` uploads it when the server answers. ``read_checkpoint`` downloads a run's checkpoint
-and ``load_checkpoint_file`` reads it: a size limit first, then ``torch.load(weights_only=True)``
-(no pickled objects), then a check of every key a resume uses, so any missing, truncated, hostile
-or foreign file is a ``ConfigError`` that says what to do.
+it into one of two slots, ``checkpoints/a.pt`` and ``checkpoints/b.pt``, the one the run does not
+point to; only then is the run tagged ``checkpoint`` (slot, SHA-256, epoch). A process killed
+mid-upload leaves a half file in the other slot, which nothing reads. While the tracking server
+is away the newest checkpoint waits in its file and training goes on; ``flush`` uploads it when
+the server answers. ``read_checkpoint`` downloads the tagged slot and checks its digest, and
+``load_checkpoint_file`` reads it: a size limit, ``torch.load(weights_only=True)`` (no pickled
+objects), then every key a resume uses, so a missing, truncated, hostile or foreign file is a
+``ConfigError`` that says what to do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import numbers
 import shutil
 import tempfile
@@ -28,8 +31,8 @@ from fmnist.errors import ConfigError
 from fmnist.tracking.runs import OUTAGE, configure, log_metrics_finite, redact_uri, tracking_uri
 
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_ARTIFACT = f"{CHECKPOINT_DIR}/{CHECKPOINT_FILE}"
+SLOTS = ("a.pt", "b.pt")
+CHECKPOINT_TAG = "checkpoint"  # "<slot> <sha256> <epoch>" of the last complete upload
 # Larger than any recipe's state (the best recipe's is about 60 MB with its optimizer and EMA):
 # a bigger file is refused before torch reads it.
 MAX_CHECKPOINT_BYTES = 2 * 1024**3
@@ -62,23 +65,29 @@ class CheckpointLogger:
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
-        self.run_id = mlflow.active_run().info.run_id
+        run = mlflow.active_run()
+        self.run_id = run.info.run_id
+        current = run.data.tags.get(CHECKPOINT_TAG, "").split(" ")[0]
+        self.slot = SLOTS[1] if current == SLOTS[0] else SLOTS[0]  # the one not pointed to
         self.folder = Path(tempfile.mkdtemp(prefix="fmnist-checkpoint-"))
         self.pending: int | None = None  # the epoch of a checkpoint not uploaded yet
 
     def __call__(self, epoch: int, state: dict[str, Any]) -> None:
-        # the newest checkpoint replaces one the server has not received: only last.pt matters
-        torch.save({**state, "settings": self.settings}, self.folder / CHECKPOINT_FILE)
+        # the newest checkpoint replaces one the server has not received: only the last matters
+        torch.save({**state, "settings": self.settings}, self.folder / self.slot)
         self.pending = epoch
         OUTAGE.attempt(self.upload)
 
     def upload(self) -> None:
         if self.pending is None:
             return
-        client = mlflow.MlflowClient()
-        client.log_artifact(self.run_id, str(self.folder / CHECKPOINT_FILE), CHECKPOINT_DIR)
+        client, path = mlflow.MlflowClient(), self.folder / self.slot
+        client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        client.set_tag(self.run_id, CHECKPOINT_TAG, f"{self.slot} {digest} {self.pending}")
         client.set_tag(self.run_id, "checkpoint_epoch", str(self.pending))
-        self.pending = None
+        path.unlink()
+        self.slot, self.pending = SLOTS[1 - SLOTS.index(self.slot)], None
 
     def flush(self) -> None:
         """Upload a checkpoint kept during an outage, waiting for the server; then clean up."""
@@ -119,17 +128,25 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
         raise ConfigError(f"No run {run_id!r} in the tracking store {store}.") from None
     if run.info.status == "FINISHED":
         raise ConfigError(f"Run {run_id} finished training and was registered: nothing to resume.")
+    slot, digest, _ = (run.data.tags.get(CHECKPOINT_TAG, "") + "  ").split(" ")[:3]
+    name = f"Run {run_id}'s {CHECKPOINT_DIR}/{slot}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=tmp
+            path = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}", dst_path=tmp
+                )
             )
         except (MlflowException, OSError):
+            path = None
+        if not slot or path is None:
             raise ConfigError(
-                f"Run {run_id} has no {CHECKPOINT_ARTIFACT} (it stopped before its first "
-                "checkpoint, or ran with --checkpoint-every 0): start it again instead."
+                f"Run {run_id} has no complete checkpoint (it stopped before its first one, or "
+                "ran with --checkpoint-every 0): start it again instead."
             ) from None
-        return load_checkpoint_file(Path(path), f"Run {run_id}'s {CHECKPOINT_ARTIFACT}")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise ConfigError(f"{name} does not match its recorded SHA-256: start it again.")
+        return load_checkpoint_file(path, name)
 
 
 def load_checkpoint_file(path: Path, name: str) -> dict[str, Any]:

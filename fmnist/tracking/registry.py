@@ -46,7 +46,7 @@ from fmnist.tracking.onnx_model import EXTRA_DIR
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-MODEL_NAME = "model"  # the logged model's name, so runs:/<run_id>/model resolves to it
+MODEL_NAME = "model"  # a logged model's name when the caller gives none (runs:/<run_id>/model)
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 EXAMPLE_BATCH = 4  # > 1, otherwise torch.export specialises the batch dimension to 1
@@ -215,6 +215,7 @@ def log_and_register(
     *,
     input_example: np.ndarray | None = None,
     temperature: float = 1.0,
+    model_name: str = MODEL_NAME,
 ) -> RegisteredInfo:
     """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its alias.
 
@@ -227,6 +228,9 @@ def log_and_register(
         raise RuntimeError("log_and_register needs an active MLflow run")
     run_id = run.info.run_id
     client = mlflow.MlflowClient()
+    earlier = registered_from(client, registered_name, run_id)
+    if earlier is not None:
+        return earlier  # a run resumed after a kill registers no second version
     candidate = Candidate(float(val_accuracy), str(data_digest), bool(quick))
     test_accuracy = test_metrics.get("test_accuracy")
     tags = {
@@ -241,7 +245,7 @@ def log_and_register(
         **{key: str(value) for key, value in (extra_tags or {}).items()},
     }
     info = log_pt2_model(
-        model, spec, registered_name, tags, tta_flip, input_example, float(temperature)
+        model, spec, registered_name, tags, tta_flip, input_example, float(temperature), model_name
     )
     link_metrics(client, info.model_id, run_id, test_metrics)
     version = str(info.registered_model_version)
@@ -258,7 +262,24 @@ def log_and_register(
     return RegisteredInfo(registered_name, int(version), alias, reason, run_id, info.model_id)
 
 
-def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example, temperature=1.0):
+def registered_from(client, name: str, run_id: str) -> RegisteredInfo | None:
+    """The version of ``name`` that run ``run_id`` registered, if it did."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if not found:
+        return None
+    version = found[0]
+    aliases = [
+        a for a, v in client.get_registered_model(name).aliases.items() if v == version.version
+    ]
+    alias = aliases[0] if aliases else ""
+    reason = version.tags.get("alias_reason", "")
+    model_id = str(version.source).removeprefix("models:/")
+    return RegisteredInfo(name, int(version.version), alias, reason, run_id, model_id)
+
+
+def log_pt2_model(
+    model, spec, registered_name, tags, tta_flip, input_example, temperature=1.0, name=MODEL_NAME
+):
     """Export and log the probability model with its rebuild files; register a new version."""
     export_module = to_export_module(model, tta_flip, temperature)
     example = make_input_example(input_example)
@@ -272,7 +293,7 @@ def log_pt2_model(model, spec, registered_name, tags, tta_flip, input_example, t
         # only adds the CPU default. Tags land on the Logged Model and the new registered version.
         return mlflow.models.Model.log(
             artifact_path=None,
-            name=MODEL_NAME,
+            name=name,
             flavor=CPU_PYTORCH_FLAVOR,
             pytorch_model=export_module,
             registered_model_name=registered_name,

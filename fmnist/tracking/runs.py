@@ -16,6 +16,7 @@ silence the command stops with ``TrackingUnavailable``. The first contact still 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -37,13 +38,16 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 
 from fmnist.config import DEFAULT_EXPERIMENT, redact_uri
+from fmnist.tracking.heartbeat import BEAT, clean_once
 from fmnist.tracking.outage import (
     OUTAGE,
     TrackingUnavailable,
     server_unreachable,
     tracking_uri,
 )
+from fmnist.tracking.resume import CHILD_TAGS
 from fmnist.tracking.store import prepare_store
+from fmnist.tracking.ui import RANDOM_NAME, mark_model_development
 
 DATASET_URL = "https://github.com/zalandoresearch/fashion-mnist"
 # An unreachable server must fail fast, not after MLflow's default minutes of retries.
@@ -69,8 +73,11 @@ def configure() -> str:
     for key, value in HTTP_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     uri = tracking_uri()
+    if uri.startswith("sqlite:"):  # no pooled connection for a forked search worker to share
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
     mlflow.set_tracking_uri(uri)
     prepare_store(uri)  # a fresh SQLite store: one process of the machine creates its tables
+    clean_once(uri)  # runs left RUNNING by killed processes end KILLED
     return uri
 
 
@@ -105,45 +112,55 @@ def start_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     nested: bool = False,
+    system_metrics: bool = False,
 ) -> Iterator[Any]:
     """Open (or resume, under ``mlflow run``) a run tagged with entry point and model family.
 
-    The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set; runs opened inside
-    another active run, or with ``parent_run_id``, are nested children. The run ends FINISHED,
-    FAILED (exception, error recorded as a tag) or KILLED (KeyboardInterrupt). A child run (a
-    search trial) waits for a tracking server that went away; the outermost run does not (the
-    first contact fails fast).
+    The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set (renamed when
+    MLflow gave it a random name); runs opened inside another active run, or with
+    ``parent_run_id``, are nested children. The run ends FINISHED, FAILED (exception, error
+    recorded as a tag) or KILLED (KeyboardInterrupt). A child run (a search trial) waits for a
+    tracking server that went away; the outermost run does not (the first contact fails fast).
+    ``system_metrics``: MLflow's own CPU, memory (and GPU) sampling, for training runs.
     """
 
     configure()
     active = mlflow.active_run()
     is_child = nested or parent_run_id is not None or active is not None
     all_tags = {"entry_point": entry_point, "model_family": model_family, **(tags or {})}
+    all_tags.update(BEAT.tags())
+    all_tags.update(CHILD_TAGS.get(parent_run_id or "", {}))
+    sampled = system_metrics and importlib.util.find_spec("psutil") is not None
     if not is_child and under_mlflow_run():
-        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
-        if run_name and not run.info.run_name:
-            mlflow.set_tag("mlflow.runName", run_name)
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], log_system_metrics=sampled)
+        if run_name and RANDOM_NAME.fullmatch(run.info.run_name or ""):
+            mlflow.set_tag("mlflow.runName", run_name)  # not MLflow's sneaky-moose-235
+        mark_model_development(run.info.experiment_id)
     elif not is_child:
-        mlflow.set_experiment(experiment_name)
-        run = mlflow.start_run(run_name=run_name, tags=all_tags)
+        mark_model_development(mlflow.set_experiment(experiment_name).experiment_id)
+        run = mlflow.start_run(run_name=run_name, tags=all_tags, log_system_metrics=sampled)
     else:
-        run = start_child_run(parent_run_id or active.info.run_id, run_name, all_tags)
+        parent = parent_run_id or active.info.run_id
+        run = start_child_run(parent, run_name, all_tags, sampled)
     mlflow.set_tags(all_tags)
     with ending_run(run.info.run_id):
         yield run
 
 
 @contextmanager
-def reopen_run(run_id: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+def reopen_run(
+    run_id: str, tags: Mapping[str, str] | None = None, system_metrics: bool = False
+) -> Iterator[Any]:
     """Resume an ended run (a resumed search's parent, a resumed CNN) and end it as above.
 
     On success an earlier attempt's ``error`` tag is removed: it no longer describes the run.
     """
 
     configure()
-    run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
-    if tags:
-        mlflow.set_tags(dict(tags))
+    sampled = system_metrics and importlib.util.find_spec("psutil") is not None
+    nested = mlflow.active_run() is not None
+    run = mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=sampled)
+    mlflow.set_tags({**(tags or {}), **BEAT.tags()})
     with ending_run(run_id, clear_error=True):
         yield run
 
@@ -155,6 +172,7 @@ def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
     ``clear_error`` removes an earlier attempt's ``error`` tag on success (a reopened run).
     """
 
+    BEAT.hold(run_id)
     try:
         yield
     except KeyboardInterrupt:
@@ -169,6 +187,8 @@ def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
         if clear_error and "error" in OUTAGE.ride_out(lambda: mlflow.get_run(run_id)).data.tags:
             OUTAGE.ride_out(lambda: MlflowClient().delete_tag(run_id, "error"))
         end_active_run(run_id, "FINISHED")
+    finally:
+        BEAT.release(run_id)
 
 
 def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
@@ -196,7 +216,9 @@ def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
         )
 
 
-def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str, str]):
+def start_child_run(
+    parent_run_id: str, run_name: str | None, tags: Mapping[str, str], system_metrics=False
+):
     """Create a child run explicitly and make it active.
 
     ``mlflow.start_run()`` would resume ``MLFLOW_RUN_ID`` under ``mlflow run``, and the active run
@@ -214,8 +236,10 @@ def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str,
         ),
         resend_safe=False,
     )
-    nested = mlflow.active_run() is not None
-    return OUTAGE.ride_out(lambda: mlflow.start_run(run_id=child.info.run_id, nested=nested))
+    nested, run_id = mlflow.active_run() is not None, child.info.run_id
+    return OUTAGE.ride_out(
+        lambda: mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
+    )
 
 
 def record_error(message: str) -> None:
@@ -294,15 +318,15 @@ class EpochLogger:
     ended.
     """
 
-    def __init__(self, interval: float = 1.0) -> None:
-
+    def __init__(self, interval: float = 1.0, skip: frozenset[int] = frozenset()) -> None:
         self.run_id = mlflow.active_run().info.run_id
-        self.interval = interval
+        self.interval, self.skip = interval, skip  # ``skip``: epochs the run holds already
         self.pending: list = []
         self.written = time.monotonic()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
-
+        if epoch in self.skip:
+            return  # trained again after a kill, from the checkpoint before it: the same values
         now = int(time.time() * 1000)
         self.pending += [Metric(k, v, now, epoch) for k, v in finite_metrics(metrics).items()]
         if time.monotonic() - self.written >= self.interval:
@@ -332,6 +356,11 @@ class EpochLogger:
 
 
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+
+
+def logged_steps(run_id: str, metric: str) -> set[int]:
+    """The steps at which run ``run_id`` logged ``metric``."""
+    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
 
 
 def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:

@@ -103,10 +103,12 @@ def parent_run(recorded, entry_point, family, experiment_name, run_name, outer_r
     if recorded and recorded != own and run_exists(recorded):
         if own and outer_run_id is None:
             set_tags({"search_parent_run_id": recorded}, own)
-        with reopen_run(recorded, tags) as run:
+        with reopen_run(recorded, tags, system_metrics=True) as run:
             yield run
         return
-    with start_run(entry_point, family, experiment_name, run_name, tags, outer_run_id) as run:
+    with start_run(
+        entry_point, family, experiment_name, run_name, tags, outer_run_id, system_metrics=True
+    ) as run:
         yield run
 
 

@@ -1,0 +1,135 @@
+"""Runs whose process is gone do not stay RUNNING: process tags, a slow beat, and a cleaner.
+
+MLflow has no run heartbeat, so a run whose process was killed (SIGKILL, the OOM killer, a lost
+machine) stays RUNNING for good. Every run a command opens is tagged with its process
+(``fmnist.process``: host:pid:start) and beats (``fmnist.alive``: the time, rewritten at most
+every ``BEAT_SECONDS`` by one daemon thread per process). ``end_dead_runs`` ends KILLED the
+RUNNING runs whose process is provably gone (this machine: pid dead or reused), whose beat is
+older than ``FMNIST_RUN_GRACE_SECONDS`` (another machine), or that never beat and started that
+long ago, tagging when it was last seen alive and how its end was detected. Every command runs
+it when it opens the store (``configure``); ``fmnist runs --clean`` runs it on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from fmnist.liveness import is_gone, is_local, process_id
+
+PROCESS_TAG = "fmnist.process"
+ALIVE_TAG = "fmnist.alive"  # seconds since the epoch, rewritten while the process lives
+ENDED_TAG = "fmnist.end_detected"  # how a dead run's end was detected
+LAST_ALIVE_TAG = "fmnist.last_alive"  # when it was last known alive (UTC)
+BEAT_SECONDS = 30.0
+GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_RUN_GRACE_SECONDS", 600.0
+
+
+def grace_seconds() -> float:
+    text = os.environ.get(GRACE_ENV, "").strip()
+    try:
+        return max(BEAT_SECONDS * 2, float(text)) if text else DEFAULT_GRACE_SECONDS
+    except ValueError:
+        return DEFAULT_GRACE_SECONDS
+
+
+class Beat:
+    """One daemon thread per process that rewrites the alive tag of the runs it holds."""
+
+    def __init__(self, period: float = BEAT_SECONDS, clock: Callable[[], float] = time.time):
+        self.period, self.clock = period, clock
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)  # a forked worker beats for its own runs
+
+    def reset(self) -> None:
+        self.runs: set[str] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.wake = threading.Event()
+
+    def tags(self) -> dict[str, str]:
+        """What a run this process opens is tagged with (the first beat)."""
+        return {PROCESS_TAG: process_id(), ALIVE_TAG: f"{self.clock():.0f}"}
+
+    def hold(self, run_id: str) -> None:
+        """Beat for the run (tagged with ``tags``) until ``release``."""
+        with self.lock:
+            self.runs.add(run_id)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self.loop, name="fmnist-beat", daemon=True)
+                self.thread.start()
+
+    def release(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.discard(run_id)
+
+    def loop(self) -> None:
+        while not self.wake.wait(self.period):
+            with self.lock:
+                runs = list(self.runs)
+            for run_id in runs:
+                try:
+                    mlflow.MlflowClient().set_tag(run_id, ALIVE_TAG, f"{self.clock():.0f}")
+                except Exception:  # noqa: BLE001 - a missed beat must never fail the command
+                    pass
+
+
+BEAT = Beat()
+CLEANED: set[str] = set()  # the stores this process has cleaned
+
+
+def clean_once(uri: str) -> None:
+    """``end_dead_runs`` on the store ``uri``, once per process (every command's first
+    contact); a failure is left to the command's own first call to report."""
+    if uri in CLEANED:
+        return
+    CLEANED.add(uri)
+    try:
+        end_dead_runs()
+    except Exception:  # noqa: BLE001 - cleaning must never stop a command
+        pass
+
+
+def dead_reason(tags: dict[str, str], start_ms: int, now: float, grace: float) -> str | None:
+    """Why a RUNNING run is dead (None: it may live): its process gone from this machine, its
+    beat silent past ``grace`` (another machine), or no beat ever and started ``grace`` ago."""
+    process, alive = tags.get(PROCESS_TAG, ""), tags.get(ALIVE_TAG)
+    if process and is_local(process):
+        return f"its process {process} is gone from this machine" if is_gone(process) else None
+    last = float(alive) if alive else start_ms / 1000
+    if now - last <= grace:
+        return None
+    if not alive:
+        return f"it never beat and started {now - last:.0f} s ago"
+    return f"its process {process or 'unknown'} has not beaten for {now - last:.0f} s"
+
+
+def end_dead_runs(now: float | None = None, grace: float | None = None) -> list[str]:
+    """End KILLED every RUNNING run of the store whose process is dead; return their ids."""
+    now = time.time() if now is None else now
+    grace = grace_seconds() if grace is None else grace
+    client, ended = mlflow.MlflowClient(), []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return ended
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        reason = dead_reason(tags, run.info.start_time, now, grace)
+        if reason is None:
+            continue
+        alive = float(tags.get(ALIVE_TAG) or run.info.start_time / 1000)
+        last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(alive))
+        try:
+            client.set_tag(run.info.run_id, ENDED_TAG, f"{reason} (found by {process_id()})")
+            client.set_tag(run.info.run_id, LAST_ALIVE_TAG, last)
+            client.set_tag(run.info.run_id, "error", f"ended KILLED: {reason}")
+            client.set_terminated(run.info.run_id, "KILLED", end_time=int(alive * 1000))
+            ended.append(run.info.run_id)
+        except MlflowException:
+            continue  # deleted or ended by another process meanwhile
+    return ended

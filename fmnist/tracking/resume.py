@@ -1,0 +1,85 @@
+"""What a pipeline run again after a kill reuses: its unfinished run and its finished steps.
+
+A pipeline run is tagged with the key of its inputs (``fmnist.pipeline_key``: its options and
+the data's digest), each step's run with the step's key (``fmnist.step_key``, set through
+``child_tags`` on the runs the step opens) and, once it returns, the pipeline run with the step's
+result (``fmnist.step.<name>``). Running the same pipeline again finds the unfinished run with
+the same key (``unfinished_pipeline``), reopens it (or, under ``mlflow run``, moves its step runs
+under the new run, ``adopt``) and skips every step whose result it holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import mlflow
+
+PIPELINE_KEY = "fmnist.pipeline_key"
+STEP_KEY = "fmnist.step_key"
+STEP_RESULT = "fmnist.step."  # + the step's name: its result, as JSON
+CHILD_TAGS: dict[str, dict[str, str]] = {}  # parent run id -> tags of the runs opened under it
+
+
+@contextmanager
+def child_tags(parent_run_id: str, tags: Mapping[str, str]) -> Iterator[None]:
+    """Tag every run ``tracking.start_run`` opens under ``parent_run_id`` in the block."""
+    CHILD_TAGS[parent_run_id] = dict(tags)
+    try:
+        yield
+    finally:
+        CHILD_TAGS.pop(parent_run_id, None)
+
+
+def runs_tagged(key: str, value: str) -> list:
+    """Every run of the store with tag ``key`` = ``value``, newest first."""
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    return client.search_runs(
+        experiments, f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"]
+    )
+
+
+def unfinished_pipeline(key: str) -> Any | None:
+    """The newest pipeline run with these inputs that was killed or failed (not one running:
+    a live process may be running it), or None."""
+    for run in runs_tagged(PIPELINE_KEY, key):
+        if run.info.status in ("KILLED", "FAILED"):
+            return run
+        if run.info.status == "FINISHED":
+            return None  # a finished pipeline is not resumed: the same command runs it again
+    return None
+
+
+def step_results(run) -> dict[str, dict]:
+    """The results of the steps a pipeline run finished, by step name."""
+    return {
+        key.removeprefix(STEP_RESULT): json.loads(value)
+        for key, value in run.data.tags.items()
+        if key.startswith(STEP_RESULT)
+    }
+
+
+def record_step(run_id: str, name: str, result: Mapping[str, Any]) -> None:
+    mlflow.MlflowClient().set_tag(run_id, STEP_RESULT + name, json.dumps(result, default=str))
+
+
+def adopt(old_run_id: str, new_run_id: str) -> None:
+    """Move the step runs of ``old_run_id`` under ``new_run_id`` (the run ``mlflow run`` made
+    for the pipeline run again), linked by a tag."""
+    client = mlflow.MlflowClient()
+    client.set_tag(new_run_id, "fmnist.resumed_from", old_run_id)
+    for run in runs_tagged("mlflow.parentRunId", old_run_id):
+        client.set_tag(run.info.run_id, "mlflow.parentRunId", new_run_id)
+
+
+def resumable_step_run(step_key: str) -> str | None:
+    """The newest killed or failed run of a step with a complete checkpoint, to go on from."""
+    for run in runs_tagged(STEP_KEY, step_key):
+        if run.info.status in ("KILLED", "FAILED") and run.data.tags.get("checkpoint"):
+            return run.info.run_id
+    return None
