@@ -1,12 +1,15 @@
-"""The CLI layer: click only. The ``fmnist`` group here, one module per command beside it.
+"""The CLI layer: click only. The ``fmnist`` group, its errors and exit codes are here; the
+shared options in ``options``, the commands in ``training`` (dnn-search, cnn, cnn-search,
+pipeline) and ``inspection`` (info, eda, evaluate, compare, predict).
 
 The rule of this layer: nothing else in the package imports it, and it imports only click,
 ``fmnist.config`` and ``fmnist.errors`` at module level; a command imports its flow when it runs,
 so ``fmnist --help`` and every command's ``--help`` answer without loading torch or mlflow.
-Commands are listed in ``COMMANDS`` with their one-line help, so the group's help needs no
-command module either; a new entry point is one module plus one line there. A user-fixable error
-(``FmnistError``) prints one paragraph and exits with code 2; under ``mlflow run`` it also ends
-the run FAILED with the message.
+``COMMANDS`` lists the commands in the order of the work (check the data, explore it, train,
+search, evaluate, compare, use the models; the pipeline runs the lot) with their one-line help,
+so the group's help needs no command module. A user-fixable error (``FmnistError``) or a usage
+error prints one paragraph and exits with code 2; under ``mlflow run`` it also ends the run
+FAILED with the message.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ from fmnist.errors import FmnistError
 
 UNEXPECTED_EXIT_CODE = 1
 
-# command name -> ("module:attribute" of its click command, its line in `fmnist --help`).
+# command name -> ("module:attribute" of its click command, its line in `fmnist --help`), in the
+# order of the work: the pipeline last, since it runs the others.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cnn": ("fmnist.cli.cnn:cnn", "Train a CNN recipe, log it to MLflow and register it."),
-    "cnn-search": ("fmnist.cli.cnn_search:cnn_search", "Search CNN hyperparameters (TPE)."),
-    "compare": ("fmnist.cli.compare:compare", "Compare the dense network with every CNN."),
-    "dnn-search": ("fmnist.cli.dnn_search:dnn_search", "Grid-search the study's dense network."),
-    "eda": ("fmnist.cli.eda:eda", "Class counts, samples, PCA and t-SNE, each with its number."),
-    "evaluate": ("fmnist.cli.evaluate:evaluate", "Test metrics, calibration, robustness."),
-    "info": ("fmnist.cli.info:info", "Check the dataset: sizes, per-class counts, digest."),
-    "pipeline": ("fmnist.cli.pipeline:pipeline", "Run the whole study, one child run a step."),
-    "predict": ("fmnist.cli.predict:predict", "Classify images with a registered model."),
+    "info": ("fmnist.cli.inspection:info", "Check the dataset: sizes, per-class counts, digest."),
+    "eda": ("fmnist.cli.inspection:eda", "Class counts, samples, PCA and t-SNE, with numbers."),
+    "dnn-search": ("fmnist.cli.training:dnn_search", "Grid-search the study's dense network."),
+    "cnn": ("fmnist.cli.training:cnn", "Train a CNN recipe, log it to MLflow and register it."),
+    "cnn-search": ("fmnist.cli.training:cnn_search", "Search CNN hyperparameters (TPE)."),
+    "evaluate": ("fmnist.cli.inspection:evaluate", "Test metrics, calibration, robustness."),
+    "compare": ("fmnist.cli.inspection:compare", "Compare the dense network with every CNN."),
+    "predict": ("fmnist.cli.inspection:predict", "Classify images with a registered model."),
+    "pipeline": ("fmnist.cli.training:pipeline", "Run the whole study, one child run a step."),
 }
 
 
@@ -45,7 +49,7 @@ class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -62,20 +66,19 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # --help, usage errors and Ctrl-C: click reports them itself
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise  # --help, --version, a command's own exit code, Ctrl-C
+        except click.ClickException as exc:
+            fail_mlflow_run(exc.format_message())
+            raise  # a usage error: click prints it with the usage line and exits 2
         except FmnistError as exc:
             report_error(exc)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the user gets one paragraph, never a traceback
-            unreachable = unreachable_server(exc)
-            if unreachable is not None:
-                report_error(unreachable)
-                ctx.exit(unreachable.exit_code)
-            locked = locked_store(exc)
-            if locked is not None:
-                report_error(locked)
-                ctx.exit(locked.exit_code)
+            known = unreachable_server(exc) or locked_store(exc)
+            if known is not None:
+                report_error(known)
+                ctx.exit(known.exit_code)
             report_unexpected(exc, debug=bool((ctx.obj or {}).get("debug")))
             ctx.exit(UNEXPECTED_EXIT_CODE)
 
@@ -157,7 +160,11 @@ def fail_mlflow_run(message: str) -> None:
     fail_pending_run(message)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="\b\nExamples:\n  fmnist info\n  fmnist pipeline --quick\n  mlflow run . -P quick=true",
+)
 @click.version_option(package_name="fmnist")
 @click.option(
     "--debug", is_flag=True, help="Print the full trace of an unexpected error (FMNIST_DEBUG=1)."
@@ -168,6 +175,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Data comes from --data-dir or FMNIST_DATA_DIR (default ./data); runs go to
     MLFLOW_TRACKING_URI or the embedded store sqlite:///mlflow.db.
+
+    A boolean option is a flag: --x turns it on, --no-x off, and --x=true|false gives its value
+    (the form the MLproject uses).
     """
     ctx.obj = {"debug": debug}
 
