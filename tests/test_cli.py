@@ -1,12 +1,19 @@
 """The command-line surface: commands listed in the order of the work, one convention for every
 option (boolean options are flags that also take a value, metavars that say what an option
-takes, help for each, an example for each command), `python -m fmnist`, and its exit codes."""
+takes, help for each, an example for each command), `python -m fmnist`, and the exit codes a
+shell expects: 0, 1 unexpected, 2 usage/data/config, 130 on SIGINT and 143 on SIGTERM, sent to
+a real process in the middle of a command."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import click
 import pytest
@@ -36,7 +43,7 @@ def test_help_lists_every_command_in_the_order_of_the_work():
     listing = result.output.split("Commands:")[1].split("Examples:")[0]
     assert [line.split()[0] for line in listing.strip().splitlines()] == WORK_ORDER
     assert list(COMMANDS) == WORK_ORDER
-    assert "--x=true|false" in result.output
+    assert "--x=true|false" in result.output and "143" in result.output
 
 
 def test_every_command_has_help_and_the_shared_options():
@@ -159,3 +166,106 @@ def test_a_usage_error_under_mlflow_run_ends_the_run_failed(tracking_store, monk
     assert result.exit_code == 2
     ended = client.get_run(run.info.run_id)
     assert ended.info.status == "FAILED" and "--epochs" in ended.data.tags["error"]
+
+
+def test_a_keyboard_interrupt_in_a_command_exits_130(synthetic_data_dir, monkeypatch):
+    import fmnist.data
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fmnist.data, "make_splits", interrupt)
+    result = CliRunner().invoke(cli, ["info", "--data-dir", str(synthetic_data_dir)])
+    assert result.exit_code == 130
+    assert result.stderr.strip() == "Interrupted (SIGINT)."
+
+
+@pytest.fixture()
+def silent_server():
+    """A tracking server that accepts connections and never answers."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.settimeout(120)
+        yield server
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_mid_command_exits_with_the_shells_code(silent_server, tmp_path, signum, code):
+    """`fmnist predict` waiting on the tracking server (it has connected: the command is under
+    way) gets SIGINT or SIGTERM: it exits 128 + the signal's number, with one line."""
+    uri = f"http://127.0.0.1:{silent_server.getsockname()[1]}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    env.pop("MLFLOW_RUN_ID", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fmnist", "predict", "--model", "models:/m@champion", "x.png"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a test runner may ignore SIGINT, and a child would inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        connection, _ = silent_server.accept()
+        with connection:
+            time.sleep(0.2)  # the request is sent; the command waits for its answer
+            process.send_signal(signum)
+            _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == code, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"Interrupted ({signal.Signals(signum).name}).", err
+    assert "Traceback" not in err
+
+
+# Slows every epoch down, after logging it, so a signal lands in the middle of a training.
+SLOW_EPOCHS = """\
+import sys, time
+from fmnist.train import engine
+real_fit = engine.fit
+def slow_fit(*args, on_epoch_end, **kwargs):
+    def hook(epoch, metrics):
+        on_epoch_end(epoch, metrics)
+        print("EPOCH", epoch, file=sys.stderr, flush=True)
+        time.sleep(60)
+    return real_fit(*args, on_epoch_end=hook, **kwargs)
+engine.fit = slow_fit
+from fmnist.cli import main
+sys.argv = ["fmnist", *sys.argv[1:]]
+main()
+"""
+
+
+# ~15 s; the default test above covers the exit codes, tests/test_cnn_resume.py the KILLED run
+@pytest.mark.slow
+def test_sigterm_mid_training_ends_the_run_killed_and_exits_143(synthetic_data_dir, tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "FMNIST_OFFLINE": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    args = ["cnn", "--epochs", "3", "--device", "cpu", "--quiet", "--experiment-name", "tests"]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_EPOCHS, *args, "--data-dir", str(synthetic_data_dir)],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = iter(process.stderr.readline, "")
+        assert any(re.match(r"EPOCH \d", line) for line in lines)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err[-3000:]
+    (run,) = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("tests").experiment_id]
+    )
+    assert run.info.status == "KILLED"
