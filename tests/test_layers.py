@@ -66,7 +66,7 @@ ENGINE = "fmnist.train.engine"
 # `fmnist predict` of a model with an ONNX copy never imports torch (seconds of a cold one-image
 # prediction): these modules, and every package above them, load without it.
 TORCH_FREE = ("fmnist.dataset_format", "fmnist.inputs", "fmnist.tracking.onnx_model")
-TORCH_FREE += ("fmnist.flows.predict", "fmnist.cli.predict")
+TORCH_FREE += ("fmnist.flows.predict", "fmnist.cli.inspection")
 TORCH = ("torch", "torchvision")
 
 

@@ -1,6 +1,8 @@
 """Defaults agree in all three places (``fmnist.config``, the CLI options, the MLproject
-parameters); every MLproject parameter maps onto a CLI option; `main` runs and fails cleanly
-through `mlflow run`."""
+parameters), and every MLproject parameter drives the CLI option of its name: each entry point's
+command is formatted as `mlflow run` formats it (every value shell-quoted into the string) and
+parsed by the CLI, with the defaults and with each parameter changed in turn. `main` runs and
+fails cleanly through `mlflow run`."""
 
 from __future__ import annotations
 
@@ -13,41 +15,24 @@ import yaml
 
 from fmnist import config
 from fmnist.cli import COMMANDS, cli
-from fmnist.cli.options import AUTO, COMMON_KEYS
+from fmnist.cli.options import COMMON_KEYS, SEARCH_KEYS, AutoNumber, Switch
 from tests.helpers import PROJECT_ROOT, mlflow_run
 
 # command -> the config its options build (info takes the shared options only)
 CONFIGS = {
+    "info": config.CommonConfig,
+    "eda": config.EdaConfig,
+    "dnn-search": config.DnnSearchConfig,
     "cnn": config.CnnConfig,
     "cnn-search": config.CnnSearchConfig,
-    "compare": config.CompareConfig,
-    "dnn-search": config.DnnSearchConfig,
-    "eda": config.EdaConfig,
     "evaluate": config.EvaluateConfig,
-    "info": config.CommonConfig,
-    "pipeline": config.PipelineConfig,
+    "compare": config.CompareConfig,
     "predict": config.PredictConfig,
+    "pipeline": config.PipelineConfig,
 }
-SEARCH_KEYS = ("storage", "study_name", "n_jobs")
-# options that only negate another one: no config field of their own
-NEGATIONS = {"no_prune", "no_retrain_best", "no_robustness"}
 # the pipeline's child runs, one per step, each tagged with its entry point
 PIPELINE_STEPS = {"data", "eda", "dnn_search", "cnn", "compare"}
-
-
-def load_entry_points() -> dict:
-    return yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
-
-
-def normalise(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return ""
-    try:
-        return repr(float(value))
-    except (TypeError, ValueError):
-        return str(value)
+ENTRY_POINTS = yaml.safe_load((PROJECT_ROOT / "MLproject").read_text())["entry_points"]
 
 
 def config_default(command: str, option: str):
@@ -63,65 +48,100 @@ def config_default(command: str, option: str):
     return getattr(defaults, option)
 
 
-def same_default(cli_default, config_value) -> bool:
-    """Equal values of one type; an ``auto`` override of the CLI is None in the config."""
-    if cli_default == AUTO and config_value is None:
-        return True
-    return cli_default == config_value and type(cli_default) is type(config_value)
-
-
-def cli_defaults(command: str) -> dict:
-    """Each option's value when the command is called without it, as click resolves it."""
+def options_of(command: str) -> dict[str, click.Option]:
     found = cli.get_command(None, command)
     assert found is not None, f"no fmnist command {command!r}"
-    values = found.make_context(command, [], resilient_parsing=True).params
-    options = {p.name for p in found.params if isinstance(p, click.Option)}
-    return {name: value for name, value in values.items() if name in options}
+    return {p.name: p for p in found.params if isinstance(p, click.Option) and p.expose_value}
+
+
+def parse(command: str, args: list[str], resilient: bool = False) -> dict:
+    """The values ``fmnist COMMAND ARGS`` hands its options, as click converts them."""
+    context = cli.get_command(None, command).make_context(
+        command, list(args), resilient_parsing=resilient
+    )
+    return {name: context.params[name] for name in options_of(command)}
+
+
+def as_mlflow_runs_it(entry: dict, values: dict[str, str]) -> tuple[str, list[str]]:
+    """The fmnist command and arguments `mlflow run` runs for ``entry`` given ``values``: the
+    defaults overridden, every value shell-quoted into the command string, then split by the
+    shell."""
+    params = {name: spec.get("default") for name, spec in entry["parameters"].items()}
+    params.update(values)
+    line = entry["command"].format(**{k: shlex.quote(str(v)) for k, v in params.items()})
+    tokens = shlex.split(line)
+    assert tokens[0] == "fmnist", line
+    return tokens[1], tokens[2:]
+
+
+def other_values(option: click.Option, default) -> list[tuple[str, object]]:
+    """Values other than ``default`` for ``option``: as MLproject text and as click gives them
+    (both ways for a boolean)."""
+    if isinstance(option, Switch):
+        return [("true", True), ("false", False)]
+    if isinstance(option.type, click.Choice):
+        choice = next(c for c in option.type.choices if c != default)
+        return [(choice, choice)]
+    if isinstance(option.type, AutoNumber):
+        return [("3", option.type.kind(3))]
+    if isinstance(default, int):
+        return [(str(default + 1), default + 1)]
+    if isinstance(default, float):
+        return [(repr(default / 2 or 1.5), default / 2 or 1.5)]
+    return [("changed-value", "changed-value")]
 
 
 def test_the_configs_cover_every_command():
-    assert set(CONFIGS) == set(COMMANDS)
+    assert list(CONFIGS) == list(COMMANDS)
 
 
-@pytest.mark.parametrize("command", sorted(CONFIGS))
+@pytest.mark.parametrize("command", list(CONFIGS))
 def test_cli_defaults_equal_the_config_defaults(command):
-    defaults = cli_defaults(command)
+    defaults = parse(command, [], resilient=True)  # predict's PATHS are left out
     assert defaults, command
     for name, default in defaults.items():
-        if name in NEGATIONS:
-            assert default is False, (command, name)
-            continue
         expected = config_default(command, name)
-        assert same_default(default, expected), (
+        # one type too: 42 is not 42.0, 0 is not False
+        assert default == expected and type(default) is type(expected), (
             f"{command} --{name}: CLI default {default!r} vs config {expected!r}"
         )
 
 
-def test_mlproject_parameters_match_cli_options_and_config_defaults():
-    for name, entry in load_entry_points().items():
-        tokens = shlex.split(entry["command"].replace("{", "").replace("}", ""))
-        assert tokens[0] == "fmnist", name
-        defaults = cli_defaults(tokens[1])
-        for param, spec in entry.get("parameters", {}).items():
-            assert param in defaults, f"{name}: parameter {param} is not an option of {tokens[1]}"
-            assert "{" + param + "}" in entry["command"], f"{name}: {param} unused in command"
-            cli_default = defaults[param]
-            from_config = config_default(tokens[1], param)
-            from_config = AUTO if from_config is None else from_config
-            assert (
-                normalise(spec.get("default")) == normalise(cli_default) == normalise(from_config)
-            ), (
-                f"{name}: default of {param}: MLproject {spec.get('default')!r}, "
-                f"CLI {cli_default!r}, config {from_config!r}"
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_the_mlproject_defaults_are_the_cli_defaults(entry_point):
+    entry = ENTRY_POINTS[entry_point]
+    command, args = as_mlflow_runs_it(entry, {})
+    options = options_of(command)
+    for param in entry["parameters"]:
+        assert param in options, f"{entry_point}: parameter {param} is no option of {command}"
+        assert "{" + param + "}" in entry["command"], f"{entry_point}: {param} unused"
+    assert parse(command, args) == parse(command, [])
+
+
+@pytest.mark.parametrize("entry_point", list(ENTRY_POINTS))
+def test_each_mlproject_parameter_drives_its_option(entry_point):
+    entry = ENTRY_POINTS[entry_point]
+    command, _ = as_mlflow_runs_it(entry, {})
+    options, defaults = options_of(command), parse(command, [])
+    for param in entry["parameters"]:
+        for text, expected in other_values(options[param], defaults[param]):
+            _, args = as_mlflow_runs_it(entry, {param: text})
+            assert parse(command, args) == {**defaults, param: expected}, (
+                entry_point,
+                param,
+                text,
             )
 
 
-def test_the_check_tells_auto_from_a_value():
-    assert same_default(AUTO, None) and same_default(AUTO, AUTO) and same_default(42, 42)
-    assert not same_default(AUTO, 3) and not same_default(42, 42.0) and not same_default(0, False)
-    assert not same_default("", None)
-    assert normalise(42) == normalise("42") == normalise(42.0) != normalise(43)
-    assert normalise(False) == "false" != normalise(True)
+def test_the_boolean_parameters_are_passed_as_flag_values():
+    """``-P quick=true`` becomes ``--quick=true``: a form the switches take (a bare
+    ``--quick true`` would too, but ``=`` keeps the value on its flag)."""
+    for name, entry in ENTRY_POINTS.items():
+        command, _ = as_mlflow_runs_it(entry, {})
+        switches = [n for n, o in options_of(command).items() if isinstance(o, Switch)]
+        for param in set(entry["parameters"]) & set(switches):
+            flag = "--" + param.replace("_", "-")
+            assert f"{flag}={{{param}}}" in entry["command"], (name, param)
 
 
 # ~37 s; by default the same pipeline runs in-process (quick_pipeline) and `mlflow run -e main`

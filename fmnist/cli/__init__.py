@@ -1,12 +1,17 @@
-"""The CLI layer: click only. The ``fmnist`` group here, one module per command beside it.
+"""The CLI layer: click only. The ``fmnist`` group, its errors and exit codes are here; the
+shared options in ``options``, the commands in ``training`` (dnn-search, cnn, cnn-search,
+pipeline) and ``inspection`` (info, eda, evaluate, compare, predict).
 
 The rule of this layer: nothing else in the package imports it, and it imports only click,
 ``fmnist.config`` and ``fmnist.errors`` at module level; a command imports its flow when it runs,
 so ``fmnist --help`` and every command's ``--help`` answer without loading torch or mlflow.
-Commands are listed in ``COMMANDS`` with their one-line help, so the group's help needs no
-command module either; a new entry point is one module plus one line there. A user-fixable error
-(``FmnistError``) prints one paragraph and exits with code 2; under ``mlflow run`` it also ends
-the run FAILED with the message.
+``COMMANDS`` lists the commands in the order of the work (check the data, explore it, train,
+search, evaluate, compare, use the models; the pipeline runs the lot) with their one-line help,
+so the group's help needs no command module. Exit codes follow the shell: 0 done, 1 an
+unexpected error (its trace in a file), 2 a usage, data or config error (one paragraph; under
+``mlflow run`` the run also ends FAILED with the message), 128 + N once signal N interrupted the
+command (130 Ctrl-C, 143 SIGTERM; both raise KeyboardInterrupt in the command, so its runs end
+KILLED).
 """
 
 from __future__ import annotations
@@ -25,27 +30,31 @@ import click
 from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
 from fmnist.errors import FmnistError
 
-UNEXPECTED_EXIT_CODE = 1
+UNEXPECTED_EXIT_CODE = 1  # FmnistError.exit_code (2) and click's usage errors (2) are the others
+SIGNAL_EXIT_BASE = 128  # the shell's code for a process signal N stopped: 128 + N
 
-# command name -> ("module:attribute" of its click command, its line in `fmnist --help`).
+# command name -> ("module:attribute" of its click command, its line in `fmnist --help`), in the
+# order of the work: the pipeline last, since it runs the others.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "cnn": ("fmnist.cli.cnn:cnn", "Train a CNN recipe, log it to MLflow and register it."),
-    "cnn-search": ("fmnist.cli.cnn_search:cnn_search", "Search CNN hyperparameters (TPE)."),
-    "compare": ("fmnist.cli.compare:compare", "Compare the dense network with every CNN."),
-    "dnn-search": ("fmnist.cli.dnn_search:dnn_search", "Grid-search the study's dense network."),
-    "eda": ("fmnist.cli.eda:eda", "Class counts, samples, PCA and t-SNE, each with its number."),
-    "evaluate": ("fmnist.cli.evaluate:evaluate", "Test metrics, calibration, robustness."),
-    "info": ("fmnist.cli.info:info", "Check the dataset: sizes, per-class counts, digest."),
-    "pipeline": ("fmnist.cli.pipeline:pipeline", "Run the whole study, one child run a step."),
-    "predict": ("fmnist.cli.predict:predict", "Classify images with a registered model."),
+    "info": ("fmnist.cli.inspection:info", "Check the dataset: sizes, per-class counts, digest."),
+    "eda": ("fmnist.cli.inspection:eda", "Class counts, samples, PCA and t-SNE, with numbers."),
+    "dnn-search": ("fmnist.cli.training:dnn_search", "Grid-search the study's dense network."),
+    "cnn": ("fmnist.cli.training:cnn", "Train a CNN recipe, log it to MLflow and register it."),
+    "cnn-search": ("fmnist.cli.training:cnn_search", "Search CNN hyperparameters (TPE)."),
+    "evaluate": ("fmnist.cli.inspection:evaluate", "Test metrics, calibration, robustness."),
+    "compare": ("fmnist.cli.inspection:compare", "Compare the dense network with every CNN."),
+    "predict": ("fmnist.cli.inspection:predict", "Classify images with a registered model."),
+    "pipeline": ("fmnist.cli.training:pipeline", "Run the whole study, one child run a step."),
 }
+# The signal that interrupted this process (set by ``raise_interrupt``): it decides the exit code.
+RECEIVED: dict[str, int | None] = {"signal": None}
 
 
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is used."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(COMMANDS)
+        return list(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -62,20 +71,23 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # --help, usage errors and Ctrl-C: click reports them itself
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise  # --help, --version, a command's own exit code
+        except click.ClickException as exc:
+            fail_mlflow_run(exc.format_message())
+            raise  # a usage error: click prints it with the usage line and exits 2
+        except KeyboardInterrupt:
+            code = interrupted_code()
+            click.echo(f"Interrupted ({signal.Signals(code - SIGNAL_EXIT_BASE).name}).", err=True)
+            ctx.exit(code)
         except FmnistError as exc:
             report_error(exc)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the user gets one paragraph, never a traceback
-            unreachable = unreachable_server(exc)
-            if unreachable is not None:
-                report_error(unreachable)
-                ctx.exit(unreachable.exit_code)
-            locked = locked_store(exc)
-            if locked is not None:
-                report_error(locked)
-                ctx.exit(locked.exit_code)
+            known = unreachable_server(exc) or locked_store(exc)
+            if known is not None:
+                report_error(known)
+                ctx.exit(known.exit_code)
             report_unexpected(exc, debug=bool((ctx.obj or {}).get("debug")))
             ctx.exit(UNEXPECTED_EXIT_CODE)
 
@@ -157,7 +169,11 @@ def fail_mlflow_run(message: str) -> None:
     fail_pending_run(message)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="\b\nExamples:\n  fmnist info\n  fmnist pipeline --quick\n  mlflow run . -P quick=true",
+)
 @click.version_option(package_name="fmnist")
 @click.option(
     "--debug", is_flag=True, help="Print the full trace of an unexpected error (FMNIST_DEBUG=1)."
@@ -168,13 +184,36 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
     Data comes from --data-dir or FMNIST_DATA_DIR (default ./data); runs go to
     MLFLOW_TRACKING_URI or the embedded store sqlite:///mlflow.db.
+
+    A boolean option is a flag: --x turns it on, --no-x off, and --x=true|false gives its value
+    (the form the MLproject uses). Exit codes: 0 done, 1 unexpected error, 2 usage, data or
+    config error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).
     """
     ctx.obj = {"debug": debug}
 
 
-def raise_interrupt(signum, frame) -> None:
-    """SIGTERM behaves like Ctrl-C: open runs end KILLED and trials are marked interrupted."""
+def raise_interrupt(signum: int, frame) -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt in the command: open runs end KILLED and
+    trials are marked interrupted. The first one received decides the exit code."""
+    if RECEIVED["signal"] is None:
+        RECEIVED["signal"] = signum
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupted_code() -> int:
+    """128 + the number of the signal that interrupted the command (SIGINT when none was seen:
+    a KeyboardInterrupt raised some other way, e.g. in process under a test runner)."""
+    return SIGNAL_EXIT_BASE + (RECEIVED["signal"] or signal.SIGINT)
+
+
+def exit_code(code: int | str | None) -> int:
+    """The process's exit status: ``interrupted_code()`` once a signal interrupted it, else the
+    command's (a message given to ``sys.exit`` is 1, as Python makes it)."""
+    if RECEIVED["signal"] is not None:
+        return interrupted_code()
+    if isinstance(code, int):
+        return code
+    return 1 if code else 0
 
 
 def main() -> None:
@@ -183,26 +222,29 @@ def main() -> None:
     # by object, 1-3 s after the command's last line (measured on 2 cores).
     atexit.register(end_without_teardown)
     signal.signal(signal.SIGTERM, raise_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (&)
+        signal.signal(signal.SIGINT, raise_interrupt)
     try:
         cli.main(prog_name="fmnist", standalone_mode=True)
     except SystemExit as exc:  # click's standalone mode always ends with one
-        EXIT["code"] = exc.code
-        raise
+        EXIT["code"] = exit_code(exc.code)
+        sys.exit(EXIT["code"])
 
 
 EXIT: dict[str, int | str | None] = {"code": 0}
 
 
 def end_without_teardown() -> None:
-    """The last exit handler: flush what was printed and end with the command's exit code."""
-    code = EXIT["code"]
+    """The last exit handler: flush what was printed and end with the command's exit code (or
+    the interrupted code, should a signal have come in during the other exit handlers)."""
+    code = exit_code(EXIT["code"])
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass  # a closed pipe: nothing more can reach it
-    os._exit(code if isinstance(code, int) else (1 if code else 0))
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""The options several commands share, and the parsing of ``auto`` overrides.
-
-Every default comes from ``fmnist.config`` (defined there once); this module imports click and
-the config only, so a command's ``--help`` never loads torch or mlflow.
+"""The options several commands share, and the two kinds of option click lacks: a ``Switch``
+(a boolean: ``--x`` alone is true, ``--no-x`` false, ``--x=true|false`` a value, the form the
+MLproject's commands are formatted with) and ``AutoNumber`` (a number, or ``auto`` for "the
+recipe's or the grid's value", which becomes None). Every default comes from ``fmnist.config``;
+this module imports click and the config only, so a command's ``--help`` never loads torch or
+mlflow.
 """
 
 from __future__ import annotations
@@ -9,59 +11,145 @@ from __future__ import annotations
 import click
 
 from fmnist.config import CommonConfig, SearchOptions
-from fmnist.errors import ConfigError
 
 AUTO = "auto"
 COMMON_KEYS = ("data_dir", "seed", "split_seed", "device", "experiment_name", "quiet")
+SEARCH_KEYS = ("storage", "study_name", "n_jobs")
+DEVICES = ("auto", "cpu", "cuda")
+NEGATED = "fmnist.negated"  # ctx.meta: the names of the switches a --no-x turned off
+NAME_OR_PATH = "NAME|PATH"  # an experiment definition: a name in experiments/ or a YAML file
 
 
-def common_options(function):
-    """Add the shared options; the command receives them as keyword arguments."""
-    defaults = CommonConfig()
-    options = [
+class Switch(click.Option):
+    """A boolean option ``--x``: alone it means true, ``--x true|false`` (or ``--x=false``)
+    gives the value, and ``--no-x`` (a hidden eager flag, so it is seen first) means false.
+    Its help line shows ``--x / --no-x``, as click shows its own flag pairs."""
+
+    def __init__(self, param_decls, **attrs) -> None:
+        attrs.update(type=click.BOOL, is_flag=False, flag_value=True, callback=unless_negated)
+        super().__init__(param_decls, **attrs)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str]:
+        name = self.opts[0][2:]
+        state = name if self.default else f"no-{name}"
+        return f"--{name} / --no-{name}", f"{self.help}  [default: {state}]"
+
+
+def record_negation(ctx: click.Context, param: click.Parameter, given: bool) -> None:
+    if given:
+        ctx.meta.setdefault(NEGATED, set()).add(param.name.removeprefix("no_"))
+
+
+def unless_negated(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    return False if param.name in ctx.meta.get(NEGATED, ()) else value
+
+
+def switch(name: str, default: bool, help: str):
+    """The boolean option ``--name`` (a ``Switch``) and its ``--no-name``."""
+    return stack(
+        click.option(f"--{name}", cls=Switch, default=default, help=help),
         click.option(
-            "--data-dir",
-            default=defaults.data_dir,
-            show_default=True,
-            help="Folder holding FashionMNIST/raw (empty: $FMNIST_DATA_DIR, else ./data).",
+            f"--no-{name}",
+            is_flag=True,
+            is_eager=True,
+            hidden=True,
+            expose_value=False,
+            callback=record_negation,
         ),
-        click.option(
-            "--seed",
-            type=int,
-            default=defaults.seed,
-            show_default=True,
-            help="Training seed (python, numpy, torch).",
+    )
+
+
+class AutoNumber(click.ParamType):
+    """A number of ``kind`` (int or float), or ``auto`` (or nothing) for None."""
+
+    name = f"number|{AUTO}"
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return f"{'INTEGER' if self.kind is int else 'FLOAT'}|{AUTO}"
+
+    def convert(self, value, param, ctx) -> int | float | None:
+        if value is None or isinstance(value, self.kind):
+            return value
+        text = str(value).strip()
+        if text.lower() in {"", AUTO}:
+            return None
+        try:
+            number = float(text)
+        except ValueError:
+            self.fail(f"{text!r} is not a number or {AUTO!r}.", param, ctx)
+        if self.kind is int and not number.is_integer():
+            self.fail(f"{text!r} is not a whole number or {AUTO!r}.", param, ctx)
+        return self.kind(number)
+
+
+def option(name: str, default, help: str, **attrs):
+    """``--name`` with its default (shown in --help) and its help; click infers the type from
+    the default unless ``attrs`` name one."""
+    return click.option(f"--{name}", default=default, show_default=True, help=help, **attrs)
+
+
+def auto_option(name: str, kind: type, help: str):
+    """``--name`` taking a number of ``kind`` or ``auto`` (the default), which means None."""
+    return option(name, AUTO, help, type=AutoNumber(kind))
+
+
+def examples(*lines: str) -> str:
+    """A command's epilog: its examples, kept as written (click rewraps other paragraphs)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def stack(*options):
+    """One decorator applying ``options`` in the order listed (the order --help shows)."""
+
+    def decorate(function):
+        for add in reversed(options):
+            function = add(function)
+        return function
+
+    return decorate
+
+
+COMMON, SEARCH = CommonConfig(), SearchOptions()
+common_options = stack(
+    option(
+        "data-dir",
+        COMMON.data_dir,
+        "Folder holding FashionMNIST/raw (empty: $FMNIST_DATA_DIR, else ./data).",
+        metavar="DIR",
+    ),
+    option("seed", COMMON.seed, "Training seed (python, numpy, torch)."),
+    option(
+        "split-seed",
+        COMMON.split_seed,
+        "random_state of the study's stratified 80/20 train/validation split.",
+    ),
+    option("device", COMMON.device, "auto picks CUDA when available.", type=click.Choice(DEVICES)),
+    option(
+        "experiment-name",
+        COMMON.experiment_name,
+        "MLflow experiment (ignored under `mlflow run`, which sets it).",
+        metavar="NAME",
+    ),
+    switch("quiet", COMMON.quiet, "No progress bars."),
+)
+
+
+def search_options(study_name_help: str, n_jobs_help: str):
+    """``--storage``, ``--study-name`` and ``--n-jobs``, shared by the search commands."""
+    return stack(
+        option(
+            "storage",
+            SEARCH.storage,
+            "Optuna storage URL (e.g. postgresql://...) or journal file (empty: "
+            "optuna-journal.log next to the tracking store).",
+            metavar="URL|FILE",
         ),
-        click.option(
-            "--split-seed",
-            type=int,
-            default=defaults.split_seed,
-            show_default=True,
-            help="random_state of the study's stratified 80/20 train/validation split.",
-        ),
-        click.option(
-            "--device",
-            type=click.Choice(["auto", "cpu", "cuda"]),
-            default=defaults.device,
-            show_default=True,
-            help="auto picks CUDA when available.",
-        ),
-        click.option(
-            "--experiment-name",
-            default=defaults.experiment_name,
-            show_default=True,
-            help="MLflow experiment (ignored under `mlflow run`, which sets it).",
-        ),
-        click.option(
-            "--quiet/--no-quiet",
-            default=defaults.quiet,
-            show_default=True,
-            help="No progress bars.",
-        ),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
+        option("study-name", SEARCH.study_name, study_name_help, metavar="NAME"),
+        option("n-jobs", SEARCH.n_jobs, n_jobs_help),
+    )
 
 
 def pop_common(kwargs: dict) -> CommonConfig:
@@ -71,47 +159,4 @@ def pop_common(kwargs: dict) -> CommonConfig:
 
 def pop_search(kwargs: dict) -> SearchOptions:
     """Remove ``--storage``, ``--study-name`` and ``--n-jobs`` from kwargs, as a config."""
-    return SearchOptions(**{key: kwargs.pop(key) for key in ("storage", "study_name", "n_jobs")})
-
-
-def search_options(study_name_help: str, n_jobs_help: str):
-    """Add ``--storage``, ``--study-name`` and ``--n-jobs``, shared by the search commands."""
-    defaults = SearchOptions()
-    options = [
-        click.option(
-            "--storage",
-            default=defaults.storage,
-            show_default=True,
-            help="Optuna storage URL (e.g. postgresql://...) or journal file "
-            "(empty: optuna-journal.log next to the tracking store).",
-        ),
-        click.option(
-            "--study-name", default=defaults.study_name, show_default=True, help=study_name_help
-        ),
-        click.option(
-            "--n-jobs", type=int, default=defaults.n_jobs, show_default=True, help=n_jobs_help
-        ),
-    ]
-
-    def decorate(function):
-        for option in reversed(options):
-            function = option(function)
-        return function
-
-    return decorate
-
-
-def parse_override(name: str, text: str, kind: type) -> int | float | None:
-    """``auto`` (or empty) -> None; otherwise the number, as ``kind``."""
-    text = str(text).strip()
-    if text.lower() in {"", AUTO}:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"--{name} must be a number or {AUTO!r}, got {text!r}.") from None
-    if kind is int:
-        if not value.is_integer():
-            raise ConfigError(f"--{name} must be a whole number or {AUTO!r}, got {text!r}.")
-        return int(value)
-    return value
+    return SearchOptions(**{key: kwargs.pop(key) for key in SEARCH_KEYS})

@@ -1,0 +1,156 @@
+"""The commands that look at the data or at trained models without training: ``info``, ``eda``,
+``evaluate``, ``compare`` and ``predict`` (MLproject ``eda``, ``evaluate``, ``compare``).
+
+Each is a thin wrapper: its options become the entry point's config from ``fmnist.config`` and
+its flow does the work, imported only when the command runs, so ``--help`` loads none of torch,
+mlflow, matplotlib or scikit-learn. ``predict`` imports nothing here that loads torch either:
+a model with an ONNX copy is predicted without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from fmnist.cli.options import common_options, examples, option, pop_common, switch
+from fmnist.config import PREDICT_FORMATS, CompareConfig, EdaConfig, EvaluateConfig, PredictConfig
+
+EDA, EVALUATE, COMPARE, PREDICT = EdaConfig(), EvaluateConfig(), CompareConfig(), PredictConfig()
+MODEL_HELP = "models:/name@alias, models:/name/3, runs:/ID/model or a local model folder."
+
+
+@click.command(epilog=examples("fmnist info --data-dir ~/fashion-mnist --split-seed 7"))
+@common_options
+def info(**kwargs) -> None:
+    """Check the dataset: sizes, per-class counts of each split, digest."""
+    from fmnist.data import CLASS_NAMES, class_counts, load_fashion_mnist, make_splits  # torch
+
+    common = pop_common(kwargs)
+    data = load_fashion_mnist(common.data_dir or None)
+    splits = make_splits(data, common.split_seed)
+    click.echo(f"data directory: {data.root}")
+    click.echo(f"digest:         {data.digest}")
+    click.echo(
+        f"train / validation / test: {len(splits.train)} / {len(splits.val)} / {len(splits.test)}"
+    )
+    click.echo(f"mean pixel (training file): {float(data.train_images.float().mean() / 255):.4f}")
+    click.echo(f"{'class':<12} {'train':>7} {'val':>7} {'test':>7}")
+    counts = (class_counts(s.labels) for s in (splits.train, splits.val, splits.test))
+    for name, n_train, n_val, n_test in zip(CLASS_NAMES, *counts, strict=True):
+        click.echo(f"{name:<12} {n_train:>7} {n_val:>7} {n_test:>7}")
+
+
+@click.command(epilog=examples("fmnist eda --tsne-samples 2000 --pca-variance 0.9"))
+@option(
+    "tsne-samples",
+    EDA.tsne_samples,
+    "t-SNE embeds the first N images of the training file (the study used 5000).",
+    type=click.IntRange(min=1),
+)
+@option(
+    "pca-variance",
+    EDA.pca_variance,
+    "Explained-variance fraction of the PCA reconstruction figure and error.",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+)
+@common_options
+def eda(**kwargs) -> None:
+    """Class distribution, sample images, PCA and t-SNE, each figure with its number."""
+    from fmnist.flows.eda import SUMMARY, run_eda  # matplotlib and sklearn load only now
+
+    result = run_eda(EdaConfig(common=pop_common(kwargs), **kwargs))
+    click.echo(
+        f"pca_components_90={int(result['pca_components_90'])} "
+        f"pca_components_95={int(result['pca_components_95'])} "
+        f"tsne_silhouette={result['tsne_silhouette']:.3f} "
+        f"pca_silhouette={result['pca_silhouette']:.3f} "
+        f"eda_seconds={result['eda_seconds']:.1f}"
+    )
+    click.echo(f"run {result['run_id']}: figures and {SUMMARY} are its artifacts.")
+
+
+@click.command(
+    epilog=examples(
+        "fmnist evaluate  # the CNN champion, with the robustness suite",
+        "fmnist evaluate --model models:/fmnist-dnn@champion --no-robustness",
+    )
+)
+@option("model", EVALUATE.model, MODEL_HELP, metavar="URI|DIR")
+@switch("robustness", EVALUATE.robustness, "Run the corruption suite (about a minute on a CPU).")
+@option(
+    "robustness-images",
+    EVALUATE.robustness_images,
+    "Test images the suite corrupts: a seeded, class-stratified subset (0: all).",
+)
+@common_options
+def evaluate(**kwargs) -> None:
+    """Evaluate a logged or registered model: test metrics, calibration and robustness."""
+    from fmnist.flows.evaluate import run_evaluate  # mlflow and torch load only when it runs
+
+    result = run_evaluate(EvaluateConfig(common=pop_common(kwargs), **kwargs))
+    click.echo(", ".join(f"{key}={value}" for key, value in result.items()))
+
+
+@click.command(epilog=examples("fmnist compare --include-quick --inference-images 0"))
+@switch("include-quick", COMPARE.include_quick, "Also compare models from quick (demo) runs.")
+@option(
+    "inference-images",
+    COMPARE.inference_images,
+    "Test images used to time each registered model's pyfunc inference (0: skip).",
+)
+@common_options
+def compare(**kwargs) -> None:
+    """Compare the best dense network with every CNN recipe and write the study's results."""
+    from fmnist.flows.compare import run_compare  # mlflow loads only when the command runs
+
+    result = run_compare(CompareConfig(common=pop_common(kwargs), **kwargs))
+    click.echo(
+        f"compared {result['models']} models; best test accuracy "
+        f"{result['best_test_accuracy']:.4f} ({result['best']}); run {result['run_id']}"
+    )
+
+
+@click.command(
+    epilog=examples(
+        "fmnist predict shirt.png boots.jpg",
+        "fmnist predict --model models:/fmnist-dnn@champion --format json batch.npy",
+    )
+)
+@click.option(
+    "--model",
+    "model_uri",
+    default=PREDICT.model_uri,
+    show_default=True,
+    metavar="URI|DIR",
+    help=MODEL_HELP,
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(PREDICT_FORMATS),
+    default=PREDICT.fmt,
+    show_default=True,
+    help="table: aligned columns; json: a list of objects with the top 3; csv: one row an image.",
+)
+@click.option(
+    "--invert/--no-invert",
+    default=PREDICT.invert,
+    help="Force (or forbid) inverting photos; default: detect dark-on-light photos. A flag "
+    "pair only, with no =true|false form: the PATHS that follow are not its value.",
+)
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.pass_context
+def predict(
+    ctx: click.Context, model_uri: str, fmt: str, invert: bool | None, paths: tuple[Path, ...]
+) -> None:
+    """Predict the class of each image in PATHS (PNG/JPEG, .npy (N,28,28), IDX)."""
+    from fmnist.flows.predict import format_predictions, predict_files  # mlflow loads only now
+
+    predictions, errors = predict_files(model_uri, list(paths), invert)
+    if predictions:
+        click.echo(format_predictions(predictions, fmt))
+    for message in errors:
+        click.echo(f"Error: {message}", err=True)
+    if errors:
+        ctx.exit(2)

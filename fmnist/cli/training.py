@@ -1,0 +1,184 @@
+"""The commands that train and register models: ``dnn-search``, ``cnn``, ``cnn-search`` and
+``pipeline`` (MLproject ``dnn_search``, ``cnn``, ``cnn_search`` and ``main``).
+
+Each is a thin wrapper: its options become the entry point's config from ``fmnist.config`` and
+the flow of the same name does the work, imported only when the command runs, so ``--help``
+loads neither torch nor mlflow. An ``auto`` override (``--epochs``, ``--lr``...) is None in the
+config: the recipe's or the grid's value, logged resolved under ``cfg.*``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from fmnist.cli.options import (
+    NAME_OR_PATH,
+    auto_option,
+    common_options,
+    examples,
+    option,
+    pop_common,
+    pop_search,
+    search_options,
+    switch,
+)
+from fmnist.config import CnnConfig, CnnSearchConfig, DnnSearchConfig, PipelineConfig
+
+DNN, CNN, SEARCH, PIPELINE = DnnSearchConfig(), CnnConfig(), CnnSearchConfig(), PipelineConfig()
+
+
+def echo_result(result: dict) -> None:
+    """A search's summary line, and the model it registered."""
+    click.echo(", ".join(f"{key}={value}" for key, value in result.items()))
+    if result["model_uri"]:
+        click.echo(f"model: {result['model_uri']}")
+
+
+@click.command(
+    "dnn-search",
+    epilog=examples(
+        "fmnist dnn-search --grid dnn_quick --epochs 2 --n-jobs 2 --prune",
+        "fmnist dnn-search --storage postgresql://host/optuna --study-name grid  # each machine",
+    ),
+)
+@option(
+    "grid",
+    DNN.grid,
+    "Grid definition: a name in experiments/ or a YAML file.",
+    metavar=NAME_OR_PATH,
+)
+@auto_option("epochs", int, "Epochs per grid point (auto: the grid's `epochs`, else 30).")
+@search_options(
+    study_name_help="Optuna study (empty: derived from grid, epochs, seeds and data digest).",
+    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core).",
+)
+@switch("prune", DNN.prune, "MedianPruner on validation accuracy (off: every point to its end).")
+@switch(
+    "finalize",
+    DNN.finalize,
+    "Train nothing: log Table I and register the winner of a finished grid (takes over from a "
+    "worker that died while doing it).",
+)
+@common_options
+def dnn_search(**kwargs) -> None:
+    """Grid-search the study's dense network (PCA + MLP) and register the winner as fmnist-dnn.
+
+    Re-running the same command resumes it: only points not yet done are trained.
+    """
+    from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
+
+    common, search = pop_common(kwargs), pop_search(kwargs)
+    echo_result(run_dnn_search(DnnSearchConfig(common=common, search=search, **kwargs)))
+
+
+@click.command(
+    epilog=examples(
+        "fmnist cnn --recipe paper --epochs 5 --lr 0.001",
+        "fmnist cnn --resume RUN_ID  # go on from an interrupted run's last checkpoint",
+    )
+)
+@option(
+    "recipe",
+    CNN.recipe,
+    "Recipe in experiments/cnn (paper, fast, bf16_cpu, best) or a recipe YAML path.",
+    metavar=NAME_OR_PATH,
+)
+@auto_option("epochs", int, "Epochs (auto: the recipe's).")
+@auto_option("batch-size", int, "Batch size (auto: the recipe's).")
+@auto_option("lr", float, "Learning rate (auto: the recipe's).")
+@auto_option("weight-decay", float, "Weight decay (auto: the recipe's).")
+@option(
+    "checkpoint-every",
+    CNN.checkpoint_every,
+    "Log the training state as checkpoints/last.pt every N epochs (0: never).",
+    type=click.IntRange(min=0),
+)
+@option(
+    "resume",
+    CNN.resume,
+    "Run id of an interrupted `fmnist cnn` run: go on from its last checkpoint (in that run; "
+    "under `mlflow run`, in the new run, tagged resumed_from).",
+    metavar="RUN_ID",
+)
+@common_options
+def cnn(resume: str, **kwargs) -> None:
+    """Train a CNN recipe, log it to MLflow and register it as fmnist-cnn."""
+    from fmnist.flows.cnn import run_cnn  # torch and mlflow load only when the command runs
+
+    summary = run_cnn(CnnConfig(common=pop_common(kwargs), resume=resume.strip(), **kwargs))
+    click.echo(
+        f"recipe {summary['recipe']}: test accuracy {summary['test_accuracy']:.4f}, best "
+        f"validation accuracy {summary['best_val_accuracy']:.4f} (epoch {summary['best_epoch']}), "
+        f"{summary['parameter_count']:,} parameters, training {summary['train_seconds']} s"
+    )
+    click.echo(f"run {summary['run_id']}; version alias: {summary['alias']}")
+    click.echo(f"model URI: {summary['model_uri']}")
+
+
+@click.command(
+    "cnn-search",
+    epilog=examples(
+        "fmnist cnn-search --n-trials 10 --epochs 2 --no-retrain-best",
+        "fmnist cnn-search --n-trials 0 --timeout 3600 --device cuda  # an hour of trials",
+    ),
+)
+@option(
+    "search-space",
+    SEARCH.search_space,
+    "Search-space definition: a name in experiments/ or a YAML file.",
+    metavar=NAME_OR_PATH,
+)
+@option(
+    "n-trials",
+    SEARCH.n_trials,
+    "Trials the study holds when the search stops (a resumed study counts its finished ones; "
+    "0: no limit, --timeout decides).",
+)
+@option(
+    "timeout",
+    SEARCH.timeout,
+    "Wall-clock budget in seconds: no trial starts after it (0: no limit).",
+    metavar="SECONDS",
+)
+@option("epochs", SEARCH.epochs, "Epochs per trial.")
+@search_options(
+    study_name_help="Optuna study (empty: derived from space, base recipe, epochs, seeds and "
+    "data digest).",
+    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core; one on a GPU).",
+)
+@switch(
+    "retrain-best",
+    SEARCH.retrain_best,
+    "Retrain the best point for the full epoch count and register it as fmnist-cnn (off: only "
+    "search).",
+)
+@auto_option("retrain-epochs", int, "Epochs of the retraining (auto: the base recipe's).")
+@common_options
+def cnn_search(**kwargs) -> None:
+    """Search CNN hyperparameters (TPE + median pruning), retrain the best as fmnist-cnn.
+
+    Re-running the same command resumes the study; a larger --n-trials adds trials.
+    """
+    from fmnist.flows.cnn_search import run_cnn_search  # heavy imports only when it runs
+
+    common, search = pop_common(kwargs), pop_search(kwargs)
+    echo_result(run_cnn_search(CnnSearchConfig(common=common, search=search, **kwargs)))
+
+
+@click.command(
+    epilog=examples(
+        "fmnist pipeline --quick  # minutes: every step shrunk",
+        "mlflow run . -P quick=true  # the same, as the MLproject's main entry point",
+    )
+)
+@switch("quick", PIPELINE.quick, "Shrink epochs and samples so the pipeline finishes in minutes.")
+@option("recipe", PIPELINE.recipe, "CNN recipe of the cnn step.", metavar=NAME_OR_PATH)
+@common_options
+def pipeline(**kwargs) -> None:
+    """Run the study end to end: every step a child run of one pipeline run."""
+    from fmnist.flows.pipeline import run_pipeline  # every step's imports load only now
+
+    results = run_pipeline(PipelineConfig(common=pop_common(kwargs), **kwargs))
+    for step, summary in results.items():
+        click.echo(f"{step}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    click.echo("Next: `make ui` and open http://127.0.0.1:5000 to browse the runs.")
