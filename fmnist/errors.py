@@ -25,5 +25,18 @@ class ConfigError(FmnistError):
         self.key = key
 
 
+class NoSpace(FmnistError):
+    """A disk filled up while the command wrote ``path``; ``needed``: bytes it needs, if known."""
+
+    def __init__(self, path: str, needed: int | None = None) -> None:
+        need = f"at least {needed / 1e6:.0f} MB" if needed else "space for it"
+        super().__init__(
+            f"The disk holding {path} is full: the command could not write it and stopped. "
+            f"Free {need} on that disk (or point TMPDIR, MLFLOW_TRACKING_URI or the artifact "
+            "location at another one), then run the same command again: it goes on from the "
+            "last checkpoint, and a search from its study."
+        )
+
+
 class TrainingDiverged(FmnistError):
     """The loss became NaN or infinite; the run or trial failed for a final reason."""

@@ -10,6 +10,7 @@ finished run per step, each epoch's metrics once.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -21,12 +22,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from fmnist.cli import cli
 from fmnist.errors import ConfigError
 from fmnist.liveness import process_id
-from fmnist.tracking import heartbeat
+from fmnist.tracking import checkpoints, heartbeat
 from fmnist.tracking.checkpoints import CHECKPOINT_TAG, CheckpointLogger, read_checkpoint
 from fmnist.tracking.resume import STEP_KEY
+from tests.test_cnn_resume import RECIPE
 
 HOST = socket.gethostname()
 DEAD = f"{HOST}:999999999:1"  # no process has this pid
@@ -85,6 +90,26 @@ def test_a_checkpoint_is_trusted_only_as_its_digest_says(tracking_store, tmp_pat
     client.set_tag(run.info.run_id, CHECKPOINT_TAG, f"{slot} {'0' * 64} {epoch}")  # half a file
     with pytest.raises(ConfigError, match="does not match its recorded SHA-256"):
         read_checkpoint(run.info.run_id)
+
+
+def test_a_full_disk_is_one_paragraph_naming_the_file_and_the_run_ends_failed(
+    synthetic_data_dir, tracking_store, tmp_path, monkeypatch
+):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({**RECIPE, "epochs": 1}))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    args = ["cnn", "--recipe", str(recipe), "--data-dir", str(synthetic_data_dir), "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--experiment-name", "tests"])
+    assert result.exit_code == 2, result.output
+    message = result.output.replace("\n", " ")
+    assert "is full" in message and "fmnist-checkpoint-" in message and "MB" in message
+    assert "Traceback" not in result.output
+    (run,) = mlflow.search_runs(experiment_names=["tests"], output_format="list")
+    assert run.info.status == "FAILED" and "is full" in run.data.tags["error"]
 
 
 def quick_pipeline(data_dir: Path) -> list[str]:

@@ -17,6 +17,7 @@ KILLED).
 from __future__ import annotations
 
 import atexit
+import errno
 import importlib
 import logging
 import os
@@ -28,7 +29,7 @@ import traceback
 import click
 
 from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
-from fmnist.errors import FmnistError
+from fmnist.errors import FmnistError, NoSpace
 
 UNEXPECTED_EXIT_CODE = 1  # FmnistError.exit_code (2) and click's usage errors (2) are the others
 SIGNAL_EXIT_BASE = 128  # the shell's code for a process signal N stopped: 128 + N
@@ -45,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("fmnist.cli.inspection:compare", "Compare the dense network with every CNN."),
     "predict": ("fmnist.cli.inspection:predict", "Classify images with a registered model."),
     "pipeline": ("fmnist.cli.training:pipeline", "Run the whole study, one child run a step."),
+    "runs": (
+        "fmnist.cli.inspection:runs",
+        "List RUNNING runs; --clean ends those of dead processes.",
+    ),
 }
 # The signal that interrupted this process (set by ``raise_interrupt``): it decides the exit code.
 RECEIVED: dict[str, int | None] = {"signal": None}
@@ -84,7 +89,7 @@ class LazyGroup(click.Group):
             report_error(exc)
             ctx.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the user gets one paragraph, never a traceback
-            known = unreachable_server(exc) or locked_store(exc)
+            known = unreachable_server(exc) or locked_store(exc) or disk_full(exc)
             if known is not None:
                 report_error(known)
                 ctx.exit(known.exit_code)
@@ -131,6 +136,17 @@ def locked_store(exc: Exception) -> FmnistError | None:
     uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     message = locked_store_message(exc, uri)
     return FmnistError(message) if message else None
+
+
+def disk_full(exc: Exception) -> FmnistError | None:
+    """A write that found its disk full, as one paragraph naming the file (when it is known)."""
+    error: BaseException | None = exc
+    while error is not None:
+        if getattr(error, "errno", None) == errno.ENOSPC or "disk is full" in str(error):
+            path = getattr(error, "filename", None) or "the tracking store or temporary folder"
+            return NoSpace(str(path))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def report_error(exc: FmnistError) -> None:

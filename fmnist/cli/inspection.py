@@ -154,3 +154,32 @@ def predict(
         click.echo(f"Error: {message}", err=True)
     if errors:
         ctx.exit(2)
+
+
+@click.command(
+    epilog=examples(
+        "fmnist runs  # what is RUNNING, and is its process alive?", "fmnist runs --clean"
+    )
+)
+@switch(
+    "clean",
+    False,
+    "End KILLED the runs whose process is gone (this machine) or silent past "
+    "FMNIST_RUN_GRACE_SECONDS (another machine); every command does it when it starts.",
+)
+def runs(clean: bool) -> None:
+    """List the store's RUNNING runs, with their process and whether it still lives."""
+    from fmnist import tracking  # mlflow loads only now
+    from fmnist.tracking import heartbeat
+
+    tracking.configure()
+    found = heartbeat.running_runs()
+    for run, reason in found:
+        process = run.data.tags.get(heartbeat.PROCESS_TAG, "unknown process")
+        state = f"dead: {reason}" if reason else "alive"
+        click.echo(f"{run.info.run_id}  {run.info.run_name or '':<28} {process}  {state}")
+    if clean:
+        ended = heartbeat.end_dead_runs()
+        click.echo(f"{len(ended)} run(s) ended KILLED.")
+    elif not found:
+        click.echo("No run is RUNNING.")

@@ -173,12 +173,21 @@ def cnn_search(**kwargs) -> None:
 )
 @switch("quick", PIPELINE.quick, "Shrink epochs and samples so the pipeline finishes in minutes.")
 @option("recipe", PIPELINE.recipe, "CNN recipe of the cnn step.", metavar=NAME_OR_PATH)
+@switch(
+    "fresh",
+    PIPELINE.fresh,
+    "Start over: by default a pipeline killed with the same inputs goes on where it stopped.",
+)
 @common_options
 def pipeline(**kwargs) -> None:
-    """Run the study end to end: every step a child run of one pipeline run."""
+    """Run the study end to end: every step a child run of one pipeline run.
+
+    Run again with the same options and data after it was killed, it reuses the steps that
+    finished, resumes the search's study and the CNN's last checkpoint (--fresh: start over).
+    """
     from fmnist.flows.pipeline import run_pipeline  # every step's imports load only now
 
     results = run_pipeline(PipelineConfig(common=pop_common(kwargs), **kwargs))
     for step, summary in results.items():
         click.echo(f"{step}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-    click.echo("Next: `make ui` and open http://127.0.0.1:5000 to browse the runs.")
+    click.echo(f"Next: `make ui`, then open {results['pipeline']['ui_url']}")

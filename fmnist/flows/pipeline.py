@@ -207,5 +207,5 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
                 results[step_name] = step(cfg, parent)
             resume.record_step(parent, step_name, results[step_name])
         tracking.log_headline(results, ("dnn_search", "cnn"))
-        results["pipeline"] = {"run_id": parent}
+        results["pipeline"] = {"run_id": parent, "ui_url": tracking.ui_url(run.info.experiment_id)}
     return results

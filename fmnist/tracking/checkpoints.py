@@ -14,6 +14,7 @@ objects), then every key a resume uses, so a missing, truncated, hostile or fore
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import numbers
 import shutil
@@ -27,7 +28,7 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, NoSpace
 from fmnist.tracking.runs import OUTAGE, configure, log_metrics_finite, redact_uri, tracking_uri
 
 CHECKPOINT_DIR = "checkpoints"
@@ -74,7 +75,12 @@ class CheckpointLogger:
 
     def __call__(self, epoch: int, state: dict[str, Any]) -> None:
         # the newest checkpoint replaces one the server has not received: only the last matters
-        torch.save({**state, "settings": self.settings}, self.folder / self.slot)
+        try:
+            torch.save({**state, "settings": self.settings}, self.folder / self.slot)
+        except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
+            if not disk_is_full(exc):
+                raise
+            raise NoSpace(str(self.folder / self.slot), 2 * state_bytes(state)) from None
         self.pending = epoch
         OUTAGE.attempt(self.upload)
 
@@ -104,6 +110,26 @@ class CheckpointLogger:
                 f"checkpoint of epoch {self.pending} not logged: {exc}", RuntimeWarning, 2
             )
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def disk_is_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it came from) says a disk is full."""
+    while exc is not None:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) training state: about its file's size."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(value) for value in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_bytes(value) for value in state)
+    return 0
 
 
 def checkpoint_logger(settings: Mapping[str, Any]) -> Callable[[int, dict[str, Any]], None]:

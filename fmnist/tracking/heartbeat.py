@@ -109,19 +109,25 @@ def dead_reason(tags: dict[str, str], start_ms: int, now: float, grace: float) -
     return f"its process {process or 'unknown'} has not beaten for {now - last:.0f} s"
 
 
-def end_dead_runs(now: float | None = None, grace: float | None = None) -> list[str]:
-    """End KILLED every RUNNING run of the store whose process is dead; return their ids."""
+def running_runs(now: float | None = None, grace: float | None = None) -> list[tuple]:
+    """The store's RUNNING runs: (run, why it is dead or None)."""
     now = time.time() if now is None else now
     grace = grace_seconds() if grace is None else grace
-    client, ended = mlflow.MlflowClient(), []
+    client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
-        return ended
-    for run in client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000):
-        tags = run.data.tags
-        reason = dead_reason(tags, run.info.start_time, now, grace)
+        return []
+    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)
+    return [(run, dead_reason(run.data.tags, run.info.start_time, now, grace)) for run in runs]
+
+
+def end_dead_runs(now: float | None = None, grace: float | None = None) -> list[str]:
+    """End KILLED every RUNNING run of the store whose process is dead; return their ids."""
+    client, ended = mlflow.MlflowClient(), []
+    for run, reason in running_runs(now, grace):
         if reason is None:
             continue
+        tags = run.data.tags
         alive = float(tags.get(ALIVE_TAG) or run.info.start_time / 1000)
         last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(alive))
         try:

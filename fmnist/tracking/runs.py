@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -75,6 +76,7 @@ def configure() -> str:
     uri = tracking_uri()
     if uri.startswith("sqlite:"):  # no pooled connection for a forked search worker to share
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # it says so
     mlflow.set_tracking_uri(uri)
     prepare_store(uri)  # a fresh SQLite store: one process of the machine creates its tables
     clean_once(uri)  # runs left RUNNING by killed processes end KILLED
