@@ -6,6 +6,7 @@ import mlflow
 import pytest
 
 from fmnist import tracking
+from fmnist.config import redact_uri
 
 
 def test_direct_call_creates_a_tagged_run_in_the_experiment(tracking_store):
@@ -54,10 +55,10 @@ def test_child_runs_nest_under_parent_by_id(tracking_store):
 
 def test_redacts_passwords_in_uris():
     assert (
-        tracking.redact_uri("postgresql://bob:s3cret@db:5432/x")
+        redact_uri("postgresql://bob:s3cret@db:5432/x")
         == "postgresql://bob:***@db:5432/x"
     )
-    assert tracking.redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
 def test_epoch_logger_batches_writes_and_keeps_every_epoch_step(tracking_store):

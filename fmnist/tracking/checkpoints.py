@@ -28,8 +28,11 @@ import mlflow
 import torch
 from mlflow.exceptions import MlflowException
 
+from fmnist.config import redact_uri
 from fmnist.errors import ConfigError, NoSpace
-from fmnist.tracking.runs import OUTAGE, configure, log_metrics_finite, redact_uri, tracking_uri
+from fmnist.tracking.outage import OUTAGE, tracking_uri
+from fmnist.tracking.runs import configure
+from fmnist.tracking.values import log_metrics_finite
 
 CHECKPOINT_DIR = "checkpoints"
 SLOTS = ("a.pt", "b.pt")

@@ -27,7 +27,7 @@ from fmnist.analysis.evaluation import (
     build_artifacts,
     compute_metrics,
 )
-from fmnist.tracking.runs import log_metrics_finite
+from fmnist.tracking.values import log_metrics_finite
 
 RELIABILITY_FIGURE = "reliability_diagram.png"
 CALIBRATION_JSON = "calibration.json"

@@ -1,44 +1,27 @@
-"""MLflow tracking: one way for every command to open, tag, fill and close its runs.
+"""MLflow runs: one way for every command to open, tag and close its runs.
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded ``sqlite:///mlflow.db`` in
-the working directory. Under ``mlflow run`` the run already exists (``MLFLOW_RUN_ID``): the first
-run a command opens resumes it and never switches experiment; called directly, a command creates
-its own run in ``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the
-error recorded, and params that ``mlflow run`` already logged are never re-logged with another
-value.
-
-A tracking server that goes away once a run is open is ridden out (``Outage``): epoch metrics
-and checkpoints are kept and written, in order and with their steps, when it answers again, while
-training goes on; the calls that must land before the command can go on (a run's end, a trial's
-start, a final flush) wait for it. Past ``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) of
-silence the command stops with ``TrackingUnavailable``. The first contact still fails fast.
+the working directory. Under ``mlflow run`` the run exists already (``MLFLOW_RUN_ID``): the first
+run a command opens resumes it; called directly, a command creates its own run in
+``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the error recorded.
+A tracking server that goes away once a run is open is ridden out (``outage``): the calls that
+must land (a run's end, a trial's start) wait for it; the first contact fails fast.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
-import math
 import os
-import re
 import sys
-import tempfile
-import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 from mlflow import MlflowClient
-from mlflow.data.http_dataset_source import HTTPDatasetSource
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric
 
-from fmnist.config import DEFAULT_EXPERIMENT, redact_uri
+from fmnist.config import DEFAULT_EXPERIMENT
 from fmnist.tracking.heartbeat import BEAT, clean_once
 from fmnist.tracking.outage import (
     OUTAGE,
@@ -49,23 +32,14 @@ from fmnist.tracking.outage import (
 from fmnist.tracking.resume import CHILD_TAGS
 from fmnist.tracking.store import prepare_store
 from fmnist.tracking.ui import RANDOM_NAME, mark_model_development
+from fmnist.tracking.values import safe_text
 
-DATASET_URL = "https://github.com/zalandoresearch/fashion-mnist"
 # An unreachable server must fail fast, not after MLflow's default minutes of retries.
 HTTP_ENV_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
-
-
-def safe_text(text: str) -> str:
-    """What may be logged of a value: no password in a URI, no absolute home path (``~``)."""
-    text = redact_uri(text)
-    home = str(Path.home())
-    if len(home) > 1:  # a home of "/" would turn every absolute path into "~"
-        text = re.sub(re.escape(home) + r"(?=/|\b|$)", "~", text)
-    return text
 
 
 def configure() -> str:
@@ -251,162 +225,3 @@ def record_error(message: str) -> None:
         OUTAGE.ride_out(lambda: mlflow.set_tag("error", text))
     except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
         pass
-
-
-def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Log params, skipping keys already logged with the same value; return what was logged.
-
-    A key already logged with a different value (``mlflow run`` logs entry-point parameters
-    first) is kept as it is and the new value goes under ``cfg.<key>`` instead.
-    """
-
-    run = mlflow.active_run()
-    existing = OUTAGE.ride_out(lambda: mlflow.get_run(run.info.run_id)).data.params if run else {}
-    to_log: dict[str, str] = {}
-    for key, value in params.items():
-        full = f"{prefix}{key}"
-        text = format_param(value)
-        if full in existing:
-            if existing[full] == text:
-                continue
-            full = f"cfg.{full}"
-            if existing.get(full) == text:
-                continue
-        to_log[full] = text
-    if to_log:
-        OUTAGE.ride_out(lambda: mlflow.log_params(to_log))  # the same values again: harmless
-    return to_log
-
-
-def format_param(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list | tuple):
-        return json.dumps(list(value))
-    if isinstance(value, Path):
-        return value.name
-    return safe_text(str(value))
-
-
-def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Log the finite numeric entries of ``metrics`` (NaN would break charts and comparisons)."""
-
-    clean = finite_metrics(metrics)
-    if clean:
-        timestamp = int(time.time() * 1000)  # one timestamp: a repeated write is the same rows
-        OUTAGE.ride_out(lambda: mlflow.log_metrics(clean, step=step, timestamp=timestamp))
-
-
-def finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
-
-
-class EpochLogger:
-    """``engine.fit``'s ``on_epoch_end`` for the active run: each epoch's finite metrics at
-    ``step=epoch``, written in one batch at most every ``interval`` seconds and on ``flush``.
-
-    A database write costs about 5 ms, half a dense grid epoch's training; batching keeps the
-    tracking overhead of a fast loop small, while an epoch longer than ``interval`` (any CNN)
-    is still written as it ends. The caller flushes in a ``finally`` so that an interrupted or
-    pruned run keeps every epoch it trained; MLflow's asynchronous logging would not need that,
-    but its flush waits a second for its worker thread, longer than a whole dense trial's logging.
-
-    While the tracking server is away (``Outage``) the epochs are kept and training goes on;
-    ``flush`` waits for the server and writes them in order, each with its step and the time it
-    ended.
-    """
-
-    def __init__(self, interval: float = 1.0, skip: frozenset[int] = frozenset()) -> None:
-        self.run_id = mlflow.active_run().info.run_id
-        self.interval, self.skip = interval, skip  # ``skip``: epochs the run holds already
-        self.pending: list = []
-        self.written = time.monotonic()
-
-    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        if epoch in self.skip:
-            return  # trained again after a kill, from the checkpoint before it: the same values
-        now = int(time.time() * 1000)
-        self.pending += [Metric(k, v, now, epoch) for k, v in finite_metrics(metrics).items()]
-        if time.monotonic() - self.written >= self.interval:
-            OUTAGE.attempt(self.write)
-
-    def flush(self) -> None:
-        """Write every kept epoch, waiting for a tracking server that went away."""
-        OUTAGE.ride_out(self.write)
-
-    def write(self) -> None:
-
-        client = MlflowClient()
-        while self.pending:
-            batch = self.pending[:MAX_METRICS_PER_BATCH]
-            client.log_batch(self.run_id, batch)
-            del self.pending[: len(batch)]  # written: a retry after an error must not repeat it
-        self.written = time.monotonic()
-
-    def flush_quietly(self) -> None:
-        """``flush`` while another error is on its way: a failing store must not replace it."""
-        try:
-            self.write()  # one try: an interrupted command must not wait for a server
-        except Exception as exc:  # noqa: BLE001 - the error in flight matters more
-            warnings.warn(
-                f"{len(self.pending)} epoch metrics not logged: {exc}", RuntimeWarning, 2
-            )
-
-
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
-
-
-def logged_steps(run_id: str, metric: str) -> set[int]:
-    """The steps at which run ``run_id`` logged ``metric``."""
-    return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
-
-
-def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:
-    """Name the exact data of a run: a dataset input with the arrays' digest, and a tag."""
-
-    dataset = MetaDataset(source=HTTPDatasetSource(DATASET_URL), name=name, digest=digest)
-    mlflow.log_input(dataset, context=context)
-    mlflow.set_tag("data_digest", digest)
-
-
-def log_text_artifact(text: str, artifact_file: str) -> None:
-
-    mlflow.log_text(text, artifact_file)
-
-
-def log_table_replacing(columns: Mapping[str, list], artifact_file: str) -> None:
-    """``mlflow.log_table``, but a table already there (a resumed search's summary) is
-    replaced: ``log_table`` would append the new rows to the old ones."""
-    folder, name = artifact_file.rsplit("/", 1)
-    run_id = mlflow.active_run().info.run_id
-    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
-    if artifact_file not in logged:
-        mlflow.log_table(dict(columns), artifact_file)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        # the file log_table writes, so the UI keeps showing it as a table
-        pd.DataFrame(dict(columns)).to_json(path, orient="split", index=False, date_format="iso")
-        mlflow.log_artifact(str(path), folder)
-
-
-def log_changing_params(params: Mapping[str, Any], prefix: str) -> None:
-    """Log ``params`` as ``<prefix><key>`` where they may differ from an earlier attempt's.
-
-    A resumed search may find a new best; MLflow params never change, so a second value goes
-    under ``cfg.<prefix><key>`` (``log_params_safe``) and a later one is not logged again (the
-    caller keeps the whole set in a file as well).
-    """
-    run = mlflow.active_run()
-    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    values = {}
-    for key, value in params.items():
-        text, name = format_param(value), f"{prefix}{key}"
-        taken = existing.get(name, text) != text and existing.get(f"cfg.{name}", text) != text
-        if not taken:
-            values[name] = value
-    log_params_safe(values)
