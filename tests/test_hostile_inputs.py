@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import re
 import struct
-import time
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -94,10 +94,16 @@ def write(tmp_path: Path, name: str, content: bytes) -> Path:
 
 
 def refused_quickly(call, error: type[Exception], match: str) -> None:
-    started = time.perf_counter()
-    with pytest.raises(error, match=match):
-        call()
-    assert time.perf_counter() - started < 2.0  # nothing was decoded or allocated
+    """``call`` refuses with ``error`` having allocated no more than 50 MB (traced by Python's
+    tracemalloc): what the file claims was never decoded nor allocated."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(error, match=match):
+            call()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 1024**2, f"{peak / 1024**2:.0f} MB allocated"
 
 
 # --- photos ----------------------------------------------------------------------------------

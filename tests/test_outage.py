@@ -101,20 +101,39 @@ def test_epochs_are_kept_during_an_outage_and_written_in_order(store, monkeypatc
     assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
 
 
+class FakeClock:
+    """The outage's clock: ``sleep`` only moves time on, and at given times runs an action (the
+    server coming back); no test waits for real."""
+
+    def __init__(self, events=()) -> None:
+        self.now, self.events = 1000.0, sorted(events)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        while self.events and self.events[0][0] <= self.now - 1000.0:
+            self.events.pop(0)[1]()
+
+
 def test_flush_waits_for_the_server_and_a_run_ends_once_it_is_back(store, monkeypatch, capfd):
     batches = Switch(monkeypatch, "log_batch")
     ends = Switch(monkeypatch, "set_terminated")
+    clock = FakeClock(
+        [
+            (2.5, lambda: setattr(batches, "down", False)),
+            (4.0, lambda: setattr(ends, "down", False)),
+        ]
+    )
+    outage.OUTAGE.clock, outage.OUTAGE.sleep = clock, clock.sleep  # reset after the test
     with tracking.start_run("cnn", "cnn", "outage") as run:
         log_epoch = tracking.EpochLogger(interval=0.0)
         batches.down = ends.down = True
         log_epoch(1, {"val_accuracy": 0.5})
-        threading.Timer(2.5, lambda: setattr(batches, "down", False)).start()
-        threading.Timer(4.0, lambda: setattr(ends, "down", False)).start()
-        started = time.monotonic()
-        log_epoch.flush()  # waits until log_batch answers again
-        assert 2.5 <= time.monotonic() - started < 15
-    # the run's end waited too: FINISHED, not RUNNING
-    assert time.monotonic() - started >= 4.0
+        log_epoch.flush()  # waits (on the fake clock) until log_batch answers again
+        assert 2.5 <= clock.now - 1000.0 < 4.0
+    assert clock.now - 1000.0 >= 4.0  # the run's end waited too: FINISHED, not RUNNING
     assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"
     assert mlflow.active_run() is None
     assert history(run.info.run_id) == [(1, 0.5)]
@@ -126,13 +145,14 @@ def test_flush_waits_for_the_server_and_a_run_ends_once_it_is_back(store, monkey
 def test_an_outage_longer_than_allowed_stops_with_one_message(store, monkeypatch):
     monkeypatch.setenv(outage.OUTAGE_ENV, "0.5")
     server = Switch(monkeypatch, "log_batch")
+    clock = FakeClock()
+    outage.OUTAGE.clock, outage.OUTAGE.sleep = clock, clock.sleep  # reset after the test
     with pytest.raises(outage.TrackingUnavailable) as caught:
         with tracking.start_run("cnn", "cnn", "outage") as run:
             log_epoch = tracking.EpochLogger(interval=0.0)
             server.down = True
             log_epoch(1, {"val_accuracy": 0.5})
-            time.sleep(0.6)
-            outage.OUTAGE.next_try = 0.0
+            clock.sleep(1.0)  # past the back-off and the allowed half second
             log_epoch(2, {"val_accuracy": 0.6})
     message = str(caught.value)
     assert "has not answered for" in message and "--resume" in message
@@ -287,9 +307,9 @@ def server(tmp_path, monkeypatch):
 
 def slowed_fit(fit, server: MlflowServer, outages: list, at_epoch: int = 2):
     """``fit`` that stops the server after epoch ``at_epoch`` and, while it is away, trains
-    an epoch a second (so a few epochs end during the outage on any machine)."""
+    about an epoch a second (so a few epochs end during the outage on any machine)."""
 
-    once = threading.Lock()  # lockstep points reach their epoch in several threads at once
+    once = threading.Lock()  # the first point to reach the epoch stops the server
 
     def wrapper(*args, on_epoch_end=None, **kwargs):
         def on_epoch(epoch, metrics):
@@ -297,8 +317,9 @@ def slowed_fit(fit, server: MlflowServer, outages: list, at_epoch: int = 2):
             with once:
                 if epoch == at_epoch and not outages:  # two outages: a server left running
                     outages.append(server.outage(TEST_OUTAGE_SECONDS))
-            if server.down:
-                time.sleep(1.0)
+            for _ in range(5):  # an epoch a second while the server is away
+                if server.down:
+                    time.sleep(0.2)
 
         return fit(*args, on_epoch_end=on_epoch, **kwargs)
 

@@ -70,20 +70,21 @@ class Outage:
     """The state of one outage of the tracking server in this process: when it began, when to
     try again (backing off from 1 s to ``MAX_RETRY_DELAY``), and the two lines it prints."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.monotonic, sleep=time.sleep) -> None:
+        self.clock, self.sleep = clock, sleep  # tests pass a fake clock
         self.since: float | None = None
         self.next_try = 0.0
         self.delay = 1.0
         self.reason = ""
 
     def may_try(self) -> bool:
-        return self.since is None or time.monotonic() >= self.next_try
+        return self.since is None or self.clock() >= self.next_try
 
     def failed(self, exc: Exception, resend_safe: bool = True) -> None:
         """Note a failed call; re-raise ``exc`` unless it is an outage still within its time."""
         if not server_unreachable(exc, resend_safe):
             raise exc
-        now = time.monotonic()
+        now = self.clock()
         if self.since is None:
             self.since, self.delay = now, 1.0
             self.reason = next(
@@ -115,7 +116,7 @@ class Outage:
         if self.since is not None:
             print(
                 f"The MLflow tracking server answers again after "
-                f"{time.monotonic() - self.since:.0f} s; the kept metrics are written.",
+                f"{self.clock() - self.since:.0f} s; the kept metrics are written.",
                 file=sys.stderr,
                 flush=True,
             )
@@ -156,7 +157,7 @@ class Outage:
                 else:
                     self.recovered()
                     return result
-            time.sleep(max(0.0, self.next_try - time.monotonic()))
+            self.sleep(max(0.0, self.next_try - self.clock()))
 
 
 @contextmanager
