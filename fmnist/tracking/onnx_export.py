@@ -1,11 +1,5 @@
-"""Writing a logged model's ONNX copy: export the probability module, check it against torch.
-
-``fmnist.tracking.registry`` puts ``model.onnx`` beside the pt2 graph in every logged model, so
-that ``fmnist predict`` can run it with onnxruntime without importing torch
-(``fmnist.tracking.onnx_model`` reads it; this module, the writing side, needs torch). The copy
-is checked against torch when it is written, and left out with a warning when export or check
-fails: the pt2 graph is the model's contract, the ONNX copy only an accelerator.
-"""
+"""Writing a logged model's ONNX copy (``fmnist predict`` runs it without torch), checked
+against torch when written and left out, with a warning, when export or check fails."""
 
 from __future__ import annotations
 
@@ -44,12 +38,9 @@ def write_onnx_model(folder: Path, module: nn.Module, example: np.ndarray) -> st
 
 
 def export_onnx(module: nn.Module, example: np.ndarray, path: Path) -> None:
-    """Trace ``module`` on ``example`` into an ONNX file whose batch dimension is dynamic.
-
-    The TorchScript exporter (``dynamo=False``) writes the dense model in a tenth of a second
-    and the same bytes every time; the default torch.export-based one took 3.4 s and needs
-    onnxscript besides. Its deprecation warning says nothing a user can act on.
-    """
+    """Trace ``module`` on ``example`` into an ONNX file whose batch dimension is dynamic (the
+    TorchScript exporter: 0.1 s and the same bytes every time; the torch.export-based one took
+    3.4 s and needs onnxscript)."""
     batch = {0: "batch"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.filterwarnings(

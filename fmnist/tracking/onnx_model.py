@@ -1,13 +1,9 @@
 """The ONNX copy of a logged model, read without torch: find it, fetch it alone, run it.
 
-A model logged by ``fmnist.tracking.registry`` carries ``extra_files/model.onnx``, the same
-probability function as its pt2 graph (float32 (N, 28, 28) images in [0, 1] in, (N, 10)
-probabilities out, temperature and flip averaging inside). ``load_onnx_model`` resolves any
-model URI MLflow understands (``models:/name@alias``, ``models:/name/3``, ``runs:/ID/model``, a
-Logged Model URI) or a local model folder, downloads that one file and opens it with
-onnxruntime; it returns None for a model logged before the file existed, whose caller falls back
-to torch. Nothing here imports torch: ``import torch`` alone is seconds of a cold one-image
-``fmnist predict``, the model's run a millisecond.
+A logged model carries ``extra_files/model.onnx``, the same probability function as its pt2
+graph. ``load_onnx_model`` resolves any model URI (or a local model folder), downloads that one
+file and opens it with onnxruntime; None for a model logged before it existed (the caller falls
+back to torch). Nothing here imports torch: seconds of a cold one-image ``fmnist predict``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
-"""Model registry: log any classifier as a pt2 MLflow model, register it, set aliases, load it.
+"""Model registry: log a classifier as a pt2 MLflow model, register it, set its alias, load it.
 
-``log_and_register`` logs ``ProbabilityModel(classifier)`` (optionally averaging the mirrored
-image, test-time flip augmentation, inside the logged graph) from the CPU in eval mode with
-``torch.export`` (MLflow's ``pt2`` format, no pickle), signature float32 (N, 28, 28) -> (N, 10)
-with a dynamic batch dimension. The model folder also carries ``extra_files/model_spec.json`` and
-``extra_files/state_dict.pt`` so ``load_module`` can rebuild an ordinary, trainable ``nn.Module``
-(a loaded pt2 graph cannot switch train/eval mode), and ``extra_files/calibration.json`` the
-temperature folded into the graph (``read_temperature``: 1 for models logged before it
-existed), and ``extra_files/model.onnx`` the same probability function for onnxruntime
-(written and checked by ``fmnist.tracking.onnx_export``, read without torch by
-``fmnist.tracking.onnx_model`` for ``fmnist predict``; left out, with a warning, when export or
-check fails: the pt2 graph is the contract, the ONNX copy only an accelerator). The test
-metrics are linked to the MLflow 3 Logged Model, the version gets tags and a description, and
-the alias rule picks ``champion`` or ``challenger``. The module never imports the training
-engine: any module ``build_model`` can rebuild from its spec works.
+``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and the temperature
+inside the graph) from the CPU with ``torch.export`` (MLflow's ``pt2`` format, no pickle),
+float32 (N, 28, 28) -> (N, 10) with a dynamic batch. Its ``extra_files/`` hold the spec and
+weights that rebuild an ordinary ``nn.Module`` (``load_module``), the temperature
+(``calibration.json``) and an ONNX copy for ``fmnist predict`` without torch (left out, with a
+warning, when export fails: the pt2 graph is the contract). The test metrics are linked to the
+Logged Model, and the alias rule picks ``champion`` or ``challenger``.
 """
 
 from __future__ import annotations
@@ -79,12 +72,9 @@ class Candidate:
 
 
 def choose_alias(new: Candidate, champion: Candidate | None) -> tuple[str, str]:
-    """The alias rule: (alias for the new version, why).
-
-    ``champion`` moves only to a model trained on the same data digest whose validation accuracy
-    beats the champion's; a quick model never takes it from a full one, and a full model takes it
-    from a quick one on the same data (a quick run's accuracy is not a fair bar).
-    """
+    """The alias rule, (alias, why): ``champion`` moves only to a model trained on the same data
+    whose validation accuracy beats the champion's; a quick model never takes it from a full
+    one, and a full one takes it from a quick one (not a fair bar)."""
     if champion is None:
         return CHAMPION, "first registered version"
     if new.quick and not champion.quick:
@@ -122,7 +112,6 @@ def candidate_from_tags(tags: Mapping[str, str]) -> Candidate:
 
 def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
     """The champion's version and candidate, or (None, None) when there is none yet."""
-
     try:
         version = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -132,8 +121,6 @@ def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
 
 def to_export_module(classifier: nn.Module, tta_flip: bool, temperature: float = 1.0) -> nn.Module:
     """A CPU float32 eval-mode copy that outputs probabilities; the caller's model is untouched."""
-    # a torch.compile'd module keeps the real one in _orig_mod; export that
-    classifier = getattr(classifier, "_orig_mod", classifier)
     cpu_copy = copy.deepcopy(classifier).cpu().float().eval()
     # channels_last weights make torch.export.save warn about incomplete tensors; store plain ones
     cpu_copy = cpu_copy.to(memory_format=torch.contiguous_format)
@@ -144,7 +131,6 @@ def to_export_module(classifier: nn.Module, tta_flip: bool, temperature: float =
 
 
 def model_signature():
-
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
@@ -173,13 +159,9 @@ def pip_requirements() -> list[str]:
 
 
 def save_cpu_pytorch_model(path: str, mlflow_model, **kwargs) -> None:
-    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default.
-
-    MLflow's pyfunc moves a model to CUDA whenever a GPU is present, and a CPU-exported pt2
-    model refuses that, so without this a GPU machine could not load it. ``model_config``
-    ``{"device": ...}`` at load time or ``MLFLOW_DEFAULT_PREDICTION_DEVICE`` still override it.
-    """
-
+    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default: MLflow moves a
+    model to CUDA when a GPU is there, which a CPU-exported pt2 graph refuses (``model_config``
+    ``{"device": ...}`` at load time still overrides it)."""
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
     mlflow_model.flavors["python_function"]["config"] = {"device": "cpu"}
     mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -217,12 +199,9 @@ def log_and_register(
     temperature: float = 1.0,
     model_name: str = MODEL_NAME,
 ) -> RegisteredInfo:
-    """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its alias.
-
-    ``input_example``, when given, is a few real images (uint8 or float) used as the logged input
-    example instead of a random batch. ``temperature`` (fitted on the validation split) is folded
-    into the logged graph and recorded in ``extra_files/calibration.json`` and a version tag.
-    """
+    """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its
+    alias (a run registers once). ``input_example``: a few real images; ``temperature`` (fitted
+    on the validation split) is folded into the graph and recorded."""
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run")
@@ -289,8 +268,7 @@ def log_pt2_model(
         onnx_path = write_onnx_model(Path(tmp), export_module, example)
         if onnx_path is not None:
             extra_files.append(onnx_path)
-        # mlflow.pytorch.log_model is exactly Model.log(flavor=mlflow.pytorch, ...); this flavor
-        # only adds the CPU default. Tags land on the Logged Model and the new registered version.
+        # mlflow.pytorch.log_model is Model.log(flavor=mlflow.pytorch, ...), plus the CPU default
         return mlflow.models.Model.log(
             artifact_path=None,
             name=name,
@@ -307,12 +285,8 @@ def log_pt2_model(
 
 
 def link_metrics(client, model_id: str, run_id: str, metrics: Mapping[str, float]) -> None:
-    """Attach the test metrics to the Logged Model (shown on the Models page).
-
-    ``Model.log`` already copies the run's step-0 metrics onto the new model; only the others are
-    logged again with ``model_id`` (which also records them on the run at step 0).
-    """
-
+    """Attach the test metrics to the Logged Model (its Models page), those ``Model.log`` did
+    not copy from the run already."""
     linked = {metric.key for metric in (client.get_logged_model(model_id).metrics or [])}
     missing = {
         key: float(value)
@@ -345,23 +319,19 @@ def local_model_dir(model_uri: str) -> Path:
     """A local folder holding the MLflow model (downloaded unless it is already local)."""
     if Path(model_uri).is_dir():
         return Path(model_uri)
-
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
 
 
 def load_module(model_uri: str) -> nn.Module:
-    """Rebuild the registered logits classifier as an ordinary ``nn.Module`` (eval mode, CPU).
-
-    Accepts ``models:/name@alias``, ``models:/name/3``, ``runs:/<run_id>/model``, a Logged Model
-    URI or a local model folder. Unlike the pt2 graph, the result can be trained further.
-    """
+    """The logged logits classifier as an ordinary, trainable ``nn.Module`` (eval mode, CPU),
+    from any model URI or a local model folder."""
     module, _ = read_model_files(local_model_dir(model_uri) / EXTRA_DIR)
     return module
 
 
 def write_calibration(folder: Path, temperature: float, tta_flip: bool) -> str:
-    """``calibration.json``: the temperature inside the logged graph, how it was found, and
-    whether the graph averages the mirrored image (so the rebuild files alone reproduce it)."""
+    """``calibration.json``: the graph's temperature, how it was found, and whether it averages
+    the mirrored image (so the rebuild files alone reproduce it)."""
     path = Path(folder) / CALIBRATION_FILE
     content = {
         "temperature": float(temperature),
@@ -387,14 +357,9 @@ def load_pyfunc(model_uri: str, device: str = "cpu"):
 
 
 def load_probability_module(model_uri: str) -> nn.Module | None:
-    """The logged model's exact function rebuilt as an eager module (CPU, eval mode): the
-    classifier from its rebuild files inside ``ProbabilityModel`` with the recorded flip
-    averaging and temperature. None for a model logged before ``calibration.json`` said whether
-    it flips: then only its pt2 graph (``load_pyfunc``) knows.
-
-    Loading the pt2 graph imports ``torch._dynamo`` and the export machinery, seconds of a
-    one-image prediction; the rebuild files need plain torch only.
-    """
+    """The logged model's exact function as an eager module (CPU, eval mode), from its rebuild
+    files, flip averaging and temperature: no export machinery to import, unlike its pt2 graph.
+    None for a model logged before ``calibration.json`` said whether it flips."""
     folder = local_model_dir(model_uri)
     path = folder / EXTRA_DIR / CALIBRATION_FILE
     calibration = json.loads(path.read_text()) if path.is_file() else {}

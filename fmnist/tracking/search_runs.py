@@ -1,12 +1,9 @@
-"""What a search records in MLflow: a trial's result and checkpoint, the parent run's summary.
+"""What a search records in MLflow: its parent run, each trial's child run, the summary.
 
-``log_trial_result`` puts a trial's best epoch, its weights (``checkpoint/``) and its history in
-its child run, and ``load_trial_model`` reads them back; ``log_search_summary`` writes the table
-(``search/table.json``, shown by the UI as a table, and ``search/table.md``), the study's figures,
-point counts and the best trial's params and metrics as ``best_*`` into the active parent run;
-``earlier_result`` reads back what a finished search registered; ``fail_run`` ends a run that its
-worker can no longer end. The search driver calls them with plain values: nothing here knows
-Optuna, and the driver imports no MLflow.
+A trial's child run holds its epochs, best-epoch weights (``checkpoint/``) and history
+(``load_trial_model`` reads them back); the parent run the table (``search/table.json``, a table
+in the UI, and ``search/table.md``), Optuna's figures and the best trial as ``best_*``. The
+search driver calls this with plain values: nothing here knows Optuna.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
-"""The embedded SQLite store shared by processes of one machine: safe creation, clear limits.
+"""The embedded SQLite store shared by the processes of one machine: created once, clear limits.
 
-Several commands may write to the default ``sqlite:///mlflow.db`` at once (two ``fmnist cnn``
-runs and a ``dnn-search`` with its workers, say). SQLite lets one writer in at a time and MLflow
-makes every other wait up to 20 s (its ``busy_timeout``); MLflow's short writes (a batch of
-metrics, a tag, a status) fit in that many times over. What does not is the store's creation:
-processes that find no tables all run MLflow's schema migrations and break each other. So the
-first process of a machine to open a local SQLite store creates it under a file lock while the
-others wait (``prepare_store``), and a store still locked past the busy timeout becomes one
-message that names the fix, a tracking server (``locked_store_message``). Those migrations cost
-about 1.4 s of CPU for every new store (a search, a test, a demo), so a new local store starts
-as a copy of an empty one that this MLflow version migrated once (``copy_empty_store``).
+Processes that find a store without tables all run MLflow's schema migrations and break each
+other, so the first process of a machine to open a store creates it under a file lock
+(``prepare_store``); a new local store starts as a copy of an empty one this MLflow version
+migrated once (1.4 s of migrations off every new store). SQLite lets one writer in at a time and
+MLflow makes others wait up to 20 s: a store locked longer becomes one message naming the fix, a
+tracking server (``locked_store_message``).
 """
 
 from __future__ import annotations
