@@ -1,8 +1,8 @@
 """The ``compare`` entry point: the study's results section regenerated from the tracked runs.
 
-Runs are found by their tags (``entry_point``, ``model_family``) in the compare run's experiment;
-each registered model is timed through its pyfunc and joined with its latest ``evaluate`` run
-(robustness).
+Runs are found by their tags (``entry_point``, ``model_family``) in every experiment, wherever
+``mlflow run`` put them (``Default`` without ``--experiment-name``); each registered model is
+timed through its pyfunc and joined with its latest ``evaluate`` run (robustness).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ EDA_METRICS = ("pca_components_90", "pca_components_95")
 FAMILIES = ("dnn", "cnn")
 
 
-def search(experiment_ids: list[str], filter_string: str) -> list:
-    """The finished runs that match ``filter_string`` in those experiments, newest first."""
+def search(filter_string: str) -> list:
+    """The finished runs that match ``filter_string`` in every active experiment, newest first."""
+    experiment_ids = [experiment.experiment_id for experiment in mlflow.search_experiments()]
     return mlflow.search_runs(
         experiment_ids=experiment_ids,
         filter_string=f"attributes.status = 'FINISHED' and {filter_string}",
@@ -38,12 +39,12 @@ def search(experiment_ids: list[str], filter_string: str) -> list:
     )
 
 
-def find_runs(experiment_ids: list[str], include_quick: bool) -> list:
+def find_runs(include_quick: bool) -> list:
     """The training runs of both families with test metrics (never ``evaluate`` runs)."""
     runs = []
     for family in FAMILIES:
         tags = f"tags.model_family = '{family}' and tags.entry_point != 'evaluate'"
-        runs += search(experiment_ids, f"{tags} and metrics.test_accuracy >= 0")
+        runs += search(f"{tags} and metrics.test_accuracy >= 0")
     return [r for r in runs if include_quick or r.data.tags.get("quick", "").lower() != "true"]
 
 
@@ -146,14 +147,13 @@ def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
     with tracking.start_run(
         "compare", "comparison", experiment, run_name="compare", parent_run_id=parent_run_id
     ) as run:
-        ids = [run.info.experiment_id]
-        candidates = select_candidates(find_runs(ids, quick))
+        candidates = select_candidates(find_runs(quick))
         if not candidates:
             raise FmnistError(
-                "No finished dense-network or CNN run with test metrics was found in experiment "
-                f"{experiment!r}: train models first (fmnist dnn-search, fmnist cnn)."
+                "No finished dense-network or CNN run with test metrics was found in any "
+                "experiment: train models first (fmnist dnn-search, fmnist cnn)."
             )
-        evaluations = search(ids, "tags.entry_point = 'evaluate'")
+        evaluations = search("tags.entry_point = 'evaluate'")
         images = None
         if cfg.inference_images > 0:  # the first test images in [0, 1], the pyfunc's input
             test = load_fashion_mnist(cfg.common.data_dir or None).test_images
@@ -165,7 +165,7 @@ def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
             if c.model_uri and images is not None:
                 c.inference = measure_inference(c.model_uri, images)
         rows = comparison.summary_rows(candidates)
-        found = [run.data.metrics for run in search(ids, "tags.entry_point = 'eda'")]
+        found = [run.data.metrics for run in search("tags.entry_point = 'eda'")]
         eda = {key: next((m[key] for m in found if key in m), None) for key in EDA_METRICS}
         report = comparison.build_report(rows, candidates, eda)
         mlflow.log_table(comparison.summary_columns(rows), "comparison/summary.json")
