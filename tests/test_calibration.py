@@ -28,25 +28,27 @@ def rows(tops: list[tuple[int, float]]) -> np.ndarray:
 # four images: right at 0.9, wrong at 0.9, right at 0.62, wrong at 0.3
 PROBS = rows([(0, 0.9), (1, 0.9), (2, 0.62), (3, 0.3)])
 LABELS = np.array([0, 0, 2, 4])
+NLL = -(math.log(0.9) + math.log(0.1 / 9) + math.log(0.62) + math.log(0.7 / 9)) / 4
+
+
+def brier_row(confidence: float, right: bool) -> float:
+    rest = (1 - confidence) / 9
+    if right:
+        return (confidence - 1) ** 2 + 9 * rest**2
+    return confidence**2 + (rest - 1) ** 2 + 8 * rest**2
+
+
+BRIER = (brier_row(0.9, True) + brier_row(0.9, False) + brier_row(0.62, True)) / 4
+BRIER += brier_row(0.3, False) / 4
+# bins of width 1/15: 0.9 -> bin 13 (accuracy 1/2, gap 0.4, 2 images), 0.62 -> bin 9
+# (accuracy 1, gap 0.38), 0.3 -> bin 4 (accuracy 0, gap 0.3)
+ECE = (2 * 0.4 + 0.38 + 0.3) / 4
 
 
 def test_nll_brier_and_ece_match_hand_computed_values():
-    nll = -(math.log(0.9) + math.log(0.1 / 9) + math.log(0.62) + math.log(0.7 / 9)) / 4
-    assert cal.nll(PROBS, LABELS) == pytest.approx(nll, rel=1e-12)
-
-    def brier_row(confidence: float, right: bool) -> float:
-        rest = (1 - confidence) / 9
-        if right:
-            return (confidence - 1) ** 2 + 9 * rest**2
-        return confidence**2 + (rest - 1) ** 2 + 8 * rest**2
-
-    brier = (brier_row(0.9, True) + brier_row(0.9, False) + brier_row(0.62, True)) / 4
-    brier += brier_row(0.3, False) / 4
-    assert cal.brier(PROBS, LABELS) == pytest.approx(brier, rel=1e-12)
-    # bins of width 1/15: 0.9 -> bin 13 (accuracy 1/2, gap 0.4, 2 images), 0.62 -> bin 9
-    # (accuracy 1, gap 0.38), 0.3 -> bin 4 (accuracy 0, gap 0.3)
-    ece = (2 * 0.4 + 0.38 + 0.3) / 4
-    assert cal.expected_calibration_error(PROBS, LABELS) == pytest.approx(ece, rel=1e-12)
+    assert cal.nll(PROBS, LABELS) == pytest.approx(NLL, rel=1e-12)
+    assert cal.brier(PROBS, LABELS) == pytest.approx(BRIER, rel=1e-12)
+    assert cal.expected_calibration_error(PROBS, LABELS) == pytest.approx(ECE, rel=1e-12)
     bins = cal.reliability_bins(PROBS, LABELS)
     assert bins.counts.sum() == 4 and bins.counts[13] == 2 and bins.counts[9] == 1
     assert bins.accuracy[13] == 0.5 and bins.confidence[13] == pytest.approx(0.9)
@@ -110,20 +112,30 @@ def test_a_well_calibrated_model_keeps_temperature_near_one_and_empty_split_give
     assert cal.fit_temperature(np.zeros((0, 10)), np.zeros(0, dtype=int)) == 1.0
 
 
-def test_calibration_metrics_names_and_reliability_figure():
-    logits, labels = overconfident(500, 4.0, seed=6)
-    after, before = cal.tempered(logits, 3.0), cal.tempered(logits, 1.0)
-    metrics = cal.calibration_metrics(after, before, labels, 3.0)
-    expected = {"temperature", "test_accuracy_uncalibrated"} | {
-        f"test_{name}{suffix}"
-        for name in ("nll", "brier", "ece")
-        for suffix in ("", "_uncalibrated")
-    }
-    assert set(metrics) == expected
-    assert metrics["test_ece"] == pytest.approx(cal.expected_calibration_error(after, labels))
-    assert metrics["test_nll_uncalibrated"] == pytest.approx(cal.nll(before, labels))
-    figure = cal.plot_reliability_diagram(after, before, labels, 3.0)
-    assert len(figure.axes) == 2
+def test_calibration_metrics_and_artifacts_carry_the_hand_computed_values():
+    perfect = np.eye(10)[LABELS]  # "before": every image right with certainty
+    metrics = cal.calibration_metrics(PROBS, perfect, LABELS, 3.0)
+    assert metrics == pytest.approx(
+        {
+            "temperature": 3.0,
+            "test_nll": NLL,
+            "test_brier": BRIER,
+            "test_ece": ECE,
+            "test_nll_uncalibrated": 0.0,
+            "test_brier_uncalibrated": 0.0,
+            "test_ece_uncalibrated": 0.0,
+            "test_accuracy_uncalibrated": 1.0,
+        },
+        rel=1e-12,
+    )
+    artifacts = cal.calibration_artifacts(PROBS, perfect, LABELS, metrics)
+    assert len(artifacts["test/reliability_diagram.png"].axes) == 2
+    table = artifacts["test/calibration.json"]
+    assert table["bins"] == 15 and table["test_ece"] == metrics["test_ece"]
+    assert [table["bin_counts"][b] for b in (4, 9, 13)] == [1, 1, 2] and sum(
+        table["bin_counts"]
+    ) == 4
+    assert table["bin_accuracy"][13] == 0.5 and table["bin_confidence"][9] == pytest.approx(0.62)
 
 
 def tiny_classifier() -> nn.Module:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fmnist.analysis.evaluation import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
+from fmnist.analysis.metrics import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
 from fmnist.augment import make_augment, random_crop, random_erasing, random_flip
 from fmnist.cli import cli
 from fmnist.config import CnnConfig, CommonConfig

@@ -15,7 +15,8 @@ from sklearn.metrics import silhouette_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
-from fmnist.analysis import eda, eda_figures, eda_report
+from fmnist.analysis import eda_figures
+from fmnist.analysis import eda_stats as eda
 from fmnist.cli import cli
 from fmnist.config import STUDY_TSNE_SAMPLES, CommonConfig, EdaConfig, PipelineConfig
 from fmnist.data import CLASS_NAMES, load_fashion_mnist, make_splits
@@ -107,8 +108,8 @@ def assert_complete_eda_run(run_id: str, tsne_samples: int, data_dir) -> mlflow.
     assert run.data.tags["entry_point"] == "eda"
     assert run.data.tags["model_family"] == "none"
     sizes = artifact_sizes(run_id)
-    assert set(eda_report.ARTIFACTS) <= set(sizes), set(eda_report.ARTIFACTS) - set(sizes)
-    assert all(sizes[name] > 0 for name in eda_report.ARTIFACTS), sizes
+    assert set(eda.ARTIFACTS) <= set(sizes), set(eda.ARTIFACTS) - set(sizes)
+    assert all(sizes[name] > 0 for name in eda.ARTIFACTS), sizes
     metrics = run.data.metrics
     missing = [key for key in EXPECTED_METRICS if key not in metrics]
     assert not missing, missing
@@ -128,13 +129,16 @@ def assert_complete_eda_run(run_id: str, tsne_samples: int, data_dir) -> mlflow.
 def test_components_for_variance_follows_sklearns_fractional_n_components(synthetic_data_dir):
     splits = make_splits(load_fashion_mnist(synthetic_data_dir))
     features = eda.flatten(splits.train.images.numpy())
-    cumulative = eda.cumulative_variance(eda.fit_pca(features))
+    pca = eda.fit_pca(features)
+    cumulative = np.cumsum(pca.explained_variance_ratio_)
+    expected = {}
     for threshold in (0.5, 0.9, 0.95):
-        expected = PCA(n_components=threshold, svd_solver="full").fit(features).n_components_
-        assert eda.components_for_variance(cumulative, threshold) == expected
-    assert eda.study_marks(cumulative) == {
-        t: eda.components_for_variance(cumulative, t) for t in (0.9, 0.95)
-    }
+        expected[threshold] = PCA(threshold, svd_solver="full").fit(features).n_components_
+        assert eda.components_for_variance(cumulative, threshold) == expected[threshold]
+    measured = eda.measure_pca(pca, features, features, 0.5)
+    assert measured["pca_components"] == expected[0.5]
+    assert measured["pca_components_90"] == expected[0.9]
+    assert measured["pca_components_95"] == expected[0.95]
 
 
 def test_flatten_scales_uint8_pixels_to_unit_float32():
@@ -177,12 +181,13 @@ def test_imbalance_ratio_and_counts_table():
     assert table["train"][9] == 9 and table["val"] == [1] * 10
     labels = {"train": np.repeat(np.arange(10), 3), "val": np.arange(10), "test": np.arange(10)}
     labels["train"][0] = 1  # one T-shirt becomes a Trouser: counts 2 and 4
-    counts = eda.count_split_classes(labels)
+    labels["test"] = np.append(labels["test"], [5, 5])  # Sandal 3, every other class 1
+    counts, ratios = eda.class_distribution(labels)
     assert list(counts) == ["train", "val", "test"] and counts["train"][:2].tolist() == [2, 4]
-    assert eda.imbalance_metrics(counts) == {
+    assert ratios == {
         "class_imbalance_ratio": 2.0,
         "class_imbalance_ratio_val": 1.0,
-        "class_imbalance_ratio_test": 1.0,
+        "class_imbalance_ratio_test": 3.0,
     }
 
 
@@ -221,7 +226,7 @@ def test_figures_are_pyplot_free_and_drawn_from_the_numbers(synthetic_data_dir):
     open_before = plt.get_fignums()
     grid = eda_figures.plot_sample_grid(images, labels, 3, seed=0)
     assert len(grid.axes) == 10 * 3
-    counts = eda.count_split_classes({n: getattr(splits, n).labels for n in eda.SPLIT_NAMES})
+    counts, _ = eda.class_distribution({n: getattr(splits, n).labels for n in eda.SPLIT_NAMES})
     bars = eda_figures.plot_class_distribution(counts)
     heights = [patch.get_height() for patch in bars.axes[0].patches]
     assert heights == [int(c) for name in eda.SPLIT_NAMES for c in counts[name]]
@@ -236,7 +241,9 @@ def test_figures_are_pyplot_free_and_drawn_from_the_numbers(synthetic_data_dir):
         "95%: 187 (study)",
     ]
     points = np.random.default_rng(0).normal(size=(len(labels), 3))
-    assert eda_figures.plot_pca_scatter_3d(points, labels, 999).axes[0].name == "3d"
+    assert eda_figures.plot_pca_scatter(points, labels, 999, 3).axes[0].name == "3d"
+    flat = eda_figures.plot_pca_scatter(points, labels, 999, 2).axes[0]
+    assert flat.name == "rectilinear" and len(flat.collections) == 10  # one scatter per class
     assert plt.get_fignums() == open_before  # nothing registered with pyplot
 
 
@@ -254,16 +261,16 @@ def test_eda_entry_point_runs_through_mlflow_run(synthetic_data_dir, tracking_st
     assert run.data.tags["data_digest"] == load_fashion_mnist(synthetic_data_dir).digest
     assert run.data.metrics["n_train"] == 160 and run.data.metrics["n_test"] == 50
     client = mlflow.MlflowClient()
-    table = client.load_table(run.info.experiment_id, eda_report.COUNTS_TABLE, [run_id])
+    table = client.load_table(run.info.experiment_id, eda.COUNTS_TABLE, [run_id])
     assert list(table["class"]) == list(CLASS_NAMES)
     assert table["train"].sum() == 160 and table["val"].sum() == 40 and table["test"].sum() == 50
-    summary = mlflow.artifacts.load_text(f"runs:/{run_id}/{eda_report.SUMMARY}")
+    summary = mlflow.artifacts.load_text(f"runs:/{run_id}/{eda.SUMMARY}")
     n90, n95 = (int(run.data.metrics[f"pca_components_{p}"]) for p in (90, 95))
     # The synthetic data needs far fewer components than the study's 87 / 187: the summary says so.
     assert f"we measure **{n90}**, the study reports 87" in summary
     assert f"we measure **{n95}**, the study reports 187" in summary
     assert f"{run.data.metrics['tsne_silhouette']:.3f}" in summary
-    assert all(f"| [`{file}`]({file}) |" in summary for file, _ in eda_report.FIGURES.values())
+    assert all(f"| [`{key}.png`]({key}.png) |" in summary for key in eda.FIGURES)
 
 
 def test_too_few_tsne_samples_fails_before_any_run(synthetic_data_dir, tmp_path, monkeypatch):
@@ -337,10 +344,10 @@ def summary_inputs() -> tuple[dict[str, float], dict]:
 
 def test_summary_reports_no_difference_when_numbers_match():
     metrics, scores = summary_inputs()
-    assert eda_report.list_differences(metrics, scores) == [eda_report.NO_DIFFERENCE]
+    assert eda.list_differences(metrics, scores) == [eda.NO_DIFFERENCE]
     metrics["pca_components_90"] = 84
     scores["tsne"]["per_class_silhouette"]["Shirt"] = -0.2
-    assert eda_report.list_differences(metrics, scores) == [
+    assert eda.list_differences(metrics, scores) == [
         "PCA components for 90% of the variance: we measure **84**, the study reports 87.",
         "The study sees every class clustered and apart in its t-SNE plot; in ours Shirt have "
         "a per-class silhouette <= 0.",
@@ -350,9 +357,9 @@ def test_summary_reports_no_difference_when_numbers_match():
 def test_summary_tables_carry_the_numbers():
     metrics, scores = summary_inputs()
     counts = {name: np.full(10, n) for name, n in (("train", 4800), ("val", 1200), ("test", 1000))}
-    summary = eda_report.render_summary(EdaConfig(), metrics, counts, scores, "d1g35t")
+    summary = eda.render_summary(EdaConfig(), metrics, counts, scores, "d1g35t")
     lines = summary.splitlines()
-    assert "- " + eda_report.NO_DIFFERENCE in lines
+    assert "- " + eda.NO_DIFFERENCE in lines
     assert "| class | train | val | test |" in lines
     assert "| T-shirt/top | 4800 | 1200 | 1000 |" in lines
     assert "| components for 95% variance | 187 | 187 | matches |" in lines
@@ -367,5 +374,5 @@ def test_summary_tables_carry_the_numbers():
 def test_real_data_needs_187_components_for_95_percent(real_data_dir):
     splits = make_splits(load_fashion_mnist(real_data_dir), split_seed=42)
     features = eda.flatten(splits.train.images.numpy())
-    cumulative = eda.cumulative_variance(eda.fit_pca(features))
+    cumulative = np.cumsum(eda.fit_pca(features).explained_variance_ratio_)
     assert eda.components_for_variance(cumulative, 0.95) == 187

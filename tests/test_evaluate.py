@@ -1,9 +1,10 @@
 """``fmnist evaluate`` on the models of the quick pipeline: the training runs' calibration, an
 evaluation run linked to the model version with the same numbers the training logged, the
-robustness suite, the CLI and its bad-URI error, and ``compare`` reading the evaluation back.
+robustness suite, the CLI and its bad-URI error, and ``compare`` reading the evaluation back
+(and finding runs by their tags in any experiment, on a store of hand-made runs).
 
-Every test here shares one quick pipeline store (``use_pipeline_store``) and only adds runs to it;
-each test finds its own run by id, so none depends on another having run.
+The pipeline tests share one quick pipeline store (``use_pipeline_store``) and only add runs to
+it; each test finds its own run by id, so none depends on another having run.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def test_pipeline_evaluate_step_evaluates_both_registered_models(
     parent = results["pipeline"]["run_id"]
     cfg = PipelineConfig(common=common(synthetic_data_dir))
     with store_copy(Path(uri.removeprefix("sqlite:///")).parent, tmp_path / "copy"):
-        evaluated = run_evaluate_step(cfg, parent, results)
+        evaluated = run_evaluate_step(cfg, parent)  # reads the models from the run's steps
         assert set(evaluated) == {"dnn_search", "cnn"}
         for step, family in (("dnn_search", "dnn"), ("cnn", "cnn")):
             run = mlflow.get_run(evaluated[step]["run_id"])
@@ -182,3 +183,53 @@ def test_pipeline_evaluate_step_evaluates_both_registered_models(
             assert run.data.tags["model_uri"] == results[step]["model_uri"]
             assert run.data.tags["model_family"] == family
             assert "robustness_mean_accuracy" in run.data.metrics
+
+
+def finished_run(client, experiment_id: str, tags: dict, metrics: dict, name: str) -> str:
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def test_compare_finds_project_runs_by_tag_in_every_experiment(tracking_store):
+    """``mlflow run .`` without ``--experiment-name`` puts a run in ``Default``: compare, logging
+    into its own experiment, still finds it, and the evaluate and EDA runs of other experiments;
+    runs without the project's tags, unfinished runs and evaluate runs are never candidates."""
+    client = mlflow.MlflowClient()
+    other = client.create_experiment("elsewhere")
+    scores = {"test_accuracy": 0.8, "val_accuracy": 0.79}
+    dense = finished_run(
+        client, "0", {"entry_point": "dnn_search", "model_family": "dnn"}, scores, "d"
+    )
+    cnn_tags = {"entry_point": "cnn", "model_family": "cnn", "recipe": "fast"}
+    cnn = finished_run(client, other, cnn_tags, {"test_accuracy": 0.9}, "c")
+    finished_run(client, other, {}, {"test_accuracy": 0.99}, "untagged")
+    client.create_run("0", tags=cnn_tags | {"recipe": "paper"})  # still RUNNING
+    evaluate_tags = {"entry_point": "evaluate", "model_family": "cnn", "source_run_id": cnn}
+    finished_run(
+        client, other, evaluate_tags, {"test_accuracy": 0.9, "robustness_mean_accuracy": 0.6}, "e"
+    )
+    eda_tags = {"entry_point": "eda", "model_family": "none"}
+    finished_run(client, "0", eda_tags, {"pca_components_90": 84, "pca_components_95": 187}, "x")
+
+    cfg = CompareConfig(
+        common=CommonConfig(experiment_name="reports", quiet=True), inference_images=0
+    )
+    compared = run_compare(cfg)
+    assert compared["models"] == 2 and compared["best_test_accuracy"] == 0.9
+    run = client.get_run(compared["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "reports"
+    assert run.data.params["compared_runs"] == f"{dense},{cnn}"
+    folder = Path(client.download_artifacts(compared["run_id"], "comparison"))
+    table = json.loads((folder / "summary.json").read_text())
+    rows = [dict(zip(table["columns"], values, strict=True)) for values in table["data"]]
+    assert [(r["family"], r["recipe"], r["run_id"]) for r in rows] == [
+        ("dnn", "grid-best", dense),
+        ("cnn", "fast", cnn),
+    ]
+    assert (
+        rows[1]["robustness_mean_accuracy"] == 0.6 and rows[0]["robustness_mean_accuracy"] is None
+    )
+    assert "| PCA components for 90% variance | 84 | 87 |" in (folder / "report.md").read_text()

@@ -1,5 +1,6 @@
-"""Tests for fmnist.analysis.evaluation: metrics on a hand-made prediction set whose scores are
-worked out by hand, the artifact set logged to a run, and edge cases (absent classes, no errors).
+"""``fmnist.analysis.metrics``: metrics on a hand-made prediction set whose scores are worked out
+by hand (or by another library), the artifact set logged to a run, and edge cases (absent classes,
+no errors).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import log_loss
 
-from fmnist.analysis import evaluation
+from fmnist.analysis import metrics as evaluation
 from fmnist.data import CLASS_NAMES
-from fmnist.tracking.evaluation import evaluate_and_log
+from fmnist.tracking.eval_logging import evaluate_and_log
 
 # Two samples per class (labels 0,0,1,1,...,9,9) and three mistakes:
 #   sample 1  (T-shirt/top) predicted Shirt with 0.60, true class 0.32
@@ -94,8 +96,10 @@ def test_metrics_match_hand_computed_values():
 def test_loss_defaults_to_cross_entropy_and_prefix_renames():
     probabilities, labels = hand_made_set()
     metrics = evaluation.compute_metrics(probabilities, labels, loss=None, prefix="val")
-    expected = -np.mean(np.log(probabilities[np.arange(20), labels]))
-    assert metrics["val_loss"] == pytest.approx(expected)
+    # 17 right at 0.91, and the true-class probabilities 0.32, 0.22, 0.01 of the three mistakes
+    by_hand = -(17 * np.log(0.91) + np.log(0.32) + np.log(0.22) + np.log(0.01)) / 20
+    assert metrics["val_loss"] == pytest.approx(by_hand, rel=1e-12)
+    assert metrics["val_loss"] == pytest.approx(log_loss(labels, probabilities, labels=range(10)))
     assert all(key.startswith("val_") for key in metrics)
 
 
@@ -115,13 +119,20 @@ def test_confident_errors_are_sorted_and_tables_are_consistent():
     assert errors[0]["true"] == "Shirt" and errors[0]["predicted"] == "T-shirt/top"
     assert errors[0]["confidence"] == pytest.approx(0.9)
 
-    matrix = evaluation.confusion_counts(labels, evaluation.predict_labels(probabilities))
-    assert matrix.sum() == 20 and matrix[6, 0] == 1 and matrix[2, 4] == 1
-    normalized = evaluation.normalise_rows(matrix)
-    assert np.allclose(normalized.sum(axis=1), 1)
-    lines = evaluation.confusion_csv(matrix).splitlines()
-    assert len(lines) == 11 and lines[7].startswith("Shirt,1,")
-    report = evaluation.report_text(labels, evaluation.predict_labels(probabilities)).splitlines()
+    # two right per class, but T-shirt/top -> Shirt, Pullover -> Coat, Shirt -> T-shirt/top once
+    matrix = 2 * np.eye(10, dtype=int)
+    for true, predicted in ((0, 6), (2, 4), (6, 0)):
+        matrix[true, true] -= 1
+        matrix[true, predicted] += 1
+    images = np.zeros((20, 28, 28), dtype=np.uint8)
+    artifacts = evaluation.build_artifacts(probabilities, labels, images, {}, None)
+    confusion = artifacts["test/confusion_matrix.json"]
+    assert confusion["counts"] == matrix.tolist()
+    assert confusion["normalized"][0][:7] == [0.5, 0, 0, 0, 0, 0, 0.5]
+    assert np.allclose(evaluation.normalise_rows(matrix).sum(axis=1), 1)
+    lines = artifacts["test/confusion_matrix.csv"].splitlines()
+    assert len(lines) == 11 and lines[7] == "Shirt,1,0,0,0,0,0,1,0,0,0"
+    report = artifacts["test/classification_report.txt"].splitlines()
     rows = {line.rsplit(maxsplit=4)[0].strip(): line.split()[-4:] for line in report[2:12]}
     assert list(rows) == list(CLASS_NAMES)
     assert rows["Shirt"] == ["0.5000", "0.5000", "0.5000", "2"]

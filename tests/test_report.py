@@ -1,5 +1,6 @@
 """Report rendering and the comparison report, without a tracking store: ``markdown_table`` (the
-one table renderer), ``markdown_to_html`` and ``fmnist.analysis.compare`` on hand-made candidates.
+one table renderer), ``markdown_to_html`` and ``fmnist.analysis.comparison`` on hand-made
+candidates.
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ import numpy as np
 import pytest
 
 from fmnist import published
-from fmnist.analysis import compare
-from fmnist.analysis.evaluation import metric_key
+from fmnist.analysis import comparison as compare
+from fmnist.analysis.metrics import metric_key
 from fmnist.analysis.report import markdown_table, markdown_to_html
 from fmnist.data import CLASS_NAMES
 
@@ -41,7 +42,6 @@ def test_markdown_to_html_renders_headings_tables_lists_and_escapes():
         "</ul>",
         "<p>plain</p>",
         "",
-        "",
         "</body></html>",
     ]
 
@@ -51,7 +51,7 @@ def candidate(
 ) -> compare.Candidate:
     if f1 is not None:
         metrics |= {f"test_f1_{metric_key(c)}": f1 for c in CLASS_NAMES}
-    return compare.Candidate(f"id-{name}", name, family, recipe, metrics, {})
+    return compare.Candidate(f"id-{name}", name, family, recipe, metrics)
 
 
 def candidates() -> list[compare.Candidate]:

@@ -1,8 +1,5 @@
-"""EDA figures (the study's Figs. 2-6) as ``matplotlib.figure.Figure`` objects.
-
-Each function draws from arrays the ``eda`` module computed and returns a figure; no pyplot state
-is touched, so nothing needs closing and nothing leaks between runs (the flow logs them).
-"""
+"""The EDA's figures (the study's Figs. 2-6) as ``matplotlib.figure.Figure`` objects, drawn from
+the arrays ``eda_stats`` computes; no pyplot state, so nothing needs closing."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fmnist.analysis.eda import STUDY_COMPONENTS, pick_per_class
+from fmnist.analysis.eda_stats import STUDY_COMPONENTS, pick_per_class
 from fmnist.data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
 COLORS = matplotlib.colormaps["tab10"].colors
@@ -19,41 +16,35 @@ COLORS = matplotlib.colormaps["tab10"].colors
 
 def plot_class_distribution(counts: dict[str, np.ndarray]) -> Figure:
     """Grouped bars, one group per class and one bar per split (the study's Fig. 2 count plot)."""
-    fig = Figure(figsize=(11, 5))
+    fig = Figure(figsize=(11, 5), layout="tight")
     ax = fig.subplots()
-    width = 0.8 / len(counts)
-    positions = np.arange(NUM_CLASSES)
+    width, positions = 0.8 / len(counts), np.arange(NUM_CLASSES)
     for offset, ((name, values), color) in enumerate(zip(counts.items(), COLORS, strict=False)):
         label = f"{name} ({int(values.sum()):,} images)"
         shift = (offset - (len(counts) - 1) / 2) * width
         ax.bar(positions + shift, values, width, color=color, label=label)
     ax.set_xticks(positions, CLASS_NAMES, rotation=30, ha="right")
-    ax.set_xlabel("class")
-    ax.set_ylabel("number of images")
+    # head room above the bars keeps the legend off them
+    top = 1.25 * max(int(values.max()) for values in counts.values())
+    ax.set(xlabel="class", ylabel="number of images", ylim=(0, top))
     ax.set_title("Class distribution of the train / validation / test splits (study Fig. 2)")
     ax.grid(axis="y", alpha=0.3)
-    # Head room above the bars keeps the legend off them.
-    ax.set_ylim(0, 1.25 * max(int(values.max()) for values in counts.values()))
     ax.legend(title="split", loc="upper center", ncol=len(counts))
-    fig.tight_layout()
     return fig
 
 
 def plot_sample_grid(images: np.ndarray, labels: np.ndarray, columns: int, seed: int) -> Figure:
     """``columns`` seeded random images of each class, one row per class."""
     picked = pick_per_class(labels, columns, seed)
-    fig = Figure(figsize=(0.95 * columns + 1.6, 0.95 * NUM_CLASSES + 0.6))
+    fig = Figure(figsize=(0.95 * columns + 1.6, 0.95 * NUM_CLASSES + 0.6), layout="tight")
     axes = np.asarray(fig.subplots(NUM_CLASSES, columns)).reshape(NUM_CLASSES, columns)
     for row, indices in enumerate(picked):
         for col in range(columns):
-            ax = axes[row, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            axes[row, col].set(xticks=[], yticks=[])
             if col < len(indices):
-                ax.imshow(images[indices[col]], cmap="gray_r", vmin=0, vmax=255)
+                axes[row, col].imshow(images[indices[col]], cmap="gray_r", vmin=0, vmax=255)
         axes[row, 0].set_ylabel(CLASS_NAMES[row], rotation=0, ha="right", va="center")
     fig.suptitle(f"Random training images, {columns} per class (one row per class)")
-    fig.tight_layout()
     return fig
 
 
@@ -72,31 +63,27 @@ def plot_class_means(means: np.ndarray) -> Figure:
 
 def plot_cumulative_variance(cumulative: np.ndarray, marks: dict[float, int]) -> Figure:
     """The cumulative explained variance with our and the study's component counts marked."""
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5), layout="tight")
     ax = fig.subplots()
     counts = np.arange(1, len(cumulative) + 1)
     ax.plot(counts, cumulative * 100, color="black", label="cumulative explained variance")
-    for (threshold, ours), color in zip(
-        sorted(marks.items()), ("tab:blue", "tab:red"), strict=False
-    ):
-        ax.axhline(threshold * 100, color=color, linestyle=":", linewidth=1)
+    colors = ("tab:blue", "tab:red")
+    for (threshold, ours), color in zip(sorted(marks.items()), colors, strict=False):
+        percent, study = threshold * 100, STUDY_COMPONENTS.get(threshold)
+        ax.axhline(percent, color=color, linestyle=":", linewidth=1)
         ax.axvline(ours, color=color, linestyle="--", linewidth=1)
-        ax.plot(
-            [ours], [threshold * 100], "o", color=color, label=f"{threshold:.0%}: {ours} (ours)"
-        )
-        study = STUDY_COMPONENTS.get(threshold)
+        ax.plot([ours], [percent], "o", color=color, label=f"{threshold:.0%}: {ours} (ours)")
         if study is not None:
             label = f"{threshold:.0%}: {study} (study)"
-            ax.plot([study], [threshold * 100], "x", color=color, markersize=10, label=label)
-    ax.set_xscale("log")
-    ax.set_xlim(1, len(cumulative))
-    ax.set_ylim(0, 101)
-    ax.set_xlabel("number of principal components (log scale)")
-    ax.set_ylabel("cumulative explained variance (%)")
+            ax.plot([study], [percent], "x", color=color, markersize=10, label=label)
+    ax.set(xscale="log", xlim=(1, len(cumulative)), ylim=(0, 101))
+    ax.set(
+        xlabel="number of principal components (log scale)",
+        ylabel="cumulative explained variance (%)",
+    )
     ax.set_title("PCA on the training split: cumulative explained variance (study Fig. 4)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
     return fig
 
 
@@ -104,14 +91,13 @@ def plot_reconstructions(
     originals: np.ndarray, rebuilt: np.ndarray, labels: np.ndarray, n_components: int, var: float
 ) -> Figure:
     """Originals (top row) over their PCA reconstructions (bottom row), pixels in [0, 1]."""
-    fig = Figure(figsize=(1.25 * len(originals) + 1.2, 3.4))
+    fig = Figure(figsize=(1.25 * len(originals) + 1.2, 3.4), layout="tight")
     axes = np.asarray(fig.subplots(2, len(originals))).reshape(2, len(originals))
     for col, label in enumerate(labels):
         for row, image in enumerate((originals[col], rebuilt[col])):
             ax = axes[row, col]
             ax.imshow(image.reshape(IMAGE_SIZE, IMAGE_SIZE), cmap="gray_r", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
         axes[0, col].set_title(CLASS_NAMES[label], fontsize=9)
     axes[0, 0].set_ylabel("original")
     axes[1, 0].set_ylabel(f"{n_components} comp.")
@@ -119,7 +105,6 @@ def plot_reconstructions(
         f"Original (top) vs PCA reconstruction from {n_components} components "
         f"({var:.0%} variance, bottom) (study Fig. 3)"
     )
-    fig.tight_layout()
     return fig
 
 
@@ -134,75 +119,39 @@ def add_class_legend(ax: Axes) -> None:
     ax.legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
-def plot_pca_scatter_2d(points: np.ndarray, labels: np.ndarray, n_total: int) -> Figure:
-    fig = Figure(figsize=(8.5, 6.5))
-    ax = fig.subplots()
-    scatter_by_class(ax, points[:, :2], labels)
-    ax.set_xlabel("principal component 1")
-    ax.set_ylabel("principal component 2")
+def plot_pca_scatter(points: np.ndarray, labels: np.ndarray, n_total: int, dims: int) -> Figure:
+    """The first ``dims`` (2 or 3) PCA components of the shown training images, by class."""
+    flat = dims == 2
+    fig = Figure(figsize=(8.5, 6.5) if flat else (9, 7), layout="tight" if flat else None)
+    ax = fig.add_subplot(projection=None if flat else "3d")
+    scatter_by_class(ax, points[:, :dims], labels, size=3.0 if flat else 2.0)
+    names = {f"{axis}label": f"principal component {i + 1}" for i, axis in enumerate("xyz")}
+    ax.set(**dict(list(names.items())[:dims]))
+    which = "two PCA components" if flat else "three PCA components"
+    side = "left" if flat else "right"
     ax.set_title(
-        f"First two PCA components, {len(points):,} of {n_total:,} training images "
-        "(study Fig. 5, left)"
+        f"First {which}, {len(points):,} of {n_total:,} training images (study Fig. 5, {side})"
     )
-    add_class_legend(ax)
-    fig.tight_layout()
-    return fig
-
-
-def plot_pca_scatter_3d(points: np.ndarray, labels: np.ndarray, n_total: int) -> Figure:
-    fig = Figure(figsize=(9, 7))
-    ax = fig.add_subplot(projection="3d")
-    scatter_by_class(ax, points[:, :3], labels, size=2.0)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_zlabel("PC 3")
+    if flat:
+        add_class_legend(ax)
+        return fig
     ax.view_init(elev=20, azim=-60)
-    ax.set_title(
-        f"First three PCA components, {len(points):,} of {n_total:,} training images "
-        "(study Fig. 5, right)"
-    )
-    # A legend beside a 3-D axes would cover its z label: put it in the figure's right margin.
-    handles, names = ax.get_legend_handles_labels()
-    fig.legend(handles, names, markerscale=4, fontsize=8, loc="center right")
+    # a legend beside a 3-D axes would cover its z label: it goes in the figure's right margin
+    fig.legend(*ax.get_legend_handles_labels(), markerscale=4, fontsize=8, loc="center right")
     fig.subplots_adjust(left=0.0, right=0.82)
     return fig
 
 
-def plot_embedding(
-    ax: Axes, points: np.ndarray, labels: np.ndarray, scores: dict, name: str
-) -> None:
-    """A 2-D embedding by class, its silhouette and 5-NN accuracy in the title."""
-    scatter_by_class(ax, points, labels, size=4.0)
-    ax.set_xlabel(f"{name} 1")
-    ax.set_ylabel(f"{name} 2")
-    ax.set_title(
-        f"{name}: silhouette {scores['silhouette']:.3f}, "
-        f"5-NN accuracy {scores['knn5_accuracy']:.1%}"
-    )
-
-
-def plot_tsne(embedding: np.ndarray, labels: np.ndarray, scores: dict, pca_dims: int) -> Figure:
-    fig = Figure(figsize=(9, 7))
-    ax = fig.subplots()
-    plot_embedding(ax, embedding, labels, scores, "t-SNE")
-    fig.suptitle(
-        f"t-SNE to 2-D of the first {len(labels):,} training-file images "
-        f"(via {pca_dims} PCA components) (study Fig. 6)"
-    )
-    add_class_legend(ax)
-    fig.tight_layout()
-    return fig
-
-
-def plot_tsne_vs_pca(
-    tsne_points: np.ndarray, pca_points: np.ndarray, labels: np.ndarray, scores: dict
-) -> Figure:
-    """The same images side by side: the 2-D PCA projection and the t-SNE map."""
-    fig = Figure(figsize=(15, 6.5))
-    axes = fig.subplots(1, 2)
-    plot_embedding(axes[0], pca_points, labels, scores["pca"], "PCA")
-    plot_embedding(axes[1], tsne_points, labels, scores["tsne"], "t-SNE")
-    add_class_legend(axes[1])
-    fig.suptitle(f"The same {len(labels):,} images in 2-D: PCA projection vs t-SNE")
-    fig.tight_layout()
+def plot_embeddings(panels: dict[str, tuple], labels: np.ndarray, title: str) -> Figure:
+    """Side by side, each 2-D embedding (name -> (points, its scores)) by class, with its
+    silhouette and 5-NN accuracy in the title."""
+    fig = Figure(figsize=(15, 6.5) if len(panels) > 1 else (9, 7), layout="tight")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, (name, (points, scores)) in zip(axes, panels.items(), strict=True):
+        scatter_by_class(ax, points, labels, size=4.0)
+        ax.set(xlabel=f"{name} 1", ylabel=f"{name} 2")
+        silhouette, knn = scores["silhouette"], scores["knn5_accuracy"]
+        ax.set_title(f"{name}: silhouette {silhouette:.3f}, 5-NN accuracy {knn:.1%}")
+    add_class_legend(axes[-1])
+    fig.suptitle(title)
     return fig

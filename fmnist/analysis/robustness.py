@@ -1,17 +1,6 @@
-"""Robustness suite: seeded corruptions of the test images, each at 3 severities, and the accuracy
-a model keeps under them.
-
-In the spirit of Fashion-MNIST-C and ImageNet-C, but generated on the fly from the test images (no
-download): sensor noise, optics, exposure, geometry, compression and the shifts a photograph of a
-garment brings (a hand or a tag over it, a low-resolution camera, a shadow across it, a
-dark-on-light photo). Every corruption works on a whole float32 batch (N, 28, 28) in [0, 1] with
-torch operations (JPEG goes through Pillow image by image: there is no batched codec) and draws its
-randomness from a numpy generator seeded by (seed, corruption, severity), so a cell of the grid is
-the same on every run and machine. ``run_suite`` takes any ``predict(images) -> probabilities``
-(a pyfunc model, an ``nn.Module`` wrapped in a function), so every model is scored the same way.
-The grid is scored on a seeded, class-stratified subset of the test set (``stratified_subset``) to
-keep one model's suite near a minute on a CPU. Pure numpy/torch/matplotlib; no mlflow.
-"""
+"""The robustness suite: 14 seeded corruptions of the test images (noise, optics, exposure,
+geometry, compression, and what a photo of a garment brings: a hand over it, a low-resolution
+camera, a shadow, a negative) at 3 severities, each cell the same on every machine."""
 
 from __future__ import annotations
 
@@ -20,6 +9,7 @@ import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,11 +40,8 @@ def speckle_noise(images: torch.Tensor, sigma: float, rng: np.random.Generator) 
 
 def convolve(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Each image with its own (k, k) kernel (one grouped convolution), zero padding."""
-    count, size = images.shape[0], kernels.shape[-1]
-    if kernels.ndim == 2:
-        kernels = kernels.expand(count, size, size)
-    out = F.conv2d(images[None], kernels[:, None], padding=size // 2, groups=count)
-    return out[0]
+    kernels = kernels.expand(len(images), *kernels.shape[-2:])[:, None]
+    return F.conv2d(images[None], kernels, padding=kernels.shape[-1] // 2, groups=len(images))[0]
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch.Tensor:
@@ -68,17 +55,14 @@ def gaussian_blur(images: torch.Tensor, sigma: float, rng: np.random.Generator) 
 
 def motion_blur(images: torch.Tensor, length: float, rng: np.random.Generator) -> torch.Tensor:
     """A moving camera: a line kernel ``length`` pixels long at a random angle per image."""
-    size = int(length) | 1  # odd, so the kernel has a centre pixel
-    angles = rng.uniform(0.0, math.pi, images.shape[0])
+    size, count = int(length) | 1, len(images)  # odd, so the kernel has a centre pixel
+    angles = rng.uniform(0.0, math.pi, count)
     steps = np.linspace(-(size - 1) / 2, (size - 1) / 2, 4 * size)
-    cols = np.rint(size // 2 + steps[None] * np.cos(angles)[:, None]).astype(np.int64)
-    rows = np.rint(size // 2 + steps[None] * np.sin(angles)[:, None]).astype(np.int64)
-    flat = torch.from_numpy(rows * size + cols)
-    kernels = torch.zeros(images.shape[0], size * size).scatter_add_(
-        1, flat, torch.ones(flat.shape)
-    )
-    kernels = (kernels / kernels.sum(1, keepdim=True)).reshape(-1, size, size)
-    return convolve(images, kernels)
+    cols = np.rint(size // 2 + np.outer(np.cos(angles), steps)).astype(np.int64)
+    rows = np.rint(size // 2 + np.outer(np.sin(angles), steps)).astype(np.int64)
+    kernels = np.zeros((count, size, size), dtype=np.float32)
+    np.add.at(kernels, (np.arange(count)[:, None], rows, cols), 1.0)
+    return convolve(images, torch.from_numpy(kernels / kernels.sum(axis=(1, 2), keepdims=True)))
 
 
 def contrast(images: torch.Tensor, factor: float, rng: np.random.Generator) -> torch.Tensor:
@@ -92,8 +76,11 @@ def brightness(images: torch.Tensor, offset: float, rng: np.random.Generator) ->
     return images + offset
 
 
-def warp(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Resample each image through its (2, 3) affine map (output -> input), zeros outside."""
+def warp(images: torch.Tensor, *coefficients) -> torch.Tensor:
+    """Resample each image through its affine map ``(a, b, tx, c, d, ty)`` (output -> input, in
+    ``affine_grid``'s [-1, 1] coordinates; each a number or one per image), zeros outside."""
+    rows = np.broadcast_arrays(*coefficients, np.zeros(images.shape[0]))[:-1]
+    theta = torch.from_numpy(np.stack(rows, 1).astype(np.float32)).reshape(-1, 2, 3)
     grid = F.affine_grid(theta, [images.shape[0], 1, *images.shape[1:]], align_corners=False)
     return F.grid_sample(images[:, None], grid, align_corners=False)[:, 0]
 
@@ -104,32 +91,22 @@ def signs(rng: np.random.Generator, count: int) -> np.ndarray:
 
 def rotation(images: torch.Tensor, degrees: float, rng: np.random.Generator) -> torch.Tensor:
     """A tilted photo: rotated by ``degrees`` either way."""
-    angle = torch.from_numpy(np.radians(degrees * signs(rng, images.shape[0])).astype(np.float32))
-    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    return warp(images, theta)
+    angle = np.radians(degrees * signs(rng, images.shape[0]))
+    return warp(images, np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0)
 
 
 def shift(images: torch.Tensor, pixels: float, rng: np.random.Generator) -> torch.Tensor:
     """An off-centre garment: moved ``pixels`` in a random direction."""
     direction = rng.uniform(0.0, 2 * math.pi, images.shape[0])
-    # affine_grid works in [-1, 1]: one pixel is 2/28 of it; the map goes output -> input
-    dx = torch.from_numpy((-2 * pixels / images.shape[2] * np.cos(direction)).astype(np.float32))
-    dy = torch.from_numpy((-2 * pixels / images.shape[1] * np.sin(direction)).astype(np.float32))
-    one, zero = torch.ones_like(dx), torch.zeros_like(dx)
-    theta = torch.stack([torch.stack([one, zero, dx], 1), torch.stack([zero, one, dy], 1)], 1)
-    return warp(images, theta)
+    # one pixel is 2/28 of affine_grid's [-1, 1]; the map goes output -> input, hence the minus
+    dx = -2 * pixels / images.shape[2] * np.cos(direction)
+    return warp(images, 1, 0, dx, 0, 1, -2 * pixels / images.shape[1] * np.sin(direction))
 
 
 def scale(images: torch.Tensor, amount: float, rng: np.random.Generator) -> torch.Tensor:
     """A photo taken nearer or farther: zoomed in or out by a factor ``1 + amount``."""
-    factor = np.power(1 + amount, signs(rng, images.shape[0]))
-    inverse = torch.from_numpy((1 / factor).astype(np.float32))
-    zero = torch.zeros_like(inverse)
-    theta = torch.stack(
-        [torch.stack([inverse, zero, zero], 1), torch.stack([zero, inverse, zero], 1)], 1
-    )
-    return warp(images, theta)
+    inverse = 1 / np.power(1 + amount, signs(rng, images.shape[0]))
+    return warp(images, inverse, 0, 0, 0, inverse, 0)
 
 
 def jpeg(images: torch.Tensor, quality: float, rng: np.random.Generator) -> torch.Tensor:
@@ -152,13 +129,11 @@ def occlusion(images: torch.Tensor, size: float, rng: np.random.Generator) -> to
     """A hand, a tag or another object: a ``size``-pixel square of a random grey over the image."""
     count, height, width = images.shape
     side = int(size)
-    top = torch.from_numpy(rng.integers(0, height - side + 1, count))[:, None, None]
-    left = torch.from_numpy(rng.integers(0, width - side + 1, count))[:, None, None]
+    top, left = (torch.from_numpy(rng.integers(0, n - side + 1, count)) for n in (height, width))
     grey = torch.from_numpy(rng.uniform(0.0, 1.0, count).astype(np.float32))[:, None, None]
-    ys = torch.arange(height)[None, :, None]
-    xs = torch.arange(width)[None, None, :]
-    inside = (ys >= top) & (ys < top + side) & (xs >= left) & (xs < left + side)
-    return torch.where(inside, grey, images)
+    ys = torch.arange(height)[None, :, None] - top[:, None, None]
+    xs = torch.arange(width)[None, None, :] - left[:, None, None]
+    return torch.where((ys >= 0) & (ys < side) & (xs >= 0) & (xs < side), grey, images)
 
 
 def pixelation(images: torch.Tensor, side: float, rng: np.random.Generator) -> torch.Tensor:
@@ -168,14 +143,12 @@ def pixelation(images: torch.Tensor, side: float, rng: np.random.Generator) -> t
 
 
 def uneven_lighting(images: torch.Tensor, depth: float, rng: np.random.Generator) -> torch.Tensor:
-    """A shadow across the garment: brightness falling linearly by ``depth`` in a random
-    direction."""
+    """A shadow: brightness falling linearly by ``depth`` across the image, any direction."""
     count, height, width = images.shape
-    direction = rng.uniform(0.0, 2 * math.pi, count)
+    direction = torch.from_numpy(rng.uniform(0.0, 2 * math.pi, count).astype(np.float32))
     ys = torch.linspace(-1, 1, height)[None, :, None]
     xs = torch.linspace(-1, 1, width)[None, None, :]
-    cos = torch.from_numpy(np.cos(direction).astype(np.float32))[:, None, None]
-    sin = torch.from_numpy(np.sin(direction).astype(np.float32))[:, None, None]
+    cos, sin = direction.cos()[:, None, None], direction.sin()[:, None, None]
     ramp = (xs * cos + ys * sin) / math.sqrt(2)  # in [-1, 1] across the image
     return images * (1 - depth * (ramp + 1) / 2)
 
@@ -200,10 +173,8 @@ CORRUPTIONS: dict[str, tuple[Corruption, tuple[float, float, float]]] = {
 
 
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """``images`` (uint8, or float in [0, 1]) corrupted: float32 (N, 28, 28) in [0, 1].
-
-    The same (images, name, severity, seed) always gives the same output.
-    """
+    """``images`` (uint8, or float in [0, 1]) corrupted: float32 (N, 28, 28) in [0, 1], the same
+    for the same (images, name, severity, seed)."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r} (known: {', '.join(CORRUPTIONS)})")
     if severity not in SEVERITIES:
@@ -252,18 +223,9 @@ class RobustnessResult:
 
 
 def run_suite(
-    predict: Predict,
-    images: np.ndarray,
-    labels: np.ndarray,
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-    sample_index: int = 0,
+    predict: Predict, images: np.ndarray, labels: np.ndarray, seed: int = 0, names: Sequence = ()
 ) -> RobustnessResult:
-    """Score ``predict`` on the clean images and on every corruption and severity.
-
-    ``predict`` maps float32 (N, 28, 28) in [0, 1] to (N, 10) probabilities (or scores). The
-    image at ``sample_index`` is kept, corrupted at each severity, for the samples figure.
-    """
+    """Accuracy of ``predict`` (images in [0, 1] -> scores), clean and under each corruption."""
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     clean = np.ascontiguousarray(scale_pixels(np.asarray(images)), np.float32)
 
@@ -272,19 +234,14 @@ def run_suite(
 
     result = RobustnessResult(accuracy(clean), {}, len(labels), seed)
     for name in names or CORRUPTIONS:
-        row, shown = [], [clean[sample_index]]
-        for severity in SEVERITIES:
-            corrupted = corrupt(clean, name, severity, seed)
-            row.append(accuracy(corrupted))
-            shown.append(corrupted[sample_index])
-        result.accuracy[name] = row
-        result.samples[name] = np.stack(shown)
+        corrupted = [corrupt(clean, name, severity, seed) for severity in SEVERITIES]
+        result.accuracy[name] = [accuracy(batch) for batch in corrupted]
+        result.samples[name] = np.stack([clean[0]] + [batch[0] for batch in corrupted])
     return result
 
 
 def robustness_metrics(result: RobustnessResult) -> dict[str, float]:
-    """``robustness_mean_accuracy`` (headline), the clean accuracy on the same subset, their
-    ratio, and ``robust_<corruption>_s<k>_accuracy`` per cell."""
+    """The headline mean, the clean accuracy, their ratio, and one metric per cell."""
     metrics = {
         "robustness_mean_accuracy": result.mean_accuracy,
         "robustness_clean_accuracy": result.clean_accuracy,
@@ -297,41 +254,22 @@ def robustness_metrics(result: RobustnessResult) -> dict[str, float]:
     return metrics
 
 
-def robustness_table(result: RobustnessResult) -> dict[str, object]:
-    """The grid as JSON: corruptions, severities' parameters, accuracies, the subset used."""
-    return {
-        "images": result.images,
-        "seed": result.seed,
-        "subset": "class-stratified, seeded sample of the test set",
-        "clean_accuracy": result.clean_accuracy,
-        "mean_accuracy": result.mean_accuracy,
-        "seconds": result.seconds,
-        "corruptions": {
-            name: {"parameters": list(CORRUPTIONS[name][1]), "accuracy": row}
-            for name, row in result.accuracy.items()
-        },
-    }
-
-
 def plot_samples(samples: Mapping[str, np.ndarray]) -> Figure:
     """One row per corruption: the clean image, then severities 1-3."""
-    rows = len(samples)
-    fig = Figure(figsize=(6, 1.45 * rows + 0.6), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(rows, 1 + len(SEVERITIES)))
+    fig = Figure(figsize=(6, 1.45 * len(samples) + 0.6), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(samples), 1 + len(SEVERITIES)))
     for row, (name, images) in zip(axes, samples.items(), strict=True):
-        for column, (ax, image) in enumerate(zip(row, images, strict=True)):
+        for ax, image in zip(row, images, strict=True):
             ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if column == 0:
-                ax.set_ylabel(name.replace("_", " "), fontsize=8)
-    for column, title in enumerate(["clean", *(f"severity {s}" for s in SEVERITIES)]):
-        axes[0][column].set_title(title, fontsize=9)
+            ax.set(xticks=[], yticks=[])
+        row[0].set_ylabel(name.replace("_", " "), fontsize=8)
+    for ax, title in zip(axes[0], ["clean", *(f"severity {s}" for s in SEVERITIES)], strict=True):
+        ax.set_title(title, fontsize=9)
     fig.suptitle("Corruptions of one test image")
     return fig
 
 
-def plot_accuracy_grid(result: RobustnessResult, title: str = "") -> Figure:
+def plot_accuracy_grid(result: RobustnessResult) -> Figure:
     """A heat-map of accuracy per corruption (rows) and severity (columns), with the row means."""
     names = list(result.accuracy)
     grid = np.array([result.accuracy[name] for name in names])
@@ -344,10 +282,28 @@ def plot_accuracy_grid(result: RobustnessResult, title: str = "") -> Figure:
     ax.set_yticks(range(len(names)), [name.replace("_", " ") for name in names])
     for (row, column), value in np.ndenumerate(grid):
         ax.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=7)
-    ax.set_title(
-        title
-        or f"Accuracy under corruption ({result.images} test images; clean "
-        f"{result.clean_accuracy:.3f}, mean {result.mean_accuracy:.3f})",
-        fontsize=9,
-    )
+    clean, mean = result.clean_accuracy, result.mean_accuracy
+    title = f"Accuracy under corruption ({result.images} test images; clean {clean:.3f}, mean "
+    ax.set_title(f"{title}{mean:.3f})", fontsize=9)
     return fig
+
+
+def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
+    """The grid as JSON and its two figures, by path under ``evaluation/``."""
+    table = {
+        "images": result.images,
+        "seed": result.seed,
+        "subset": "class-stratified, seeded sample of the test set",
+        "clean_accuracy": result.clean_accuracy,
+        "mean_accuracy": result.mean_accuracy,
+        "seconds": result.seconds,
+        "corruptions": {
+            name: {"parameters": list(CORRUPTIONS[name][1]), "accuracy": row}
+            for name, row in result.accuracy.items()
+        },
+    }
+    return {
+        "robustness/accuracy.json": table,
+        "robustness/accuracy_grid.png": plot_accuracy_grid(result),
+        "robustness/samples.png": plot_samples(result.samples),
+    }

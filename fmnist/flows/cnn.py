@@ -34,7 +34,7 @@ from fmnist.errors import ConfigError
 from fmnist.models import count_parameters
 from fmnist.models.convnets import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
-from fmnist.tracking.evaluation import calibrated_evaluation
+from fmnist.tracking.eval_logging import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
 from fmnist.train.engine import FitResult, fit, predict_logits
 from fmnist.train.optim import bf16_active

@@ -1,14 +1,8 @@
-"""The ``compare`` entry point: the study's results section regenerated from MLflow runs.
+"""The ``compare`` entry point: the study's results section regenerated from the tracked runs.
 
-``run_compare`` reads the tracking store and the registry: the best dense network (the dnn search
-run with the highest validation accuracy) and the latest run of each CNN recipe. It times the
-registered pyfunc model of each (images/s on a batch, one-image latency), finds the latest
-``fmnist evaluate`` run of each model (its robustness numbers; ``evaluate`` runs are never
-candidates themselves), hands the runs' metrics and confusion matrices to
-``fmnist.analysis.compare`` and logs one ``compare`` run: a table of both
-families, per-class F1 bars, the confusion matrices side by side with their difference, and a
-markdown and HTML report that puts the study's published numbers beside ours and lists where the
-study's text and its own numbers disagree.
+Runs are found by their tags (``entry_point``, ``model_family``) in every experiment, wherever
+``mlflow run`` put them (``Default`` without ``--experiment-name``); each registered model is
+timed through its pyfunc and joined with its latest ``evaluate`` run (robustness).
 """
 
 from __future__ import annotations
@@ -16,22 +10,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
 from fmnist import tracking
-from fmnist.analysis.compare import (
-    Candidate,
-    build_report,
-    plot_confusions,
-    plot_f1_bars,
-    summary_columns,
-    summary_rows,
-    validation_accuracy,
-)
+from fmnist.analysis import comparison
+from fmnist.analysis.comparison import Candidate
 from fmnist.analysis.report import markdown_to_html
 from fmnist.config import CompareConfig
 from fmnist.data import load_fashion_mnist, scale_pixels
@@ -39,36 +25,57 @@ from fmnist.errors import FmnistError
 from fmnist.tracking.registry import load_pyfunc
 
 EDA_METRICS = ("pca_components_90", "pca_components_95")
+FAMILIES = ("dnn", "cnn")
 
 
-def is_quick(run) -> bool:
-    return run.data.tags.get("quick", "false").lower() == "true"
-
-
-def find_runs(experiment_ids: list[str], include_quick: bool) -> list:
-    runs = mlflow.search_runs(
+def search(filter_string: str) -> list:
+    """The finished runs that match ``filter_string`` in every active experiment, newest first."""
+    experiment_ids = [experiment.experiment_id for experiment in mlflow.search_experiments()]
+    return mlflow.search_runs(
         experiment_ids=experiment_ids,
-        filter_string="attributes.status = 'FINISHED' and metrics.test_accuracy >= 0",
-        output_format="list",
-        max_results=5000,
-    )
-    runs = [r for r in runs if r.data.tags.get("entry_point") != "evaluate"]
-    return [r for r in runs if include_quick or not is_quick(r)]
-
-
-def evaluation_metrics(experiment_ids: list[str], run_id: str, model_uri: str | None) -> dict:
-    """The metrics of the latest finished ``evaluate`` run of the model trained by ``run_id``
-    (linked by its source run or its registered version), or {} when there is none."""
-    runs = mlflow.search_runs(
-        experiment_ids=experiment_ids,
-        filter_string="tags.entry_point = 'evaluate' and attributes.status = 'FINISHED'",
+        filter_string=f"attributes.status = 'FINISHED' and {filter_string}",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
+
+
+def find_runs(include_quick: bool) -> list:
+    """The training runs of both families with test metrics (never ``evaluate`` runs)."""
+    runs = []
+    for family in FAMILIES:
+        tags = f"tags.model_family = '{family}' and tags.entry_point != 'evaluate'"
+        runs += search(f"{tags} and metrics.test_accuracy >= 0")
+    return [r for r in runs if include_quick or r.data.tags.get("quick", "").lower() != "true"]
+
+
+def select_candidates(runs: list) -> list[Candidate]:
+    """The best dense network by validation accuracy and the latest run of each CNN recipe."""
+
+    def candidate(run, recipe: str) -> Candidate:
+        info, data = run.info, run.data
+        name = info.run_name or info.run_id[:8]
+        family = data.tags["model_family"]
+        return Candidate(info.run_id, name, family, recipe, dict(data.metrics))
+
+    def score(run) -> tuple:
+        return comparison.validation_accuracy(run.data.metrics) or 0.0, run.info.start_time
+
+    dense = [r for r in runs if r.data.tags.get("model_family") == "dnn"]
+    chosen = [candidate(max(dense, key=score), "grid-best")] if dense else []
+    latest: dict[str, object] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        if run.data.tags.get("model_family") == "cnn":
+            latest[run.data.tags.get("recipe") or run.data.params.get("recipe") or "cnn"] = run
+    return chosen + [candidate(run, recipe) for recipe, run in sorted(latest.items())]
+
+
+def evaluation_metrics(evaluations: list, run_id: str, model_uri: str | None) -> dict:
+    """The metrics of the latest ``evaluate`` run of the model trained by ``run_id`` (linked by
+    its source run or its registered version), or {} when there is none."""
     version = None
     if model_uri and model_uri.startswith("models:/"):
         version = tuple(model_uri.removeprefix("models:/").split("/", 1))
-    for run in runs:
+    for run in evaluations:
         tags = run.data.tags
         linked = (tags.get("registered_model_name"), tags.get("registered_model_version"))
         if tags.get("source_run_id") == run_id or (version is not None and linked == version):
@@ -76,45 +83,15 @@ def evaluation_metrics(experiment_ids: list[str], run_id: str, model_uri: str | 
     return {}
 
 
-def select_candidates(runs: list) -> list[Candidate]:
-    """The best dense network by validation accuracy and the latest run of each CNN recipe."""
-    dense = [r for r in runs if r.data.tags.get("model_family") == "dnn"]
-    cnn = [r for r in runs if r.data.tags.get("model_family") == "cnn"]
-    chosen = []
-    if dense:
-        best = max(
-            dense, key=lambda r: (validation_accuracy(r.data.metrics) or 0.0, r.info.start_time)
-        )
-        chosen.append(to_candidate(best, "dnn", "grid-best"))
-    by_recipe: dict[str, object] = {}
-    for run in sorted(cnn, key=lambda r: r.info.start_time):
-        recipe = run.data.tags.get("recipe") or run.data.params.get("recipe") or "cnn"
-        by_recipe[recipe] = run
-    chosen += [to_candidate(run, "cnn", recipe) for recipe, run in sorted(by_recipe.items())]
-    return chosen
-
-
-def to_candidate(run, family: str, recipe: str) -> Candidate:
-    name = run.info.run_name or run.info.run_id[:8]
-    return Candidate(
-        run.info.run_id, name, family, recipe, dict(run.data.metrics), dict(run.data.params)
-    )
-
-
-def find_model_uri(run_id: str) -> str | None:
+def find_model_uri(client: mlflow.MlflowClient, run_id: str) -> str | None:
     """The registered version trained by this run (or one of its trials), else None."""
-    client = mlflow.MlflowClient()
-    tagged = client.get_run(run_id).data.tags.get("registered_model_uri")
-    if tagged:
-        return tagged
-    run_ids = [run_id] + [
-        r.info.run_id
-        for r in client.search_runs(
-            [client.get_run(run_id).info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        )
-    ]
-    for candidate in run_ids:
+    run = client.get_run(run_id)
+    if run.data.tags.get("registered_model_uri"):
+        return run.data.tags["registered_model_uri"]
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+    )
+    for candidate in [run_id] + [child.info.run_id for child in children]:
         versions = client.search_model_versions(f"run_id = '{candidate}'")
         if versions:
             latest = max(versions, key=lambda v: int(v.version))
@@ -122,37 +99,32 @@ def find_model_uri(run_id: str) -> str | None:
     return None
 
 
-def load_confusion(run_id: str) -> np.ndarray | None:
+def load_confusion(
+    client: mlflow.MlflowClient, run_id: str, folder: str = ""
+) -> np.ndarray | None:
     """The run's confusion matrix (counts) from its evaluation artifacts, if logged."""
-    client = mlflow.MlflowClient()
-    for path in walk_artifacts(client, run_id, ""):
-        if path.endswith(".json") and "confusion" in path and "normal" not in path:
-            with tempfile.TemporaryDirectory() as tmp:
-                local = client.download_artifacts(run_id, path, tmp)
-                content = json.loads(Path(local).read_text())
-            matrix = (
-                content.get("matrix", content.get("counts"))
-                if isinstance(content, dict)
-                else content
-            )
-            array = np.asarray(matrix, dtype=float)
-            if array.shape == (10, 10):
-                return array
-    return None
-
-
-def walk_artifacts(client: mlflow.MlflowClient, run_id: str, path: str) -> Iterator[str]:
-    for item in client.list_artifacts(run_id, path or None):
+    for item in client.list_artifacts(run_id, folder or None):
         if item.is_dir:
-            yield from walk_artifacts(client, run_id, item.path)
-        else:
-            yield item.path
+            found = load_confusion(client, run_id, item.path)
+            if found is not None:
+                return found
+        elif (
+            item.path.endswith(".json") and "confusion" in item.path and "normal" not in item.path
+        ):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(client.download_artifacts(run_id, item.path, tmp))
+                content = json.loads(local.read_text())
+            if isinstance(content, dict):  # older runs logged the counts as "matrix"
+                content = content.get("matrix", content.get("counts"))
+            if np.shape(content) == (10, 10):
+                return np.asarray(content, dtype=float)
+    return None
 
 
 def measure_inference(model_uri: str, images: np.ndarray, repeats: int = 20) -> dict[str, float]:
     """Images per second on the whole batch and the median latency of one image (pyfunc)."""
     model = load_pyfunc(model_uri)
-    model.predict(images[:2])
+    model.predict(images[:2])  # warm-up
     start = time.perf_counter()
     model.predict(images)
     batch_seconds = time.perf_counter() - start
@@ -167,82 +139,47 @@ def measure_inference(model_uri: str, images: np.ndarray, repeats: int = 20) -> 
     }
 
 
-def test_images(cfg: CompareConfig) -> np.ndarray:
-    """The first ``inference_images`` test images in [0, 1], the pyfunc model's input."""
-    data = load_fashion_mnist(cfg.common.data_dir or None)
-    count = min(cfg.inference_images, data.test_images.shape[0])
-    return scale_pixels(data.test_images[:count].numpy())
-
-
-def latest_metrics(
-    experiment_ids: list[str], entry_point: str, keys: tuple[str, ...]
-) -> dict[str, float | None]:
-    """Each metric from the latest run of ``entry_point`` that logged it (None if none did)."""
-    runs = mlflow.search_runs(
-        experiment_ids=experiment_ids,
-        filter_string=f"tags.entry_point = '{entry_point}'",
-        order_by=["attributes.start_time DESC"],
-        output_format="list",
-    )
-    return {
-        key: next((r.data.metrics[key] for r in runs if key in r.data.metrics), None)
-        for key in keys
-    }
-
-
 def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
     """Collect, measure and report; everything is logged into one ``compare`` run."""
     tracking.configure()
+    client = mlflow.MlflowClient()
+    experiment, quick = cfg.common.experiment_name, cfg.include_quick
     with tracking.start_run(
-        "compare",
-        "comparison",
-        cfg.common.experiment_name,
-        run_name="compare",
-        parent_run_id=parent_run_id,
+        "compare", "comparison", experiment, run_name="compare", parent_run_id=parent_run_id
     ) as run:
-        experiment_ids = [run.info.experiment_id]
-        candidates = select_candidates(find_runs(experiment_ids, cfg.include_quick))
+        candidates = select_candidates(find_runs(quick))
         if not candidates:
             raise FmnistError(
-                "No finished dense-network or CNN run with test metrics was found "
-                f"in experiment {cfg.common.experiment_name!r}: train models first "
-                "(fmnist dnn-search, fmnist cnn)."
+                "No finished dense-network or CNN run with test metrics was found in any "
+                "experiment: train models first (fmnist dnn-search, fmnist cnn)."
             )
-        images = test_images(cfg) if cfg.inference_images > 0 else None
+        evaluations = search("tags.entry_point = 'evaluate'")
+        images = None
+        if cfg.inference_images > 0:  # the first test images in [0, 1], the pyfunc's input
+            test = load_fashion_mnist(cfg.common.data_dir or None).test_images
+            images = scale_pixels(test[: cfg.inference_images].numpy())
         for c in candidates:
-            c.model_uri = find_model_uri(c.run_id)
-            c.confusion = load_confusion(c.run_id)
-            c.evaluation = evaluation_metrics(experiment_ids, c.run_id, c.model_uri)
+            c.model_uri = find_model_uri(client, c.run_id)
+            c.confusion = load_confusion(client, c.run_id)
+            c.evaluation = evaluation_metrics(evaluations, c.run_id, c.model_uri)
             if c.model_uri and images is not None:
                 c.inference = measure_inference(c.model_uri, images)
-        rows = summary_rows(candidates)
-        eda = latest_metrics(experiment_ids, "eda", EDA_METRICS)
-        report = build_report(rows, candidates, eda)
-        log_outputs(rows, candidates, report)
-        tracking.log_params_safe(
-            {
-                "include_quick": cfg.include_quick,
-                "compared_runs": ",".join(c.run_id for c in candidates),
-            }
-        )
+        rows = comparison.summary_rows(candidates)
+        found = [run.data.metrics for run in search("tags.entry_point = 'eda'")]
+        eda = {key: next((m[key] for m in found if key in m), None) for key in EDA_METRICS}
+        report = comparison.build_report(rows, candidates, eda)
+        mlflow.log_table(comparison.summary_columns(rows), "comparison/summary.json")
+        mlflow.log_text(report, "comparison/report.md")
+        mlflow.log_text(markdown_to_html(report, "fmnist comparison"), "comparison/report.html")
+        mlflow.log_figure(comparison.plot_f1_bars(candidates), "comparison/per_class_f1.png")
+        confusions = comparison.plot_confusions(candidates)
+        if confusions is not None:
+            mlflow.log_figure(confusions, "comparison/confusion_matrices.png")
+        compared = ",".join(c.run_id for c in candidates)
+        tracking.log_params_safe({"include_quick": quick, "compared_runs": compared})
         best = max(rows, key=lambda r: r["test_accuracy"] or 0.0)
         mlflow.log_metrics(
             {"best_test_accuracy": best["test_accuracy"] or 0.0, "models_compared": len(rows)}
         )
-    return {
-        "models": len(rows),
-        "best": best["model"],
-        "best_test_accuracy": best["test_accuracy"],
-        "run_id": run.info.run_id,
-    }
-
-
-def log_outputs(rows: list[dict], candidates: list[Candidate], report: str) -> None:
-    """The summary table, the report (markdown and HTML) and the figures, under comparison/."""
-    mlflow.log_table(summary_columns(rows), "comparison/summary.json")
-    mlflow.log_text(report, "comparison/report.md")
-    mlflow.log_text(markdown_to_html(report, "fmnist comparison"), "comparison/report.html")
-    mlflow.log_figure(plot_f1_bars(candidates), "comparison/per_class_f1.png")
-    confusions = plot_confusions(candidates)
-    if confusions is not None:
-        mlflow.log_figure(confusions, "comparison/confusion_matrices.png")
+    summary = {"models": len(rows), "best": best["model"], "run_id": run.info.run_id}
+    return summary | {"best_test_accuracy": best["test_accuracy"]}

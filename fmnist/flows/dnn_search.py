@@ -25,7 +25,7 @@ from fmnist.search import driver
 from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
 from fmnist.search.spaces import DnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
-from fmnist.tracking.evaluation import calibrated_evaluation
+from fmnist.tracking.eval_logging import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.engine import predict_logits

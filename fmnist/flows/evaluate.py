@@ -1,23 +1,14 @@
 """The ``evaluate`` entry point: any logged or registered model on the test set, beyond accuracy.
 
-``run_evaluate`` loads the model a URI names (``models:/name@alias``, ``models:/name/3``,
-``runs:/<run_id>/model``, a Logged Model URI or a local model folder) through its pyfunc, the
-contract every registered model shares (float32 images in, probabilities out), and logs one run
-tagged ``entry_point=evaluate`` and linked to the model (``model_uri``, ``registered_model_name``,
-``registered_model_version``, ``source_run_id`` where they resolve): the usual test metrics and
-figures (``tracking.evaluation.evaluate_and_log``), the calibration of the probabilities as the
-model outputs them and, from the temperature in its ``calibration.json``, as they were before
-scaling (a model logged before calibration has none: T = 1), and the robustness suite on a
-seeded, class-stratified subset of the test set. A URI that does not resolve is one line and
-exit code 2, before any run exists.
+The model a URI names is scored through its pyfunc in one run linked to it (``model_uri``,
+``registered_model_name``/``_version``, ``source_run_id``): test metrics and figures, calibration
+after and before its temperature, and the robustness suite on a seeded, class-stratified subset.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -31,23 +22,14 @@ from fmnist.data import load_fashion_mnist, scale_pixels
 from fmnist.errors import FmnistError
 from fmnist.flows.predict import predict_batch
 from fmnist.tracking.artifacts import SPEC_FILE
-from fmnist.tracking.evaluation import evaluate_and_log, log_calibration, log_robustness
+from fmnist.tracking.eval_logging import evaluate_and_log, log_calibration, log_robustness
 from fmnist.tracking.registry import EXTRA_DIR, load_pyfunc, local_model_dir, read_temperature
 
 ENTRY_POINT = "evaluate"
 # Version tags copied onto the evaluation run, so it reads like the run that trained the model.
 COPIED_TAGS = ("model_family", "recipe", "quick", "tta_flip", "data_digest")
-
-
-@dataclass
-class ModelSource:
-    """What a model URI resolves to: the local folder and the links back to its origin."""
-
-    uri: str
-    folder: Path
-    temperature: float
-    links: dict[str, str] = field(default_factory=dict)  # tags for the evaluation run
-    family: str = "none"
+SUMMARY = ("test_accuracy", "test_ece_uncalibrated", "test_ece", "test_nll", "test_brier")
+SUMMARY += ("temperature", "robustness_clean_accuracy", "robustness_mean_accuracy")
 
 
 def resolve_links(model_uri: str) -> dict[str, str]:
@@ -76,8 +58,9 @@ def resolve_links(model_uri: str) -> dict[str, str]:
     return {key: value for key, value in links.items() if value}
 
 
-def open_model(model_uri: str) -> tuple[Any, ModelSource]:
-    """The pyfunc model and where it came from; a URI that does not resolve is a user error."""
+def open_model(model_uri: str) -> tuple[Any, float, dict[str, str]]:
+    """The pyfunc model, its temperature and the tags that link it to its origin (with its
+    ``model_family`` always); a URI that does not resolve is a user error."""
     tracking.configure()
     try:
         folder = local_model_dir(model_uri)
@@ -86,12 +69,10 @@ def open_model(model_uri: str) -> tuple[Any, ModelSource]:
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FmnistError(f"Could not load model {model_uri!r}: {message}") from None
-    source = ModelSource(model_uri, folder, read_temperature(folder), links)
-    spec_path = folder / EXTRA_DIR / SPEC_FILE
-    spec_family = json.loads(spec_path.read_text()).get("family") if spec_path.is_file() else None
-    source.family = links.get("model_family") or spec_family or "none"
-    source.links["model_family"] = source.family
-    return model, source
+    spec = folder / EXTRA_DIR / SPEC_FILE
+    spec_family = json.loads(spec.read_text()).get("family") if spec.is_file() else None
+    family = links.get("model_family") or spec_family or "none"
+    return model, read_temperature(folder), {**links, "model_family": family}
 
 
 def batched_predict(model, batch_size: int):
@@ -99,37 +80,29 @@ def batched_predict(model, batch_size: int):
 
     def predict(images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(scale_pixels(np.asarray(images)), dtype=np.float32)
-        parts = [
-            predict_batch(model, images[start : start + batch_size])
-            for start in range(0, len(images), batch_size)
-        ]
+        starts = range(0, len(images), batch_size)
+        parts = [predict_batch(model, images[start : start + batch_size]) for start in starts]
         return np.concatenate(parts) if parts else np.zeros((0, 10))
 
     return predict
-
-
-def run_name(source: ModelSource) -> str:
-    name = source.links.get("registered_model_name")
-    if name:
-        return f"evaluate-{name}-v{source.links['registered_model_version']}"
-    return f"evaluate-{source.family}"
 
 
 def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     """Evaluate the model ``cfg.model`` names; return the headline numbers and the run id."""
     cfg.validate()
     started = time.perf_counter()
-    model, source = open_model(cfg.model)
+    model, temperature, links = open_model(cfg.model)
+    family, name = links["model_family"], links.get("registered_model_name")
     data = load_fashion_mnist(cfg.common.data_dir or None)
     images, labels = data.test_images.numpy(), data.test_labels.numpy()
     predict = batched_predict(model, cfg.batch_size)
-    tags = {"model_uri": cfg.model, **{k: v for k, v in source.links.items() if k != "family"}}
+    run_name = f"evaluate-{name}-v{links['registered_model_version']}" if name else None
     with tracking.start_run(
         ENTRY_POINT,
-        source.family,
+        family,
         cfg.common.experiment_name,
-        run_name=run_name(source),
-        tags=tags,
+        run_name=run_name or f"evaluate-{family}",
+        tags={"model_uri": cfg.model, **links},
         parent_run_id=parent_run_id,
     ) as run:
         tracking.log_params_safe(
@@ -147,15 +120,17 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict[
         probabilities = predict(images)
         predict_seconds = time.perf_counter() - start
         metrics = evaluate_and_log(probabilities, labels, images, None)
-        before = untempered(probabilities, source.temperature)
-        metrics.update(log_calibration(probabilities, before, labels, source.temperature))
+        before = untempered(probabilities, temperature)
+        metrics.update(log_calibration(probabilities, before, labels, temperature))
         timing = {"predict_seconds": predict_seconds}
         if cfg.robustness:
             metrics.update(score_robustness(predict, images, labels, cfg))
             timing["robustness_seconds"] = metrics["robustness_seconds"]
         timing["evaluate_seconds"] = time.perf_counter() - started
         mlflow.log_metrics(timing)
-    return summary(metrics, timing, source, run.info.run_id)
+    out: dict[str, Any] = {key: round(metrics[key], 4) for key in SUMMARY if key in metrics}
+    out.update({key: round(value, 1) for key, value in timing.items()})
+    return out | {"model_family": family, "run_id": run.info.run_id}
 
 
 def score_robustness(predict, images, labels, cfg: EvaluateConfig) -> dict[str, float]:
@@ -165,20 +140,3 @@ def score_robustness(predict, images, labels, cfg: EvaluateConfig) -> dict[str, 
     result = rob.run_suite(predict, images[subset], labels[subset], cfg.common.seed)
     result.seconds = time.perf_counter() - start
     return {**log_robustness(result), "robustness_seconds": result.seconds}
-
-
-def summary(metrics, timing, source: ModelSource, run_id: str) -> dict[str, Any]:
-    keys = (
-        "test_accuracy",
-        "test_ece_uncalibrated",
-        "test_ece",
-        "test_nll",
-        "test_brier",
-        "temperature",
-        "robustness_clean_accuracy",
-        "robustness_mean_accuracy",
-    )
-    out: dict[str, Any] = {key: round(metrics[key], 4) for key in keys if key in metrics}
-    out.update({key: round(value, 1) for key, value in timing.items()})
-    out.update(model_family=source.family, run_id=run_id)
-    return out
