@@ -233,3 +233,21 @@ def test_compare_finds_project_runs_by_tag_in_every_experiment(tracking_store):
         rows[1]["robustness_mean_accuracy"] == 0.6 and rows[0]["robustness_mean_accuracy"] is None
     )
     assert "| PCA components for 90% variance | 84 | 87 |" in (folder / "report.md").read_text()
+
+
+def test_an_evaluate_runs_metrics_are_listed_on_the_model_it_evaluated(
+    use_pipeline_store, synthetic_data_dir, tmp_path
+):
+    """The Models page of the evaluated model lists the evaluate run's test metrics (MLflow 3's
+    Logged Model metrics), not only the training run's."""
+    from tests.helpers import store_copy
+
+    uri, results = use_pipeline_store
+    model_uri = results["cnn"]["model_uri"]
+    with store_copy(Path(uri.removeprefix("sqlite:///")).parent, tmp_path / "copy"):
+        cfg = EvaluateConfig(common=common(synthetic_data_dir), model=model_uri, robustness=False)
+        run_id = run_evaluate(cfg)["run_id"]
+        model_id = mlflow.models.get_model_info(model_uri).model_id
+        logged = mlflow.MlflowClient().get_logged_model(model_id).metrics
+        from_run = {m.key for m in logged if m.run_id == run_id}
+        assert {"test_accuracy", "test_ece"} <= from_run

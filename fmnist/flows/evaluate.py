@@ -23,7 +23,13 @@ from fmnist.errors import FmnistError
 from fmnist.flows.predict import predict_batch
 from fmnist.tracking.artifacts import SPEC_FILE
 from fmnist.tracking.eval_logging import evaluate_and_log, log_calibration, log_robustness
-from fmnist.tracking.registry import EXTRA_DIR, load_pyfunc, local_model_dir, read_temperature
+from fmnist.tracking.registry import (
+    EXTRA_DIR,
+    link_evaluation,
+    load_pyfunc,
+    local_model_dir,
+    read_temperature,
+)
 
 ENTRY_POINT = "evaluate"
 # Version tags copied onto the evaluation run, so it reads like the run that trained the model.
@@ -128,6 +134,7 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict[
             timing["robustness_seconds"] = metrics["robustness_seconds"]
         timing["evaluate_seconds"] = time.perf_counter() - started
         mlflow.log_metrics(timing)
+        link_evaluation(cfg.model, metrics)  # listed on the evaluated model's page too
     out: dict[str, Any] = {key: round(metrics[key], 4) for key in SUMMARY if key in metrics}
     out.update({key: round(value, 1) for key, value in timing.items()})
     return out | {"model_family": family, "run_id": run.info.run_id}

@@ -300,6 +300,19 @@ def link_metrics(client, model_id: str, run_id: str, metrics: Mapping[str, float
         mlflow.log_metrics(missing, run_id=run_id, model_id=model_id)
 
 
+def link_evaluation(model_uri: str, metrics: Mapping[str, float]) -> None:
+    """Log ``metrics`` in the active run against the Logged Model ``model_uri`` names (its page
+    then lists them beside training's); a local model folder has none."""
+    try:
+        model_id = mlflow.models.get_model_info(model_uri).model_id
+    except Exception:  # noqa: BLE001 - a folder without an MLflow model id links nothing
+        return
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    clean = {k: v for k, v in clean.items() if math.isfinite(v)}
+    if model_id and clean:
+        mlflow.log_metrics(clean, model_id=model_id)
+
+
 def describe_registered_model(client, name: str) -> None:
     """Give a registered model a description once (never overwrite one a person wrote)."""
     if client.get_registered_model(name).description:
