@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 COMMANDS = ("", "pipeline", "eda", "dnn-search", "cnn", "cnn-search", "compare", "predict")
-COMMANDS += ("evaluate", "info")
+COMMANDS += ("evaluate", "info", "runs")
 
 
 def time_command(args: list[str], env: dict | None = None, cwd: str | None = None) -> float:

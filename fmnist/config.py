@@ -167,6 +167,13 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class RunsConfig:
+    """Options of ``fmnist runs``."""
+
+    clean: bool = False  # end KILLED the runs of dead processes
+
+
+@dataclass(frozen=True)
 class PredictConfig:
     """Options of ``fmnist predict``."""
 

@@ -23,10 +23,11 @@ from fmnist.cli import COMMANDS, cli
 from fmnist.cli.options import Switch
 
 WORK_ORDER = ["info", "eda", "dnn-search", "cnn", "cnn-search", "evaluate", "compare"]
-WORK_ORDER += ["predict", "pipeline"]
+WORK_ORDER += ["predict", "pipeline", "runs"]
 SWITCHES = {"quick", "prune", "finalize", "retrain_best", "robustness", "include_quick", "quiet"}
+SWITCHES |= {"fresh", "clean"}
 # Commands that read no dataset and train nothing take no data/seed options.
-WITHOUT_SHARED_OPTIONS = {"predict"}
+WITHOUT_SHARED_OPTIONS = {"predict", "runs"}
 
 
 def command(name: str) -> click.Command:

@@ -94,7 +94,9 @@ def test_evaluate_a_registered_model_end_to_end(use_pipeline_store, synthetic_da
 def test_evaluate_command_on_a_run_uri_without_robustness(use_pipeline_store, synthetic_data_dir):
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("fmnist-cnn", "champion")
-    uri = f"runs:/{version.run_id}/model"
+    name = client.get_logged_model(version.source.removeprefix("models:/")).name
+    assert name == "fmnist-cnn-fast"  # a logged model is named after what it is
+    uri = f"runs:/{version.run_id}/{name}"
     args = ["evaluate", "--model", uri, "--no-robustness", "--data-dir", str(synthetic_data_dir)]
     result = CliRunner().invoke(cli, [*args, "--experiment-name", "pipeline", "--quiet"])
     assert result.exit_code == 0, result.output

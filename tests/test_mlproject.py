@@ -29,6 +29,7 @@ CONFIGS = {
     "compare": config.CompareConfig,
     "predict": config.PredictConfig,
     "pipeline": config.PipelineConfig,
+    "runs": config.RunsConfig,
 }
 # the pipeline's child runs, one per step, each tagged with its entry point
 PIPELINE_STEPS = {"data", "eda", "dnn_search", "cnn", "compare"}

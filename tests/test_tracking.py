@@ -54,10 +54,7 @@ def test_child_runs_nest_under_parent_by_id(tracking_store):
 
 
 def test_redacts_passwords_in_uris():
-    assert (
-        redact_uri("postgresql://bob:s3cret@db:5432/x")
-        == "postgresql://bob:***@db:5432/x"
-    )
+    assert redact_uri("postgresql://bob:s3cret@db:5432/x") == "postgresql://bob:***@db:5432/x"
     assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 

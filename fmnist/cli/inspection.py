@@ -14,9 +14,17 @@ from pathlib import Path
 import click
 
 from fmnist.cli.options import common_options, examples, option, pop_common, switch
-from fmnist.config import PREDICT_FORMATS, CompareConfig, EdaConfig, EvaluateConfig, PredictConfig
+from fmnist.config import (
+    PREDICT_FORMATS,
+    CompareConfig,
+    EdaConfig,
+    EvaluateConfig,
+    PredictConfig,
+    RunsConfig,
+)
 
 EDA, EVALUATE, COMPARE, PREDICT = EdaConfig(), EvaluateConfig(), CompareConfig(), PredictConfig()
+RUNS = RunsConfig()
 MODEL_HELP = "models:/name@alias, models:/name/3, runs:/ID/model or a local model folder."
 
 
@@ -163,7 +171,7 @@ def predict(
 )
 @switch(
     "clean",
-    False,
+    RUNS.clean,
     "End KILLED the runs whose process is gone (this machine) or silent past "
     "FMNIST_RUN_GRACE_SECONDS (another machine); every command does it when it starts.",
 )
