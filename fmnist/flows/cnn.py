@@ -103,12 +103,10 @@ def resolved_params(cfg: CnnConfig, recipe: CnnRecipe, device: torch.device) -> 
 def raw_params(cfg: CnnConfig) -> dict[str, Any]:
     """The command's options as given (an override left unset is logged as ``auto``)."""
     recipe = Path(cfg.recipe).name if cfg.recipe.endswith((".yaml", ".yml")) else cfg.recipe
+    overrides = {k: "auto" if getattr(cfg, k) is None else getattr(cfg, k) for k in OVERRIDE_KEYS}
     return {
         "recipe": recipe,
-        **{
-            key: "auto" if getattr(cfg, key) is None else getattr(cfg, key)
-            for key in OVERRIDE_KEYS
-        },
+        **overrides,
         **seeds(cfg.common),
         "device": cfg.common.device,
         "data_dir": cfg.common.data_dir,
@@ -226,14 +224,9 @@ def evaluate_test(
     start = time.perf_counter()
     predict = {"batch_size": 1024, "device": device, "bf16": False, "tta_flip": recipe.tta_flip}
     metrics, temperature = calibrated_test(model, val, test, result.history, **predict)
-    mlflow.log_metrics(
-        {
-            "best_epoch": result.best_epoch,
-            "best_val_accuracy": result.best_val_accuracy,
-            "train_seconds": result.seconds,
-            "test_seconds": time.perf_counter() - start,
-        }
-    )
+    best = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+    seconds = {"train_seconds": result.seconds, "test_seconds": time.perf_counter() - start}
+    mlflow.log_metrics(best | seconds)
     return metrics, temperature
 
 

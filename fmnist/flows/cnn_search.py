@@ -33,21 +33,9 @@ from fmnist.train.runtime import resolve_device
 from fmnist.train.settings import RUN_FIELDS
 
 BEST_RECIPE = "search-best"  # the retrained recipe's file stem: its run is ``cnn-search-best``
-SUMMARY_KEYS = (  # what the command reports, in this order
-    "run_id",
-    "study_name",
-    "storage",
-    "trained_now",
-    "trials",
-    "pruned",
-    "best_trial",
-    "best_val_accuracy",
-    "best_params",
-    "retrained_run_id",
-    "test_accuracy",
-    "model_uri",
-    "alias",
-    "seconds",
+SUMMARY_KEYS = tuple(  # what the command reports, in this order
+    "run_id study_name storage trained_now trials pruned best_trial best_val_accuracy best_params "
+    "retrained_run_id test_accuracy model_uri alias seconds".split()
 )
 
 

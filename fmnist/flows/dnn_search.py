@@ -29,18 +29,9 @@ from fmnist.train.recipes import DnnGrid, grid_extras, grid_identity, load_grid
 from fmnist.train.runtime import resolve_device
 
 TITLE = "Table I: dense-network grid (validation accuracy %, ours beside the study's)"
-SUMMARY_KEYS = (  # what the command reports, in this order
-    "run_id",
-    "study_name",
-    "storage",
-    "pca_components",
-    "trained_now",
-    "best_point",
-    "best_val_accuracy",
-    "test_accuracy",
-    "model_uri",
-    "alias",
-    "seconds",
+SUMMARY_KEYS = tuple(  # what the command reports, in this order
+    "run_id study_name storage pca_components trained_now best_point best_val_accuracy "
+    "test_accuracy model_uri alias seconds".split()
 )
 
 

@@ -39,14 +39,9 @@ from fmnist.flows.evaluate import run_evaluate
 from fmnist.flows.shared import seeds
 from fmnist.tracking import resume
 
-EDA_SUMMARY_KEYS = (
-    "pca_components_90",
-    "pca_components_95",
-    "tsne_silhouette",
-    "pca_silhouette",
-    "tsne_knn5_accuracy",
-    "pca_knn5_accuracy",
-    "eda_seconds",
+EDA_SUMMARY_KEYS = tuple(
+    "pca_components_90 pca_components_95 tsne_silhouette pca_silhouette tsne_knn5_accuracy "
+    "pca_knn5_accuracy eda_seconds".split()
 )
 
 
@@ -72,23 +67,18 @@ def run_data_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 def run_eda_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The eda step; ``quick`` shrinks t-SNE and the scatters."""
-    eda_cfg = EdaConfig(
-        common=cfg.common,
-        tsne_samples=1000 if cfg.quick else STUDY_TSNE_SAMPLES,
-        scatter_samples=3000 if cfg.quick else EdaConfig().scatter_samples,
-    )
+    eda_cfg = EdaConfig(common=cfg.common, tsne_samples=STUDY_TSNE_SAMPLES)
+    if cfg.quick:
+        eda_cfg = dataclasses.replace(eda_cfg, tsne_samples=1000, scatter_samples=3000)
     result = run_eda(eda_cfg, parent_run_id=parent_run_id)
     return {key: round(float(result[key]), 4) for key in EDA_SUMMARY_KEYS}
 
 
 def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The dense grid, or with ``quick`` two points for two epochs."""
-    dnn_cfg = DnnSearchConfig(
-        common=cfg.common,
-        grid=QUICK_GRID if cfg.quick else DEFAULT_GRID,
-        epochs=2 if cfg.quick else None,
-        quick=cfg.quick,
-    )
+    dnn_cfg = DnnSearchConfig(common=cfg.common, grid=DEFAULT_GRID, quick=cfg.quick)
+    if cfg.quick:
+        dnn_cfg = dataclasses.replace(dnn_cfg, grid=QUICK_GRID, epochs=2)
     return run_dnn_search(dnn_cfg, outer_run_id=parent_run_id)
 
 
@@ -106,23 +96,20 @@ def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """Evaluate the dense and the CNN model this pipeline registered (not when quick)."""
     if cfg.quick:
         return {}
-    run = mlflow.get_run(parent_run_id)
-    evaluated = {}
-    for step in ("dnn_search", "cnn"):
-        model_uri = resume.step_results(run).get(step, {}).get("model_uri")
-        if model_uri:
-            evaluate_cfg = EvaluateConfig(common=cfg.common, model=model_uri)
-            evaluated[step] = run_evaluate(evaluate_cfg, parent_run_id)
-    return evaluated
+    results = resume.step_results(mlflow.get_run(parent_run_id))
+    uris = {step: results.get(step, {}).get("model_uri") for step in ("dnn_search", "cnn")}
+    return {
+        step: run_evaluate(EvaluateConfig(common=cfg.common, model=uri), parent_run_id)
+        for step, uri in uris.items()
+        if uri
+    }
 
 
 def run_compare_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """Compare what this experiment holds (quick runs only in a quick pipeline)."""
-    compare_cfg = CompareConfig(
-        common=cfg.common,
-        include_quick=cfg.quick,
-        inference_images=1000 if cfg.quick else CompareConfig().inference_images,
-    )
+    compare_cfg = CompareConfig(common=cfg.common, include_quick=cfg.quick)
+    if cfg.quick:
+        compare_cfg = dataclasses.replace(compare_cfg, inference_images=1000)
     return run_compare(compare_cfg, parent_run_id)
 
 
