@@ -24,8 +24,9 @@ from fmnist.config import CnnConfig, CnnSearchConfig, DnnSearchConfig, PipelineC
 DNN, CNN, SEARCH, PIPELINE = DnnSearchConfig(), CnnConfig(), CnnSearchConfig(), PipelineConfig()
 
 
-def echo_result(result: dict) -> None:
-    """A search's summary line, and the model it registered."""
+def run_search(run, config_class, kwargs: dict) -> None:
+    """Run a search flow with the command's options; print its summary and registered model."""
+    result = run(config_class(common=pop_common(kwargs), search=pop_search(kwargs), **kwargs))
     click.echo(pairs(result))
     if result["model_uri"]:
         click.echo(f"model: {result['model_uri']}")
@@ -64,8 +65,7 @@ def dnn_search(**kwargs) -> None:
     """
     from fmnist.flows.dnn_search import run_dnn_search
 
-    common, search = pop_common(kwargs), pop_search(kwargs)
-    echo_result(run_dnn_search(DnnSearchConfig(common=common, search=search, **kwargs)))
+    run_search(run_dnn_search, DnnSearchConfig, kwargs)
 
 
 @click.command(
@@ -158,8 +158,7 @@ def cnn_search(**kwargs) -> None:
     """
     from fmnist.flows.cnn_search import run_cnn_search
 
-    common, search = pop_common(kwargs), pop_search(kwargs)
-    echo_result(run_cnn_search(CnnSearchConfig(common=common, search=search, **kwargs)))
+    run_search(run_cnn_search, CnnSearchConfig, kwargs)
 
 
 @click.command(
