@@ -1,17 +1,10 @@
-"""The CLI layer: click only. The ``fmnist`` group, its errors and exit codes are here; the
-shared options in ``options``, the commands in ``training`` (dnn-search, cnn, cnn-search,
-pipeline) and ``inspection`` (info, eda, evaluate, compare, predict).
-
-The rule of this layer: nothing else in the package imports it, and it imports only click,
-``fmnist.config`` and ``fmnist.errors`` at module level; a command imports its flow when it runs,
-so ``fmnist --help`` and every command's ``--help`` answer without loading torch or mlflow.
-``COMMANDS`` lists the commands in the order of the work (check the data, explore it, train,
-search, evaluate, compare, use the models; the pipeline runs the lot) with their one-line help,
-so the group's help needs no command module. Exit codes follow the shell: 0 done, 1 an
-unexpected error (its trace in a file), 2 a usage, data or config error (one paragraph; under
-``mlflow run`` the run also ends FAILED with the message), 128 + N once signal N interrupted the
-command (130 Ctrl-C, 143 SIGTERM; both raise KeyboardInterrupt in the command, so its runs end
-KILLED).
+"""The CLI layer, click only: the ``fmnist`` group with its errors and exit codes here, shared
+options in ``options``, the commands in ``training`` and ``inspection``. Nothing else imports this
+layer, and at module level it imports only click, ``fmnist.config`` and ``fmnist.errors``: a
+command imports its flow when it runs, so every ``--help`` answers without torch or mlflow.
+Exit codes follow the shell: 0 done, 1 an unexpected error (its trace in a file), 2 a usage,
+data or config error (one paragraph; under ``mlflow run`` the run ends FAILED with it), 128 + N
+once signal N interrupted the command (130, 143: KeyboardInterrupt, so its runs end KILLED).
 """
 
 from __future__ import annotations
@@ -34,8 +27,8 @@ from fmnist.errors import FmnistError, NoSpace
 UNEXPECTED_EXIT_CODE = 1  # FmnistError.exit_code (2) and click's usage errors (2) are the others
 SIGNAL_EXIT_BASE = 128  # the shell's code for a process signal N stopped: 128 + N
 
-# command name -> ("module:attribute" of its click command, its line in `fmnist --help`), in the
-# order of the work: the pipeline last, since it runs the others.
+# name -> ("module:attribute" of its click command, its line in `fmnist --help`), in the order of
+# the work (the pipeline, which runs the others, last): the group's help imports no command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fmnist.cli.inspection:info", "Check the dataset: sizes, per-class counts, digest."),
     "eda": ("fmnist.cli.inspection:eda", "Class counts, samples, PCA and t-SNE, with numbers."),
@@ -51,8 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "List RUNNING runs; --clean ends those of dead processes.",
     ),
 }
-# The signal that interrupted this process (set by ``raise_interrupt``): it decides the exit code.
-RECEIVED: dict[str, int | None] = {"signal": None}
+RECEIVED: dict[str, int | None] = {"signal": None}  # the first signal: it decides the exit code
+EXIT: dict[str, int | str | None] = {"code": 0}  # the command's, for the last exit handler
 
 
 class LazyGroup(click.Group):
@@ -68,8 +61,6 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attribute)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # The listing comes from COMMANDS: importing every command only for its help line
-        # would cost as much as the imports the lazy group exists to avoid.
         with formatter.section("Commands"):
             formatter.write_dl([(name, COMMANDS[name][1]) for name in self.list_commands(ctx)])
 
@@ -86,12 +77,12 @@ class LazyGroup(click.Group):
             click.echo(f"Interrupted ({signal.Signals(code - SIGNAL_EXIT_BASE).name}).", err=True)
             ctx.exit(code)
         except FmnistError as exc:
-            report_error(exc)
+            report(str(exc))
             ctx.exit(exc.exit_code)
         except Exception as exc:  # noqa: BLE001 - the user gets one paragraph, never a traceback
             known = unreachable_server(exc) or locked_store(exc) or disk_full(exc)
             if known is not None:
-                report_error(known)
+                report(str(known))
                 ctx.exit(known.exit_code)
             report_unexpected(exc, debug=bool((ctx.obj or {}).get("debug")))
             ctx.exit(UNEXPECTED_EXIT_CODE)
@@ -107,20 +98,21 @@ UNREACHABLE_MARKERS = (
 )
 
 
+def store_uri() -> str:
+    return redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
 def unreachable_server(exc: Exception) -> FmnistError | None:
     """A tracking server that cannot be reached, as one message instead of a traceback."""
-    # An MlflowException can only come from an mlflow that is already imported: looking it up
-    # instead of importing it keeps every other error (and --help) free of mlflow's seconds.
+    # looked up, not imported: an MlflowException comes only from an mlflow already imported
     exceptions = sys.modules.get("mlflow.exceptions")
-    text = str(exc)
     if exceptions is None or not isinstance(exc, exceptions.MlflowException):
         return None
-    if not any(m in text for m in UNREACHABLE_MARKERS):
+    reason = next((m for m in UNREACHABLE_MARKERS if m in str(exc)), None)
+    if reason is None:
         return None
-    reason = next(m for m in UNREACHABLE_MARKERS if m in text)
-    uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     return FmnistError(
-        f"Cannot reach the MLflow tracking server at {uri} ({reason}). "
+        f"Cannot reach the MLflow tracking server at {store_uri()} ({reason}). "
         "Start it, or fix MLFLOW_TRACKING_URI (unset: the embedded sqlite:///mlflow.db)."
     )
 
@@ -133,8 +125,7 @@ def locked_store(exc: Exception) -> FmnistError | None:
     # only on this path, where the failed write has imported mlflow already
     from fmnist.tracking.store import locked_store_message
 
-    uri = redact_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-    message = locked_store_message(exc, uri)
+    message = locked_store_message(exc, store_uri())
     return FmnistError(message) if message else None
 
 
@@ -149,9 +140,9 @@ def disk_full(exc: Exception) -> FmnistError | None:
     return None
 
 
-def report_error(exc: FmnistError) -> None:
-    click.echo(f"Error: {exc}", err=True)
-    fail_mlflow_run(str(exc))
+def report(message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    fail_mlflow_run(message)
 
 
 def report_unexpected(exc: Exception, debug: bool) -> None:
@@ -172,14 +163,13 @@ def report_unexpected(exc: Exception, debug: bool) -> None:
         f"The command failed unexpectedly with {what}. This is a bug or an unforeseen "
         f"condition, not a problem with your options; the full trace is {where}."
     )
-    click.echo(f"Error: {message}", err=True)
-    fail_mlflow_run(message)
+    report(message)
 
 
 def fail_mlflow_run(message: str) -> None:
     """Under ``mlflow run``, end the run it created FAILED with ``message`` recorded."""
     if not os.environ.get("MLFLOW_RUN_ID"):
-        return  # nothing to end: and mlflow need not be imported just to print a message
+        return  # no run to end: mlflow need not load to print a message
     from fmnist.tracking import fail_pending_run  # mlflow loads only on this path
 
     fail_pending_run(message)
@@ -209,8 +199,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def raise_interrupt(signum: int, frame) -> None:
-    """SIGINT and SIGTERM both raise KeyboardInterrupt in the command: open runs end KILLED and
-    trials are marked interrupted. The first one received decides the exit code."""
+    """SIGINT and SIGTERM both raise KeyboardInterrupt in the command (open runs end KILLED);
+    the first one received decides the exit code."""
     if RECEIVED["signal"] is None:
         RECEIVED["signal"] = signum
     raise KeyboardInterrupt(f"signal {signum}")
@@ -218,7 +208,7 @@ def raise_interrupt(signum: int, frame) -> None:
 
 def interrupted_code() -> int:
     """128 + the number of the signal that interrupted the command (SIGINT when none was seen:
-    a KeyboardInterrupt raised some other way, e.g. in process under a test runner)."""
+    a KeyboardInterrupt raised some other way, e.g. under a test runner)."""
     return SIGNAL_EXIT_BASE + (RECEIVED["signal"] or signal.SIGINT)
 
 
@@ -227,15 +217,12 @@ def exit_code(code: int | str | None) -> int:
     command's (a message given to ``sys.exit`` is 1, as Python makes it)."""
     if RECEIVED["signal"] is not None:
         return interrupted_code()
-    if isinstance(code, int):
-        return code
-    return 1 if code else 0
+    return code if isinstance(code, int) else int(bool(code))
 
 
 def main() -> None:
-    # Registered first, so it runs last of the exit handlers (MLflow's, multiprocessing's, ...):
-    # the process then ends without freeing every module of torch, MLflow and SQLAlchemy object
-    # by object, 1-3 s after the command's last line (measured on 2 cores).
+    # registered first, so it runs last: the process ends without tearing down torch, MLflow
+    # and SQLAlchemy object by object (seconds after the command's last line)
     atexit.register(end_without_teardown)
     signal.signal(signal.SIGTERM, raise_interrupt)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when ignored (&)
@@ -245,9 +232,6 @@ def main() -> None:
     except SystemExit as exc:  # click's standalone mode always ends with one
         EXIT["code"] = exit_code(exc.code)
         sys.exit(EXIT["code"])
-
-
-EXIT: dict[str, int | str | None] = {"code": 0}
 
 
 def end_without_teardown() -> None:
@@ -265,4 +249,3 @@ def end_without_teardown() -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -1,10 +1,6 @@
 """The commands that look at the data or at trained models without training: ``info``, ``eda``,
-``evaluate``, ``compare`` and ``predict`` (MLproject ``eda``, ``evaluate``, ``compare``).
-
-Each is a thin wrapper: its options become the entry point's config from ``fmnist.config`` and
-its flow does the work, imported only when the command runs, so ``--help`` loads none of torch,
-mlflow, matplotlib or scikit-learn. ``predict`` imports nothing here that loads torch either:
-a model with an ONNX copy is predicted without it.
+``evaluate``, ``compare``, ``predict`` and ``runs``. Each calls its flow, imported only when it
+runs; nothing here loads torch at import (``predict`` of an ONNX model never does).
 """
 
 from __future__ import annotations
@@ -13,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from fmnist.cli.options import common_options, examples, option, pop_common, switch
+from fmnist.cli.options import common_options, examples, option, pairs, pop_common, switch
 from fmnist.config import (
     PREDICT_FORMATS,
     CompareConfig,
@@ -65,7 +61,7 @@ def info(**kwargs) -> None:
 @common_options
 def eda(**kwargs) -> None:
     """Class distribution, sample images, PCA and t-SNE, each figure with its number."""
-    from fmnist.flows.eda import SUMMARY, run_eda  # matplotlib and sklearn load only now
+    from fmnist.flows.eda import SUMMARY, run_eda
 
     result = run_eda(EdaConfig(common=pop_common(kwargs), **kwargs))
     click.echo(
@@ -94,10 +90,9 @@ def eda(**kwargs) -> None:
 @common_options
 def evaluate(**kwargs) -> None:
     """Evaluate a logged or registered model: test metrics, calibration and robustness."""
-    from fmnist.flows.evaluate import run_evaluate  # mlflow and torch load only when it runs
+    from fmnist.flows.evaluate import run_evaluate
 
-    result = run_evaluate(EvaluateConfig(common=pop_common(kwargs), **kwargs))
-    click.echo(", ".join(f"{key}={value}" for key, value in result.items()))
+    click.echo(pairs(run_evaluate(EvaluateConfig(common=pop_common(kwargs), **kwargs))))
 
 
 @click.command(epilog=examples("fmnist compare --include-quick --inference-images 0"))
@@ -110,7 +105,7 @@ def evaluate(**kwargs) -> None:
 @common_options
 def compare(**kwargs) -> None:
     """Compare the best dense network with every CNN recipe and write the study's results."""
-    from fmnist.flows.compare import run_compare  # mlflow loads only when the command runs
+    from fmnist.flows.compare import run_compare
 
     result = run_compare(CompareConfig(common=pop_common(kwargs), **kwargs))
     click.echo(
@@ -153,7 +148,7 @@ def predict(
     ctx: click.Context, model_uri: str, fmt: str, invert: bool | None, paths: tuple[Path, ...]
 ) -> None:
     """Predict the class of each image in PATHS (PNG/JPEG, .npy (N,28,28), IDX)."""
-    from fmnist.flows.predict import format_predictions, predict_files  # mlflow loads only now
+    from fmnist.flows.predict import format_predictions, predict_files
 
     predictions, errors = predict_files(model_uri, list(paths), invert)
     if predictions:
@@ -177,7 +172,7 @@ def predict(
 )
 def runs(clean: bool) -> None:
     """List the store's RUNNING runs, with their process and whether it still lives."""
-    from fmnist import tracking  # mlflow loads only now
+    from fmnist import tracking
     from fmnist.tracking import heartbeat
 
     tracking.configure()

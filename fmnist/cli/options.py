@@ -1,9 +1,7 @@
-"""The options several commands share, and the two kinds of option click lacks: a ``Switch``
-(a boolean: ``--x`` alone is true, ``--no-x`` false, ``--x=true|false`` a value, the form the
-MLproject's commands are formatted with) and ``AutoNumber`` (a number, or ``auto`` for "the
-recipe's or the grid's value", which becomes None). Every default comes from ``fmnist.config``;
-this module imports click and the config only, so a command's ``--help`` never loads torch or
-mlflow.
+"""The options several commands share, and two kinds click lacks: ``Switch`` (a boolean:
+``--x`` true, ``--no-x`` false, ``--x=true|false`` the MLproject's form) and ``AutoNumber`` (a
+number, or ``auto``, None: the recipe's or the grid's value). Defaults come from
+``fmnist.config``; only click and the config are imported, so ``--help`` stays instant.
 """
 
 from __future__ import annotations
@@ -21,9 +19,8 @@ NAME_OR_PATH = "NAME|PATH"  # an experiment definition: a name in experiments/ o
 
 
 class Switch(click.Option):
-    """A boolean option ``--x``: alone it means true, ``--x true|false`` (or ``--x=false``)
-    gives the value, and ``--no-x`` (a hidden eager flag, so it is seen first) means false.
-    Its help line shows ``--x / --no-x``, as click shows its own flag pairs."""
+    """A boolean ``--x``: alone true, ``--x true|false`` (or ``--x=false``) a value; ``--no-x``
+    (a hidden eager flag, so it is seen first) false. Its help shows ``--x / --no-x``."""
 
     def __init__(self, param_decls, **attrs) -> None:
         attrs.update(type=click.BOOL, is_flag=False, flag_value=True, callback=unless_negated)
@@ -86,8 +83,8 @@ class AutoNumber(click.ParamType):
 
 
 def option(name: str, default, help: str, **attrs):
-    """``--name`` with its default (shown in --help) and its help; click infers the type from
-    the default unless ``attrs`` name one."""
+    """``--name`` with its default (shown in --help); the type is the default's unless
+    ``attrs`` name one."""
     return click.option(f"--{name}", default=default, show_default=True, help=help, **attrs)
 
 
@@ -99,6 +96,11 @@ def auto_option(name: str, kind: type, help: str):
 def examples(*lines: str) -> str:
     """A command's epilog: its examples, kept as written (click rewraps other paragraphs)."""
     return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+def pairs(result: dict) -> str:
+    """A command's result as one ``key=value, ...`` line."""
+    return ", ".join(f"{key}={value}" for key, value in result.items())
 
 
 def stack(*options):
@@ -158,5 +160,5 @@ def pop_common(kwargs: dict) -> CommonConfig:
 
 
 def pop_search(kwargs: dict) -> SearchOptions:
-    """Remove ``--storage``, ``--study-name`` and ``--n-jobs`` from kwargs, as a config."""
+    """Remove the search options from a command's kwargs and return them as a config."""
     return SearchOptions(**{key: kwargs.pop(key) for key in SEARCH_KEYS})

@@ -1,10 +1,6 @@
 """The commands that train and register models: ``dnn-search``, ``cnn``, ``cnn-search`` and
-``pipeline`` (MLproject ``dnn_search``, ``cnn``, ``cnn_search`` and ``main``).
-
-Each is a thin wrapper: its options become the entry point's config from ``fmnist.config`` and
-the flow of the same name does the work, imported only when the command runs, so ``--help``
-loads neither torch nor mlflow. An ``auto`` override (``--epochs``, ``--lr``...) is None in the
-config: the recipe's or the grid's value, logged resolved under ``cfg.*``.
+``pipeline`` (MLproject ``dnn_search``, ``cnn``, ``cnn_search``, ``main``). Each turns its options
+into the entry point's config and calls the flow of the same name, imported only when it runs.
 """
 
 from __future__ import annotations
@@ -17,6 +13,7 @@ from fmnist.cli.options import (
     common_options,
     examples,
     option,
+    pairs,
     pop_common,
     pop_search,
     search_options,
@@ -27,9 +24,10 @@ from fmnist.config import CnnConfig, CnnSearchConfig, DnnSearchConfig, PipelineC
 DNN, CNN, SEARCH, PIPELINE = DnnSearchConfig(), CnnConfig(), CnnSearchConfig(), PipelineConfig()
 
 
-def echo_result(result: dict) -> None:
-    """A search's summary line, and the model it registered."""
-    click.echo(", ".join(f"{key}={value}" for key, value in result.items()))
+def run_search(run, config_class, kwargs: dict) -> None:
+    """Run a search flow with the command's options; print its summary and registered model."""
+    result = run(config_class(common=pop_common(kwargs), search=pop_search(kwargs), **kwargs))
+    click.echo(pairs(result))
     if result["model_uri"]:
         click.echo(f"model: {result['model_uri']}")
 
@@ -65,10 +63,9 @@ def dnn_search(**kwargs) -> None:
 
     Re-running the same command resumes it: only points not yet done are trained.
     """
-    from fmnist.flows.dnn_search import run_dnn_search  # heavy imports only when it runs
+    from fmnist.flows.dnn_search import run_dnn_search
 
-    common, search = pop_common(kwargs), pop_search(kwargs)
-    echo_result(run_dnn_search(DnnSearchConfig(common=common, search=search, **kwargs)))
+    run_search(run_dnn_search, DnnSearchConfig, kwargs)
 
 
 @click.command(
@@ -103,7 +100,7 @@ def dnn_search(**kwargs) -> None:
 @common_options
 def cnn(resume: str, **kwargs) -> None:
     """Train a CNN recipe, log it to MLflow and register it as fmnist-cnn."""
-    from fmnist.flows.cnn import run_cnn  # torch and mlflow load only when the command runs
+    from fmnist.flows.cnn import run_cnn
 
     summary = run_cnn(CnnConfig(common=pop_common(kwargs), resume=resume.strip(), **kwargs))
     click.echo(
@@ -159,10 +156,9 @@ def cnn_search(**kwargs) -> None:
 
     Re-running the same command resumes the study; a larger --n-trials adds trials.
     """
-    from fmnist.flows.cnn_search import run_cnn_search  # heavy imports only when it runs
+    from fmnist.flows.cnn_search import run_cnn_search
 
-    common, search = pop_common(kwargs), pop_search(kwargs)
-    echo_result(run_cnn_search(CnnSearchConfig(common=common, search=search, **kwargs)))
+    run_search(run_cnn_search, CnnSearchConfig, kwargs)
 
 
 @click.command(
@@ -185,9 +181,9 @@ def pipeline(**kwargs) -> None:
     Run again with the same options and data after it was killed, it reuses the steps that
     finished, resumes the search's study and the CNN's last checkpoint (--fresh: start over).
     """
-    from fmnist.flows.pipeline import run_pipeline  # every step's imports load only now
+    from fmnist.flows.pipeline import run_pipeline
 
     results = run_pipeline(PipelineConfig(common=pop_common(kwargs), **kwargs))
     for step, summary in results.items():
-        click.echo(f"{step}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        click.echo(f"{step}: {pairs(summary)}")
     click.echo(f"Next: `make ui`, then open {results['pipeline']['ui_url']}")

@@ -1,16 +1,11 @@
 """The ``cnn`` entry point: train a recipe from ``experiments/cnn/``, evaluate it, register it.
 
-``CnnConfig`` names the recipe and carries the command's overrides (``None`` means "the recipe's
-value"). ``run_cnn`` trains with the shared engine, logs the raw options and every resolved
-setting (under ``cfg.*``, so ``mlflow run``'s own params are never re-logged with another value),
-per-epoch metrics with ``step=epoch``, the parameter count and an architecture summary, then
-fits a temperature on the validation split's outputs, scores the test set exactly as the
-registered model will (flip averaging and the temperature included), logs the shared evaluation
-and calibration artifacts and registers ``fmnist-cnn`` under the champion/challenger rule.
-``quick`` trains two epochs on a data subset so the pipeline's demo finishes in seconds. Every
-``checkpoint_every`` epochs the whole training state is logged as a checkpoint;
-``resume`` (a run id) goes on from it to the planned epochs: in that run when called directly,
-or in the run ``mlflow run`` created, tagged ``resumed_from``.
+``run_cnn`` trains with the shared engine and logs the raw options, every resolved setting
+(under ``cfg.*``, so ``mlflow run``'s own params are never re-logged with another value) and
+each epoch at ``step=epoch``; it fits a temperature on the validation split, scores the test set
+exactly as the registered model will and registers ``fmnist-cnn`` (champion/challenger).
+``quick`` trains two epochs on a subset. A checkpoint is logged every ``checkpoint_every``
+epochs; ``resume`` (a run id) goes on from it, in that run or in the one ``mlflow run`` created.
 """
 
 from __future__ import annotations
@@ -29,14 +24,14 @@ import torch
 
 from fmnist import tracking
 from fmnist.config import CnnConfig
-from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
+from fmnist.data import Split, Splits
 from fmnist.errors import ConfigError
+from fmnist.flows.shared import calibrated_test, load_data, seeds
 from fmnist.models import count_parameters
 from fmnist.models.convnets import describe
 from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
-from fmnist.tracking.eval_logging import calibrated_evaluation
 from fmnist.tracking.registry import log_and_register
-from fmnist.train.engine import FitResult, fit, predict_logits
+from fmnist.train.engine import FitResult, fit
 from fmnist.train.optim import bf16_active
 from fmnist.train.recipes import (
     CnnRecipe,
@@ -48,8 +43,7 @@ from fmnist.train.recipes import (
 from fmnist.train.runtime import resolve_device, seed_everything
 from fmnist.train.settings import RUN_FIELDS, train_config
 
-# Quick mode's subset sizes (train / validation / test images) and epochs: enough steps (about
-# 40 at `fast`'s batch of 512) for a smoke-test model clearly better than chance, in seconds.
+# train / validation / test images and epochs of quick mode: a model clearly above chance
 QUICK_SIZES = (10000, 2000, 2000)
 QUICK_EPOCHS = 2
 OVERRIDE_KEYS = ("epochs", "batch_size", "lr", "weight_decay")
@@ -66,6 +60,10 @@ class ResumePoint:
     digest: str
 
 
+def option_name(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
 def resolve_recipe(cfg: CnnConfig) -> CnnRecipe:
     """The recipe with the command's overrides and quick mode applied, validated."""
     changes = {key: getattr(cfg, key) for key in OVERRIDE_KEYS if getattr(cfg, key) is not None}
@@ -76,9 +74,8 @@ def resolve_recipe(cfg: CnnConfig) -> CnnRecipe:
     except ConfigError as exc:
         if exc.key not in changes:
             raise
-        value = changes[exc.key]
-        option = f"--{exc.key.replace('_', '-')}"
-        raise ConfigError(f"{option} {value}: {str(exc).split(': ', 2)[-1]}") from None
+        reason = str(exc).split(": ", 2)[-1]
+        raise ConfigError(f"{option_name(exc.key)} {changes[exc.key]}: {reason}") from None
 
 
 def make_subsets(splits: Splits, quick: bool) -> tuple[Split, Split, Split]:
@@ -87,8 +84,7 @@ def make_subsets(splits: Splits, quick: bool) -> tuple[Split, Split, Split]:
     if not quick:
         return parts
     return tuple(
-        Split(part.images[:size], part.labels[:size])
-        for part, size in zip(parts, QUICK_SIZES, strict=True)
+        Split(p.images[:n], p.labels[:n]) for p, n in zip(parts, QUICK_SIZES, strict=True)
     )
 
 
@@ -100,26 +96,18 @@ def resolved_params(cfg: CnnConfig, recipe: CnnRecipe, device: torch.device) -> 
         if f.name not in {"model", "description", *RUN_FIELDS}
     }
     values.update({f"cfg.model.{key}": value for key, value in recipe.model.items()})
-    values.update(
-        {
-            "cfg.device": device.type,
-            "cfg.quick": cfg.quick,
-            "cfg.bf16_active": bf16_active(device, recipe.bf16),
-        }
-    )
-    return values
+    bf16 = bf16_active(device, recipe.bf16)
+    return values | {"cfg.device": device.type, "cfg.quick": cfg.quick, "cfg.bf16_active": bf16}
 
 
 def raw_params(cfg: CnnConfig) -> dict[str, Any]:
     """The command's options as given (an override left unset is logged as ``auto``)."""
-    overrides = {
-        key: "auto" if getattr(cfg, key) is None else getattr(cfg, key) for key in OVERRIDE_KEYS
-    }
+    recipe = Path(cfg.recipe).name if cfg.recipe.endswith((".yaml", ".yml")) else cfg.recipe
+    overrides = {k: "auto" if getattr(cfg, k) is None else getattr(cfg, k) for k in OVERRIDE_KEYS}
     return {
-        "recipe": Path(cfg.recipe).name if cfg.recipe.endswith((".yaml", ".yml")) else cfg.recipe,
+        "recipe": recipe,
         **overrides,
-        "seed": cfg.common.seed,
-        "split_seed": cfg.common.split_seed,
+        **seeds(cfg.common),
         "device": cfg.common.device,
         "data_dir": cfg.common.data_dir,
         "checkpoint_every": cfg.checkpoint_every,
@@ -128,29 +116,26 @@ def raw_params(cfg: CnnConfig) -> dict[str, Any]:
 
 
 def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train (or, with ``cfg.resume``, go on training), evaluate and register one recipe.
-
-    Returns the headline numbers and the model URI.
-    """
+    """Train (or, with ``cfg.resume``, go on training), evaluate and register one recipe;
+    returns the headline numbers and the model URI."""
     point = load_resume_point(cfg) if cfg.resume else None
     cfg, recipe = (point.config, point.recipe) if point else (cfg, resolve_recipe(cfg))
     device = resolve_device(cfg.common.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed 28x28 shapes: let cuDNN pick its fastest
-    data = load_fashion_mnist(cfg.common.data_dir or None)
+    data, splits = load_data(cfg.common)
     if point is not None and point.digest != data.digest:
         raise ConfigError(
             f"Run {point.run_id} was trained on data with digest {point.digest}, but the data "
             f"found now has digest {data.digest}: resume it with the same data."
         )
-    splits = make_subsets(make_splits(data, cfg.common.split_seed), cfg.quick)
+    splits = make_subsets(splits, cfg.quick)
     seed_everything(cfg.common.seed)
     model = build_classifier(recipe, splits[0].images)
-    summary_text = describe(model)
     recipe_name = Path(cfg.recipe).stem  # a recipe may also be given as a YAML path
     with open_cnn_run(cfg, recipe_name, parent_run_id, point) as (run, same_run):
         if not same_run:
-            log_setup(cfg, recipe, device, data.digest, model, splits, summary_text, point)
+            log_setup(cfg, recipe, device, data.digest, model, splits, point)
         result = train(model, splits, recipe, cfg, device, data.digest, point)
         metrics, temperature = evaluate_test(model, splits[1], splits[2], recipe, device, result)
         model = model.cpu().to(memory_format=torch.contiguous_format)
@@ -182,25 +167,21 @@ def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
     }
 
 
-def log_setup(cfg, recipe, device, digest, model, splits, summary_text, point) -> None:
+def log_setup(cfg, recipe, device, digest, model, splits, point) -> None:
     """A new run's params, dataset, sizes and architecture (and, resumed, the earlier curve)."""
     tracking.log_params_safe(raw_params(cfg))
     tracking.log_params_safe(resolved_params(cfg, recipe, device))
     tracking.log_dataset(digest, context="train")
-    mlflow.log_metrics(
-        {
-            "parameter_count": count_parameters(model),
-            "n_train": len(splits[0]),
-            "n_val": len(splits[1]),
-        }
-    )
-    tracking.log_text_artifact(summary_text, "architecture.txt")
+    sizes = {"n_train": len(splits[0]), "n_val": len(splits[1])}
+    mlflow.log_metrics({"parameter_count": count_parameters(model), **sizes})
+    tracking.log_text_artifact(describe(model), "architecture.txt")
     if point is not None:  # the new run carries the whole curve, not only its part
         log_history(point.state["history"])
 
 
 def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, point) -> FitResult:
-    """Fit with the engine: each epoch's metrics at ``step=epoch``, checkpoints as asked."""
+    """Fit with the engine: each epoch's metrics at ``step=epoch``, checkpoints as asked. An
+    epoch a resumed run logged before it was stopped is not logged twice."""
     settings = train_config(
         recipe,
         device=str(device),
@@ -212,11 +193,10 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
     log_checkpoint = None
     if cfg.checkpoint_every > 0:
         log_checkpoint = checkpoint_logger(checkpoint_settings(cfg, recipe, digest))
-    # every epoch written as it ends; kept while the tracking server is away (training goes on);
-    # resumed in its own run, the epochs it logged before it was stopped are not logged twice
     run_id = mlflow.active_run().info.run_id
     logged = tracking.logged_steps(run_id, "val_accuracy") if point is not None else set()
     log_epoch = tracking.EpochLogger(interval=0.0, skip=frozenset(logged))
+    loggers = [log_epoch] + ([log_checkpoint] if log_checkpoint is not None else [])
     try:
         result = fit(
             model,
@@ -228,13 +208,11 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
             resume=point.state if point is not None else None,
         )
     except BaseException:
-        log_epoch.flush_quietly()
-        if log_checkpoint is not None:
-            log_checkpoint.flush_quietly()
+        for logger in loggers:
+            logger.flush_quietly()
         raise
-    log_epoch.flush()  # waits for a server that went away: nothing trained is lost
-    if log_checkpoint is not None:
-        log_checkpoint.flush()
+    for logger in loggers:
+        logger.flush()  # waits for a server that went away: nothing trained is lost
     return result
 
 
@@ -242,30 +220,13 @@ def evaluate_test(
     model, val: Split, test: Split, recipe: CnnRecipe, device, result: FitResult
 ) -> tuple[dict, float]:
     """Fit the temperature on the validation split, score the test set as the registered model
-    will; log metrics and artifacts. Returns the metrics and the temperature."""
+    will and log it all; returns the metrics and the temperature."""
     start = time.perf_counter()
-    scores = [
-        predict_logits(model, split.images, 1024, device, bf16=False, tta_flip=recipe.tta_flip)
-        .cpu()
-        .numpy()
-        for split in (val, test)
-    ]
-    metrics, temperature = calibrated_evaluation(
-        scores[0],
-        val.labels.numpy(),
-        scores[1],
-        test.labels.numpy(),
-        test.images.numpy(),
-        result.history,
-    )
-    mlflow.log_metrics(
-        {
-            "best_epoch": result.best_epoch,
-            "best_val_accuracy": result.best_val_accuracy,
-            "train_seconds": result.seconds,
-            "test_seconds": time.perf_counter() - start,
-        }
-    )
+    predict = {"batch_size": 1024, "device": device, "bf16": False, "tta_flip": recipe.tta_flip}
+    metrics, temperature = calibrated_test(model, val, test, result.history, **predict)
+    best = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
+    seconds = {"train_seconds": result.seconds, "test_seconds": time.perf_counter() - start}
+    mlflow.log_metrics(best | seconds)
     return metrics, temperature
 
 
@@ -273,24 +234,21 @@ def evaluate_test(
 def open_cnn_run(
     cfg: CnnConfig, recipe_name: str, parent_run_id: str | None, point: ResumePoint | None
 ) -> Iterator[tuple[Any, bool]]:
-    """The run to train in, and whether it is the resumed run itself.
-
-    Resuming directly reopens the checkpoint's run; under ``mlflow run`` the run it created is
-    used (an entry point cannot switch runs) and tagged ``resumed_from``.
-    """
-    tags = {"recipe": recipe_name, "quick": "true" if cfg.quick else "false"}
+    """The run to train in, and whether it is the resumed run itself: resuming directly reopens
+    it; under ``mlflow run`` (an entry point cannot switch runs) the new run, tagged
+    ``resumed_from``."""
+    tags = {"recipe": recipe_name, "quick": str(cfg.quick).lower()}
     if point is not None and (parent_run_id is not None or not tracking.under_mlflow_run()):
         with tracking.reopen_run(point.run_id, tags, system_metrics=True) as run:
             yield run, True
         return
     if point is not None:
         tags["resumed_from"] = point.run_id
-    run_name = f"cnn-{recipe_name}" + ("-quick" if cfg.quick else "")
     with tracking.start_run(
         "cnn",
         "cnn",
         cfg.common.experiment_name,
-        run_name=run_name,
+        run_name=f"cnn-{recipe_name}" + ("-quick" if cfg.quick else ""),
         tags=tags,
         parent_run_id=parent_run_id,
         system_metrics=True,
@@ -303,8 +261,7 @@ def checkpoint_settings(cfg: CnnConfig, recipe: CnnRecipe, digest: str) -> dict[
     return {
         "recipe_name": cfg.recipe,
         "recipe": dataclasses.asdict(recipe),
-        "seed": cfg.common.seed,
-        "split_seed": cfg.common.split_seed,
+        **seeds(cfg.common),
         "quick": cfg.quick,
         "registered_name": cfg.registered_name,
         "digest": digest,
@@ -313,34 +270,29 @@ def checkpoint_settings(cfg: CnnConfig, recipe: CnnRecipe, digest: str) -> dict[
 
 def load_resume_point(cfg: CnnConfig) -> ResumePoint:
     """Read run ``cfg.resume``'s checkpoint (``weights_only``) and the settings it holds."""
-    check_resume_options(cfg)
-    state = read_checkpoint(cfg.resume)
-    settings = state.pop("settings")
-    recipe = recipe_from_dict(settings["recipe"], f"run {cfg.resume}'s checkpoint")
-    if settings["recipe_name"] != cfg.recipe and Path(settings["recipe_name"]).stem != cfg.recipe:
-        print(
-            f"Resuming run {cfg.resume}: it trains recipe {settings['recipe_name']!r} "
-            f"from its checkpoint (--recipe {cfg.recipe!r} is not used).",
-            file=sys.stderr,
-        )
-    common = dataclasses.replace(
-        cfg.common, seed=settings["seed"], split_seed=settings["split_seed"]
-    )
-    config = dataclasses.replace(
-        cfg,
-        common=common,
-        recipe=settings["recipe_name"],
-        quick=settings["quick"],
-        registered_name=settings["registered_name"],
-    )
-    return ResumePoint(cfg.resume, state, recipe, config, settings["digest"])
-
-
-def check_resume_options(cfg: CnnConfig) -> None:
     changed = [key for key in OVERRIDE_KEYS if getattr(cfg, key) is not None]
     if changed or cfg.quick or cfg.model_overrides:
-        names = ", ".join(f"--{key.replace('_', '-')}" for key in changed) or "quick mode"
+        names = ", ".join(map(option_name, changed)) or "quick mode"
         raise ConfigError(
             f"--resume continues a run with the settings it started with; {names} cannot be "
             "changed (the learning-rate schedule was planned for them)."
         )
+    state = read_checkpoint(cfg.resume)
+    settings = state.pop("settings")
+    recipe = recipe_from_dict(settings["recipe"], f"run {cfg.resume}'s checkpoint")
+    name = settings["recipe_name"]
+    if name != cfg.recipe and Path(name).stem != cfg.recipe:
+        print(
+            f"Resuming run {cfg.resume}: it trains recipe {name!r} from its checkpoint "
+            f"(--recipe {cfg.recipe!r} is not used).",
+            file=sys.stderr,
+        )
+    common = dataclasses.replace(cfg.common, **{k: settings[k] for k in ("seed", "split_seed")})
+    config = dataclasses.replace(
+        cfg,
+        common=common,
+        recipe=name,
+        quick=settings["quick"],
+        registered_name=settings["registered_name"],
+    )
+    return ResumePoint(cfg.resume, state, recipe, config, settings["digest"])

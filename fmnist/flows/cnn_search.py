@@ -1,12 +1,10 @@
 """``fmnist cnn-search``: TPE over a CNN space from ``experiments/``, then the best retrained.
 
-Loads the space file and its base recipe (``fmnist.search.cnn_space``, validated before any run
-exists) and the data, describes the CNN family (the base recipe's own point queued as trial 0, so
-the best trial is never worse than the recipe the search starts from; a seeded TPE sampler; the
-MedianPruner fed by per-epoch validation accuracy) and hands it to the search driver.
-``--retrain-best`` trains the best point for the full epoch count through
-``fmnist.flows.cnn.run_cnn`` as a child of the search's parent run, which evaluates it on the
-test set and registers it as ``fmnist-cnn``.
+The space file and its base recipe are validated before any run exists; the base recipe's own
+point is queued as trial 0 (the best is never worse than the starting recipe), the TPE sampler
+is seeded and the MedianPruner reads each epoch's validation accuracy. ``--retrain-best`` trains
+the best point for the full epoch count with ``run_cnn`` as a child of the search's parent run,
+which tests it and registers it as ``fmnist-cnn``.
 """
 
 from __future__ import annotations
@@ -23,37 +21,21 @@ import mlflow
 import yaml
 
 from fmnist.config import CnnConfig, CnnSearchConfig
-from fmnist.data import load_fashion_mnist, make_splits
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn import run_cnn
-from fmnist.search import driver
-from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.flows.shared import definition_name, load_data, run_family, seeds
+from fmnist.search.driver import Family, SearchOutcome, check_search_options
 from fmnist.search.spaces import CnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
-from fmnist.train.recipes import CnnRecipe, SpaceFile, load_space
+from fmnist.train.recipes import SpaceFile, load_space
 from fmnist.train.runtime import resolve_device
 from fmnist.train.settings import RUN_FIELDS
 
-ENTRY_POINT = "cnn_search"
-FAMILY = "cnn"
 BEST_RECIPE = "search-best"  # the retrained recipe's file stem: its run is ``cnn-search-best``
-# What the command reports, in this order.
-SUMMARY_KEYS = (
-    "run_id",
-    "study_name",
-    "storage",
-    "trained_now",
-    "trials",
-    "pruned",
-    "best_trial",
-    "best_val_accuracy",
-    "best_params",
-    "retrained_run_id",
-    "test_accuracy",
-    "model_uri",
-    "alias",
-    "seconds",
+SUMMARY_KEYS = tuple(  # what the command reports, in this order
+    "run_id study_name storage trained_now trials pruned best_trial best_val_accuracy best_params "
+    "retrained_run_id test_accuracy model_uri alias seconds".split()
 )
 
 
@@ -79,55 +61,33 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
     device = str(resolve_device(cfg.common.device))
     # a GPU is shared badly by several processes: one worker there unless asked otherwise
     n_jobs = 1 if device.startswith("cuda") and cfg.search.n_jobs == 0 else cfg.search.n_jobs
-    data = load_fashion_mnist(cfg.common.data_dir or None)
-    splits = make_splits(data, cfg.common.split_seed)
+    data, splits = load_data(cfg.common)
     label = Path(space_file.recipe).stem
     space = CnnSpace(dimensions, base, label, space_file.startup_trials, cfg.common.seed)
     family = cnn_family(cfg, space_file, space, where, data.digest, device)
-    outcome = driver.run_search(
-        family,
-        SearchData(splits.train, splits.val, splits.train.images),
-        cfg.search,
-        n_jobs=n_jobs,
-        experiment_name=cfg.common.experiment_name,
-        outer_run_id=outer_run_id,
-    )
-    summary = describe_outcome(outcome, time.perf_counter() - started)
+    features = SearchData(splits.train, splits.val, splits.train.images)
+    summary = run_family(family, features, cfg, outer_run_id, started, n_jobs=n_jobs)
     return {key: summary[key] for key in SUMMARY_KEYS}
 
 
-def space_label(cfg: CnnSearchConfig) -> str:
-    """``cnn_search`` for a name or for ``.../cnn_search.yaml``."""
-    return Path(cfg.search_space.replace("\\", "/")).name.removesuffix(".yaml")
-
-
 def cnn_family(
-    cfg: CnnSearchConfig,
-    space_file: SpaceFile,
-    space: CnnSpace,
-    where: Path,
-    digest: str,
-    device: str,
+    cfg: CnnSearchConfig, space_file: SpaceFile, space: CnnSpace, where: Path, digest, device
 ) -> Family:
-    """The CNN search as the driver runs it. The study's name hashes everything that changes
-    what a trial computes (not the budget: a larger ``--n-trials`` continues the same study);
-    what defines the study is a param of the parent run, the budget (which a resumed run may
-    change) a tag."""
+    """The CNN search as the driver runs it. The study's name hashes all that changes what a
+    trial computes (not the budget: a larger ``--n-trials`` continues the same study); the
+    budget, which a resumed run may change, is a tag."""
+    label, logged_name = definition_name(cfg.search_space)
+    base = {"epochs": cfg.epochs, **seeds(cfg.common)}
     identity = {
         "space": dataclasses.asdict(space_file),
         "base_recipe": dataclasses.asdict(space.base),
-        "epochs": cfg.epochs,
         "data_digest": digest,
-        "seed": cfg.common.seed,
-        "split_seed": cfg.common.split_seed,
+        **base,
     }
-    label = space_label(cfg)
     params = {
-        "search_space": cfg.search_space if label == cfg.search_space else f"{label}.yaml",
+        "search_space": logged_name,
         "base_recipe": space.base_name,
-        "epochs": cfg.epochs,
-        "seed": cfg.common.seed,
-        "split_seed": cfg.common.split_seed,
+        **base,
         "startup_trials": space_file.startup_trials,
         "sampler": "TPESampler",
         "pruner": "MedianPruner",
@@ -137,10 +97,25 @@ def cnn_family(
         "budget_n_trials": str(cfg.n_trials),
         "budget_timeout": str(cfg.timeout),
         "n_jobs": str(cfg.search.n_jobs),
-        "retrain_best": "true" if cfg.retrain_best else "false",
+        "retrain_best": str(cfg.retrain_best).lower(),
     }
+    baseline = space.baseline()
+    spec = SearchSpec(
+        family="cnn",
+        entry_point="cnn_search",
+        space=space,
+        sampler=space.sampler_spec(),
+        first=(baseline,) if baseline else (),
+        n_trials=cfg.n_trials or None,
+        timeout=cfg.timeout or None,
+        epochs=cfg.epochs,
+        seed=cfg.common.seed,
+        prune=True,
+        device=device,
+        quiet=cfg.common.quiet,
+    )
     return Family(
-        spec=search_spec(cfg, space, device),
+        spec=spec,
         study_prefix=f"cnn-{label}-e{cfg.epochs}-s{cfg.common.seed}",
         identity=identity,
         run_name="cnn-search",
@@ -154,55 +129,31 @@ def cnn_family(
     )
 
 
-def search_spec(cfg: CnnSearchConfig, space: CnnSpace, device: str) -> SearchSpec:
-    """TPE within the budget, the base recipe's own point first, always pruned."""
-    baseline = space.baseline()
-    return SearchSpec(
-        family=FAMILY,
-        entry_point=ENTRY_POINT,
-        space=space,
-        sampler=space.sampler_spec(),
-        first=(baseline,) if baseline else (),
-        n_trials=cfg.n_trials or None,
-        timeout=cfg.timeout or None,
-        epochs=cfg.epochs,
-        seed=cfg.common.seed,
-        prune=True,
-        device=device,
-        quiet=cfg.common.quiet,
-    )
-
-
-def recipe_yaml(recipe: CnnRecipe) -> str:
-    values = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUN_FIELDS}
-    return yaml.safe_dump(values, sort_keys=False)
-
-
 def retrain_best(outcome: SearchOutcome, cfg: CnnSearchConfig, space: CnnSpace) -> dict[str, Any]:
-    """Train the best trial's recipe for the full epoch count as a child of the parent run
-    (``run_cnn``: test evaluation artifacts, ``fmnist-cnn`` under champion/challenger)."""
+    """Train the best trial's recipe for the full epoch count with ``run_cnn``, as a child of
+    the parent run, and link the two runs."""
     best = outcome.summary.best
-    recipe = space.recipe_for(best.params, cfg.retrain_epochs or space.base.epochs)
     recipe = dataclasses.replace(
-        recipe,
+        space.recipe_for(best.params, cfg.retrain_epochs or space.base.epochs),
         description=f"best of CNN search {outcome.ref.study_name} (trial {best.number}, "
         f"base recipe {space.base_name})",
     )
+    values = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUN_FIELDS}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{BEST_RECIPE}.yaml"
-        path.write_text(recipe_yaml(recipe))
+        path.write_text(yaml.safe_dump(values, sort_keys=False))
         mlflow.log_artifact(str(path), SUMMARY_DIR)  # ``fmnist cnn --recipe`` takes it
         config = CnnConfig(
             common=cfg.common, recipe=str(path), registered_name=cfg.registered_name
         )
         result = run_cnn(config, parent_run_id=outcome.parent_run_id)
-    client = mlflow.MlflowClient()
     links = {
         "search_parent_run_id": outcome.parent_run_id,
         "optuna_study": outcome.ref.study_name,
         "search_best_trial": str(best.number),
         "search_best_run_id": best.run_id,
     }
+    client = mlflow.MlflowClient()
     for key, value in links.items():
         client.set_tag(result["run_id"], key, value)
     mlflow.set_tags(
@@ -219,9 +170,5 @@ def retrain_best(outcome: SearchOutcome, cfg: CnnSearchConfig, space: CnnSpace) 
             "retrain_seconds": result["train_seconds"],
         }
     )
-    return {
-        "model_uri": result["model_uri"],
-        "alias": result["alias"],
-        "test_accuracy": result["test_accuracy"],
-        "retrained_run_id": result["run_id"],
-    }
+    keys = ("model_uri", "alias", "test_accuracy")
+    return {key: result[key] for key in keys} | {"retrained_run_id": result["run_id"]}

@@ -1,10 +1,9 @@
 """The ``main`` pipeline: every step of the study run in-process as children of one pipeline run.
 
-Each step turns the pipeline's config into the config of the entry point it runs (``quick``
-shrinks every step so the whole pipeline finishes in minutes), calls that flow with the pipeline
-run as parent and returns a dict of headline numbers that the pipeline prints at the end. The
-full pipeline also evaluates the two models it registered (``fmnist evaluate``: calibration and
-the robustness suite, so ``compare`` shows them); ``quick`` skips that step to stay fast.
+Each step turns the pipeline's config into its entry point's (``quick`` shrinks every step to
+finish in minutes), calls that flow with the pipeline run as parent and returns the headline
+numbers printed at the end. The full pipeline also evaluates the two models it registered, so
+``compare`` shows their calibration and robustness; ``quick`` skips that step.
 """
 
 from __future__ import annotations
@@ -13,7 +12,9 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import mlflow
 
@@ -35,16 +36,12 @@ from fmnist.flows.compare import run_compare
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.flows.eda import run_eda
 from fmnist.flows.evaluate import run_evaluate
+from fmnist.flows.shared import seeds
 from fmnist.tracking import resume
 
-EDA_SUMMARY_KEYS = (
-    "pca_components_90",
-    "pca_components_95",
-    "tsne_silhouette",
-    "pca_silhouette",
-    "tsne_knn5_accuracy",
-    "pca_knn5_accuracy",
-    "eda_seconds",
+EDA_SUMMARY_KEYS = tuple(
+    "pca_components_90 pca_components_95 tsne_silhouette pca_silhouette tsne_knn5_accuracy "
+    "pca_knn5_accuracy eda_seconds".split()
 )
 
 
@@ -56,58 +53,38 @@ def run_data_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
         load_seconds = time.perf_counter() - start
         splits = make_splits(data, cfg.common.split_seed)
         tracking.log_dataset(data.digest, context="all")
+        parts = {"train": splits.train, "val": splits.val, "test": splits.test}
+        sizes = {f"n_{name}": len(part) for name, part in parts.items()}
+        mlflow.log_metrics({"load_seconds": load_seconds, **sizes})
         counts = {
-            f"{split}_count_{name}": int(count)
-            for split, part in (
-                ("train", splits.train),
-                ("val", splits.val),
-                ("test", splits.test),
-            )
-            for name, count in zip(CLASS_NAMES, class_counts(part.labels), strict=True)
+            f"{name}_count_{label}": int(count)
+            for name, part in parts.items()
+            for label, count in zip(CLASS_NAMES, class_counts(part.labels), strict=True)
         }
-        mlflow.log_metrics(
-            {
-                "load_seconds": load_seconds,
-                "n_train": len(splits.train),
-                "n_val": len(splits.val),
-                "n_test": len(splits.test),
-            }
-        )
         mlflow.log_dict(counts, "class_counts.json")
-    return {
-        "digest": data.digest,
-        "n_train": len(splits.train),
-        "n_val": len(splits.val),
-        "n_test": len(splits.test),
-        "load_seconds": round(load_seconds, 3),
-    }
+    return {"digest": data.digest, **sizes, "load_seconds": round(load_seconds, 3)}
 
 
 def run_eda_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The eda step; ``quick`` shrinks t-SNE and the scatters."""
-    eda_cfg = EdaConfig(
-        common=cfg.common,
-        tsne_samples=1000 if cfg.quick else STUDY_TSNE_SAMPLES,
-        scatter_samples=3000 if cfg.quick else EdaConfig().scatter_samples,
-    )
+    eda_cfg = EdaConfig(common=cfg.common, tsne_samples=STUDY_TSNE_SAMPLES)
+    if cfg.quick:
+        eda_cfg = dataclasses.replace(eda_cfg, tsne_samples=1000, scatter_samples=3000)
     result = run_eda(eda_cfg, parent_run_id=parent_run_id)
     return {key: round(float(result[key]), 4) for key in EDA_SUMMARY_KEYS}
 
 
 def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The dense grid, or with ``quick`` two points for two epochs."""
-    dnn_cfg = DnnSearchConfig(
-        common=cfg.common,
-        grid=QUICK_GRID if cfg.quick else DEFAULT_GRID,
-        epochs=2 if cfg.quick else None,
-        quick=cfg.quick,
-    )
+    dnn_cfg = DnnSearchConfig(common=cfg.common, grid=DEFAULT_GRID, quick=cfg.quick)
+    if cfg.quick:
+        dnn_cfg = dataclasses.replace(dnn_cfg, grid=QUICK_GRID, epochs=2)
     return run_dnn_search(dnn_cfg, outer_run_id=parent_run_id)
 
 
 def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
-    """The pipeline's recipe, quick or not, as a child run; a killed attempt of this step goes
-    on from its last checkpoint, in its own run."""
+    """The pipeline's recipe as a child run; a killed attempt of it goes on from its last
+    checkpoint, in its own run."""
     config = CnnConfig(common=cfg.common, recipe=cfg.recipe, quick=cfg.quick)
     earlier = resume.resumable_step_run(resume.CHILD_TAGS[parent_run_id][resume.STEP_KEY])
     if earlier is not None:
@@ -116,27 +93,23 @@ def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 
 def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
-    """Evaluate the dense and the CNN model this pipeline registered (full pipeline only: quick
-    skips it)."""
+    """Evaluate the dense and the CNN model this pipeline registered (not when quick)."""
     if cfg.quick:
         return {}
-    run = mlflow.get_run(parent_run_id)
-    evaluated = {}
-    for step in ("dnn_search", "cnn"):
-        model_uri = resume.step_results(run).get(step, {}).get("model_uri")
-        if model_uri:
-            evaluate_cfg = EvaluateConfig(common=cfg.common, model=model_uri)
-            evaluated[step] = run_evaluate(evaluate_cfg, parent_run_id)
-    return evaluated
+    results = resume.step_results(mlflow.get_run(parent_run_id))
+    uris = {step: results.get(step, {}).get("model_uri") for step in ("dnn_search", "cnn")}
+    return {
+        step: run_evaluate(EvaluateConfig(common=cfg.common, model=uri), parent_run_id)
+        for step, uri in uris.items()
+        if uri
+    }
 
 
 def run_compare_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """Compare what this experiment holds (quick runs only in a quick pipeline)."""
-    compare_cfg = CompareConfig(
-        common=cfg.common,
-        include_quick=cfg.quick,
-        inference_images=1000 if cfg.quick else CompareConfig().inference_images,
-    )
+    compare_cfg = CompareConfig(common=cfg.common, include_quick=cfg.quick)
+    if cfg.quick:
+        compare_cfg = dataclasses.replace(compare_cfg, inference_images=1000)
     return run_compare(compare_cfg, parent_run_id)
 
 
@@ -151,53 +124,57 @@ STEPS: list[tuple[str, Callable[[PipelineConfig, str], dict]]] = [
 ]
 
 
-def pipeline_key(cfg: PipelineConfig, digest: str) -> str:
+NOT_INPUTS = ("data_dir", "experiment_name", "quiet")  # where from and to, not what
+
+
+def pipeline_key(cfg: PipelineConfig) -> str:
     """What a pipeline's results depend on: its options (not where it logs or prints) and the
     data's digest; the same key means the same inputs, so a killed run's steps are reused."""
     options = dataclasses.asdict(cfg)
     options["common"] = {k: v for k, v in options["common"].items() if k not in NOT_INPUTS}
     options.pop("fresh", None)
+    digest = load_fashion_mnist(cfg.common.data_dir or None).digest
     text = json.dumps({"options": options, "data": digest}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-NOT_INPUTS = ("data_dir", "experiment_name", "quiet")  # where from and to, not what
+@contextmanager
+def pipeline_run(cfg: PipelineConfig) -> Iterator[tuple[Any, str, Any]]:
+    """The pipeline's run, its inputs' key and the killed run of the same inputs it goes on from
+    (None with ``fresh``). Under ``mlflow run`` the run exists before the data is read (a data
+    error ends it FAILED) and the killed run's steps are moved under it."""
+    tags = {"quick": str(cfg.quick).lower()}
+    name = "pipeline-quick" if cfg.quick else "pipeline"
+    if tracking.under_mlflow_run():
+        with tracking.start_run("main", "pipeline", run_name=name, tags=tags) as run:
+            key = pipeline_key(cfg)
+            mlflow.set_tag(resume.PIPELINE_KEY, key)
+            earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
+            if earlier is not None:
+                resume.adopt(earlier.info.run_id, run.info.run_id)
+            yield run, key, earlier
+        return
+    key = pipeline_key(cfg)
+    earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
+    tags[resume.PIPELINE_KEY] = key
+    if earlier is not None:
+        opened = tracking.reopen_run(earlier.info.run_id, tags)
+    else:
+        opened = tracking.start_run("main", "pipeline", cfg.common.experiment_name, name, tags)
+    with opened as run:
+        yield run, key, earlier
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
     """Run every step as a child of one ``pipeline`` run; return each step's summary.
 
-    Run again with the same inputs after it was killed, it goes on in the killed run (under
-    ``mlflow run``: in the new run, the killed one's steps moved under it): a finished step is
-    not run again, the search resumes its study and the CNN its last checkpoint. ``fresh``
-    starts over."""
+    Run again with the same inputs after it was killed, it goes on where it stopped: a finished
+    step is not run again, the search resumes its study and the CNN its last checkpoint.
+    ``fresh`` starts over."""
     tracking.configure()
-    tags = {"quick": "true" if cfg.quick else "false"}
-    name = "pipeline-quick" if cfg.quick else "pipeline"
-    if tracking.under_mlflow_run():  # its run exists: a data error ends it FAILED, tagged
-        opened, earlier = tracking.start_run("main", "pipeline", run_name=name, tags=tags), None
-    else:
-        key = pipeline_key(cfg, load_fashion_mnist(cfg.common.data_dir or None).digest)
-        earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
-        tags[resume.PIPELINE_KEY] = key
-        experiment = cfg.common.experiment_name
-        opened = (
-            tracking.reopen_run(earlier.info.run_id, tags)
-            if earlier is not None
-            else tracking.start_run("main", "pipeline", experiment, name, tags)
-        )
-    with opened as run:
+    with pipeline_run(cfg) as (run, key, earlier):
         parent = run.info.run_id
-        if resume.PIPELINE_KEY not in tags:
-            key = pipeline_key(cfg, load_fashion_mnist(cfg.common.data_dir or None).digest)
-            mlflow.set_tag(resume.PIPELINE_KEY, key)
-            earlier = None if cfg.fresh else resume.unfinished_pipeline(key)
-            if earlier is not None:
-                resume.adopt(earlier.info.run_id, parent)
-        tracking.log_params_safe(
-            {"quick": cfg.quick, "recipe": cfg.recipe, "seed": cfg.common.seed}
-            | {"split_seed": cfg.common.split_seed}
-        )
+        tracking.log_params_safe({"quick": cfg.quick, "recipe": cfg.recipe, **seeds(cfg.common)})
         results = resume.step_results(earlier) if earlier is not None else {}
         for step_name, step in STEPS:
             if step_name in results:

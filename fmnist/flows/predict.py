@@ -1,11 +1,7 @@
-"""The ``predict`` flow: classify image files with any logged or registered model.
-
-Inputs are read by ``fmnist.inputs`` (photos, ``.npy`` arrays, IDX files); each input that cannot
-be read gives a message naming the file while the others are still predicted. The model comes
-from any URI MLflow understands or a local model folder; one that does not resolve is a user
-error, not a traceback. A model with an ONNX copy (``extra_files/model.onnx``, every model
-logged since it existed) is fetched alone and run by onnxruntime, and the process never imports
-torch (seconds of a cold one-image prediction); an older model loads with torch as before.
+"""The ``predict`` flow: classify image files (``fmnist.inputs``: photos, ``.npy``, IDX) with
+any logged or registered model. An unreadable input is one message while the others are still
+predicted. A model with an ONNX copy runs on onnxruntime and torch is never imported (seconds of
+a cold one-image prediction); an older model loads with torch.
 """
 
 from __future__ import annotations
@@ -34,8 +30,8 @@ class Prediction:
 
 
 def load_model(model_uri: str):
-    """The model's ONNX copy where it has one, else the torch model (``load_torch_model``); a
-    URI that does not resolve is a user error, not a traceback."""
+    """The model's ONNX copy where it has one, else the torch model; a URI that does not
+    resolve is a user error, not a traceback."""
     tracking.configure()
     try:
         return load_onnx_model(model_uri) or load_torch_model(model_uri)
@@ -45,8 +41,8 @@ def load_model(model_uri: str):
 
 
 def load_torch_model(model_uri: str):
-    """The model as an eager probability module where its files allow (a second or more faster
-    than loading its pt2 graph), else as a pyfunc model."""
+    """The model as an eager probability module where its files allow (faster to load than its
+    pt2 graph), else as a pyfunc model."""
     # torch loads only for a model without an ONNX copy
     from fmnist.tracking.registry import load_probability_module, load_pyfunc
 
@@ -54,8 +50,7 @@ def load_torch_model(model_uri: str):
 
 
 def predict_batch(model, batch: np.ndarray) -> np.ndarray:
-    """(N, 10) probabilities for a float32 (N, 28, 28) batch, from an ONNX model, a module or a
-    pyfunc model."""
+    """(N, 10) probabilities of a float32 (N, 28, 28) batch, from a model ``load_model`` gave."""
     batch = np.ascontiguousarray(batch, dtype=np.float32)
     if isinstance(model, OnnxModel):
         return model.predict(batch)
@@ -78,7 +73,7 @@ def to_predictions(sources: list[str], probabilities: np.ndarray) -> list[Predic
 
 
 def format_predictions(predictions: list[Prediction], fmt: str = "table") -> str:
-    """Render predictions as an aligned table, JSON lines list or CSV."""
+    """Predictions as an aligned table, a JSON list or CSV."""
     if fmt == "json":
         return json.dumps(
             [
