@@ -1,9 +1,6 @@
-"""Every entry point's typed config, and the one place each default is defined.
-
-The CLI builds these from its options (and takes its option defaults from here), the flows read
-them, and ``tests/test_mlproject.py`` checks that the CLI's and the MLproject's defaults equal
-these. The module imports nothing heavier than dataclasses, so ``fmnist --help`` stays instant.
-Values that ``auto`` leaves to a recipe are ``None`` here.
+"""Every entry point's typed config, the one place each default is defined (the CLI and the
+MLproject take theirs from here). Imports nothing heavier than dataclasses, so ``fmnist --help``
+stays instant; a value that ``auto`` leaves to a recipe is ``None``.
 """
 
 from __future__ import annotations
@@ -97,7 +94,7 @@ class DnnSearchConfig:
 
 @dataclass(frozen=True)
 class CnnConfig:
-    """What ``fmnist cnn`` was asked: recipe name, overrides (None: recipe's), shared options."""
+    """Options of ``fmnist cnn``: a recipe and its overrides (None: the recipe's)."""
 
     common: CommonConfig = field(default_factory=CommonConfig)
     recipe: str = DEFAULT_RECIPE

@@ -1,14 +1,9 @@
-"""Fashion-MNIST data layer: locate, validate and load the IDX files, split them as the study did.
+"""Fashion-MNIST: locate, validate and load the IDX files, and split them as the study did.
 
-The dataset lives in torchvision's ``FashionMNIST/raw`` layout in the data directory
-(``--data-dir``, else ``FMNIST_DATA_DIR``, else ``./data``) and is downloaded through
-``torchvision.datasets.FashionMNIST`` only when the files are missing and downloading is allowed
-(``FMNIST_OFFLINE=1`` forbids it). Every file's header and size are checked, then the IDX files
-are read straight into arrays (the same arrays torchvision gives, without its second of
-imports), so a truncated or corrupt file fails with a message naming it, before any memory is
-allocated for what its header claims. The whole
-dataset is held as uint8 tensors; batches are index slices converted to float in [0, 1] on demand.
-The train/validation split is the study's stratified 80/20 scikit-learn split.
+The files sit in torchvision's ``FashionMNIST/raw`` layout under the data directory and are
+downloaded only when missing and allowed (not with ``FMNIST_OFFLINE=1``). Each file's header is
+checked against its size before it is read, so a corrupt file is a ``DataError`` naming it. The
+dataset is held as uint8 tensors; batches are index slices scaled to [0, 1] on demand.
 """
 
 from __future__ import annotations
@@ -25,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-# defined without torch, for `fmnist predict`; the training side imports them from here
+# defined without torch for `fmnist predict`; the training side imports them from here
 from fmnist.dataset_format import (
     CLASS_NAMES,  # noqa: F401 - re-exported
     IMAGE_SIZE,
@@ -38,7 +33,7 @@ from fmnist.errors import DataError
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
-# (file name, IDX magic number, number of dimensions) in torchvision's raw layout.
+# file name -> (IDX magic number, number of dimensions)
 RAW_FILES: dict[str, tuple[int, int]] = {
     "train-images-idx3-ubyte": (2051, 3),
     "train-labels-idx1-ubyte": (2049, 1),
@@ -83,7 +78,7 @@ class Splits:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Return the data directory: the argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
+    """The argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
     chosen = data_dir or os.environ.get("FMNIST_DATA_DIR") or "data"
     return Path(chosen).expanduser()
 
@@ -114,7 +109,7 @@ def missing_data_message(root: Path, reason: str) -> str:
 
 
 def check_idx_file(path: Path, magic: int, ndim: int) -> int:
-    """Check an IDX file's header and size; return the item count. Raises DataError naming it."""
+    """Check an IDX file's header against its size; return the item count."""
     size = path.stat().st_size
     header_len = 4 + 4 * ndim
     with path.open("rb") as handle:
@@ -181,19 +176,18 @@ def load_fashion_mnist(
     """Load and validate both splits of the dataset from the data directory."""
     root = resolve_data_dir(data_dir)
     ensure_files(root, download)
+    folder = raw_dir(root)
     for name, (magic, ndim) in RAW_FILES.items():
-        check_idx_file(raw_dir(root) / name, magic, ndim)
-    parts = {}
+        check_idx_file(folder / name, magic, ndim)
+    arrays = []  # train images, train labels, test images, test labels
     for prefix in ("train", "t10k"):
-        images = torch.from_numpy(read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte").copy())
+        images = torch.from_numpy(read_idx(folder / f"{prefix}-images-idx3-ubyte").copy())
         labels = torch.from_numpy(
-            read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+            read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
         )
-        validate_arrays(images, labels, f"{raw_dir(root)} ({prefix})")
-        parts[prefix == "train"] = (images, labels)
-    (train_x, train_y), (test_x, test_y) = parts[True], parts[False]
-    digest = compute_digest(train_x, train_y, test_x, test_y)
-    return FashionMNIST(train_x, train_y, test_x, test_y, root, digest)
+        validate_arrays(images, labels, f"{folder} ({prefix})")
+        arrays += [images, labels]
+    return FashionMNIST(*arrays, root, compute_digest(*arrays))
 
 
 def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
@@ -226,9 +220,8 @@ def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42)
 
 
 def scale_pixels(images: T) -> T:
-    """uint8 pixels (torch tensor or numpy array) to float32 in [0, 1], as torchvision's
-    ToTensor scales them; float inputs (already scaled, or PCA features) pass through as they are.
-    The one place pixels are scaled: training, evaluation, export examples and predictions."""
+    """uint8 pixels (tensor or numpy array) to float32 in [0, 1] as torchvision's ToTensor does;
+    float inputs pass through. The one place pixels are scaled."""
     if isinstance(images, torch.Tensor):
         return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images
     return scale_array(images)
@@ -267,7 +260,7 @@ def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in IDX format (used for synthetic datasets and exports)."""
+    """Write a uint8 array in IDX format."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     magic = 2051 if array.ndim == 3 else 2049
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -280,11 +273,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_synthetic_dataset(
     root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0
 ) -> Path:
-    """Write a tiny learnable Fashion-MNIST look-alike in the real raw layout under ``root``.
-
-    Each class gets its own bright pattern plus noise, so small models can learn it and tests
-    can assert on accuracy; every class is present in both files.
-    """
+    """Write a tiny learnable look-alike in the raw layout under ``root``: each class a bright
+    pattern plus noise, every class in both files."""
     rng = np.random.default_rng(seed)
     prototypes = rng.integers(0, 256, size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))
     prototypes = (prototypes > 160).astype(np.float64) * 200.0

@@ -1,9 +1,7 @@
 """The Fashion-MNIST format without torch: class names, image size, IDX files, pixel scaling.
 
-What ``fmnist predict`` needs to read its inputs and name its classes, importable without torch
-(``import torch`` alone is seconds of a one-image prediction). ``fmnist.data`` imports them from
-here for the training side and scales torch tensors the same way (tests/test_dataset_format.py
-checks that the two scalings agree).
+What ``fmnist predict`` needs, importable without torch (seconds of a one-image prediction);
+``fmnist.data`` imports it for the training side and scales tensors the same way.
 """
 
 from __future__ import annotations
@@ -33,19 +31,15 @@ IMAGE_SIZE = 28
 
 
 def scale_array(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1] exactly as ``fmnist.data.scale_pixels`` scales a numpy
-    array; float arrays (already scaled) pass through as they are."""
+    """uint8 pixels to float32 in [0, 1] as ``fmnist.data.scale_pixels``; floats pass through."""
     if images.dtype == np.uint8:
         return images.astype(np.float32) / np.float32(255.0)
     return images
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array.
-
-    The header is read and checked against the file's size before the body is: a header that
-    claims more (or less) than the file holds is a ``DataError``, never an allocation.
-    """
+    """An uncompressed uint8 IDX file (images or labels) as an array; a header that claims more
+    or less than the file holds is a ``DataError``, never an allocation."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as handle:

@@ -1,13 +1,7 @@
-"""The files a user hands to ``fmnist predict``: photos, ``.npy`` arrays and IDX files.
-
-Each reader returns float32 (N, 28, 28) images in [0, 1], light item on a dark background as in
-Fashion-MNIST, or raises ``DataError`` naming the file. Photos of any size are made 28x28
-grayscale and a dark-on-light photo (told apart by its border pixels) is inverted unless told
-otherwise. Every reader checks what a file claims before it allocates memory for it: a photo's
-format and dimensions (``MAX_IMAGE_PIXELS``) before it is decoded, a ``.npy`` header's dtype,
-shape and size against the file before its body is read (never with pickle), an IDX header
-against the file's size (``fmnist.dataset_format.read_idx``). A hostile file is a ``DataError``.
-Nothing here imports torch: ``fmnist predict`` of an ONNX model runs without it.
+"""The files a user hands to ``fmnist predict`` (photos, ``.npy`` arrays, IDX files) as float32
+(N, 28, 28) images in [0, 1], light item on dark as in Fashion-MNIST; a dark-on-light photo is
+inverted. Every reader checks what a file claims (format, dimensions, header) before it
+allocates for it, so a hostile file is a ``DataError`` naming it. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,11 +18,9 @@ from fmnist.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # The formats Pillow may decode: a file in any other (PSD, EPS, ICO...) is refused unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
-# A 64-megapixel photo still loads (a phone's largest); a larger claim is refused before any
-# pixel is decoded (a 100000x100000 PNG would need 10 GB).
+# a phone's largest photo loads; a larger claim is refused before any pixel is decoded
 MAX_IMAGE_PIXELS = 64_000_000
-# A .npy array of at most this many images (4 GB of float32 pixels).
-MAX_ARRAY_IMAGES = 1_000_000
+MAX_ARRAY_IMAGES = 1_000_000  # in a .npy file: 4 GB of float32 pixels
 
 
 def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
@@ -89,8 +81,7 @@ def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def check_npy_header(path: Path) -> None:
-    """Check a ``.npy`` header before its body is read: uint8 or float pixels, (N, 28, 28) or
-    (28, 28) with N <= ``MAX_ARRAY_IMAGES``, and a file exactly as long as the header says."""
+    """Check a ``.npy`` header (dtype, shape, the file's length) before its body is read."""
     fmt = np.lib.format
     try:
         with path.open("rb") as handle:
@@ -123,7 +114,7 @@ def check_npy_header(path: Path) -> None:
 
 
 def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.ndarray]:
-    """Read one input file: returns the source name of each image and a float32 batch."""
+    """One input file: the source name of each image and a float32 batch."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
@@ -143,9 +134,6 @@ def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.n
         batch = normalise_array(read_idx(path), str(path))
     else:
         batch = load_image(path, invert)[None]
-    names = (
-        [str(path)]
-        if batch.shape[0] == 1 and suffix != ".npy"
-        else [f"{path}#{i}" for i in range(batch.shape[0])]
-    )
-    return names, batch
+    if batch.shape[0] == 1 and suffix != ".npy":
+        return [str(path)], batch
+    return [f"{path}#{i}" for i in range(batch.shape[0])], batch

@@ -1,11 +1,8 @@
-"""Models: the architectures, the spec that rebuilds them, and the contract every model follows.
+"""Models: the architectures, the spec dict that rebuilds them, and the logged model's wrapper.
 
-A classifier takes float32 images (N, 28, 28) with pixels in [0, 1] and returns (N, 10) logits;
-the logged model wraps it in ``ProbabilityModel`` so it returns softmax probabilities. A model is
-described by a plain ``spec`` dict (``{"family": "dnn" | "cnn", ...}``) from which ``build_model``
-rebuilds the architecture exactly, so a registered model can be reloaded as an ``nn.Module``.
-The rule of this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``); no
-training loop, no tracking.
+A classifier maps float32 images (N, 28, 28) in [0, 1] to (N, 10) logits; ``build_model``
+rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec. The rule of this layer:
+torch and numpy only (scikit-learn just inside ``dense.fit_pca``), no training, no tracking.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ from fmnist.augment import flip_averaged_log_probabilities, flip_averaged_probab
 from fmnist.models.convnets import build_cnn
 from fmnist.models.dense import build_dense
 
-# model family -> the function building an nn.Module from a spec's other keys.
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"dnn": build_dense, "cnn": build_cnn}
 
 
@@ -33,14 +29,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a logits classifier so it maps (N, 28, 28) float images to (N, 10) probabilities;
-    with ``tta_flip`` the mean of each image's and its mirror's (test-time augmentation).
-
-    ``temperature`` (fitted on the validation split, ``fmnist.analysis.calibration``) divides the
-    log-probabilities before the softmax: ``softmax(logits / T)``, and with flip averaging
-    ``softmax(log(mean of the two softmaxes) / T)``, a monotone map of each row, so the predicted
-    class never changes. ``T = 1`` is exactly the model without calibration.
-    """
+    """A logits classifier as (N, 10) probabilities, with ``tta_flip`` those averaged with the
+    mirror's; ``temperature`` divides the log-probabilities first (never changes the class)."""
 
     def __init__(
         self, classifier: nn.Module, tta_flip: bool = False, temperature: float = 1.0
