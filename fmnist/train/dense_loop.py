@@ -1,14 +1,10 @@
 """The dense network's numpy epoch: a ReLU MLP trained without autograd or ``Optimizer.step``.
 
-For a network as small as the study's MLP a torch operator's dispatch costs more than its
-arithmetic, and the dense grid is a million steps: ``numpy_epoch`` hands ``engine.fit`` a whole
-epoch written in numpy (forward, backward, the optimizer's own formula) for a chain of linear
-layers with ReLU between them (parameters ``w0, b0, w1, b1, ...``), Adam, AdamW or RMSprop in
-their plain forms on the CPU, and no schedule or a per-step ``LambdaLR``. The weights and the
-optimizer state live in flat numpy buffers for the epoch and are written back at its end (also
-when it is interrupted), so ``state_dict``, checkpoints and resuming see ordinary tensors
-(``tests/test_dense.py`` compares it with autograd and ``torch.optim`` step by step). The search
-passes it for the dense grid's points; the engine knows no model.
+At the study's MLP size a torch operator's dispatch costs more than its arithmetic, so
+``numpy_epoch`` gives ``engine.fit`` a whole epoch in numpy (forward, backward, the optimizer's
+formula) for plain Adam, AdamW or RMSprop on the CPU, with no schedule or a ``LambdaLR``. Weights
+and optimizer state are written back at the epoch's end (also when interrupted), bit for bit what
+autograd and ``torch.optim`` give (``tests/test_dense.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +21,8 @@ from fmnist.data import scale_pixels
 
 
 def one_blas_thread():
-    """numpy's BLAS on one thread: at these sizes a second thread only waits, and parallel
-    search workers' idle BLAS threads spin on each other's cores (measured: batch-64 trials 8x
-    slower). A no-op where threadpoolctl is missing (the GPU bench scripts)."""
+    """numpy's BLAS on one thread (parallel workers' idle BLAS threads spin on each other's
+    cores); a no-op without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -36,8 +31,7 @@ def one_blas_thread():
 
 
 def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
-    """One-hot rows of ``targets``, each divided by the size of the batch it falls in (batches
-    of ``batch_size`` consecutive rows, the last one shorter; None: one batch)."""
+    """One-hot rows of ``targets``, each divided by the size of its batch (None: one batch)."""
     n = len(targets)
     one_hot = np.zeros((n, n_classes), np.float32)
     one_hot[np.arange(n), targets] = 1.0
@@ -49,7 +43,7 @@ def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None =
 
 
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The summed cross-entropy of float logits (any row shift) against integer targets."""
+    """The summed cross-entropy of logits (any row shift) against integer targets."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
     return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
@@ -58,9 +52,8 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
 def backpropagate(
     weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
 ) -> np.ndarray:
-    """One MLP's forward pass and mean cross-entropy gradients (written into ``grads``, in
-    ``weights`` order); ``one_hot`` is ``scaled_one_hot``'s. Returns the logits less their row
-    maximum (the same softmax, loss and argmax)."""
+    """Forward pass and mean cross-entropy gradients into ``grads``; returns the logits less
+    their row maximum."""
     activations = [features]
     n_layers = len(weights) // 2
     for index in range(n_layers - 1):
@@ -86,9 +79,8 @@ def backpropagate(
 
 
 def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any) -> bool:
-    """Whether the numpy epoch runs this: the optimizer over exactly ``params`` (float32, CPU,
-    one group), Adam/AdamW without amsgrad or RMSprop without momentum or centering, and no
-    schedule or a one-group ``LambdaLR`` (a rate factor; ``OneCycleLR`` also moves momentum)."""
+    """Whether the numpy epoch runs this: one group of float32 CPU ``params``, Adam/AdamW without
+    amsgrad or plain RMSprop, and no schedule or a ``LambdaLR`` (OneCycleLR moves momentum)."""
     if len(optimizer.param_groups) != 1:
         return False
     group = optimizer.param_groups[0]
@@ -109,9 +101,7 @@ def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], schedule
 
 
 def numpy_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
-    """``engine.fit``'s epoch runner for an MLP (``model``: linear layers with ReLU between, its
-    parameters a chain of weight matrices and bias vectors, no dropout), or None when the model
-    or the settings are not plain (autograd trains it)."""
+    """``engine.fit``'s epoch runner for an MLP without dropout, or None (autograd trains it)."""
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
     chain = len(shapes) % 2 == 0 and all(
@@ -133,7 +123,7 @@ class NumpyEpoch:
         self.sizes = [p.numel() for p in params]
 
     def state(self) -> list[dict[str, torch.Tensor]]:
-        """Each parameter's optimizer state, created as the optimizer creates it."""
+        """Each parameter's optimizer state, created as the optimizer would."""
         states = []
         for param in self.params:
             state = self.optimizer.state[param]
@@ -195,7 +185,7 @@ class NumpyEpoch:
         return [base * factor(first + n) for n in range(steps)]
 
     def advance_schedule(self, steps: int) -> None:
-        """Leave the schedule and the optimizer's rate where ``steps`` of its steps would."""
+        """Step the schedule ``steps`` times."""
         with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
             warnings.filterwarnings("ignore", "Detected call of")
             for _ in range(steps if self.scheduler is not None else 0):
@@ -213,8 +203,7 @@ class NumpyEpoch:
 
 
 class Update:
-    """The optimizer's step on the flat buffers, in numpy: Adam's (L2 decay), AdamW's (decoupled
-    decay) or RMSprop's formula, as ``torch.optim`` computes it, with each step's rate."""
+    """The optimizer's step on the flat buffers: Adam's, AdamW's or RMSprop's, as torch's."""
 
     def __init__(self, optimizer, weights, grads, moments) -> None:
         group = optimizer.param_groups[0]

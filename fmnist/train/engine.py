@@ -1,21 +1,19 @@
-"""The one training engine for every model: ``fit`` trains, ``evaluate`` scores.
+"""The one training engine for every model: ``fit`` trains, ``evaluate`` scores, with progress.
 
-In the spirit of pytorch/examples' mnist train/test pair and timm's dict-returning epoch
-functions: a ``TrainConfig`` of plain values in, a per-epoch metrics dict out, handed to an
-``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna pruning (the engine
-imports neither, nor any concrete model: a caller may pass a faster epoch, ``epoch_runner``).
-Data stays in memory (on the GPU when training there) and batches are index slices; uint8
-images become float in [0, 1] per batch. Metrics accumulate on the device and are
-read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch's weights
-(by validation accuracy) are restored at the end, as the study does; a NaN or infinite loss
-raises ``TrainingDiverged``.
+A ``TrainConfig`` in, a metrics dict per epoch out to ``on_epoch_end`` (MLflow logging, Optuna
+pruning: the engine imports neither, nor any concrete model). Data stays on the device; metrics
+are read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch by
+validation accuracy is restored at the end; a NaN or infinite loss raises ``TrainingDiverged``.
+Progress: a tqdm bar per epoch in a terminal, else one line per epoch on stderr.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,19 +26,21 @@ from fmnist.augment import flip_averaged_probabilities, make_augment
 from fmnist.data import Split, iterate_batches, scale_pixels, shuffled_order
 from fmnist.errors import TrainingDiverged
 from fmnist.train.optim import WeightEMA, autocast_for, make_optimizer, make_scheduler
-from fmnist.train.progress import EpochLines, epoch_bar
 from fmnist.train.settings import TrainConfig
 from fmnist.train.state import Best, Trainer, capture_state, restore_state, snapshot
 
+try:
+    from tqdm import tqdm
+except ImportError:  # a bare GPU machine may lack tqdm: the bars are then silent
+    tqdm = None
+
 EpochCallback = Callable[[int, dict[str, float]], None]
-# ``on_checkpoint(epoch, state)``: ``state`` is everything ``fit(resume=state)`` needs to go on.
+# ``on_checkpoint(epoch, state)``: ``state`` is what ``fit(resume=state)`` goes on from
 CheckpointCallback = Callable[[int, dict[str, Any]], None]
 
 
 class EpochRunner(Protocol):
-    """A whole training epoch without autograd (the dense network's numpy loop), used when the
-    settings are plain: ``fit``'s ``epoch_runner(model, optimizer, scheduler)`` returns one, or
-    None (it also steps the schedule, if it takes it)."""
+    """A whole epoch without autograd (the dense network's numpy loop; it steps the schedule)."""
 
     def run_epoch(
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
@@ -71,14 +71,8 @@ def make_runner(
     model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner=None
 ) -> EpochRunner | None:
     """``epoch_runner``'s runner when the settings allow one, else None (autograd)."""
-    fancy = (
-        trainer.ema
-        or cfg.label_smoothing
-        or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-        or cfg.bf16
-        or cfg.compile
-    )
-    if fancy or epoch_runner is None:
+    fancy = (trainer.ema, cfg.label_smoothing, cfg.bf16, cfg.compile)
+    if epoch_runner is None or any(fancy) or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing):
         return None
     return epoch_runner(model, trainer.optimizer, trainer.scheduler)
 
@@ -91,10 +85,7 @@ def train_one_epoch(
     runner: EpochRunner | None = None,
     progress=None,
 ) -> dict[str, float]:
-    """One pass over ``split`` in shuffled batches; returns mean loss and accuracy.
-
-    ``runner``, when given, runs the whole epoch on the same shuffled order.
-    """
+    """One pass over ``split`` in shuffled batches (by ``runner`` if given): loss, accuracy."""
     model.train()
     n, device = len(split), torch.device(cfg.device)
     if not n:
@@ -106,8 +97,7 @@ def train_one_epoch(
             progress.update(math.ceil(n / cfg.batch_size))
         return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
     augment = make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-    # Per-batch results are kept and reduced once per epoch: fewer tensor ops per step (they
-    # dominate small models) and no host synchronisation on a GPU.
+    # reduced once per epoch: fewer ops per step, no host synchronisation on a GPU
     losses, predictions, order = [], [], []
     batches = iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device)
     for index in batches:
@@ -212,16 +202,9 @@ def fit(
     resume: dict[str, Any] | None = None,
     epoch_runner: Callable[..., EpochRunner | None] | None = None,
 ) -> FitResult:
-    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy.
-
-    ``on_epoch_end(epoch, metrics)`` receives train/val loss and accuracy, learning rate, epoch
-    time and images per second after every epoch; it may raise to stop training (pruning).
-    With ``ema_decay`` the validation and the restored weights are those of the weight average.
-    ``on_checkpoint(epoch, state)`` gets the full training state every ``checkpoint_every``
-    epochs and after the last one; ``fit(..., resume=state)`` with the same settings goes on from
-    it to ``epochs`` and ends exactly where an uninterrupted run would (same RNG streams).
-    ``epoch_runner(model, optimizer, scheduler)`` may offer a faster epoch than autograd's.
-    """
+    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy (of the
+    weight average with ``ema_decay``). ``on_epoch_end`` may raise to stop (pruning); a state
+    from ``on_checkpoint`` resumed with the same settings ends exactly as an unbroken run."""
     cfg.check()
     device = torch.device(cfg.device)
     model.to(device)
@@ -232,14 +215,10 @@ def fit(
     if resume is not None:
         run.resume_from(resume)
     run.train(on_epoch_end, on_checkpoint)
-    model.load_state_dict(run.best.state)
+    best = run.best
+    model.load_state_dict(best.state)
     return FitResult(
-        run.history,
-        run.best.epoch,
-        run.best.val_accuracy,
-        run.best.state,
-        run.seconds(),
-        run.stopped_early,
+        run.history, best.epoch, best.val_accuracy, best.state, run.seconds(), run.stopped_early
     )
 
 
@@ -281,15 +260,8 @@ class FitRun:
             last = epoch == cfg.epochs or self.stopped_early
             every = cfg.checkpoint_every
             if on_checkpoint is not None and (last or (every and epoch % every == 0)):
-                state = capture_state(
-                    epoch,
-                    self.trainer,
-                    self.history,
-                    self.best,
-                    self.seconds(),
-                    self.stopped_early,
-                )
-                on_checkpoint(epoch, state)
+                done = (self.history, self.best, self.seconds(), self.stopped_early)
+                on_checkpoint(epoch, capture_state(epoch, self.trainer, *done))
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, validate, keep the best weights; return the epoch's metrics."""
@@ -322,3 +294,46 @@ class FitRun:
         if result.accuracy > self.best.val_accuracy:
             self.best = Best(epoch, result.accuracy, snapshot(scored))
         return metrics
+
+
+def epoch_bar(steps: int, epoch: int, epochs: int, quiet: bool):
+    """A tqdm bar for one epoch, silent when quiet or when stderr is not a terminal."""
+    if tqdm is None:
+        return nullcontext()
+    disable = quiet or not sys.stderr.isatty()
+    desc = f"epoch {epoch}/{epochs}"
+    return tqdm(total=steps, desc=desc, leave=False, disable=disable, mininterval=0.5)
+
+
+class EpochLines:
+    """One line per epoch on stderr when it is not a terminal (where bars are silent): epochs
+    shorter than ``min_interval`` seconds share one, and the last epoch always has one."""
+
+    def __init__(
+        self, label: str, epochs: int, first_epoch: int, quiet: bool, min_interval: float = 5.0
+    ) -> None:
+        self.label, self.epochs, self.first_epoch = label or "training", epochs, first_epoch
+        self.enabled = not quiet and not sys.stderr.isatty()
+        self.started = self.printed = time.perf_counter()
+        self.min_interval = min_interval
+
+    def epoch_done(self, epoch: int, val_accuracy: float) -> None:
+        now = time.perf_counter()
+        due = now - self.printed >= self.min_interval or epoch == self.epochs
+        if not self.enabled or not due:
+            return
+        self.printed, elapsed = now, now - self.started
+        left = elapsed / (epoch - self.first_epoch + 1) * (self.epochs - epoch)
+        print(
+            f"[{self.label}] epoch {epoch}/{self.epochs}: val_accuracy {val_accuracy:.4f}, "
+            f"{elapsed:.0f} s so far, about {format_duration(left)} left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
+    hours, rest = divmod(max(0, round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

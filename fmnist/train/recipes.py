@@ -1,13 +1,9 @@
-"""What to train, as the files in ``experiments/`` say: CNN recipes, dense grids, search spaces.
+"""What to train, as ``experiments/`` says: CNN recipes, dense grids, CNN search spaces.
 
-A ``CnnRecipe`` (``experiments/cnn/``) and a ``DnnGrid`` (``experiments/dnn_*.yaml``) are each a
-``TrainConfig`` (every training setting, declared there once) plus what they add: a recipe its
-architecture and how the logged model predicts, a grid its values and a rate per optimizer. A
-search-space file (``experiments/cnn_search.yaml``) names a base recipe and the keys a search
-samples: a training setting, an option of the recipe's architecture (a parameter of its builder)
-or ``augment``; each key's type comes from that declaration. Every file is validated on load,
-naming the file and the key, before any run exists. ``build_classifier`` is the one way a recipe
-becomes a network (``fmnist cnn``, the CNN search and the GPU scripts).
+A ``CnnRecipe`` and a ``DnnGrid`` are each a ``TrainConfig`` plus what they add (an architecture,
+a grid of values); a search space names a base recipe and the keys it samples (a training
+setting, an option of the architecture's builder, or ``augment``), typed by their declarations.
+Every file is validated on load, naming the file and the key, before any run exists.
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ RECIPE_DIR = "cnn"  # recipes live in experiments/cnn/
 
 @dataclass(frozen=True)
 class CnnRecipe(TrainConfig):
-    """One ``experiments/cnn/<name>.yaml``: every ``TrainConfig`` setting (not where to run),
-    the architecture spec, and how the logged model predicts."""
+    """One ``experiments/cnn/<name>.yaml``: training settings, architecture, how it predicts."""
 
     model: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -50,8 +45,7 @@ def load_recipe(
     changes: Mapping[str, Any] | None = None,
     model_changes: Mapping[str, Any] | None = None,
 ) -> CnnRecipe:
-    """Read a recipe, apply ``changes`` (recipe fields) and ``model_changes`` (spec keys), and
-    validate the result: an invalid setting or architecture fails before any run exists."""
+    """A recipe with ``changes`` (its fields) and ``model_changes`` (spec keys), validated."""
     recipe = load_definition(name_or_path, CnnRecipe, subdir=RECIPE_DIR)
     where = f"recipe {name_or_path}"
     placed = [key for key in RUN_FIELDS if getattr(recipe, key) != getattr(TrainConfig, key)]
@@ -89,12 +83,8 @@ def model_spec(recipe: CnnRecipe) -> dict[str, Any]:
 
 
 def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None) -> nn.Module:
-    """The recipe's untrained network (logits out); a bad architecture is a ``ConfigError``.
-
-    With ``train_images`` (uint8 or [0, 1]) a network with data-dependent initialisation (the
-    ``whitened`` arch's patch whitening) is fitted to them; a network rebuilt to load trained
-    weights needs none. Channels-last memory when the recipe says.
-    """
+    """The recipe's untrained network (a bad architecture is a ``ConfigError``); a data-dependent
+    initialisation (whitening) is fitted to ``train_images`` when given."""
     try:
         model = build_model(model_spec(recipe))
     except (TypeError, ValueError) as exc:
@@ -112,7 +102,7 @@ def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None
 
 @dataclass(frozen=True)
 class DnnGrid(TrainConfig):
-    """A grid file: its values, a rate per optimizer, and the training settings of every point."""
+    """A grid file: its values, a rate per optimizer, the training settings of every point."""
 
     hidden: tuple[tuple[int, ...], ...] = ()
     optimizers: tuple[str, ...] = ()
@@ -133,23 +123,21 @@ PER_POINT = ("optimizer", "lr", "batch_size")  # set by each point, not by the g
 
 
 def grid_extras(grid: DnnGrid) -> dict[str, Any]:
-    """The settings this grid sets beyond the study's (what its runs log in addition)."""
+    """The settings this grid sets beyond the study's (its runs log them too)."""
     defaults, values = DnnGrid(), dataclasses.asdict(grid)
     skip = {*GRID_KEYS, *PER_POINT, *RUN_FIELDS, "epochs", "description", "weight_decay"}
     return {k: v for k, v in values.items() if k not in skip and v != getattr(defaults, k)}
 
 
 def grid_identity(grid: DnnGrid) -> dict[str, Any]:
-    """What names the grid's study: the study's keys, and the others only when set (a study
-    grid keeps the name, so the resumable study, it always had). Not the epochs: the search's
-    identity holds those, however chosen."""
+    """What names the grid's study: the study's keys, the others only when set (so a study grid
+    keeps its name). Not the epochs: the search's identity holds those."""
     own = {k: getattr(grid, k) for k in (*GRID_KEYS, "weight_decay", "description")}
     return {**own, **grid_extras(grid)}
 
 
 def load_grid(name_or_path: str) -> DnnGrid:
-    """Load and check a grid file; every problem names the file and the key. Its training
-    settings are checked as ``TrainConfig`` checks them, for every optimizer and batch size."""
+    """Load and check a grid file, its training settings for every point included."""
     grid = load_definition(name_or_path, DnnGrid)
     where = definition_path(name_or_path)
     for key in (*PER_POINT, *RUN_FIELDS):
@@ -207,8 +195,7 @@ class SpaceFile:
 
 
 def key_types(base: CnnRecipe) -> dict[str, tuple[str, type]]:
-    """Every key a space may sample: where it goes (``recipe``, ``model``, ``augment``) and its
-    type, from ``TrainConfig``'s fields and the architecture builder's parameters."""
+    """Every key a space may sample: where it goes (recipe, model, augment) and its type."""
     hints = typing.get_type_hints(TrainConfig)
     keys = {name: ("recipe", hints[name]) for name in HYPERPARAMETERS if name != "epochs"}
     builder = builder_for(base.model.get("arch", "paper"))
@@ -234,10 +221,8 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            step = int(self.step or 1)
-            return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=step, log=self.log
-            )
+            low, high, step = int(self.low), int(self.high), int(self.step or 1)
+            return trial.suggest_int(self.key, low, high, step=step, log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
@@ -253,7 +238,7 @@ class Dimension:
 
 
 def load_space(name_or_path: str) -> tuple[SpaceFile, tuple[Dimension, ...], CnnRecipe, Path]:
-    """Load and check a space file and its base recipe; every problem names the file and key."""
+    """Load and check a space file and its base recipe."""
     where = definition_path(name_or_path)
     space = load_definition(name_or_path, SpaceFile)
     if not space.params:
@@ -262,9 +247,7 @@ def load_space(name_or_path: str) -> tuple[SpaceFile, tuple[Dimension, ...], Cnn
         raise ConfigError(f"{where}: key 'startup_trials' must be at least 1.")
     base = load_base_recipe(where, space.recipe)
     types = key_types(base)
-    dimensions = tuple(
-        parse_dimension(where, key, value, types) for key, value in space.params.items()
-    )
+    dimensions = tuple(parse_dimension(where, k, v, types) for k, v in space.params.items())
     for dimension in dimensions:
         for value in dimension.choices or (dimension.low, dimension.high):
             try:
@@ -331,8 +314,8 @@ def load_base_recipe(where: Path, name: str) -> CnnRecipe:
 
 
 def apply_params(base: CnnRecipe, params: Mapping[str, Any], epochs: int | None = None):
-    """The base recipe with sampled values in place, validated; ``augment`` on keeps the base
-    recipe's crop/flip (padding 2 and flip where it has none), off removes them."""
+    """The base recipe with sampled values, validated; ``augment`` on keeps the base's crop and
+    flip (padding 2 and flip where it has none), off removes them."""
     types = key_types(base)
     model, changes = {}, {} if epochs is None else {"epochs": epochs}
     for key, value in params.items():
