@@ -58,11 +58,9 @@ class EdaConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     tsne_samples: int = STUDY_TSNE_SAMPLES
     pca_variance: float = 0.95
-    # t-SNE runs on the first PCA components, the usual speed-up for 784-pixel inputs.
-    tsne_pca_dims: int = 50
+    tsne_pca_dims: int = 50  # t-SNE runs on the first PCA components (the usual speed-up)
     tsne_perplexity: float = 30.0
-    # Scatter plots show a seeded subsample: 48,000 overlapping points hide the structure.
-    scatter_samples: int = 10000
+    scatter_samples: int = 10000  # a seeded subsample: 48,000 points hide the structure
     grid_columns: int = 10
     run_name: str = "eda"
 
@@ -103,8 +101,7 @@ class CnnConfig:
     lr: float | None = None
     weight_decay: float | None = None
     quick: bool = False
-    # Extra architecture keys over the recipe's (tests shrink ``best``; a search samples them).
-    model_overrides: Mapping[str, Any] | None = None
+    model_overrides: Mapping[str, Any] | None = None  # architecture keys over the recipe's
     registered_name: str = CNN_REGISTERED_NAME
     checkpoint_every: int = 1  # epochs between training-state checkpoints; 0: none
     resume: str = ""  # a run id whose checkpoint to go on from
@@ -141,8 +138,7 @@ class EvaluateConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     model: str = f"models:/{CNN_REGISTERED_NAME}@champion"  # any MLflow model URI or a folder
     robustness: bool = True  # run the corruption suite (about a minute per model on a CPU)
-    # A seeded, class-stratified subset of the test set for the suite (0: all 10,000 images).
-    robustness_images: int = 2000
+    robustness_images: int = 2000  # a seeded stratified subset for the suite (0: all 10,000)
     batch_size: int = 1000  # images per pyfunc call: bounds the memory of a CNN's activations
 
     def validate(self) -> None:

@@ -21,13 +21,7 @@ import numpy as np
 import torch
 
 # defined without torch for `fmnist predict`; the training side imports them from here
-from fmnist.dataset_format import (
-    CLASS_NAMES,  # noqa: F401 - re-exported
-    IMAGE_SIZE,
-    NUM_CLASSES,
-    read_idx,
-    scale_array,
-)
+from fmnist.dataset_format import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, read_idx, scale_array  # noqa: F401
 from fmnist.errors import DataError
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
@@ -83,11 +77,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def offline() -> bool:
-    """True when ``FMNIST_OFFLINE`` forbids download attempts (tests set it)."""
-    return os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
 def raw_dir(root: Path) -> Path:
     return root / "FashionMNIST" / "raw"
 
@@ -133,10 +122,12 @@ def check_idx_file(path: Path, magic: int, ndim: int) -> int:
 
 
 def ensure_files(root: Path, download: bool | None = None) -> None:
-    """Make sure the four raw files exist, downloading them when allowed."""
+    """Make sure the four raw files exist, downloading them unless ``download`` or
+    ``FMNIST_OFFLINE`` (tests set it) forbids it."""
     if not missing_files(root):
         return
-    allowed = (not offline()) if download is None else download
+    offline = os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    allowed = not offline if download is None else download
     if not allowed:
         raise DataError(missing_data_message(root, "downloading is disabled by FMNIST_OFFLINE"))
     from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
@@ -196,23 +187,16 @@ def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray,
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=0.2, stratify=labels, random_state=split_seed
-    )
-    return train_idx, val_idx
+    split = train_test_split(indices, test_size=0.2, stratify=labels, random_state=split_seed)
+    return split[0], split[1]
 
 
 def make_splits(data: FashionMNIST, split_seed: int = 42) -> Splits:
     train_idx, val_idx = split_indices(data.train_labels.numpy(), split_seed)
-    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    return Splits(
-        train=Split(data.train_images[train_t], data.train_labels[train_t]),
-        val=Split(data.train_images[val_t], data.train_labels[val_t]),
-        test=Split(data.test_images, data.test_labels),
-        train_indices=train_idx,
-        val_indices=val_idx,
-        digest=data.digest,
-    )
+    train, val = (torch.from_numpy(i) for i in (train_idx, val_idx))
+    parts = [Split(data.train_images[i], data.train_labels[i]) for i in (train, val)]
+    test = Split(data.test_images, data.test_labels)
+    return Splits(*parts, test, train_idx, val_idx, data.digest)
 
 
 def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42) -> Splits:
@@ -262,12 +246,9 @@ def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in IDX format."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(f">I{array.ndim}I", 2051 if array.ndim == 3 else 2049, *array.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        handle.write(struct.pack(">I", magic))
-        handle.write(struct.pack(f">{array.ndim}I", *array.shape))
-        handle.write(array.tobytes())
+    path.write_bytes(header + array.tobytes())
 
 
 def write_synthetic_dataset(

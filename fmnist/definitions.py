@@ -46,14 +46,9 @@ def definition_path(name_or_path: str, subdir: str = "") -> Path:
     folder = experiments_dir() / subdir
     path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(available(subdir)) or "none"
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
         raise ConfigError(f"Unknown definition {name_or_path!r} in {folder} (known: {known}).")
     return path
-
-
-def available(subdir: str = "") -> list[str]:
-    folder = experiments_dir() / subdir
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 MAX_DEFINITION_BYTES = 1024 * 1024  # the largest definition shipped is under 2 kB

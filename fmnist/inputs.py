@@ -53,15 +53,10 @@ def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
             f"{path}: not a readable image ({type(exc).__name__}: {first_line})."
         ) from None
     pixels = scale_array(np.asarray(gray, dtype=np.uint8))
-    if invert is None:
-        invert = looks_dark_on_light(pixels)
+    if invert is None:  # items are light on black: a bright border means a photo to invert
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        invert = float(border.mean()) > 0.5
     return 1.0 - pixels if invert else pixels
-
-
-def looks_dark_on_light(pixels: np.ndarray) -> bool:
-    """Fashion-MNIST items are light on black: a bright border means a photo to invert."""
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return float(border.mean()) > 0.5
 
 
 def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
@@ -86,12 +81,10 @@ def check_npy_header(path: Path) -> None:
     try:
         with path.open("rb") as handle:
             version = fmt.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(handle)
-            elif version in ((2, 0), (3, 0)):
-                shape, _, dtype = fmt.read_array_header_2_0(handle)
-            else:
+            if version not in ((1, 0), (2, 0), (3, 0)):
                 raise ValueError(f"unknown .npy version {version}")
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(handle)
             offset = handle.tell()
     except Exception as exc:  # noqa: BLE001 - numpy's header parser may raise several kinds
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -128,9 +121,7 @@ def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.n
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc}).") from None
         batch = normalise_array(array, str(path))
-    elif suffix in IMAGE_SUFFIXES:
-        batch = load_image(path, invert)[None]
-    elif "idx" in path.name or suffix in {".idx", ".ubyte"}:
+    elif suffix not in IMAGE_SUFFIXES and ("idx" in path.name or suffix in {".idx", ".ubyte"}):
         batch = normalise_array(read_idx(path), str(path))
     else:
         batch = load_image(path, invert)[None]

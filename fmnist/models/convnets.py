@@ -18,11 +18,8 @@ WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench's 
 
 def conv_bn(c_in: int, c_out: int, padding: int, activation: nn.Module) -> list[nn.Module]:
     # a conv bias is redundant before BatchNorm; the paper network has one all the same
-    return [
-        nn.Conv2d(c_in, c_out, 3, padding=padding, bias=padding == 0),
-        nn.BatchNorm2d(c_out),
-        activation,
-    ]
+    conv = nn.Conv2d(c_in, c_out, 3, padding=padding, bias=padding == 0)
+    return [conv, nn.BatchNorm2d(c_out), activation]
 
 
 class PaperCNN(nn.Module):
@@ -38,14 +35,8 @@ class PaperCNN(nn.Module):
             nn.MaxPool2d(2),  # -> 4
             nn.Conv2d(64, 128, 3),  # -> 2: 128 x 2 x 2 = 512 features
         )
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
+        hidden = [nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU()]
+        self.head = nn.Sequential(*hidden, nn.Linear(128, 10))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.unsqueeze(1)))
@@ -97,12 +88,8 @@ class ResNet(nn.Module):
             layers += [ResidualBlock(out) for _ in range(blocks)]
             channels = out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(channels, 10),
-        )
+        pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
+        self.head = nn.Sequential(*pool, nn.Linear(channels, 10))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.unsqueeze(1)))

@@ -67,9 +67,8 @@ class MLP(nn.Module):
     ):
         super().__init__()
         sizes = [int(n_inputs), *(int(h) for h in hidden), int(n_outputs)]
-        self.layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in pairs)
         self.dropout = float(dropout)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -89,10 +88,7 @@ def build_mlp(
 
 
 def build_dense(
-    pca_components: int,
-    hidden: Sequence[int],
-    input_size: int = INPUT_SIZE,
-    dropout: float = 0.0,
+    pca_components: int, hidden: Sequence[int], input_size: int = INPUT_SIZE, dropout: float = 0.0
 ) -> DenseNet:
     """The model of a ``{"family": "dnn", "pca_components": k, "hidden": [...]}`` spec."""
     if pca_components <= 0 or any(int(h) <= 0 for h in hidden):
@@ -123,9 +119,8 @@ class PCABasis:
         return int(self.components.shape[0])
 
     def layer(self) -> PCAProjection:
-        return PCAProjection(self.n_components, self.mean.shape[0]).set_basis(
-            self.mean, self.components
-        )
+        layer = PCAProjection(self.n_components, self.mean.shape[0])
+        return layer.set_basis(self.mean, self.components)
 
 
 def fit_pca(images: torch.Tensor, variance: float = 0.95) -> PCABasis:
@@ -137,11 +132,8 @@ def fit_pca(images: torch.Tensor, variance: float = 0.95) -> PCABasis:
     # float64, not scale_pixels' float32: earlier runs' bases (and Table I) came from these
     flat = flat.to(torch.float64).div_(255.0) if flat.dtype == torch.uint8 else flat.double()
     pca = PCA(n_components=variance, svd_solver="covariance_eigh").fit(flat.numpy())
-    return PCABasis(
-        pca.mean_.astype(np.float32),
-        pca.components_.astype(np.float32),
-        pca.explained_variance_ratio_.astype(np.float64),
-    )
+    mean, components = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
+    return PCABasis(mean, components, pca.explained_variance_ratio_.astype(np.float64))
 
 
 @torch.no_grad()

@@ -223,29 +223,19 @@ class Update:
             weights *= np.float32(1.0 - lr * self.decay)
         elif self.decay:
             grads += np.float32(self.decay) * weights
-        if self.rmsprop:
-            (square,) = self.moments
-            square *= np.float32(beta2)
-            np.multiply(grads, grads, out=scratch)
-            scratch *= np.float32(1.0 - beta2)
-            square += scratch
-            np.sqrt(square, out=scratch)
-            scratch += np.float32(self.eps)
-            np.divide(grads, scratch, out=scratch)
-            scratch *= np.float32(-lr)
-            weights += scratch
-            return
-        average, square = self.moments
-        np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
-        scratch *= np.float32(1.0 - beta1)
-        average += scratch
+        average, square = self.moments[0], self.moments[-1]  # RMSprop has no average
+        if not self.rmsprop:
+            np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
+            scratch *= np.float32(1.0 - beta1)
+            average += scratch
         square *= np.float32(beta2)
         np.multiply(grads, grads, out=scratch)
         scratch *= np.float32(1.0 - beta2)
         square += scratch
         np.sqrt(square, out=scratch)
-        scratch *= np.float32(1.0 / (1.0 - beta2**step) ** 0.5)
+        if not self.rmsprop:
+            scratch *= np.float32(1.0 / (1.0 - beta2**step) ** 0.5)
         scratch += np.float32(self.eps)
-        np.divide(average, scratch, out=scratch)
-        scratch *= np.float32(-lr / (1.0 - beta1**step))
+        np.divide(grads if self.rmsprop else average, scratch, out=scratch)
+        scratch *= np.float32(-lr / (1.0 - beta1**step))  # RMSprop: beta1 0, so -lr exactly
         weights += scratch

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.augment import flip_averaged_probabilities, make_augment
+from fmnist.augment import flip_averaged_log_probabilities, make_augment
 from fmnist.data import Split, iterate_batches, scale_pixels, shuffled_order
 from fmnist.errors import TrainingDiverged
 from fmnist.train.optim import WeightEMA, autocast_for, make_optimizer, make_scheduler
@@ -147,11 +147,8 @@ def predict_logits(
     for index in iterate_batches(images.shape[0], batch_size, device=images.device):
         inputs = scale_pixels(images[index].to(device, non_blocking=True))
         with autocast_for(device, bf16):
-            if tta_flip:
-                logits = flip_averaged_probabilities(model, inputs).clamp_min(1e-12).log()
-            else:
-                logits = model(inputs).float()
-        outputs.append(logits)
+            logits = flip_averaged_log_probabilities(model, inputs) if tta_flip else model(inputs)
+        outputs.append(logits.float())
     return torch.cat(outputs) if outputs else torch.empty(0, 10, device=device)
 
 
@@ -282,14 +279,9 @@ class FitRun:
             scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
         )
         seconds = time.perf_counter() - started
-        metrics = {
-            **train_metrics,
-            "val_loss": result.loss,
-            "val_accuracy": result.accuracy,
-            "lr": current_lr,
-            "epoch_seconds": seconds,
-            "images_per_second": len(self.train_split) / seconds,
-        }
+        metrics = {**train_metrics, "val_loss": result.loss, "val_accuracy": result.accuracy}
+        speed = len(self.train_split) / seconds
+        metrics.update(lr=current_lr, epoch_seconds=seconds, images_per_second=speed)
         self.history.append({"epoch": epoch, **metrics})
         if result.accuracy > self.best.val_accuracy:
             self.best = Best(epoch, result.accuracy, snapshot(scored))

@@ -89,18 +89,16 @@ class WeightEMA:
             ema_buf.copy_(buf)
 
 
-def cpu_bf16_supported() -> bool:
-    """True when the CPU computes bf16 natively (emulated bf16 is slower than float32)."""
+def bf16_active(device: torch.device, bf16: bool) -> bool:
+    """Whether ``bf16`` autocast runs there: on CUDA, and on CPUs with native bf16 (emulated bf16
+    is slower than float32)."""
+    if not bf16 or device.type != "cpu":
+        return bf16 and device.type == "cuda"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def bf16_active(device: torch.device, bf16: bool) -> bool:
-    """Whether ``bf16`` autocast runs there: on CUDA and on CPUs with native bf16."""
-    return bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16_supported()))
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_for(device: torch.device, bf16: bool):

@@ -53,12 +53,7 @@ class Trainer:
 
 
 def capture_state(
-    epoch: int,
-    trainer: Trainer,
-    history: list[dict[str, float]],
-    best: Best,
-    seconds: float,
-    stopped_early: bool,
+    epoch: int, trainer: Trainer, history: list, best: Best, seconds: float, stopped_early: bool
 ) -> dict[str, Any]:
     """Everything needed to go on after ``epoch`` exactly as if never stopped (CPU tensors)."""
     return {
