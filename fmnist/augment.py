@@ -1,9 +1,7 @@
-"""Batched image augmentation in pure torch ops: training transforms and test-time flip averaging.
-
-Each transform (translation, horizontal flip, random erasing) works on a whole float batch
-(B, 28, 28) with per-image randomness drawn on the batch's device, so a GPU step stays
-asynchronous. Randomness comes from ``generator`` (on that device) when given, else from torch's
-global generator, which the engine seeds.
+"""Batched image augmentation in pure torch ops (translation, flip, random erasing) and test-time
+flip averaging. Randomness is drawn per image on the batch's device, so a GPU step stays
+asynchronous: from ``generator`` when given, else from torch's global one, which the engine
+seeds.
 """
 
 from __future__ import annotations
@@ -55,8 +53,7 @@ def random_erasing(
     scale: tuple[float, float] = (0.02, 0.33),
     ratio: tuple[float, float] = (0.3, 3.3),
 ) -> torch.Tensor:
-    """Zero one rectangle per image with probability ``p``, as torchvision's RandomErasing: it
-    covers ``scale`` of the area with a log-uniform aspect ratio in ``ratio``."""
+    """Zero one rectangle per image with probability ``p``, as torchvision's RandomErasing."""
     if p <= 0:
         return images
     batch, height, width = images.shape
@@ -92,8 +89,7 @@ def make_augment(
 
 
 def flip_averaged_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The mean class probabilities of each image and its mirror (test-time augmentation): the
-    one definition for validation, evaluation and the logged model."""
+    """Mean class probabilities of each image and its mirror: the one definition for every use."""
     direct = classifier(images).float().softmax(dim=-1)
     mirrored = classifier(images.flip(-1)).float().softmax(dim=-1)
     return (direct + mirrored) / 2

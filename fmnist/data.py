@@ -1,15 +1,12 @@
-"""Fashion-MNIST: locate, validate and load the IDX files, and split them as the study did.
-
-The files sit in torchvision's ``FashionMNIST/raw`` layout under the data directory and are
-downloaded only when missing and allowed (not with ``FMNIST_OFFLINE=1``). Each file's header is
-checked against its size before it is read, so a corrupt file is a ``DataError`` naming it. The
-dataset is held as uint8 tensors; batches are index slices scaled to [0, 1] on demand.
+"""Fashion-MNIST: locate, validate and load the IDX files (torchvision's ``FashionMNIST/raw``
+layout, downloaded only when missing and allowed), split them as the study did. Each header is
+checked against its file's size before it is read; the dataset is held as uint8 tensors, batches
+are index slices scaled to [0, 1] on demand.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -97,33 +94,23 @@ def missing_data_message(root: Path, reason: str) -> str:
     )
 
 
-def check_idx_file(path: Path, magic: int, ndim: int) -> int:
-    """Check an IDX file's header against its size; return the item count."""
-    size = path.stat().st_size
+def check_idx_file(path: Path, magic: int, ndim: int) -> None:
+    """Check an IDX file's magic number and image size (``read_idx`` checks its length)."""
     header_len = 4 + 4 * ndim
     with path.open("rb") as handle:
         header = handle.read(header_len)
     if len(header) < header_len:
+        size = path.stat().st_size
         raise DataError(f"{path} is truncated: {size} bytes, shorter than its IDX header.")
-    found_magic = struct.unpack(">I", header[:4])[0]
-    if found_magic != magic:
-        raise DataError(
-            f"{path} is not a valid IDX file: magic number {found_magic}, expected {magic}."
-        )
-    dims = struct.unpack(f">{ndim}I", header[4:])
-    expected = header_len + math.prod(dims)  # Python ints: 3 uint32 dims overflow int64
-    if size != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs {expected}."
-        )
-    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    found, *dims = struct.unpack(f">{ndim + 1}I", header)
+    if found != magic:
+        raise DataError(f"{path} is not a valid IDX file: magic number {found}, expected {magic}.")
+    if ndim == 3 and dims[1:] != [IMAGE_SIZE, IMAGE_SIZE]:
         raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, expected 28x28.")
-    return int(dims[0])
 
 
 def ensure_files(root: Path, download: bool | None = None) -> None:
-    """Make sure the four raw files exist, downloading them unless ``download`` or
-    ``FMNIST_OFFLINE`` (tests set it) forbids it."""
+    """Make sure the raw files exist; download them unless download or FMNIST_OFFLINE forbid."""
     if not missing_files(root):
         return
     offline = os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -143,10 +130,8 @@ def ensure_files(root: Path, download: bool | None = None) -> None:
 def validate_arrays(images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{name}: images must be uint8 28x28, got {images.dtype} {images.shape}.")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{name}: {images.shape[0]} images but {labels.shape[0]} labels; counts must match."
-        )
+    if (n := images.shape[0]) != labels.shape[0]:
+        raise DataError(f"{name}: {n} images but {labels.shape[0]} labels; counts must match.")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
         raise DataError(
             f"{name}: labels must lie in 0..9, found {int(labels.min())}..{int(labels.max())}."
@@ -172,10 +157,9 @@ def load_fashion_mnist(
         check_idx_file(folder / name, magic, ndim)
     arrays = []  # train images, train labels, test images, test labels
     for prefix in ("train", "t10k"):
-        images = torch.from_numpy(read_idx(folder / f"{prefix}-images-idx3-ubyte").copy())
-        labels = torch.from_numpy(
-            read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
-        )
+        images = read_idx(folder / f"{prefix}-images-idx3-ubyte").copy()
+        labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         validate_arrays(images, labels, f"{folder} ({prefix})")
         arrays += [images, labels]
     return FashionMNIST(*arrays, root, compute_digest(*arrays))
@@ -204,8 +188,7 @@ def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42)
 
 
 def scale_pixels(images: T) -> T:
-    """uint8 pixels (tensor or numpy array) to float32 in [0, 1] as torchvision's ToTensor does;
-    float inputs pass through. The one place pixels are scaled."""
+    """uint8 pixels to float32 in [0, 1] as ToTensor does, floats as they are: the one place."""
     if isinstance(images, torch.Tensor):
         return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images
     return scale_array(images)
@@ -254,22 +237,17 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_synthetic_dataset(
     root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0
 ) -> Path:
-    """Write a tiny learnable look-alike in the raw layout under ``root``: each class a bright
-    pattern plus noise, every class in both files."""
+    """A tiny learnable look-alike (a bright pattern per class plus noise) in the raw layout."""
     rng = np.random.default_rng(seed)
     prototypes = rng.integers(0, 256, size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))
     prototypes = (prototypes > 160).astype(np.float64) * 200.0
 
-    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+    folder = raw_dir(Path(root))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % NUM_CLASSES
         rng.shuffle(labels)
         noise = rng.normal(0.0, 40.0, size=(n, IMAGE_SIZE, IMAGE_SIZE))
         images = np.clip(prototypes[labels] + noise + 20.0, 0, 255).astype(np.uint8)
-        return images, labels.astype(np.uint8)
-
-    folder = raw_dir(Path(root))
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images, labels = make(n)
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
     return Path(root)

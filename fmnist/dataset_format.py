@@ -1,7 +1,6 @@
-"""The Fashion-MNIST format without torch: class names, image size, IDX files, pixel scaling.
-
-What ``fmnist predict`` needs, importable without torch (seconds of a one-image prediction);
-``fmnist.data`` imports it for the training side and scales tensors the same way.
+"""The Fashion-MNIST format without torch (class names, image size, IDX files, pixel scaling):
+what ``fmnist predict`` needs, with no seconds of ``import torch``; ``fmnist.data`` imports it
+and scales tensors the same way.
 """
 
 from __future__ import annotations
@@ -46,8 +45,8 @@ def read_idx(path: Path) -> np.ndarray:
         head = handle.read(4)
         if len(head) < 4:
             raise DataError(f"{path} is too short to be an IDX file ({size} bytes).")
-        zero, dtype_code, ndim = head[0:2], head[2], head[3]
-        if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
+        ndim = head[3]  # after two zero bytes and 0x08, uint8's type code
+        if head[:3] != b"\x00\x00\x08" or ndim not in (1, 3):
             raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
         shape = handle.read(4 * ndim)
         if len(shape) < 4 * ndim:

@@ -1,9 +1,7 @@
-"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses.
-
-Every key is validated on load (unknown, missing or mistyped, nested ones included): a
-``ConfigError`` names the file and the key. ``read_yaml`` first refuses a file too large, nested
-too deep or using aliases, so no definition can exhaust memory or the stack. The folder is found
-through ``FMNIST_EXPERIMENTS_DIR``, next to the package, or under the working directory.
+"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses. Every key
+is validated on load (a ``ConfigError`` names the file and the key), after ``read_yaml`` refuses a
+file too large, too deep or with aliases. The folder is ``FMNIST_EXPERIMENTS_DIR``, the one next
+to the package, or the working directory's.
 """
 
 from __future__ import annotations
@@ -82,8 +80,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: {size} bytes; a definition holds at most {MAX_DEFINITION_BYTES}."
         )
     try:
-        text = path.read_bytes().decode("utf-8")
-        loader = DefinitionLoader(text)
+        loader = DefinitionLoader(path.read_bytes().decode("utf-8"))
         try:
             content = loader.get_single_data()
         finally:

@@ -1,8 +1,6 @@
-"""Which process does the work and whether it lives: ``host:pid:start`` ids, a machine lock.
-
-The start time (clock ticks since boot) tells a dead process or a reused pid from a live one on
-this machine; another machine's process is never judged here (its heartbeat is). Standard
-library only.
+"""Which process does the work and whether it lives: ``host:pid:start`` ids (the start time tells
+a dead process or a reused pid from a live one on this machine; another machine's is never
+judged here) and a machine lock. Standard library only.
 """
 
 from __future__ import annotations

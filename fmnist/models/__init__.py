@@ -1,8 +1,7 @@
-"""Models: the architectures, the spec dict that rebuilds them, and the logged model's wrapper.
-
-A classifier maps float32 images (N, 28, 28) in [0, 1] to (N, 10) logits; ``build_model``
-rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec. The rule of this layer:
-torch and numpy only (scikit-learn just inside ``dense.fit_pca``), no training, no tracking.
+"""Models: architectures map float32 (N, 28, 28) images in [0, 1] to (N, 10) logits, and
+``build_model`` rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec. The rule of
+this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``), no training, no
+tracking.
 """
 
 from __future__ import annotations
@@ -38,9 +37,7 @@ class ProbabilityModel(nn.Module):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.classifier = classifier
-        self.tta_flip = tta_flip
-        self.temperature = float(temperature)
+        self.classifier, self.tta_flip, self.temperature = classifier, tta_flip, float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # T = 1 keeps the graph of models logged before calibration existed

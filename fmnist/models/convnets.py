@@ -1,10 +1,7 @@
-"""Convolutional classifiers: the study's ``paper`` network, a residual family, ``whitened``.
-
-``paper`` is the study's notebook network layer for layer (no padding, 512 features, a ReLU
-head); ``resnet`` is the residual family whose plain-number options a search samples;
-``whitened`` is the ``fast`` recipe's small network after airbench (Keller Jordan's CIFAR-10
-speed runs): a frozen 2x2 patch-whitening convolution, conv blocks, global max pooling. Every
-model takes float32 (N, 28, 28) images in [0, 1] and returns (N, 10) logits.
+"""Convolutional classifiers, (N, 28, 28) images to (N, 10) logits: ``paper`` (the study's notebook
+network layer for layer), ``resnet`` (a residual family whose plain-number options a search
+samples) and ``whitened`` (the ``fast`` recipe's, after Keller Jordan's airbench: frozen 2x2
+patch whitening, conv blocks, global max pooling).
 """
 
 from __future__ import annotations
@@ -57,8 +54,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Stem, ``stages`` x (widen, max-pool, ``blocks`` residual blocks), pool, dropout, linear.
-    The options are validated (they may come from a search)."""
+    """Stem, ``stages`` x (widen, max-pool, ``blocks`` residual blocks), pool, dropout, linear."""
 
     def __init__(
         self,
@@ -80,16 +76,14 @@ class ResNet(nn.Module):
         if stem_pool:
             # halving the map after the stem makes every later layer 4x cheaper
             layers.append(nn.MaxPool2d(2))
-        channels = width
-        for stage in range(stages):
-            out = width * 2**stage
-            layers += conv_bn(channels, out, 1, nn.ReLU(inplace=True))
+        widths = [width, *(width * 2**stage for stage in range(stages))]
+        for c_in, out in zip(widths, widths[1:], strict=False):
+            layers += conv_bn(c_in, out, 1, nn.ReLU(inplace=True))
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
             layers += [ResidualBlock(out) for _ in range(blocks)]
-            channels = out
         self.features = nn.Sequential(*layers)
         pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
-        self.head = nn.Sequential(*pool, nn.Linear(channels, 10))
+        self.head = nn.Sequential(*pool, nn.Linear(widths[-1], 10))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.unsqueeze(1)))
@@ -108,13 +102,11 @@ class WhitenedCNN(nn.Module):
         self.whiten = nn.Conv2d(1, 2 * PATCH_DIMS, 2, bias=True)
         self.whiten.requires_grad_(False)  # fitted to the data once (``fit_whitening``)
         layers: list[nn.Module] = [nn.GELU()]
-        channels = 2 * PATCH_DIMS
-        for stage in range(stages):
-            out = width * 2**stage
-            layers += whitened_block(channels, out)
-            channels = out
+        widths = [2 * PATCH_DIMS, *(width * 2**stage for stage in range(stages))]
+        for c_in, c_out in zip(widths, widths[1:], strict=False):
+            layers += whitened_block(c_in, c_out)
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, 10, bias=False)
+        self.head = nn.Linear(widths[-1], 10, bias=False)
 
     @torch.no_grad()
     def fit_whitening(self, images: torch.Tensor, sample: int = 5000) -> None:
@@ -140,17 +132,10 @@ def whitened_block(c_in: int, c_out: int) -> list[nn.Module]:
     second = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
     nn.init.dirac_(first.weight[:c_in])
     nn.init.dirac_(second.weight)
-    return [
-        *(first, nn.MaxPool2d(2), fixed_scale_bn(c_out), nn.GELU()),
-        *(second, fixed_scale_bn(c_out), nn.GELU()),
-    ]
-
-
-def fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
-    # airbench: a trained scale adds nothing before GELU and the next conv; the shift trains
-    bn = nn.BatchNorm2d(channels)
-    bn.weight.requires_grad_(False)
-    return bn
+    norms = [nn.BatchNorm2d(c_out) for _ in range(2)]
+    for norm in norms:  # airbench: a trained scale adds nothing before GELU and the next conv
+        norm.weight.requires_grad_(False)
+    return [first, nn.MaxPool2d(2), norms[0], nn.GELU(), second, norms[1], nn.GELU()]
 
 
 def build_cnn(arch: str = "paper", **options) -> nn.Module:
@@ -190,11 +175,10 @@ def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str,
 
 def describe(model: nn.Module) -> str:
     """Text summary: each layer's output shape and parameter count, the total, the module tree."""
-    sizes = layer_output_sizes(model)
-    params = dict(model.named_modules())
+    modules = dict(model.named_modules())
     lines = [f"{'layer':<28} {'type':<18} {'output':<16} {'params':>9}"]
-    for name, kind, shape in sizes:
-        count = sum(p.numel() for p in params[name].parameters())
+    for name, kind, shape in layer_output_sizes(model):
+        count = sum(p.numel() for p in modules[name].parameters())
         lines.append(f"{name:<28} {kind:<18} {str(shape):<16} {count:>9,}")
     total = sum(p.numel() for p in model.parameters())
     lines += ["", f"total parameters: {total:,}", "", str(model)]

@@ -1,8 +1,6 @@
-"""The study's dense network: flatten, project onto the PCA components, then a ReLU MLP.
-
-The projection is a layer (``PCAProjection``, its basis in buffers), so a logged model takes raw
-images like every other. A search trains only ``DenseNet.mlp`` on features projected once per
-split (projecting every batch would cost more than the MLP), unless it augments images.
+"""The study's dense network: a PCA projection layer (its basis in buffers, so a logged model
+takes raw images), then a ReLU MLP. A search trains ``DenseNet.mlp`` alone on features projected
+once per split (projecting every batch costs more than the MLP), unless it augments images.
 """
 
 from __future__ import annotations
@@ -124,8 +122,7 @@ class PCABasis:
 
 
 def fit_pca(images: torch.Tensor, variance: float = 0.95) -> PCABasis:
-    """scikit-learn's ``PCA(n_components=variance)`` of uint8 or [0, 1] images (by the covariance's
-    eigendecomposition: several times faster than an SVD where samples outnumber pixels)."""
+    """scikit-learn's ``PCA(n_components=variance)`` of uint8 or [0, 1] images."""
     from sklearn.decomposition import PCA  # models import without scikit-learn (GPU scripts)
 
     flat = images.reshape(images.shape[0], -1)

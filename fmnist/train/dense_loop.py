@@ -1,10 +1,7 @@
-"""The dense network's numpy epoch: a ReLU MLP trained without autograd or ``Optimizer.step``.
-
-At the study's MLP size a torch operator's dispatch costs more than its arithmetic, so
-``numpy_epoch`` gives ``engine.fit`` a whole epoch in numpy (forward, backward, the optimizer's
-formula) for plain Adam, AdamW or RMSprop on the CPU, with no schedule or a ``LambdaLR``. Weights
-and optimizer state are written back at the epoch's end (also when interrupted), bit for bit what
-autograd and ``torch.optim`` give (``tests/test_dense.py``).
+"""The dense network's numpy epoch: a ReLU MLP trained without autograd (whose dispatch costs more
+than the arithmetic at this size) for plain Adam, AdamW or RMSprop on the CPU, no schedule or a
+``LambdaLR``. Weights and optimizer state are written back after the epoch, also when it is
+interrupted, bit for bit what ``torch.optim`` gives (``tests/test_dense.py``).
 """
 
 from __future__ import annotations
@@ -81,13 +78,10 @@ def backpropagate(
 def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any) -> bool:
     """Whether the numpy epoch runs this: one group of float32 CPU ``params``, Adam/AdamW without
     amsgrad or plain RMSprop, and no schedule or a ``LambdaLR`` (OneCycleLR moves momentum)."""
-    if len(optimizer.param_groups) != 1:
-        return False
     group = optimizer.param_groups[0]
-    own = list(group["params"])
-    if len(own) != len(params) or any(p is not q for p, q in zip(own, params, strict=True)):
-        return False
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in own):
+    if len(optimizer.param_groups) != 1 or list(map(id, group["params"])) != list(map(id, params)):
+        return False  # not exactly ``params`` in one group
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return False
     if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
         return False
@@ -124,15 +118,13 @@ class NumpyEpoch:
 
     def state(self) -> list[dict[str, torch.Tensor]]:
         """Each parameter's optimizer state, created as the optimizer would."""
-        states = []
         for param in self.params:
             state = self.optimizer.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 for key in self.keys:
                     state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            states.append(state)
-        return states
+        return [self.optimizer.state[param] for param in self.params]
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
         return np.concatenate([t.detach().numpy().reshape(-1) for t in tensors])
@@ -164,15 +156,17 @@ class NumpyEpoch:
         try:
             with torch.no_grad(), one_blas_thread():
                 for start in range(0, len(order_), batch_size):
-                    stop = start + batch_size
-                    batch = scale_pixels(features[order_[start:stop]])
-                    scaled = one_hot[start:stop]
-                    logits[start:stop] = backpropagate(views, batch, scaled, grad_views)
+                    rows = slice(start, start + batch_size)
+                    batch = scale_pixels(features[order_[rows]])
+                    logits[rows] = backpropagate(views, batch, one_hot[rows], grad_views)
                     update(step + steps + 1, rates[steps])
                     steps += 1
         finally:
             self.write_back(weights, moments, states, step + steps)
-            self.advance_schedule(steps)
+            with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
+                warnings.filterwarnings("ignore", "Detected call of")
+                for _ in range(steps if self.scheduler is not None else 0):
+                    self.scheduler.step()
         correct = int(np.count_nonzero(logits.argmax(axis=1) == targets))
         return cross_entropy_sum(logits, targets), correct
 
@@ -183,13 +177,6 @@ class NumpyEpoch:
         factor, base = self.scheduler.lr_lambdas[0], self.scheduler.base_lrs[0]
         first = self.scheduler.last_epoch
         return [base * factor(first + n) for n in range(steps)]
-
-    def advance_schedule(self, steps: int) -> None:
-        """Step the schedule ``steps`` times."""
-        with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
-            warnings.filterwarnings("ignore", "Detected call of")
-            for _ in range(steps if self.scheduler is not None else 0):
-                self.scheduler.step()
 
     def write_back(self, weights, moments, states, step: float) -> None:
         with torch.no_grad():
@@ -210,9 +197,8 @@ class Update:
         self.weights, self.grads, self.moments = weights, grads, moments
         self.decay, self.eps = group["weight_decay"], group["eps"]
         self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
-        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
-            group.get("decoupled_weight_decay")
-        )
+        adamw = isinstance(optimizer, torch.optim.AdamW)
+        self.decoupled = adamw or bool(group.get("decoupled_weight_decay"))
         self.betas = (0.0, group["alpha"]) if self.rmsprop else tuple(group["betas"])
         self.scratch = np.empty_like(weights)
 

@@ -1,10 +1,7 @@
-"""The one training engine for every model: ``fit`` trains, ``evaluate`` scores, with progress.
-
-A ``TrainConfig`` in, a metrics dict per epoch out to ``on_epoch_end`` (MLflow logging, Optuna
-pruning: the engine imports neither, nor any concrete model). Data stays on the device; metrics
-are read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch by
-validation accuracy is restored at the end; a NaN or infinite loss raises ``TrainingDiverged``.
-Progress: a tqdm bar per epoch in a terminal, else one line per epoch on stderr.
+"""The one training engine: ``fit`` trains any model from a ``TrainConfig`` and hands each epoch's
+metrics to ``on_epoch_end`` (logging, pruning: the engine imports neither, nor a concrete model),
+``evaluate`` scores. Metrics are read from the device once per epoch; the best epoch is restored;
+a NaN loss raises ``TrainingDiverged``. Progress: a tqdm bar in a terminal, else a line an epoch.
 """
 
 from __future__ import annotations
@@ -99,15 +96,20 @@ def train_one_epoch(
     augment = make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
     # reduced once per epoch: fewer ops per step, no host synchronisation on a GPU
     losses, predictions, order = [], [], []
-    batches = iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device)
-    for index in batches:
+    for index in iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device):
         inputs, targets = scale_pixels(split.images[index]), split.labels[index]
         if augment is not None:
             inputs = augment(inputs, None)
         with autocast_for(device, cfg.bf16):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-        step(loss, trainer)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        if trainer.scheduler is not None:
+            trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.model)
         losses.append(loss.detach())
         predictions.append(logits.detach().argmax(dim=1))
         order.append(index)
@@ -117,17 +119,6 @@ def train_one_epoch(
     loss_sum = (torch.stack(losses).float() * sizes).sum()
     correct = (torch.cat(predictions) == split.labels[torch.cat(order)]).sum()
     return {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
-
-
-def step(loss: torch.Tensor, trainer: Trainer) -> None:
-    """Backward, optimizer step, schedule step, weight average."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    trainer.optimizer.step()
-    if trainer.scheduler is not None:
-        trainer.scheduler.step()
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.model)
 
 
 @torch.no_grad()
@@ -252,8 +243,7 @@ class FitRun:
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             patience = cfg.early_stopping_patience
-            if patience and epoch - self.best.epoch >= patience:
-                self.stopped_early = True
+            self.stopped_early = bool(patience) and epoch - self.best.epoch >= patience
             last = epoch == cfg.epochs or self.stopped_early
             every = cfg.checkpoint_every
             if on_checkpoint is not None and (last or (every and epoch % every == 0)):

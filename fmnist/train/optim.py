@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 from fmnist.errors import ConfigError
 from fmnist.train.settings import OPTIMIZERS, SCHEDULES
@@ -18,7 +20,7 @@ from fmnist.train.settings import OPTIMIZERS, SCHEDULES
 
 def make_optimizer(
     name: str, params, lr: float, weight_decay: float, device: torch.device
-) -> torch.optim.Optimizer:
+) -> Optimizer:
     """An optimizer by name; fused kernels cut the per-step overhead of small models."""
     fused = device.type in {"cpu", "cuda"}
     if name == "adam":
@@ -35,11 +37,7 @@ def make_optimizer(
 
 
 def make_scheduler(
-    name: str | None,
-    optimizer: torch.optim.Optimizer,
-    lr: float,
-    epochs: int,
-    steps_per_epoch: int,
+    name: str | None, optimizer: Optimizer, lr: float, epochs: int, steps_per_epoch: int
 ):
     """Per-step LR schedule, or None."""
     if not name or name == "none":
@@ -48,21 +46,17 @@ def make_scheduler(
     if name == "onecycle":
         # torch's OneCycleLR divides by zero when the warm-up is exactly one step (4 in all)
         pct = 0.25 if total != 4 else 0.5
-        return torch.optim.lr_scheduler.OneCycleLR(
+        return OneCycleLR(
             optimizer, lr, total, pct_start=pct, div_factor=10.0, final_div_factor=100.0
         )
-    if name == "cosine":
-        # CosineAnnealingLR's values as a LambdaLR, whose rates the numpy epoch can run itself
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, total))
+    if name == "cosine":  # CosineAnnealingLR's values, as a LambdaLR the numpy epoch runs itself
+        return LambdaLR(
+            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1)))
+        )
     if name == "triangle":
         warmup = max(1, round(0.2 * total))  # airbench's; momentum stays fixed
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: triangle(s, total, warmup))
+        return LambdaLR(optimizer, lambda step: triangle(step, total, warmup))
     raise ConfigError(f"Unknown schedule {name!r} (known: {', '.join(SCHEDULES)}).")
-
-
-def cosine(step: int, total: int) -> float:
-    """The ``cosine`` schedule's factor at ``step`` of ``total``, from 1 down to 0."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
 def triangle(step: int, total: int, warmup: int) -> float:
@@ -90,8 +84,7 @@ class WeightEMA:
 
 
 def bf16_active(device: torch.device, bf16: bool) -> bool:
-    """Whether ``bf16`` autocast runs there: on CUDA, and on CPUs with native bf16 (emulated bf16
-    is slower than float32)."""
+    """Whether ``bf16`` autocast runs there: on CUDA and on CPUs with native (fast) bf16."""
     if not bf16 or device.type != "cpu":
         return bf16 and device.type == "cuda"
     try:

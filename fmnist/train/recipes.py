@@ -1,9 +1,6 @@
-"""What to train, as ``experiments/`` says: CNN recipes, dense grids, CNN search spaces.
-
-A ``CnnRecipe`` and a ``DnnGrid`` are each a ``TrainConfig`` plus what they add (an architecture,
-a grid of values); a search space names a base recipe and the keys it samples (a training
-setting, an option of the architecture's builder, or ``augment``), typed by their declarations.
-Every file is validated on load, naming the file and the key, before any run exists.
+"""What to train, as ``experiments/`` says: a CNN recipe or a dense grid is a ``TrainConfig`` plus
+an architecture or a grid of values; a CNN search space names a base recipe and the keys it
+samples, typed by their declarations. Every file is validated on load, naming the file and key.
 """
 
 from __future__ import annotations
@@ -62,9 +59,8 @@ def change_recipe(
 ) -> CnnRecipe:
     """The recipe with other values, validated (errors name ``where`` and the key)."""
     try:
-        recipe = dataclasses.replace(
-            recipe, model={**recipe.model, **(model_changes or {})}, **dict(changes or {})
-        )
+        model = {**recipe.model, **(model_changes or {})}
+        recipe = dataclasses.replace(recipe, model=model, **dict(changes or {}))
         train_config(recipe).check()
     except ConfigError as exc:
         raise ConfigError(f"{where}: key {exc.key!r}: {exc}", key=exc.key) from None
@@ -95,9 +91,6 @@ def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None
     if recipe.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-# --- dense grids ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,8 +171,6 @@ def parse_hidden(key: str) -> list[int]:
     return [int(width) for width in str(key).split("-")]
 
 
-# --- CNN search spaces ------------------------------------------------------------------------
-
 RANGE_FIELDS = frozenset({"low", "high", "log", "step"})
 AUGMENT = "augment"
 
@@ -245,7 +236,13 @@ def load_space(name_or_path: str) -> tuple[SpaceFile, tuple[Dimension, ...], Cnn
         raise ConfigError(f"{where}: key 'params' must name at least one key to sample.")
     if space.startup_trials < 1:
         raise ConfigError(f"{where}: key 'startup_trials' must be at least 1.")
-    base = load_base_recipe(where, space.recipe)
+    name, near = space.recipe, where.parent / space.recipe  # a path is relative to the space
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute() and near.is_file():
+        name = str(near)
+    try:
+        base = load_recipe(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key 'recipe': {exc}") from None
     types = key_types(base)
     dimensions = tuple(parse_dimension(where, k, v, types) for k, v in space.params.items())
     for dimension in dimensions:
@@ -262,9 +259,8 @@ def parse_dimension(where: Path, key: str, value: Any, types: Mapping[str, tuple
     """A list is a set of choices, a mapping a range; the values must have the key's type."""
     at = f"{where}: key 'params.{key}'"
     if key not in types:
-        raise ConfigError(
-            f"{where}: unknown key 'params.{key}' (allowed: {', '.join(sorted(types))})."
-        )
+        allowed = ", ".join(sorted(types))
+        raise ConfigError(f"{where}: unknown key 'params.{key}' (allowed: {allowed}).")
     kind = types[key][1]
     if isinstance(value, list):
         if not value:
@@ -298,19 +294,9 @@ def parse_dimension(where: Path, key: str, value: Any, types: Mapping[str, tuple
         raise ConfigError(f"{at}: 'step' must be a number, got {step!r}.")
     if step is not None and (step <= 0 or log or (kind is int and not float(step).is_integer())):
         raise ConfigError(f"{at}: 'step' must be positive, whole for an integer key, not log.")
-    kind_name = "int" if kind is int else "float"
-    return Dimension(key, kind_name, low=low, high=high, log=log, step=step)
-
-
-def load_base_recipe(where: Path, name: str) -> CnnRecipe:
-    """The base recipe: a name in experiments/cnn, or a YAML path (relative to the space file)."""
-    candidate = where.parent / name
-    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute() and candidate.is_file():
-        name = str(candidate)
-    try:
-        return load_recipe(name)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: key 'recipe': {exc}") from None
+    return Dimension(
+        key, "int" if kind is int else "float", low=low, high=high, log=log, step=step
+    )
 
 
 def apply_params(base: CnnRecipe, params: Mapping[str, Any], epochs: int | None = None):

@@ -1,7 +1,6 @@
-"""``TrainConfig``: every setting of one ``fit`` call as plain values, in one frozen dataclass.
-
-Recipes and grids extend it, and every list of training settings (what a recipe may set, a
-search sample, a run log) derives from its fields; ``RULES`` defines each one's valid values.
+"""``TrainConfig``: every setting of one ``fit`` call as plain values in a frozen dataclass.
+Recipes and grids extend it, every list of training settings derives from its fields, and
+``RULES`` defines each one's valid values.
 """
 
 from __future__ import annotations
@@ -73,9 +72,8 @@ RULES = {
 }
 # where and how to run, not what is trained
 RUN_FIELDS = ("device", "seed", "quiet", "label", "checkpoint_every")
-HYPERPARAMETERS = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS
-)
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+HYPERPARAMETERS = tuple(name for name in FIELDS if name not in RUN_FIELDS)
 
 
 def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,7 +1,5 @@
-"""The training state as plain tensors: what a checkpoint holds and how ``fit`` resumes from it.
-
-Only CPU tensors and plain Python values, so ``torch.load(weights_only=True)`` reads a checkpoint
-back without unpickling code.
+"""The training state a checkpoint holds and ``fit`` resumes from: CPU tensors and plain values
+only, so ``torch.load(weights_only=True)`` reads it back without unpickling code.
 """
 
 from __future__ import annotations
