@@ -81,8 +81,7 @@ def make_augment(
 
     def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         images = random_crop(images, crop_padding, generator)
-        if flip:
-            images = random_flip(images, 0.5, generator)
+        images = random_flip(images, 0.5 if flip else 0.0, generator)
         return random_erasing(images, erasing, generator)
 
     return augment

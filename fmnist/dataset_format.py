@@ -13,17 +13,8 @@ import numpy as np
 
 from fmnist.errors import DataError
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+CLASS_NAMES: tuple[str, ...] = tuple(
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 28

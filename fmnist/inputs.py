@@ -98,8 +98,7 @@ def check_npy_header(path: Path) -> None:
     if images > MAX_ARRAY_IMAGES:
         raise DataError(f"{path}: {images} images; at most {MAX_ARRAY_IMAGES} are read.")
     needed = offset + math.prod(dims) * dtype.itemsize
-    size = path.stat().st_size
-    if size != needed:
+    if (size := path.stat().st_size) != needed:
         raise DataError(
             f"{path} is truncated or corrupt: {size} bytes, its header {dims} {dtype} "
             f"needs {needed}."

@@ -57,12 +57,8 @@ class MLP(nn.Module):
     directly, as a module call's overhead is a tenth of a step of so small a network."""
 
     def __init__(
-        self,
-        n_inputs: int,
-        hidden: Sequence[int],
-        n_outputs: int = NUM_CLASSES,
-        dropout: float = 0.0,
-    ):
+        self, n_inputs: int, hidden: Sequence[int], n_outputs: int = 10, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         sizes = [int(n_inputs), *(int(h) for h in hidden), int(n_outputs)]
         pairs = zip(sizes[:-1], sizes[1:], strict=True)

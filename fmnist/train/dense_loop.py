@@ -85,9 +85,8 @@ def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], schedule
         return False
     if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
         return False
-    if scheduler is not None and not (
-        isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and len(scheduler.lr_lambdas) == 1
-    ):
+    lambda_lr = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    if scheduler is not None and not (lambda_lr and len(scheduler.lr_lambdas) == 1):
         return False
     if isinstance(optimizer, torch.optim.RMSprop):
         return group["momentum"] == 0 and not group["centered"]
@@ -98,9 +97,8 @@ def numpy_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedu
     """``engine.fit``'s epoch runner for an MLP without dropout, or None (autograd trains it)."""
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
-    chain = len(shapes) % 2 == 0 and all(
-        len(w) == 2 and b == (w[0],) for w, b in zip(shapes[::2], shapes[1::2], strict=True)
-    )
+    pairs = zip(shapes[::2], shapes[1::2], strict=True)  # read only for an even count
+    chain = len(shapes) % 2 == 0 and all(len(w) == 2 and b == (w[0],) for w, b in pairs)
     chain = chain and all(a[0] == b[1] for a, b in zip(shapes[::2], shapes[2::2], strict=False))
     if not chain or getattr(model, "dropout", 0) or not plain(optimizer, params, scheduler):
         return None
@@ -130,11 +128,8 @@ class NumpyEpoch:
         return np.concatenate([t.detach().numpy().reshape(-1) for t in tensors])
 
     def views(self, flat: np.ndarray) -> list[np.ndarray]:
-        offsets = np.cumsum([0, *self.sizes])
-        return [
-            flat[a:b].reshape(p.shape)
-            for a, b, p in zip(offsets[:-1], offsets[1:], self.params, strict=True)
-        ]
+        parts = np.split(flat, np.cumsum(self.sizes)[:-1])  # views into ``flat``
+        return [part.reshape(p.shape) for part, p in zip(parts, self.params, strict=True)]
 
     def run_epoch(
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int

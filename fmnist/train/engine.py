@@ -152,7 +152,6 @@ def evaluate(
     tta_flip: bool = False,
 ) -> EvalResult:
     """Loss, accuracy, predicted labels and probabilities on ``split``."""
-    device = torch.device(device)
     logits = predict_logits(model, split.images, batch_size, device, bf16, tta_flip)
     labels = split.labels.to(logits.device)
     loss = float(F.cross_entropy(logits, labels)) if len(split) else float("nan")
@@ -160,12 +159,6 @@ def evaluate(
     predictions = probabilities.argmax(dim=-1)
     accuracy = float((predictions == labels).float().mean()) if len(split) else float("nan")
     return EvalResult(loss, accuracy, predictions.cpu().numpy(), probabilities.cpu().numpy())
-
-
-def move_split(split: Split, device: torch.device) -> Split:
-    if split.images.device == device:
-        return split
-    return Split(split.images.to(device), split.labels.to(device))
 
 
 def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
@@ -196,7 +189,7 @@ def fit(
     cfg.check()
     device = torch.device(cfg.device)
     model.to(device)
-    train, val = move_split(train, device), move_split(val, device)
+    train, val = (Split(s.images.to(device), s.labels.to(device)) for s in (train, val))
     steps = math.ceil(len(train) / cfg.batch_size)
     trainer = make_trainer(model, cfg, steps)
     run = FitRun(model, train, val, cfg, trainer, steps, epoch_runner)
@@ -259,11 +252,9 @@ class FitRun:
             train_metrics = train_one_epoch(
                 self.train_model, self.train_split, self.trainer, cfg, self.runner, progress
             )
-        if not math.isfinite(train_metrics["train_loss"]):
-            raise TrainingDiverged(
-                f"training loss became {train_metrics['train_loss']} in "
-                f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})."
-            )
+        if not math.isfinite(loss := train_metrics["train_loss"]):
+            where = f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})"
+            raise TrainingDiverged(f"training loss became {loss} in {where}.")
         scored = self.trainer.ema.model if self.trainer.ema is not None else self.model
         result = evaluate(
             scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
@@ -295,9 +286,8 @@ class EpochLines:
         self, label: str, epochs: int, first_epoch: int, quiet: bool, min_interval: float = 5.0
     ) -> None:
         self.label, self.epochs, self.first_epoch = label or "training", epochs, first_epoch
-        self.enabled = not quiet and not sys.stderr.isatty()
+        self.enabled, self.min_interval = not quiet and not sys.stderr.isatty(), min_interval
         self.started = self.printed = time.perf_counter()
-        self.min_interval = min_interval
 
     def epoch_done(self, epoch: int, val_accuracy: float) -> None:
         now = time.perf_counter()
@@ -306,12 +296,9 @@ class EpochLines:
             return
         self.printed, elapsed = now, now - self.started
         left = elapsed / (epoch - self.first_epoch + 1) * (self.epochs - epoch)
-        print(
-            f"[{self.label}] epoch {epoch}/{self.epochs}: val_accuracy {val_accuracy:.4f}, "
-            f"{elapsed:.0f} s so far, about {format_duration(left)} left",
-            file=sys.stderr,
-            flush=True,
-        )
+        line = f"[{self.label}] epoch {epoch}/{self.epochs}: val_accuracy {val_accuracy:.4f}, "
+        line += f"{elapsed:.0f} s so far, about {format_duration(left)} left"
+        print(line, file=sys.stderr, flush=True)
 
 
 def format_duration(seconds: float) -> str:

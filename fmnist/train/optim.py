@@ -71,9 +71,7 @@ class WeightEMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -294,9 +294,8 @@ def parse_dimension(where: Path, key: str, value: Any, types: Mapping[str, tuple
         raise ConfigError(f"{at}: 'step' must be a number, got {step!r}.")
     if step is not None and (step <= 0 or log or (kind is int and not float(step).is_integer())):
         raise ConfigError(f"{at}: 'step' must be positive, whole for an integer key, not log.")
-    return Dimension(
-        key, "int" if kind is int else "float", low=low, high=high, log=log, step=step
-    )
+    kind_name = "int" if kind is int else "float"
+    return Dimension(key, kind_name, low=low, high=high, log=log, step=step)
 
 
 def apply_params(base: CnnRecipe, params: Mapping[str, Any], epochs: int | None = None):

@@ -45,8 +45,7 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         """Reject impossible settings (``ConfigError.key`` names the field); returns the config."""
         for name, (valid, rule) in RULES.items():
-            value = getattr(self, name)
-            if not valid(value):
+            if not valid(value := getattr(self, name)):
                 raise ConfigError(f"{name} {rule}, got {value!r}.", key=name)
         return self
 
