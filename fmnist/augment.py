@@ -1,12 +1,7 @@
-"""Batched image augmentation in pure torch ops: training transforms and test-time flip averaging.
-
-Every transform works on a whole float batch (B, 28, 28) at once, with per-image randomness drawn
-as tensors on the batch's device: random translation (a random crop of the zero-padded image),
-horizontal flip and random erasing. There is no per-image Python loop and no host round trip, so a
-GPU step stays asynchronous. ``make_augment`` returns the ``augment(images, generator)`` callable
-the engine applies to each training batch, or None when every transform is off. Randomness comes
-from ``generator`` when one is given (it must live on the batch's device), else from torch's
-global generator, which the engine seeds.
+"""Batched image augmentation in pure torch ops (translation, flip, random erasing) and test-time
+flip averaging. Randomness is drawn per image on the batch's device, so a GPU step stays
+asynchronous: from ``generator`` when given, else from torch's global one, which the engine
+seeds.
 """
 
 from __future__ import annotations
@@ -58,11 +53,7 @@ def random_erasing(
     scale: tuple[float, float] = (0.02, 0.33),
     ratio: tuple[float, float] = (0.3, 3.3),
 ) -> torch.Tensor:
-    """Zero one random rectangle per image with probability ``p`` (as torchvision's RandomErasing).
-
-    The rectangle covers ``scale`` of the image area with aspect ratio in ``ratio`` (log-uniform),
-    clipped to the image.
-    """
+    """Zero one rectangle per image with probability ``p``, as torchvision's RandomErasing."""
     if p <= 0:
         return images
     batch, height, width = images.shape
@@ -76,13 +67,8 @@ def random_erasing(
     apply = uniform(batch, images, generator) < p
     ys = torch.arange(height, device=images.device)[None, :, None]
     xs = torch.arange(width, device=images.device)[None, None, :]
-    inside = (
-        (ys >= top[:, None, None])
-        & (ys < (top + h)[:, None, None])
-        & (xs >= left[:, None, None])
-        & (xs < (left + w)[:, None, None])
-        & apply[:, None, None]
-    )
+    top, left, h, w = (t[:, None, None] for t in (top, left, h, w))
+    inside = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & apply[:, None, None]
     return images.masked_fill(inside, 0.0)
 
 
@@ -95,25 +81,19 @@ def make_augment(
 
     def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         images = random_crop(images, crop_padding, generator)
-        if flip:
-            images = random_flip(images, 0.5, generator)
+        images = random_flip(images, 0.5 if flip else 0.0, generator)
         return random_erasing(images, erasing, generator)
 
     return augment
 
 
 def flip_averaged_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Test-time augmentation: the mean class probabilities of each image and of its mirror.
-
-    The one definition for validation (the engine), evaluation and the logged model (its
-    ``ProbabilityModel`` wrapper), so all three score exactly the same function.
-    """
+    """Mean class probabilities of each image and its mirror: the one definition for every use."""
     direct = classifier(images).float().softmax(dim=-1)
     mirrored = classifier(images.flip(-1)).float().softmax(dim=-1)
     return (direct + mirrored) / 2
 
 
 def flip_averaged_log_probabilities(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The log of ``flip_averaged_probabilities``, floored at 1e-12 as the engine's evaluation
-    floors it: what temperature scaling divides for a flip-averaged model."""
+    """The log of ``flip_averaged_probabilities``, floored at 1e-12 as the engine floors it."""
     return flip_averaged_probabilities(classifier, images).clamp_min(1e-12).log()

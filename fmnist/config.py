@@ -1,9 +1,6 @@
-"""Every entry point's typed config, and the one place each default is defined.
-
-The CLI builds these from its options (and takes its option defaults from here), the flows read
-them, and ``tests/test_mlproject.py`` checks that the CLI's and the MLproject's defaults equal
-these. The module imports nothing heavier than dataclasses, so ``fmnist --help`` stays instant.
-Values that ``auto`` leaves to a recipe are ``None`` here.
+"""Every entry point's typed config, the one place each default is defined (the CLI and the
+MLproject take theirs from here). Imports nothing heavier than dataclasses, so ``fmnist --help``
+stays instant; a value that ``auto`` leaves to a recipe is ``None``.
 """
 
 from __future__ import annotations
@@ -61,11 +58,9 @@ class EdaConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     tsne_samples: int = STUDY_TSNE_SAMPLES
     pca_variance: float = 0.95
-    # t-SNE runs on the first PCA components, the usual speed-up for 784-pixel inputs.
-    tsne_pca_dims: int = 50
+    tsne_pca_dims: int = 50  # t-SNE runs on the first PCA components (the usual speed-up)
     tsne_perplexity: float = 30.0
-    # Scatter plots show a seeded subsample: 48,000 overlapping points hide the structure.
-    scatter_samples: int = 10000
+    scatter_samples: int = 10000  # a seeded subsample: 48,000 points hide the structure
     grid_columns: int = 10
     run_name: str = "eda"
 
@@ -97,7 +92,7 @@ class DnnSearchConfig:
 
 @dataclass(frozen=True)
 class CnnConfig:
-    """What ``fmnist cnn`` was asked: recipe name, overrides (None: recipe's), shared options."""
+    """Options of ``fmnist cnn``: a recipe and its overrides (None: the recipe's)."""
 
     common: CommonConfig = field(default_factory=CommonConfig)
     recipe: str = DEFAULT_RECIPE
@@ -106,8 +101,7 @@ class CnnConfig:
     lr: float | None = None
     weight_decay: float | None = None
     quick: bool = False
-    # Extra architecture keys over the recipe's (tests shrink ``best``; a search samples them).
-    model_overrides: Mapping[str, Any] | None = None
+    model_overrides: Mapping[str, Any] | None = None  # architecture keys over the recipe's
     registered_name: str = CNN_REGISTERED_NAME
     checkpoint_every: int = 1  # epochs between training-state checkpoints; 0: none
     resume: str = ""  # a run id whose checkpoint to go on from
@@ -144,8 +138,7 @@ class EvaluateConfig:
     common: CommonConfig = field(default_factory=CommonConfig)
     model: str = f"models:/{CNN_REGISTERED_NAME}@champion"  # any MLflow model URI or a folder
     robustness: bool = True  # run the corruption suite (about a minute per model on a CPU)
-    # A seeded, class-stratified subset of the test set for the suite (0: all 10,000 images).
-    robustness_images: int = 2000
+    robustness_images: int = 2000  # a seeded stratified subset for the suite (0: all 10,000)
     batch_size: int = 1000  # images per pyfunc call: bounds the memory of a CNN's activations
 
     def validate(self) -> None:

@@ -1,20 +1,12 @@
-"""Fashion-MNIST data layer: locate, validate and load the IDX files, split them as the study did.
-
-The dataset lives in torchvision's ``FashionMNIST/raw`` layout in the data directory
-(``--data-dir``, else ``FMNIST_DATA_DIR``, else ``./data``) and is downloaded through
-``torchvision.datasets.FashionMNIST`` only when the files are missing and downloading is allowed
-(``FMNIST_OFFLINE=1`` forbids it). Every file's header and size are checked, then the IDX files
-are read straight into arrays (the same arrays torchvision gives, without its second of
-imports), so a truncated or corrupt file fails with a message naming it, before any memory is
-allocated for what its header claims. The whole
-dataset is held as uint8 tensors; batches are index slices converted to float in [0, 1] on demand.
-The train/validation split is the study's stratified 80/20 scikit-learn split.
+"""Fashion-MNIST: locate, validate and load the IDX files (torchvision's ``FashionMNIST/raw``
+layout, downloaded only when missing and allowed), split them as the study did. Each header is
+checked against its file's size before it is read; the dataset is held as uint8 tensors, batches
+are index slices scaled to [0, 1] on demand.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 from collections.abc import Iterator
@@ -25,20 +17,14 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-# defined without torch, for `fmnist predict`; the training side imports them from here
-from fmnist.dataset_format import (
-    CLASS_NAMES,  # noqa: F401 - re-exported
-    IMAGE_SIZE,
-    NUM_CLASSES,
-    read_idx,
-    scale_array,
-)
+# defined without torch for `fmnist predict`; the training side imports them from here
+from fmnist.dataset_format import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, read_idx, scale_array  # noqa: F401
 from fmnist.errors import DataError
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
-# (file name, IDX magic number, number of dimensions) in torchvision's raw layout.
+# file name -> (IDX magic number, number of dimensions)
 RAW_FILES: dict[str, tuple[int, int]] = {
     "train-images-idx3-ubyte": (2051, 3),
     "train-labels-idx1-ubyte": (2049, 1),
@@ -83,14 +69,9 @@ class Splits:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """Return the data directory: the argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
+    """The argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
     chosen = data_dir or os.environ.get("FMNIST_DATA_DIR") or "data"
     return Path(chosen).expanduser()
-
-
-def offline() -> bool:
-    """True when ``FMNIST_OFFLINE`` forbids download attempts (tests set it)."""
-    return os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def raw_dir(root: Path) -> Path:
@@ -113,35 +94,27 @@ def missing_data_message(root: Path, reason: str) -> str:
     )
 
 
-def check_idx_file(path: Path, magic: int, ndim: int) -> int:
-    """Check an IDX file's header and size; return the item count. Raises DataError naming it."""
-    size = path.stat().st_size
+def check_idx_file(path: Path, magic: int, ndim: int) -> None:
+    """Check an IDX file's magic number and image size (``read_idx`` checks its length)."""
     header_len = 4 + 4 * ndim
     with path.open("rb") as handle:
         header = handle.read(header_len)
     if len(header) < header_len:
+        size = path.stat().st_size
         raise DataError(f"{path} is truncated: {size} bytes, shorter than its IDX header.")
-    found_magic = struct.unpack(">I", header[:4])[0]
-    if found_magic != magic:
-        raise DataError(
-            f"{path} is not a valid IDX file: magic number {found_magic}, expected {magic}."
-        )
-    dims = struct.unpack(f">{ndim}I", header[4:])
-    expected = header_len + math.prod(dims)  # Python ints: 3 uint32 dims overflow int64
-    if size != expected:
-        raise DataError(
-            f"{path} is truncated or corrupt: {size} bytes, its header {dims} needs {expected}."
-        )
-    if ndim == 3 and dims[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+    found, *dims = struct.unpack(f">{ndim + 1}I", header)
+    if found != magic:
+        raise DataError(f"{path} is not a valid IDX file: magic number {found}, expected {magic}.")
+    if ndim == 3 and dims[1:] != [IMAGE_SIZE, IMAGE_SIZE]:
         raise DataError(f"{path} holds {dims[1]}x{dims[2]} images, expected 28x28.")
-    return int(dims[0])
 
 
 def ensure_files(root: Path, download: bool | None = None) -> None:
-    """Make sure the four raw files exist, downloading them when allowed."""
+    """Make sure the raw files exist; download them unless download or FMNIST_OFFLINE forbid."""
     if not missing_files(root):
         return
-    allowed = (not offline()) if download is None else download
+    offline = os.environ.get("FMNIST_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    allowed = not offline if download is None else download
     if not allowed:
         raise DataError(missing_data_message(root, "downloading is disabled by FMNIST_OFFLINE"))
     from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
@@ -157,10 +130,8 @@ def ensure_files(root: Path, download: bool | None = None) -> None:
 def validate_arrays(images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
     if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"{name}: images must be uint8 28x28, got {images.dtype} {images.shape}.")
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{name}: {images.shape[0]} images but {labels.shape[0]} labels; counts must match."
-        )
+    if (n := images.shape[0]) != labels.shape[0]:
+        raise DataError(f"{name}: {n} images but {labels.shape[0]} labels; counts must match.")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
         raise DataError(
             f"{name}: labels must lie in 0..9, found {int(labels.min())}..{int(labels.max())}."
@@ -181,19 +152,17 @@ def load_fashion_mnist(
     """Load and validate both splits of the dataset from the data directory."""
     root = resolve_data_dir(data_dir)
     ensure_files(root, download)
+    folder = raw_dir(root)
     for name, (magic, ndim) in RAW_FILES.items():
-        check_idx_file(raw_dir(root) / name, magic, ndim)
-    parts = {}
+        check_idx_file(folder / name, magic, ndim)
+    arrays = []  # train images, train labels, test images, test labels
     for prefix in ("train", "t10k"):
-        images = torch.from_numpy(read_idx(raw_dir(root) / f"{prefix}-images-idx3-ubyte").copy())
-        labels = torch.from_numpy(
-            read_idx(raw_dir(root) / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
-        )
-        validate_arrays(images, labels, f"{raw_dir(root)} ({prefix})")
-        parts[prefix == "train"] = (images, labels)
-    (train_x, train_y), (test_x, test_y) = parts[True], parts[False]
-    digest = compute_digest(train_x, train_y, test_x, test_y)
-    return FashionMNIST(train_x, train_y, test_x, test_y, root, digest)
+        images = read_idx(folder / f"{prefix}-images-idx3-ubyte").copy()
+        labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        validate_arrays(images, labels, f"{folder} ({prefix})")
+        arrays += [images, labels]
+    return FashionMNIST(*arrays, root, compute_digest(*arrays))
 
 
 def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
@@ -202,23 +171,16 @@ def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray,
     from sklearn.model_selection import train_test_split
 
     indices = np.arange(len(labels))
-    train_idx, val_idx = train_test_split(
-        indices, test_size=0.2, stratify=labels, random_state=split_seed
-    )
-    return train_idx, val_idx
+    split = train_test_split(indices, test_size=0.2, stratify=labels, random_state=split_seed)
+    return split[0], split[1]
 
 
 def make_splits(data: FashionMNIST, split_seed: int = 42) -> Splits:
     train_idx, val_idx = split_indices(data.train_labels.numpy(), split_seed)
-    train_t, val_t = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
-    return Splits(
-        train=Split(data.train_images[train_t], data.train_labels[train_t]),
-        val=Split(data.train_images[val_t], data.train_labels[val_t]),
-        test=Split(data.test_images, data.test_labels),
-        train_indices=train_idx,
-        val_indices=val_idx,
-        digest=data.digest,
-    )
+    train, val = (torch.from_numpy(i) for i in (train_idx, val_idx))
+    parts = [Split(data.train_images[i], data.train_labels[i]) for i in (train, val)]
+    test = Split(data.test_images, data.test_labels)
+    return Splits(*parts, test, train_idx, val_idx, data.digest)
 
 
 def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42) -> Splits:
@@ -226,9 +188,7 @@ def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42)
 
 
 def scale_pixels(images: T) -> T:
-    """uint8 pixels (torch tensor or numpy array) to float32 in [0, 1], as torchvision's
-    ToTensor scales them; float inputs (already scaled, or PCA features) pass through as they are.
-    The one place pixels are scaled: training, evaluation, export examples and predictions."""
+    """uint8 pixels to float32 in [0, 1] as ToTensor does, floats as they are: the one place."""
     if isinstance(images, torch.Tensor):
         return images.to(torch.float32).div_(255.0) if images.dtype == torch.uint8 else images
     return scale_array(images)
@@ -267,38 +227,27 @@ def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
-    """Write a uint8 array in IDX format (used for synthetic datasets and exports)."""
+    """Write a uint8 array in IDX format."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
-    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(f">I{array.ndim}I", 2051 if array.ndim == 3 else 2049, *array.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as handle:
-        handle.write(struct.pack(">I", magic))
-        handle.write(struct.pack(f">{array.ndim}I", *array.shape))
-        handle.write(array.tobytes())
+    path.write_bytes(header + array.tobytes())
 
 
 def write_synthetic_dataset(
     root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0
 ) -> Path:
-    """Write a tiny learnable Fashion-MNIST look-alike in the real raw layout under ``root``.
-
-    Each class gets its own bright pattern plus noise, so small models can learn it and tests
-    can assert on accuracy; every class is present in both files.
-    """
+    """A tiny learnable look-alike (a bright pattern per class plus noise) in the raw layout."""
     rng = np.random.default_rng(seed)
     prototypes = rng.integers(0, 256, size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))
     prototypes = (prototypes > 160).astype(np.float64) * 200.0
 
-    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+    folder = raw_dir(Path(root))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = np.arange(n) % NUM_CLASSES
         rng.shuffle(labels)
         noise = rng.normal(0.0, 40.0, size=(n, IMAGE_SIZE, IMAGE_SIZE))
         images = np.clip(prototypes[labels] + noise + 20.0, 0, 255).astype(np.uint8)
-        return images, labels.astype(np.uint8)
-
-    folder = raw_dir(Path(root))
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images, labels = make(n)
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
     return Path(root)

@@ -1,9 +1,6 @@
-"""The Fashion-MNIST format without torch: class names, image size, IDX files, pixel scaling.
-
-What ``fmnist predict`` needs to read its inputs and name its classes, importable without torch
-(``import torch`` alone is seconds of a one-image prediction). ``fmnist.data`` imports them from
-here for the training side and scales torch tensors the same way (tests/test_dataset_format.py
-checks that the two scalings agree).
+"""The Fashion-MNIST format without torch (class names, image size, IDX files, pixel scaling):
+what ``fmnist predict`` needs, with no seconds of ``import torch``; ``fmnist.data`` imports it
+and scales tensors the same way.
 """
 
 from __future__ import annotations
@@ -16,44 +13,31 @@ import numpy as np
 
 from fmnist.errors import DataError
 
-CLASS_NAMES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+CLASS_NAMES: tuple[str, ...] = tuple(
+    "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot".split(",")
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 28
 
 
 def scale_array(images: np.ndarray) -> np.ndarray:
-    """uint8 pixels to float32 in [0, 1] exactly as ``fmnist.data.scale_pixels`` scales a numpy
-    array; float arrays (already scaled) pass through as they are."""
+    """uint8 pixels to float32 in [0, 1] as ``fmnist.data.scale_pixels``; floats pass through."""
     if images.dtype == np.uint8:
         return images.astype(np.float32) / np.float32(255.0)
     return images
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """Read an uncompressed uint8 IDX file (images or labels) into a numpy array.
-
-    The header is read and checked against the file's size before the body is: a header that
-    claims more (or less) than the file holds is a ``DataError``, never an allocation.
-    """
+    """An uncompressed uint8 IDX file (images or labels) as an array; a header that claims more
+    or less than the file holds is a ``DataError``, never an allocation."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(4)
         if len(head) < 4:
             raise DataError(f"{path} is too short to be an IDX file ({size} bytes).")
-        zero, dtype_code, ndim = head[0:2], head[2], head[3]
-        if zero != b"\x00\x00" or dtype_code != 0x08 or ndim not in (1, 3):
+        ndim = head[3]  # after two zero bytes and 0x08, uint8's type code
+        if head[:3] != b"\x00\x00\x08" or ndim not in (1, 3):
             raise DataError(f"{path} is not a uint8 IDX file of images or labels.")
         shape = handle.read(4 * ndim)
         if len(shape) < 4 * ndim:

@@ -1,12 +1,7 @@
-"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses.
-
-A definition is validated on load against the dataclass it fills: an unknown key, a missing
-required key or a value of the wrong type (nested ones included) raises ``ConfigError`` naming
-the file and the key. Before that, ``read_yaml`` refuses a file too large
-(``MAX_DEFINITION_BYTES``), nested too deep (``MAX_DEPTH``) or using YAML aliases (a few lines of
-them can expand to billions of values), so no definition can exhaust memory or the stack.
-The folder is found next to the package (editable install or source checkout), through
-``FMNIST_EXPERIMENTS_DIR``, or under the working directory, so commands work from anywhere.
+"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses. Every key
+is validated on load (a ``ConfigError`` names the file and the key), after ``read_yaml`` refuses a
+file too large, too deep or with aliases. The folder is ``FMNIST_EXPERIMENTS_DIR``, the one next
+to the package, or the working directory's.
 """
 
 from __future__ import annotations
@@ -28,18 +23,16 @@ T = TypeVar("T")
 
 def experiments_dir() -> Path:
     """The folder holding the experiment definitions."""
-    candidates = []
-    if os.environ.get("FMNIST_EXPERIMENTS_DIR"):
-        candidates.append(Path(os.environ["FMNIST_EXPERIMENTS_DIR"]))
-    candidates.append(Path(__file__).resolve().parent.parent / "experiments")
-    candidates.append(Path.cwd() / "experiments")
+    env = os.environ.get("FMNIST_EXPERIMENTS_DIR")
+    here = Path(__file__).resolve().parent.parent
+    candidates = [*([Path(env)] if env else []), here / "experiments", Path.cwd() / "experiments"]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate
+    looked = ", ".join(str(c) for c in candidates)
     raise ConfigError(
-        "Could not find the experiments/ folder (looked in "
-        + ", ".join(str(c) for c in candidates)
-        + "); set FMNIST_EXPERIMENTS_DIR to it."
+        f"Could not find the experiments/ folder (looked in {looked}); "
+        "set FMNIST_EXPERIMENTS_DIR to it."
     )
 
 
@@ -48,17 +41,12 @@ def definition_path(name_or_path: str, subdir: str = "") -> Path:
     given = Path(name_or_path)
     if given.suffix in {".yaml", ".yml"} and given.is_file():
         return given
-    folder = experiments_dir() / subdir if subdir else experiments_dir()
+    folder = experiments_dir() / subdir
     path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(available(subdir)) or "none"
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
         raise ConfigError(f"Unknown definition {name_or_path!r} in {folder} (known: {known}).")
     return path
-
-
-def available(subdir: str = "") -> list[str]:
-    folder = experiments_dir() / subdir if subdir else experiments_dir()
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
 MAX_DEFINITION_BYTES = 1024 * 1024  # the largest definition shipped is under 2 kB
@@ -84,7 +72,7 @@ class DefinitionLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A definition file's top-level mapping, read safely (see the module's docstring)."""
+    """A definition file's top-level mapping, read safely."""
     path = Path(path)
     size = path.stat().st_size
     if size > MAX_DEFINITION_BYTES:
@@ -92,8 +80,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
             f"{path}: {size} bytes; a definition holds at most {MAX_DEFINITION_BYTES}."
         )
     try:
-        text = path.read_bytes().decode("utf-8")
-        loader = DefinitionLoader(text)
+        loader = DefinitionLoader(path.read_bytes().decode("utf-8"))
         try:
             content = loader.get_single_data()
         finally:
@@ -125,19 +112,22 @@ def build_dataclass(schema: type[T], values: dict[str, Any], source: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in values:
         if key not in fields:
-            raise ConfigError(
-                f"{source}: unknown key {key!r} (allowed: {', '.join(sorted(fields))})."
-            )
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"{source}: unknown key {key!r} (allowed: {allowed}).")
+    missing = dataclasses.MISSING
     for name, field in fields.items():
-        required = (
-            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-        )
-        if required and name not in values:
+        if field.default is missing and field.default_factory is missing and name not in values:
             raise ConfigError(f"{source}: missing required key {name!r}.")
-    converted = {}
-    for key, value in values.items():
-        converted[key] = coerce(value, hints[key], f"{source}: key {key!r}")
-    return schema(**converted)
+    return schema(**{k: coerce(v, hints[k], f"{source}: key {k!r}") for k, v in values.items()})
+
+
+# scalar annotation -> (accepted types, what the error says was expected); a bool is no number
+SCALARS = {
+    bool: (bool, "true or false"),
+    int: (int, "an integer"),
+    float: (int | float, "a number"),
+    str: (str, "a string"),
+}
 
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -167,26 +157,17 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
         key_t, val_t = args or (Any, Any)
         return {coerce(k, key_t, where): coerce(v, val_t, where) for k, v in value.items()}
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+    if annotation not in SCALARS:
         return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+    kinds, expected = SCALARS[annotation]
+    if not isinstance(value, kinds) or (isinstance(value, bool) and annotation is not bool):
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}.")
+    if annotation is not float:
         return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        try:
-            number = float(value)
-        except OverflowError:  # an integer of hundreds of digits
-            raise ConfigError(f"{where}: {str(value)[:20]}... is too large.") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
-        return number
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}.")
-        return value
-    return value
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ConfigError(f"{where}: {str(value)[:20]}... is too large.") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}.")
+    return number

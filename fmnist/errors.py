@@ -1,7 +1,5 @@
-"""Errors the project reports to users as one clear message and exit code 2, without a traceback.
-
-Library code raises these; the CLI turns them into a message on stderr and, under ``mlflow run``,
-ends the run FAILED with the message recorded on it.
+"""Errors reported to users as one message and exit code 2, without a traceback: library code
+raises them, the CLI prints them (and under ``mlflow run`` ends the run FAILED with the message).
 """
 
 from __future__ import annotations
@@ -39,4 +37,4 @@ class NoSpace(FmnistError):
 
 
 class TrainingDiverged(FmnistError):
-    """The loss became NaN or infinite; the run or trial failed for a final reason."""
+    """The loss became NaN or infinite: the run or trial fails for good."""

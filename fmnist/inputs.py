@@ -1,13 +1,7 @@
-"""The files a user hands to ``fmnist predict``: photos, ``.npy`` arrays and IDX files.
-
-Each reader returns float32 (N, 28, 28) images in [0, 1], light item on a dark background as in
-Fashion-MNIST, or raises ``DataError`` naming the file. Photos of any size are made 28x28
-grayscale and a dark-on-light photo (told apart by its border pixels) is inverted unless told
-otherwise. Every reader checks what a file claims before it allocates memory for it: a photo's
-format and dimensions (``MAX_IMAGE_PIXELS``) before it is decoded, a ``.npy`` header's dtype,
-shape and size against the file before its body is read (never with pickle), an IDX header
-against the file's size (``fmnist.dataset_format.read_idx``). A hostile file is a ``DataError``.
-Nothing here imports torch: ``fmnist predict`` of an ONNX model runs without it.
+"""The files a user hands to ``fmnist predict`` (photos, ``.npy`` arrays, IDX files) as float32
+(N, 28, 28) images in [0, 1], light item on dark as in Fashion-MNIST; a dark-on-light photo is
+inverted. Every reader checks what a file claims (format, dimensions, header) before it
+allocates for it, so a hostile file is a ``DataError`` naming it. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -24,11 +18,9 @@ from fmnist.errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # The formats Pillow may decode: a file in any other (PSD, EPS, ICO...) is refused unread.
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
-# A 64-megapixel photo still loads (a phone's largest); a larger claim is refused before any
-# pixel is decoded (a 100000x100000 PNG would need 10 GB).
+# a phone's largest photo loads; a larger claim is refused before any pixel is decoded
 MAX_IMAGE_PIXELS = 64_000_000
-# A .npy array of at most this many images (4 GB of float32 pixels).
-MAX_ARRAY_IMAGES = 1_000_000
+MAX_ARRAY_IMAGES = 1_000_000  # in a .npy file: 4 GB of float32 pixels
 
 
 def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
@@ -61,15 +53,10 @@ def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
             f"{path}: not a readable image ({type(exc).__name__}: {first_line})."
         ) from None
     pixels = scale_array(np.asarray(gray, dtype=np.uint8))
-    if invert is None:
-        invert = looks_dark_on_light(pixels)
+    if invert is None:  # items are light on black: a bright border means a photo to invert
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        invert = float(border.mean()) > 0.5
     return 1.0 - pixels if invert else pixels
-
-
-def looks_dark_on_light(pixels: np.ndarray) -> bool:
-    """Fashion-MNIST items are light on black: a bright border means a photo to invert."""
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    return float(border.mean()) > 0.5
 
 
 def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
@@ -89,18 +76,15 @@ def normalise_array(array: np.ndarray, source: str) -> np.ndarray:
 
 
 def check_npy_header(path: Path) -> None:
-    """Check a ``.npy`` header before its body is read: uint8 or float pixels, (N, 28, 28) or
-    (28, 28) with N <= ``MAX_ARRAY_IMAGES``, and a file exactly as long as the header says."""
+    """Check a ``.npy`` header (dtype, shape, the file's length) before its body is read."""
     fmt = np.lib.format
     try:
         with path.open("rb") as handle:
             version = fmt.read_magic(handle)
-            if version == (1, 0):
-                shape, _, dtype = fmt.read_array_header_1_0(handle)
-            elif version in ((2, 0), (3, 0)):
-                shape, _, dtype = fmt.read_array_header_2_0(handle)
-            else:
+            if version not in ((1, 0), (2, 0), (3, 0)):
                 raise ValueError(f"unknown .npy version {version}")
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(handle)
             offset = handle.tell()
     except Exception as exc:  # noqa: BLE001 - numpy's header parser may raise several kinds
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
@@ -114,8 +98,7 @@ def check_npy_header(path: Path) -> None:
     if images > MAX_ARRAY_IMAGES:
         raise DataError(f"{path}: {images} images; at most {MAX_ARRAY_IMAGES} are read.")
     needed = offset + math.prod(dims) * dtype.itemsize
-    size = path.stat().st_size
-    if size != needed:
+    if (size := path.stat().st_size) != needed:
         raise DataError(
             f"{path} is truncated or corrupt: {size} bytes, its header {dims} {dtype} "
             f"needs {needed}."
@@ -123,7 +106,7 @@ def check_npy_header(path: Path) -> None:
 
 
 def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.ndarray]:
-    """Read one input file: returns the source name of each image and a float32 batch."""
+    """One input file: the source name of each image and a float32 batch."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file.")
@@ -137,15 +120,10 @@ def load_inputs(path: Path, invert: bool | None = None) -> tuple[list[str], np.n
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc}).") from None
         batch = normalise_array(array, str(path))
-    elif suffix in IMAGE_SUFFIXES:
-        batch = load_image(path, invert)[None]
-    elif "idx" in path.name or suffix in {".idx", ".ubyte"}:
+    elif suffix not in IMAGE_SUFFIXES and ("idx" in path.name or suffix in {".idx", ".ubyte"}):
         batch = normalise_array(read_idx(path), str(path))
     else:
         batch = load_image(path, invert)[None]
-    names = (
-        [str(path)]
-        if batch.shape[0] == 1 and suffix != ".npy"
-        else [f"{path}#{i}" for i in range(batch.shape[0])]
-    )
-    return names, batch
+    if batch.shape[0] == 1 and suffix != ".npy":
+        return [str(path)], batch
+    return [f"{path}#{i}" for i in range(batch.shape[0])], batch

@@ -1,9 +1,6 @@
-"""Which process does the work, and whether it still lives: ids that outlast a pid, a machine lock.
-
-A process is named ``host:pid:start`` (its start time in clock ticks since boot), so another
-process of the same machine can tell a dead process, or a reused pid, from a live one; a process
-on another machine is never judged from here (its heartbeat is). Search trials and MLflow runs
-record the id of the process that works on them. Standard library only.
+"""Which process does the work and whether it lives: ``host:pid:start`` ids (the start time tells
+a dead process or a reused pid from a live one on this machine; another machine's is never
+judged here) and a machine lock. Standard library only.
 """
 
 from __future__ import annotations
@@ -21,8 +18,7 @@ HOST_ENV = "FMNIST_WORKER_HOST"  # the host name recorded (default: the machine'
 
 
 def host_name() -> str:
-    """``FMNIST_WORKER_HOST``, else the host name. Set it where several machines share a host
-    name but not their processes (containers)."""
+    """``FMNIST_WORKER_HOST`` (for containers sharing a host name), else the host name."""
     return os.environ.get(HOST_ENV, "").strip() or socket.gethostname()
 
 
@@ -46,8 +42,7 @@ def is_local(process: str) -> bool:
 
 
 def is_gone(process: str) -> bool:
-    """True when ``process`` ran on this machine and no longer exists (its pid is free, or
-    taken by a process that started later). Another machine's process is never gone here."""
+    """True when ``process`` ran on this machine and its pid is free or reused since."""
     host, _, rest = process.partition(":")
     pid_text, _, start = rest.partition(":")
     if host != host_name() or not pid_text.isdigit():
@@ -63,8 +58,7 @@ def is_gone(process: str) -> bool:
 
 @contextmanager
 def machine_lock(key: str) -> Iterator[None]:
-    """An exclusive lock of the processes of this machine, named by ``key`` (a store's URL): of
-    several commands opening a fresh store at once, one creates its tables."""
+    """An exclusive lock among this machine's processes, named by ``key`` (a store's URL)."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(tempfile.gettempdir()) / f"fmnist-store-{digest}.lock"
     with open(path, "a") as handle:

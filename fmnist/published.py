@@ -1,9 +1,6 @@
-"""The study's published numbers, as data: what our reports put beside our own measurements.
-
-Values are transcribed from the paper (Saraswat, Challur, Pitta; ``../shared/reference``): Table I,
-the headline accuracies, both classification reports (per-class F1) and confusion matrices, plus
-the places where its text and its own numbers or its notebook disagree. Reports cite these; they
-never stand in for a measurement.
+"""The study's published numbers (Saraswat, Challur, Pitta; ``../shared/reference``) as data:
+Table I, headline accuracies, per-class F1, confusion matrices and where its text disagrees with
+its numbers or notebook. Reports cite them beside our measurements, never in place of one.
 """
 
 from __future__ import annotations

@@ -9,8 +9,7 @@ import torch
 
 from fmnist.data import Split
 from fmnist.models.dense import build_mlp
-from fmnist.train.engine import fit
-from fmnist.train.progress import EpochLines, format_duration
+from fmnist.train.engine import EpochLines, fit, format_duration
 from fmnist.train.settings import TrainConfig
 
 LINE = re.compile(

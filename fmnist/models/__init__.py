@@ -1,11 +1,7 @@
-"""Models: the architectures, the spec that rebuilds them, and the contract every model follows.
-
-A classifier takes float32 images (N, 28, 28) with pixels in [0, 1] and returns (N, 10) logits;
-the logged model wraps it in ``ProbabilityModel`` so it returns softmax probabilities. A model is
-described by a plain ``spec`` dict (``{"family": "dnn" | "cnn", ...}``) from which ``build_model``
-rebuilds the architecture exactly, so a registered model can be reloaded as an ``nn.Module``.
-The rule of this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``); no
-training loop, no tracking.
+"""Models: architectures map float32 (N, 28, 28) images in [0, 1] to (N, 10) logits, and
+``build_model`` rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec. The rule of
+this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``), no training, no
+tracking.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from fmnist.augment import flip_averaged_log_probabilities, flip_averaged_probab
 from fmnist.models.convnets import build_cnn
 from fmnist.models.dense import build_dense
 
-# model family -> the function building an nn.Module from a spec's other keys.
 BUILDERS: dict[str, Callable[..., nn.Module]] = {"dnn": build_dense, "cnn": build_cnn}
 
 
@@ -33,14 +28,8 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
 
 
 class ProbabilityModel(nn.Module):
-    """Wraps a logits classifier so it maps (N, 28, 28) float images to (N, 10) probabilities;
-    with ``tta_flip`` the mean of each image's and its mirror's (test-time augmentation).
-
-    ``temperature`` (fitted on the validation split, ``fmnist.analysis.calibration``) divides the
-    log-probabilities before the softmax: ``softmax(logits / T)``, and with flip averaging
-    ``softmax(log(mean of the two softmaxes) / T)``, a monotone map of each row, so the predicted
-    class never changes. ``T = 1`` is exactly the model without calibration.
-    """
+    """A logits classifier as (N, 10) probabilities, with ``tta_flip`` those averaged with the
+    mirror's; ``temperature`` divides the log-probabilities first (never changes the class)."""
 
     def __init__(
         self, classifier: nn.Module, tta_flip: bool = False, temperature: float = 1.0
@@ -48,9 +37,7 @@ class ProbabilityModel(nn.Module):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        self.classifier = classifier
-        self.tta_flip = tta_flip
-        self.temperature = float(temperature)
+        self.classifier, self.tta_flip, self.temperature = classifier, tta_flip, float(temperature)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         # T = 1 keeps the graph of models logged before calibration existed

@@ -1,19 +1,7 @@
-"""Convolutional classifiers: the study's ``paper`` network and a configurable residual family.
-
-``paper`` is the network of the study's published notebook, layer for layer: four 3x3 convolutions
-without padding (1→16, max-pool, 16→32, 32→64, max-pool, 64→128), BatchNorm and LeakyReLU(0.2)
-after all but the last, flattened to 512 features, then a 512→256→128→10 ReLU head. ``resnet`` is
-the residual family the ``bf16_cpu`` and ``best`` recipes and the CNN search use: a padded 3x3
-stem, then ``stages`` stages that each widen (``width`` doubling per stage), max-pool and add
-``blocks`` residual blocks, global average pooling, dropout and one linear layer. Its spec keys
-(``width``, ``blocks``, ``stages``, ``dropout``, ``stem_pool``) are plain numbers so a search can
-sample them. ``whitened`` is the ``fast`` recipe's small network after airbench (Keller Jordan's
-CIFAR-10 speed runs), chosen for time-to-accuracy on a CPU: a frozen 2x2 patch-whitening
-convolution fitted to the training images, then ``stages`` blocks of conv, max-pool, BatchNorm,
-GELU, conv, BatchNorm, GELU (identity-initialised convolutions, BatchNorm without a trained scale),
-global max pooling and a linear layer.
-Every model takes float32 (N, 28, 28) images in [0, 1], adds the channel dimension itself and
-returns (N, 10) logits.
+"""Convolutional classifiers, (N, 28, 28) images to (N, 10) logits: ``paper`` (the study's notebook
+network layer for layer), ``resnet`` (a residual family whose plain-number options a search
+samples) and ``whitened`` (the ``fast`` recipe's, after Keller Jordan's airbench: frozen 2x2
+patch whitening, conv blocks, global max pooling).
 """
 
 from __future__ import annotations
@@ -26,12 +14,9 @@ WHITENING_EPS = 5e-4  # added to the patch covariance's eigenvalues (airbench's 
 
 
 def conv_bn(c_in: int, c_out: int, padding: int, activation: nn.Module) -> list[nn.Module]:
-    # The conv bias is redundant in front of BatchNorm, except in the paper network (kept as is).
-    return [
-        nn.Conv2d(c_in, c_out, 3, padding=padding, bias=padding == 0),
-        nn.BatchNorm2d(c_out),
-        activation,
-    ]
+    # a conv bias is redundant before BatchNorm; the paper network has one all the same
+    conv = nn.Conv2d(c_in, c_out, 3, padding=padding, bias=padding == 0)
+    return [conv, nn.BatchNorm2d(c_out), activation]
 
 
 class PaperCNN(nn.Module):
@@ -47,14 +32,8 @@ class PaperCNN(nn.Module):
             nn.MaxPool2d(2),  # -> 4
             nn.Conv2d(64, 128, 3),  # -> 2: 128 x 2 x 2 = 512 features
         )
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(512, 256),
-            nn.ReLU(),
-            nn.Linear(256, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
+        hidden = [nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU()]
+        self.head = nn.Sequential(*hidden, nn.Linear(128, 10))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.unsqueeze(1)))
@@ -85,55 +64,54 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
         stem_pool: bool = False,
     ) -> None:
+        if int(width) < 1 or int(blocks) < 0 or not 1 <= int(stages) <= 4:
+            raise ValueError(
+                f"invalid resnet spec: width {width}, blocks {blocks}, stages {stages}"
+            )
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        width, blocks, stages, dropout = int(width), int(blocks), int(stages), float(dropout)
         super().__init__()
         layers: list[nn.Module] = conv_bn(1, width, 1, nn.ReLU(inplace=True))
         if stem_pool:
-            # Halving the 28x28 map right after the stem makes every later layer 4x cheaper.
+            # halving the map after the stem makes every later layer 4x cheaper
             layers.append(nn.MaxPool2d(2))
-        channels = width
-        for stage in range(stages):
-            out = width * 2**stage
-            layers += conv_bn(channels, out, 1, nn.ReLU(inplace=True))
+        widths = [width, *(width * 2**stage for stage in range(stages))]
+        for c_in, out in zip(widths, widths[1:], strict=False):
+            layers += conv_bn(c_in, out, 1, nn.ReLU(inplace=True))
             layers.append(nn.MaxPool2d(2, ceil_mode=True))
             layers += [ResidualBlock(out) for _ in range(blocks)]
-            channels = out
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(channels, 10),
-        )
+        pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout)]
+        self.head = nn.Sequential(*pool, nn.Linear(widths[-1], 10))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images.unsqueeze(1)))
 
 
 class WhitenedCNN(nn.Module):
-    """airbench's recipe for a grayscale 28x28 image: whitening, ``stages`` conv blocks, max-pool.
-
-    Spatial sizes with 3 stages: 28 -> 27 (whitening, no padding) -> 13 -> 6 -> 3.
-    """
+    """airbench's network for 28x28 grayscale: whitening, ``stages`` conv blocks, max-pool
+    (sizes with 3 stages: 28 -> 27 -> 13 -> 6 -> 3)."""
 
     def __init__(self, width: int = 32, stages: int = 3) -> None:
+        if int(width) < 1 or not 1 <= int(stages) <= 3:
+            raise ValueError(f"invalid whitened spec: width {width}, stages {stages} (1 to 3)")
+        width, stages = int(width), int(stages)
         super().__init__()
-        # 2x2 patches have 4 dimensions; each whitened direction is kept with both signs so the
-        # GELU after it loses nothing.
+        # each whitened direction is kept with both signs, so the GELU after it loses nothing
         self.whiten = nn.Conv2d(1, 2 * PATCH_DIMS, 2, bias=True)
         self.whiten.requires_grad_(False)  # fitted to the data once (``fit_whitening``)
         layers: list[nn.Module] = [nn.GELU()]
-        channels = 2 * PATCH_DIMS
-        for stage in range(stages):
-            out = width * 2**stage
-            layers += whitened_block(channels, out)
-            channels = out
+        widths = [2 * PATCH_DIMS, *(width * 2**stage for stage in range(stages))]
+        for c_in, c_out in zip(widths, widths[1:], strict=False):
+            layers += whitened_block(c_in, c_out)
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(channels, 10, bias=False)
+        self.head = nn.Linear(widths[-1], 10, bias=False)
 
     @torch.no_grad()
     def fit_whitening(self, images: torch.Tensor, sample: int = 5000) -> None:
-        """Set the first convolution to whiten the 2x2 patches of ``images`` (N, 28, 28) in
-        [0, 1]: zero mean, unit variance along each eigenvector of their covariance."""
+        """Set the first convolution to whiten the 2x2 patches of ``images`` in [0, 1]: zero
+        mean, unit variance along each eigenvector of their covariance."""
         patches = images[:sample].float().unsqueeze(1).unfold(2, 2, 1).unfold(3, 2, 1)
         patches = patches.reshape(-1, PATCH_DIMS).double()
         eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(patches.T))
@@ -144,29 +122,20 @@ class WhitenedCNN(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.features(self.whiten(images.unsqueeze(1)))
-        # Max pooling keeps the strongest response of each channel; airbench's fixed 1/9 scale
-        # keeps the logits small at the start, as a tuned temperature would.
+        # airbench's fixed 1/9 scale keeps the first logits small, as a tuned temperature would
         return self.head(torch.amax(x, dim=(2, 3))) / 9.0
 
 
 def whitened_block(c_in: int, c_out: int) -> list[nn.Module]:
-    """conv, pool, BN, GELU, conv, BN, GELU; convolutions start as identities (dirac) on the
-    channels they share, so the untrained network passes its input through."""
+    """conv, pool, BN, GELU, conv, BN, GELU; the convolutions start as identities (dirac)."""
     first = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
     second = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
     nn.init.dirac_(first.weight[:c_in])
     nn.init.dirac_(second.weight)
-    return [
-        *(first, nn.MaxPool2d(2), fixed_scale_bn(c_out), nn.GELU()),
-        *(second, fixed_scale_bn(c_out), nn.GELU()),
-    ]
-
-
-def fixed_scale_bn(channels: int) -> nn.BatchNorm2d:
-    # airbench: a trained BN scale adds nothing before GELU + the next conv; only the shift trains.
-    bn = nn.BatchNorm2d(channels)
-    bn.weight.requires_grad_(False)
-    return bn
+    norms = [nn.BatchNorm2d(c_out) for _ in range(2)]
+    for norm in norms:  # airbench: a trained scale adds nothing before GELU and the next conv
+        norm.weight.requires_grad_(False)
+    return [first, nn.MaxPool2d(2), norms[0], nn.GELU(), second, norms[1], nn.GELU()]
 
 
 def build_cnn(arch: str = "paper", **options) -> nn.Module:
@@ -175,47 +144,22 @@ def build_cnn(arch: str = "paper", **options) -> nn.Module:
 
 
 def builder_for(arch: str):
-    """The function that builds ``arch`` from its options (its parameters are the options)."""
-    builders = {"paper": PaperCNN, "resnet": build_resnet, "whitened": build_whitened}
+    """The class that builds ``arch`` (its parameters are the options)."""
+    builders = {"paper": PaperCNN, "resnet": ResNet, "whitened": WhitenedCNN}
     if arch not in builders:
         raise ValueError(f"unknown CNN arch {arch!r} (known: {', '.join(builders)})")
     return builders[arch]
 
 
-def build_resnet(
-    width: int = 32,
-    blocks: int = 1,
-    stages: int = 3,
-    dropout: float = 0.0,
-    stem_pool: bool = False,
-) -> ResNet:
-    """Validate the residual family's options (they may come from a search) and build it."""
-    if int(width) < 1 or int(blocks) < 0 or not 1 <= int(stages) <= 4:
-        raise ValueError(f"invalid resnet spec: width {width}, blocks {blocks}, stages {stages}")
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
-    return ResNet(int(width), int(blocks), int(stages), float(dropout), bool(stem_pool))
-
-
-def build_whitened(width: int = 32, stages: int = 3) -> WhitenedCNN:
-    if int(width) < 1 or not 1 <= int(stages) <= 3:
-        raise ValueError(f"invalid whitened spec: width {width}, stages {stages} (1 to 3)")
-    return WhitenedCNN(int(width), int(stages))
-
-
 def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str, tuple]]:
     """(name, layer type, output shape) of every leaf layer for a dummy batch, in call order."""
     rows: list[tuple[str, str, tuple]] = []
-    hooks = []
-    for name, module in model.named_modules():
-        if not list(module.children()):
-            hooks.append(
-                module.register_forward_hook(
-                    lambda m, _i, out, name=name: rows.append(
-                        (name, type(m).__name__, tuple(out.shape[1:]))
-                    )
-                )
-            )
+
+    def record(name: str):
+        return lambda m, _i, out: rows.append((name, type(m).__name__, tuple(out.shape[1:])))
+
+    leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
+    hooks = [module.register_forward_hook(record(name)) for name, module in leaves]
     was_training = model.training
     device = next(model.parameters()).device
     try:
@@ -231,11 +175,10 @@ def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str,
 
 def describe(model: nn.Module) -> str:
     """Text summary: each layer's output shape and parameter count, the total, the module tree."""
-    sizes = layer_output_sizes(model)
-    params = dict(model.named_modules())
+    modules = dict(model.named_modules())
     lines = [f"{'layer':<28} {'type':<18} {'output':<16} {'params':>9}"]
-    for name, kind, shape in sizes:
-        count = sum(p.numel() for p in params[name].parameters())
+    for name, kind, shape in layer_output_sizes(model):
+        count = sum(p.numel() for p in modules[name].parameters())
         lines.append(f"{name:<28} {kind:<18} {str(shape):<16} {count:>9,}")
     total = sum(p.numel() for p in model.parameters())
     lines += ["", f"total parameters: {total:,}", "", str(model)]

@@ -1,14 +1,7 @@
-"""The dense network's numpy epoch: a ReLU MLP trained without autograd or ``Optimizer.step``.
-
-For a network as small as the study's MLP a torch operator's dispatch costs more than its
-arithmetic, and the dense grid is a million steps: ``numpy_epoch`` hands ``engine.fit`` a whole
-epoch written in numpy (forward, backward, the optimizer's own formula) for a chain of linear
-layers with ReLU between them (parameters ``w0, b0, w1, b1, ...``), Adam, AdamW or RMSprop in
-their plain forms on the CPU, and no schedule or a per-step ``LambdaLR``. The weights and the
-optimizer state live in flat numpy buffers for the epoch and are written back at its end (also
-when it is interrupted), so ``state_dict``, checkpoints and resuming see ordinary tensors
-(``tests/test_dense.py`` compares it with autograd and ``torch.optim`` step by step). The search
-passes it for the dense grid's points; the engine knows no model.
+"""The dense network's numpy epoch: a ReLU MLP trained without autograd (whose dispatch costs more
+than the arithmetic at this size) for plain Adam, AdamW or RMSprop on the CPU, no schedule or a
+``LambdaLR``. Weights and optimizer state are written back after the epoch, also when it is
+interrupted, bit for bit what ``torch.optim`` gives (``tests/test_dense.py``).
 """
 
 from __future__ import annotations
@@ -25,9 +18,8 @@ from fmnist.data import scale_pixels
 
 
 def one_blas_thread():
-    """numpy's BLAS on one thread: at these sizes a second thread only waits, and parallel
-    search workers' idle BLAS threads spin on each other's cores (measured: batch-64 trials 8x
-    slower). A no-op where threadpoolctl is missing (the GPU bench scripts)."""
+    """numpy's BLAS on one thread (parallel workers' idle BLAS threads spin on each other's
+    cores); a no-op without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -36,8 +28,7 @@ def one_blas_thread():
 
 
 def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
-    """One-hot rows of ``targets``, each divided by the size of the batch it falls in (batches
-    of ``batch_size`` consecutive rows, the last one shorter; None: one batch)."""
+    """One-hot rows of ``targets``, each divided by the size of its batch (None: one batch)."""
     n = len(targets)
     one_hot = np.zeros((n, n_classes), np.float32)
     one_hot[np.arange(n), targets] = 1.0
@@ -49,7 +40,7 @@ def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None =
 
 
 def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The summed cross-entropy of float logits (any row shift) against integer targets."""
+    """The summed cross-entropy of logits (any row shift) against integer targets."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_sums = np.log(np.exp(shifted).sum(axis=1, dtype=np.float64))
     return float(log_sums.sum() - shifted[np.arange(len(targets)), targets].sum(dtype=np.float64))
@@ -58,9 +49,8 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
 def backpropagate(
     weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
 ) -> np.ndarray:
-    """One MLP's forward pass and mean cross-entropy gradients (written into ``grads``, in
-    ``weights`` order); ``one_hot`` is ``scaled_one_hot``'s. Returns the logits less their row
-    maximum (the same softmax, loss and argmax)."""
+    """Forward pass and mean cross-entropy gradients into ``grads``; returns the logits less
+    their row maximum."""
     activations = [features]
     n_layers = len(weights) // 2
     for index in range(n_layers - 1):
@@ -86,22 +76,17 @@ def backpropagate(
 
 
 def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], scheduler: Any) -> bool:
-    """Whether the numpy epoch runs this: the optimizer over exactly ``params`` (float32, CPU,
-    one group), Adam/AdamW without amsgrad or RMSprop without momentum or centering, and no
-    schedule or a one-group ``LambdaLR`` (a rate factor; ``OneCycleLR`` also moves momentum)."""
-    if len(optimizer.param_groups) != 1:
-        return False
+    """Whether the numpy epoch runs this: one group of float32 CPU ``params``, Adam/AdamW without
+    amsgrad or plain RMSprop, and no schedule or a ``LambdaLR`` (OneCycleLR moves momentum)."""
     group = optimizer.param_groups[0]
-    own = list(group["params"])
-    if len(own) != len(params) or any(p is not q for p, q in zip(own, params, strict=True)):
-        return False
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in own):
+    if len(optimizer.param_groups) != 1 or list(map(id, group["params"])) != list(map(id, params)):
+        return False  # not exactly ``params`` in one group
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
         return False
     if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
         return False
-    if scheduler is not None and not (
-        isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and len(scheduler.lr_lambdas) == 1
-    ):
+    lambda_lr = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
+    if scheduler is not None and not (lambda_lr and len(scheduler.lr_lambdas) == 1):
         return False
     if isinstance(optimizer, torch.optim.RMSprop):
         return group["momentum"] == 0 and not group["centered"]
@@ -109,14 +94,11 @@ def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], schedule
 
 
 def numpy_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any = None):
-    """``engine.fit``'s epoch runner for an MLP (``model``: linear layers with ReLU between, its
-    parameters a chain of weight matrices and bias vectors, no dropout), or None when the model
-    or the settings are not plain (autograd trains it)."""
+    """``engine.fit``'s epoch runner for an MLP without dropout, or None (autograd trains it)."""
     params = list(model.parameters())
     shapes = [tuple(p.shape) for p in params]
-    chain = len(shapes) % 2 == 0 and all(
-        len(w) == 2 and b == (w[0],) for w, b in zip(shapes[::2], shapes[1::2], strict=True)
-    )
+    pairs = zip(shapes[::2], shapes[1::2], strict=True)  # read only for an even count
+    chain = len(shapes) % 2 == 0 and all(len(w) == 2 and b == (w[0],) for w, b in pairs)
     chain = chain and all(a[0] == b[1] for a, b in zip(shapes[::2], shapes[2::2], strict=False))
     if not chain or getattr(model, "dropout", 0) or not plain(optimizer, params, scheduler):
         return None
@@ -133,26 +115,21 @@ class NumpyEpoch:
         self.sizes = [p.numel() for p in params]
 
     def state(self) -> list[dict[str, torch.Tensor]]:
-        """Each parameter's optimizer state, created as the optimizer creates it."""
-        states = []
+        """Each parameter's optimizer state, created as the optimizer would."""
         for param in self.params:
             state = self.optimizer.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 for key in self.keys:
                     state[key] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            states.append(state)
-        return states
+        return [self.optimizer.state[param] for param in self.params]
 
     def flat(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
         return np.concatenate([t.detach().numpy().reshape(-1) for t in tensors])
 
     def views(self, flat: np.ndarray) -> list[np.ndarray]:
-        offsets = np.cumsum([0, *self.sizes])
-        return [
-            flat[a:b].reshape(p.shape)
-            for a, b, p in zip(offsets[:-1], offsets[1:], self.params, strict=True)
-        ]
+        parts = np.split(flat, np.cumsum(self.sizes)[:-1])  # views into ``flat``
+        return [part.reshape(p.shape) for part, p in zip(parts, self.params, strict=True)]
 
     def run_epoch(
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
@@ -174,15 +151,17 @@ class NumpyEpoch:
         try:
             with torch.no_grad(), one_blas_thread():
                 for start in range(0, len(order_), batch_size):
-                    stop = start + batch_size
-                    batch = scale_pixels(features[order_[start:stop]])
-                    scaled = one_hot[start:stop]
-                    logits[start:stop] = backpropagate(views, batch, scaled, grad_views)
+                    rows = slice(start, start + batch_size)
+                    batch = scale_pixels(features[order_[rows]])
+                    logits[rows] = backpropagate(views, batch, one_hot[rows], grad_views)
                     update(step + steps + 1, rates[steps])
                     steps += 1
         finally:
             self.write_back(weights, moments, states, step + steps)
-            self.advance_schedule(steps)
+            with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
+                warnings.filterwarnings("ignore", "Detected call of")
+                for _ in range(steps if self.scheduler is not None else 0):
+                    self.scheduler.step()
         correct = int(np.count_nonzero(logits.argmax(axis=1) == targets))
         return cross_entropy_sum(logits, targets), correct
 
@@ -193,13 +172,6 @@ class NumpyEpoch:
         factor, base = self.scheduler.lr_lambdas[0], self.scheduler.base_lrs[0]
         first = self.scheduler.last_epoch
         return [base * factor(first + n) for n in range(steps)]
-
-    def advance_schedule(self, steps: int) -> None:
-        """Leave the schedule and the optimizer's rate where ``steps`` of its steps would."""
-        with warnings.catch_warnings():  # torch counts only ``optimizer.step()`` calls
-            warnings.filterwarnings("ignore", "Detected call of")
-            for _ in range(steps if self.scheduler is not None else 0):
-                self.scheduler.step()
 
     def write_back(self, weights, moments, states, step: float) -> None:
         with torch.no_grad():
@@ -213,17 +185,15 @@ class NumpyEpoch:
 
 
 class Update:
-    """The optimizer's step on the flat buffers, in numpy: Adam's (L2 decay), AdamW's (decoupled
-    decay) or RMSprop's formula, as ``torch.optim`` computes it, with each step's rate."""
+    """The optimizer's step on the flat buffers: Adam's, AdamW's or RMSprop's, as torch's."""
 
     def __init__(self, optimizer, weights, grads, moments) -> None:
         group = optimizer.param_groups[0]
         self.weights, self.grads, self.moments = weights, grads, moments
         self.decay, self.eps = group["weight_decay"], group["eps"]
         self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
-        self.decoupled = isinstance(optimizer, torch.optim.AdamW) or bool(
-            group.get("decoupled_weight_decay")
-        )
+        adamw = isinstance(optimizer, torch.optim.AdamW)
+        self.decoupled = adamw or bool(group.get("decoupled_weight_decay"))
         self.betas = (0.0, group["alpha"]) if self.rmsprop else tuple(group["betas"])
         self.scratch = np.empty_like(weights)
 
@@ -234,29 +204,19 @@ class Update:
             weights *= np.float32(1.0 - lr * self.decay)
         elif self.decay:
             grads += np.float32(self.decay) * weights
-        if self.rmsprop:
-            (square,) = self.moments
-            square *= np.float32(beta2)
-            np.multiply(grads, grads, out=scratch)
-            scratch *= np.float32(1.0 - beta2)
-            square += scratch
-            np.sqrt(square, out=scratch)
-            scratch += np.float32(self.eps)
-            np.divide(grads, scratch, out=scratch)
-            scratch *= np.float32(-lr)
-            weights += scratch
-            return
-        average, square = self.moments
-        np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
-        scratch *= np.float32(1.0 - beta1)
-        average += scratch
+        average, square = self.moments[0], self.moments[-1]  # RMSprop has no average
+        if not self.rmsprop:
+            np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
+            scratch *= np.float32(1.0 - beta1)
+            average += scratch
         square *= np.float32(beta2)
         np.multiply(grads, grads, out=scratch)
         scratch *= np.float32(1.0 - beta2)
         square += scratch
         np.sqrt(square, out=scratch)
-        scratch *= np.float32(1.0 / (1.0 - beta2**step) ** 0.5)
+        if not self.rmsprop:
+            scratch *= np.float32(1.0 / (1.0 - beta2**step) ** 0.5)
         scratch += np.float32(self.eps)
-        np.divide(average, scratch, out=scratch)
-        scratch *= np.float32(-lr / (1.0 - beta1**step))
+        np.divide(grads if self.rmsprop else average, scratch, out=scratch)
+        scratch *= np.float32(-lr / (1.0 - beta1**step))  # RMSprop: beta1 0, so -lr exactly
         weights += scratch

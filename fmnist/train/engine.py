@@ -1,21 +1,16 @@
-"""The one training engine for every model: ``fit`` trains, ``evaluate`` scores.
-
-In the spirit of pytorch/examples' mnist train/test pair and timm's dict-returning epoch
-functions: a ``TrainConfig`` of plain values in, a per-epoch metrics dict out, handed to an
-``on_epoch_end`` callback that the caller uses for MLflow logging or Optuna pruning (the engine
-imports neither, nor any concrete model: a caller may pass a faster epoch, ``epoch_runner``).
-Data stays in memory (on the GPU when training there) and batches are index slices; uint8
-images become float in [0, 1] per batch. Metrics accumulate on the device and are
-read once per epoch, so a GPU run has no per-batch host synchronisation. The best epoch's weights
-(by validation accuracy) are restored at the end, as the study does; a NaN or infinite loss
-raises ``TrainingDiverged``.
+"""The one training engine: ``fit`` trains any model from a ``TrainConfig`` and hands each epoch's
+metrics to ``on_epoch_end`` (logging, pruning: the engine imports neither, nor a concrete model),
+``evaluate`` scores. Metrics are read from the device once per epoch; the best epoch is restored;
+a NaN loss raises ``TrainingDiverged``. Progress: a tqdm bar in a terminal, else a line an epoch.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,23 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.augment import flip_averaged_probabilities, make_augment
+from fmnist.augment import flip_averaged_log_probabilities, make_augment
 from fmnist.data import Split, iterate_batches, scale_pixels, shuffled_order
 from fmnist.errors import TrainingDiverged
 from fmnist.train.optim import WeightEMA, autocast_for, make_optimizer, make_scheduler
-from fmnist.train.progress import EpochLines, epoch_bar
 from fmnist.train.settings import TrainConfig
 from fmnist.train.state import Best, Trainer, capture_state, restore_state, snapshot
 
+try:
+    from tqdm import tqdm
+except ImportError:  # a bare GPU machine may lack tqdm: the bars are then silent
+    tqdm = None
+
 EpochCallback = Callable[[int, dict[str, float]], None]
-# ``on_checkpoint(epoch, state)``: ``state`` is everything ``fit(resume=state)`` needs to go on.
+# ``on_checkpoint(epoch, state)``: ``state`` is what ``fit(resume=state)`` goes on from
 CheckpointCallback = Callable[[int, dict[str, Any]], None]
 
 
 class EpochRunner(Protocol):
-    """A whole training epoch without autograd (the dense network's numpy loop), used when the
-    settings are plain: ``fit``'s ``epoch_runner(model, optimizer, scheduler)`` returns one, or
-    None (it also steps the schedule, if it takes it)."""
+    """A whole epoch without autograd (the dense network's numpy loop; it steps the schedule)."""
 
     def run_epoch(
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
@@ -71,14 +68,8 @@ def make_runner(
     model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner=None
 ) -> EpochRunner | None:
     """``epoch_runner``'s runner when the settings allow one, else None (autograd)."""
-    fancy = (
-        trainer.ema
-        or cfg.label_smoothing
-        or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-        or cfg.bf16
-        or cfg.compile
-    )
-    if fancy or epoch_runner is None:
+    fancy = (trainer.ema, cfg.label_smoothing, cfg.bf16, cfg.compile)
+    if epoch_runner is None or any(fancy) or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing):
         return None
     return epoch_runner(model, trainer.optimizer, trainer.scheduler)
 
@@ -91,10 +82,7 @@ def train_one_epoch(
     runner: EpochRunner | None = None,
     progress=None,
 ) -> dict[str, float]:
-    """One pass over ``split`` in shuffled batches; returns mean loss and accuracy.
-
-    ``runner``, when given, runs the whole epoch on the same shuffled order.
-    """
+    """One pass over ``split`` in shuffled batches (by ``runner`` if given): loss, accuracy."""
     model.train()
     n, device = len(split), torch.device(cfg.device)
     if not n:
@@ -106,18 +94,22 @@ def train_one_epoch(
             progress.update(math.ceil(n / cfg.batch_size))
         return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
     augment = make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-    # Per-batch results are kept and reduced once per epoch: fewer tensor ops per step (they
-    # dominate small models) and no host synchronisation on a GPU.
+    # reduced once per epoch: fewer ops per step, no host synchronisation on a GPU
     losses, predictions, order = [], [], []
-    batches = iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device)
-    for index in batches:
+    for index in iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device):
         inputs, targets = scale_pixels(split.images[index]), split.labels[index]
         if augment is not None:
             inputs = augment(inputs, None)
         with autocast_for(device, cfg.bf16):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-        step(loss, trainer)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        if trainer.scheduler is not None:
+            trainer.scheduler.step()
+        if trainer.ema is not None:
+            trainer.ema.update(trainer.model)
         losses.append(loss.detach())
         predictions.append(logits.detach().argmax(dim=1))
         order.append(index)
@@ -127,17 +119,6 @@ def train_one_epoch(
     loss_sum = (torch.stack(losses).float() * sizes).sum()
     correct = (torch.cat(predictions) == split.labels[torch.cat(order)]).sum()
     return {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
-
-
-def step(loss: torch.Tensor, trainer: Trainer) -> None:
-    """Backward, optimizer step, schedule step, weight average."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    trainer.optimizer.step()
-    if trainer.scheduler is not None:
-        trainer.scheduler.step()
-    if trainer.ema is not None:
-        trainer.ema.update(trainer.model)
 
 
 @torch.no_grad()
@@ -157,11 +138,8 @@ def predict_logits(
     for index in iterate_batches(images.shape[0], batch_size, device=images.device):
         inputs = scale_pixels(images[index].to(device, non_blocking=True))
         with autocast_for(device, bf16):
-            if tta_flip:
-                logits = flip_averaged_probabilities(model, inputs).clamp_min(1e-12).log()
-            else:
-                logits = model(inputs).float()
-        outputs.append(logits)
+            logits = flip_averaged_log_probabilities(model, inputs) if tta_flip else model(inputs)
+        outputs.append(logits.float())
     return torch.cat(outputs) if outputs else torch.empty(0, 10, device=device)
 
 
@@ -174,7 +152,6 @@ def evaluate(
     tta_flip: bool = False,
 ) -> EvalResult:
     """Loss, accuracy, predicted labels and probabilities on ``split``."""
-    device = torch.device(device)
     logits = predict_logits(model, split.images, batch_size, device, bf16, tta_flip)
     labels = split.labels.to(logits.device)
     loss = float(F.cross_entropy(logits, labels)) if len(split) else float("nan")
@@ -182,12 +159,6 @@ def evaluate(
     predictions = probabilities.argmax(dim=-1)
     accuracy = float((predictions == labels).float().mean()) if len(split) else float("nan")
     return EvalResult(loss, accuracy, predictions.cpu().numpy(), probabilities.cpu().numpy())
-
-
-def move_split(split: Split, device: torch.device) -> Split:
-    if split.images.device == device:
-        return split
-    return Split(split.images.to(device), split.labels.to(device))
 
 
 def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
@@ -212,34 +183,23 @@ def fit(
     resume: dict[str, Any] | None = None,
     epoch_runner: Callable[..., EpochRunner | None] | None = None,
 ) -> FitResult:
-    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy.
-
-    ``on_epoch_end(epoch, metrics)`` receives train/val loss and accuracy, learning rate, epoch
-    time and images per second after every epoch; it may raise to stop training (pruning).
-    With ``ema_decay`` the validation and the restored weights are those of the weight average.
-    ``on_checkpoint(epoch, state)`` gets the full training state every ``checkpoint_every``
-    epochs and after the last one; ``fit(..., resume=state)`` with the same settings goes on from
-    it to ``epochs`` and ends exactly where an uninterrupted run would (same RNG streams).
-    ``epoch_runner(model, optimizer, scheduler)`` may offer a faster epoch than autograd's.
-    """
+    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy (of the
+    weight average with ``ema_decay``). ``on_epoch_end`` may raise to stop (pruning); a state
+    from ``on_checkpoint`` resumed with the same settings ends exactly as an unbroken run."""
     cfg.check()
     device = torch.device(cfg.device)
     model.to(device)
-    train, val = move_split(train, device), move_split(val, device)
+    train, val = (Split(s.images.to(device), s.labels.to(device)) for s in (train, val))
     steps = math.ceil(len(train) / cfg.batch_size)
     trainer = make_trainer(model, cfg, steps)
     run = FitRun(model, train, val, cfg, trainer, steps, epoch_runner)
     if resume is not None:
         run.resume_from(resume)
     run.train(on_epoch_end, on_checkpoint)
-    model.load_state_dict(run.best.state)
+    best = run.best
+    model.load_state_dict(best.state)
     return FitResult(
-        run.history,
-        run.best.epoch,
-        run.best.val_accuracy,
-        run.best.state,
-        run.seconds(),
-        run.stopped_early,
+        run.history, best.epoch, best.val_accuracy, best.state, run.seconds(), run.stopped_early
     )
 
 
@@ -276,20 +236,12 @@ class FitRun:
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
             patience = cfg.early_stopping_patience
-            if patience and epoch - self.best.epoch >= patience:
-                self.stopped_early = True
+            self.stopped_early = bool(patience) and epoch - self.best.epoch >= patience
             last = epoch == cfg.epochs or self.stopped_early
             every = cfg.checkpoint_every
             if on_checkpoint is not None and (last or (every and epoch % every == 0)):
-                state = capture_state(
-                    epoch,
-                    self.trainer,
-                    self.history,
-                    self.best,
-                    self.seconds(),
-                    self.stopped_early,
-                )
-                on_checkpoint(epoch, state)
+                done = (self.history, self.best, self.seconds(), self.stopped_early)
+                on_checkpoint(epoch, capture_state(epoch, self.trainer, *done))
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch, validate, keep the best weights; return the epoch's metrics."""
@@ -300,25 +252,57 @@ class FitRun:
             train_metrics = train_one_epoch(
                 self.train_model, self.train_split, self.trainer, cfg, self.runner, progress
             )
-        if not math.isfinite(train_metrics["train_loss"]):
-            raise TrainingDiverged(
-                f"training loss became {train_metrics['train_loss']} in "
-                f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})."
-            )
+        if not math.isfinite(loss := train_metrics["train_loss"]):
+            where = f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})"
+            raise TrainingDiverged(f"training loss became {loss} in {where}.")
         scored = self.trainer.ema.model if self.trainer.ema is not None else self.model
         result = evaluate(
             scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
         )
         seconds = time.perf_counter() - started
-        metrics = {
-            **train_metrics,
-            "val_loss": result.loss,
-            "val_accuracy": result.accuracy,
-            "lr": current_lr,
-            "epoch_seconds": seconds,
-            "images_per_second": len(self.train_split) / seconds,
-        }
+        metrics = {**train_metrics, "val_loss": result.loss, "val_accuracy": result.accuracy}
+        speed = len(self.train_split) / seconds
+        metrics.update(lr=current_lr, epoch_seconds=seconds, images_per_second=speed)
         self.history.append({"epoch": epoch, **metrics})
         if result.accuracy > self.best.val_accuracy:
             self.best = Best(epoch, result.accuracy, snapshot(scored))
         return metrics
+
+
+def epoch_bar(steps: int, epoch: int, epochs: int, quiet: bool):
+    """A tqdm bar for one epoch, silent when quiet or when stderr is not a terminal."""
+    if tqdm is None:
+        return nullcontext()
+    disable = quiet or not sys.stderr.isatty()
+    desc = f"epoch {epoch}/{epochs}"
+    return tqdm(total=steps, desc=desc, leave=False, disable=disable, mininterval=0.5)
+
+
+class EpochLines:
+    """One line per epoch on stderr when it is not a terminal (where bars are silent): epochs
+    shorter than ``min_interval`` seconds share one, and the last epoch always has one."""
+
+    def __init__(
+        self, label: str, epochs: int, first_epoch: int, quiet: bool, min_interval: float = 5.0
+    ) -> None:
+        self.label, self.epochs, self.first_epoch = label or "training", epochs, first_epoch
+        self.enabled, self.min_interval = not quiet and not sys.stderr.isatty(), min_interval
+        self.started = self.printed = time.perf_counter()
+
+    def epoch_done(self, epoch: int, val_accuracy: float) -> None:
+        now = time.perf_counter()
+        due = now - self.printed >= self.min_interval or epoch == self.epochs
+        if not self.enabled or not due:
+            return
+        self.printed, elapsed = now, now - self.started
+        left = elapsed / (epoch - self.first_epoch + 1) * (self.epochs - epoch)
+        line = f"[{self.label}] epoch {epoch}/{self.epochs}: val_accuracy {val_accuracy:.4f}, "
+        line += f"{elapsed:.0f} s so far, about {format_duration(left)} left"
+        print(line, file=sys.stderr, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
+    hours, rest = divmod(max(0, round(seconds)), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

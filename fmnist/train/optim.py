@@ -1,7 +1,5 @@
-"""Optimizers, learning-rate schedules, the weight average and bf16 autocast, built by name.
-
-Everything here turns a ``TrainConfig``'s plain values into torch objects for the engine; nothing
-here knows a model family.
+"""Optimizers, learning-rate schedules, the weight average and bf16 autocast, built by name from
+a ``TrainConfig``'s plain values; nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 from fmnist.errors import ConfigError
 from fmnist.train.settings import OPTIMIZERS, SCHEDULES
@@ -20,9 +20,8 @@ from fmnist.train.settings import OPTIMIZERS, SCHEDULES
 
 def make_optimizer(
     name: str, params, lr: float, weight_decay: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """Build an optimizer by name; weight decay is the study's L2 regularisation."""
-    # Fused kernels cut the per-step overhead that dominates small models.
+) -> Optimizer:
+    """An optimizer by name; fused kernels cut the per-step overhead of small models."""
     fused = device.type in {"cpu", "cuda"}
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
@@ -38,11 +37,7 @@ def make_optimizer(
 
 
 def make_scheduler(
-    name: str | None,
-    optimizer: torch.optim.Optimizer,
-    lr: float,
-    epochs: int,
-    steps_per_epoch: int,
+    name: str | None, optimizer: Optimizer, lr: float, epochs: int, steps_per_epoch: int
 ):
     """Per-step LR schedule, or None."""
     if not name or name == "none":
@@ -50,36 +45,22 @@ def make_scheduler(
     total = epochs * steps_per_epoch
     if name == "onecycle":
         # torch's OneCycleLR divides by zero when the warm-up is exactly one step (4 in all)
-        pct_start = 0.25 if total != 4 else 0.5
-        return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=lr,
-            total_steps=total,
-            pct_start=pct_start,
-            div_factor=10.0,
-            final_div_factor=100.0,
+        pct = 0.25 if total != 4 else 0.5
+        return OneCycleLR(
+            optimizer, lr, total, pct_start=pct, div_factor=10.0, final_div_factor=100.0
         )
-    if name == "cosine":
-        # CosineAnnealingLR's values in closed form, as a LambdaLR: the dense network's numpy
-        # epoch (``dense_loop``) runs a LambdaLR's rates itself, with the same numbers
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine(step, total))
+    if name == "cosine":  # CosineAnnealingLR's values, as a LambdaLR the numpy epoch runs itself
+        return LambdaLR(
+            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1)))
+        )
     if name == "triangle":
-        # airbench's schedule: a linear rise from lr/5 over the first fifth of the steps, then a
-        # linear fall to zero; momentum stays fixed (SGD's 0.9).
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: triangle(step, total, max(1, round(0.2 * total)))
-        )
+        warmup = max(1, round(0.2 * total))  # airbench's; momentum stays fixed
+        return LambdaLR(optimizer, lambda step: triangle(step, total, warmup))
     raise ConfigError(f"Unknown schedule {name!r} (known: {', '.join(SCHEDULES)}).")
 
 
-def cosine(step: int, total: int) -> float:
-    """The ``cosine`` schedule's factor at ``step`` of ``total``: from 1 down to 0 (the values
-    of ``CosineAnnealingLR``, whose recursion they can differ from in the last bit)."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
 def triangle(step: int, total: int, warmup: int) -> float:
-    """The ``triangle`` schedule's factor at ``step`` of ``total``."""
+    """The ``triangle`` factor: a linear rise from 0.2 over ``warmup`` steps, a fall to 0."""
     if step < warmup:
         return 0.2 + 0.8 * step / warmup
     return max(0.0, (total - step) / max(1, total - warmup))
@@ -90,9 +71,7 @@ class WeightEMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
-        self.model = copy.deepcopy(model).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
@@ -102,23 +81,19 @@ class WeightEMA:
             ema_buf.copy_(buf)
 
 
-def cpu_bf16_supported() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX, read from the kernel's CPU
-    flags); emulated bf16 is slower than float32."""
+def bf16_active(device: torch.device, bf16: bool) -> bool:
+    """Whether ``bf16`` autocast runs there: on CUDA and on CPUs with native (fast) bf16."""
+    if not bf16 or device.type != "cpu":
+        return bf16 and device.type == "cuda"
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def bf16_active(device: torch.device, bf16: bool) -> bool:
-    """Whether ``bf16`` autocast really runs there: on CUDA, and on CPUs with native bf16."""
-    return bf16 and (device.type == "cuda" or (device.type == "cpu" and cpu_bf16_supported()))
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_for(device: torch.device, bf16: bool):
-    """bf16 autocast for the forward pass where it is active (``bf16_active``); else a no-op."""
+    """bf16 autocast where it is active, else a no-op."""
     if bf16_active(device, bf16):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

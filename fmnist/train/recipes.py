@@ -1,13 +1,6 @@
-"""What to train, as the files in ``experiments/`` say: CNN recipes, dense grids, search spaces.
-
-A ``CnnRecipe`` (``experiments/cnn/``) and a ``DnnGrid`` (``experiments/dnn_*.yaml``) are each a
-``TrainConfig`` (every training setting, declared there once) plus what they add: a recipe its
-architecture and how the logged model predicts, a grid its values and a rate per optimizer. A
-search-space file (``experiments/cnn_search.yaml``) names a base recipe and the keys a search
-samples: a training setting, an option of the recipe's architecture (a parameter of its builder)
-or ``augment``; each key's type comes from that declaration. Every file is validated on load,
-naming the file and the key, before any run exists. ``build_classifier`` is the one way a recipe
-becomes a network (``fmnist cnn``, the CNN search and the GPU scripts).
+"""What to train, as ``experiments/`` says: a CNN recipe or a dense grid is a ``TrainConfig`` plus
+an architecture or a grid of values; a CNN search space names a base recipe and the keys it
+samples, typed by their declarations. Every file is validated on load, naming the file and key.
 """
 
 from __future__ import annotations
@@ -36,8 +29,7 @@ RECIPE_DIR = "cnn"  # recipes live in experiments/cnn/
 
 @dataclass(frozen=True)
 class CnnRecipe(TrainConfig):
-    """One ``experiments/cnn/<name>.yaml``: every ``TrainConfig`` setting (not where to run),
-    the architecture spec, and how the logged model predicts."""
+    """One ``experiments/cnn/<name>.yaml``: training settings, architecture, how it predicts."""
 
     model: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -50,8 +42,7 @@ def load_recipe(
     changes: Mapping[str, Any] | None = None,
     model_changes: Mapping[str, Any] | None = None,
 ) -> CnnRecipe:
-    """Read a recipe, apply ``changes`` (recipe fields) and ``model_changes`` (spec keys), and
-    validate the result: an invalid setting or architecture fails before any run exists."""
+    """A recipe with ``changes`` (its fields) and ``model_changes`` (spec keys), validated."""
     recipe = load_definition(name_or_path, CnnRecipe, subdir=RECIPE_DIR)
     where = f"recipe {name_or_path}"
     placed = [key for key in RUN_FIELDS if getattr(recipe, key) != getattr(TrainConfig, key)]
@@ -68,9 +59,8 @@ def change_recipe(
 ) -> CnnRecipe:
     """The recipe with other values, validated (errors name ``where`` and the key)."""
     try:
-        recipe = dataclasses.replace(
-            recipe, model={**recipe.model, **(model_changes or {})}, **dict(changes or {})
-        )
+        model = {**recipe.model, **(model_changes or {})}
+        recipe = dataclasses.replace(recipe, model=model, **dict(changes or {}))
         train_config(recipe).check()
     except ConfigError as exc:
         raise ConfigError(f"{where}: key {exc.key!r}: {exc}", key=exc.key) from None
@@ -89,12 +79,8 @@ def model_spec(recipe: CnnRecipe) -> dict[str, Any]:
 
 
 def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None) -> nn.Module:
-    """The recipe's untrained network (logits out); a bad architecture is a ``ConfigError``.
-
-    With ``train_images`` (uint8 or [0, 1]) a network with data-dependent initialisation (the
-    ``whitened`` arch's patch whitening) is fitted to them; a network rebuilt to load trained
-    weights needs none. Channels-last memory when the recipe says.
-    """
+    """The recipe's untrained network (a bad architecture is a ``ConfigError``); a data-dependent
+    initialisation (whitening) is fitted to ``train_images`` when given."""
     try:
         model = build_model(model_spec(recipe))
     except (TypeError, ValueError) as exc:
@@ -107,12 +93,9 @@ def build_classifier(recipe: CnnRecipe, train_images: torch.Tensor | None = None
     return model
 
 
-# --- dense grids ----------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class DnnGrid(TrainConfig):
-    """A grid file: its values, a rate per optimizer, and the training settings of every point."""
+    """A grid file: its values, a rate per optimizer, the training settings of every point."""
 
     hidden: tuple[tuple[int, ...], ...] = ()
     optimizers: tuple[str, ...] = ()
@@ -133,23 +116,21 @@ PER_POINT = ("optimizer", "lr", "batch_size")  # set by each point, not by the g
 
 
 def grid_extras(grid: DnnGrid) -> dict[str, Any]:
-    """The settings this grid sets beyond the study's (what its runs log in addition)."""
+    """The settings this grid sets beyond the study's (its runs log them too)."""
     defaults, values = DnnGrid(), dataclasses.asdict(grid)
     skip = {*GRID_KEYS, *PER_POINT, *RUN_FIELDS, "epochs", "description", "weight_decay"}
     return {k: v for k, v in values.items() if k not in skip and v != getattr(defaults, k)}
 
 
 def grid_identity(grid: DnnGrid) -> dict[str, Any]:
-    """What names the grid's study: the study's keys, and the others only when set (a study
-    grid keeps the name, so the resumable study, it always had). Not the epochs: the search's
-    identity holds those, however chosen."""
+    """What names the grid's study: the study's keys, the others only when set (so a study grid
+    keeps its name). Not the epochs: the search's identity holds those."""
     own = {k: getattr(grid, k) for k in (*GRID_KEYS, "weight_decay", "description")}
     return {**own, **grid_extras(grid)}
 
 
 def load_grid(name_or_path: str) -> DnnGrid:
-    """Load and check a grid file; every problem names the file and the key. Its training
-    settings are checked as ``TrainConfig`` checks them, for every optimizer and batch size."""
+    """Load and check a grid file, its training settings for every point included."""
     grid = load_definition(name_or_path, DnnGrid)
     where = definition_path(name_or_path)
     for key in (*PER_POINT, *RUN_FIELDS):
@@ -190,8 +171,6 @@ def parse_hidden(key: str) -> list[int]:
     return [int(width) for width in str(key).split("-")]
 
 
-# --- CNN search spaces ------------------------------------------------------------------------
-
 RANGE_FIELDS = frozenset({"low", "high", "log", "step"})
 AUGMENT = "augment"
 
@@ -207,8 +186,7 @@ class SpaceFile:
 
 
 def key_types(base: CnnRecipe) -> dict[str, tuple[str, type]]:
-    """Every key a space may sample: where it goes (``recipe``, ``model``, ``augment``) and its
-    type, from ``TrainConfig``'s fields and the architecture builder's parameters."""
+    """Every key a space may sample: where it goes (recipe, model, augment) and its type."""
     hints = typing.get_type_hints(TrainConfig)
     keys = {name: ("recipe", hints[name]) for name in HYPERPARAMETERS if name != "epochs"}
     builder = builder_for(base.model.get("arch", "paper"))
@@ -234,10 +212,8 @@ class Dimension:
         if self.kind == "categorical":
             return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            step = int(self.step or 1)
-            return trial.suggest_int(
-                self.key, int(self.low), int(self.high), step=step, log=self.log
-            )
+            low, high, step = int(self.low), int(self.high), int(self.step or 1)
+            return trial.suggest_int(self.key, low, high, step=step, log=self.log)
         return trial.suggest_float(self.key, self.low, self.high, step=self.step, log=self.log)
 
     def contains(self, value: Any) -> bool:
@@ -253,18 +229,22 @@ class Dimension:
 
 
 def load_space(name_or_path: str) -> tuple[SpaceFile, tuple[Dimension, ...], CnnRecipe, Path]:
-    """Load and check a space file and its base recipe; every problem names the file and key."""
+    """Load and check a space file and its base recipe."""
     where = definition_path(name_or_path)
     space = load_definition(name_or_path, SpaceFile)
     if not space.params:
         raise ConfigError(f"{where}: key 'params' must name at least one key to sample.")
     if space.startup_trials < 1:
         raise ConfigError(f"{where}: key 'startup_trials' must be at least 1.")
-    base = load_base_recipe(where, space.recipe)
+    name, near = space.recipe, where.parent / space.recipe  # a path is relative to the space
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute() and near.is_file():
+        name = str(near)
+    try:
+        base = load_recipe(name)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: key 'recipe': {exc}") from None
     types = key_types(base)
-    dimensions = tuple(
-        parse_dimension(where, key, value, types) for key, value in space.params.items()
-    )
+    dimensions = tuple(parse_dimension(where, k, v, types) for k, v in space.params.items())
     for dimension in dimensions:
         for value in dimension.choices or (dimension.low, dimension.high):
             try:
@@ -279,9 +259,8 @@ def parse_dimension(where: Path, key: str, value: Any, types: Mapping[str, tuple
     """A list is a set of choices, a mapping a range; the values must have the key's type."""
     at = f"{where}: key 'params.{key}'"
     if key not in types:
-        raise ConfigError(
-            f"{where}: unknown key 'params.{key}' (allowed: {', '.join(sorted(types))})."
-        )
+        allowed = ", ".join(sorted(types))
+        raise ConfigError(f"{where}: unknown key 'params.{key}' (allowed: {allowed}).")
     kind = types[key][1]
     if isinstance(value, list):
         if not value:
@@ -319,20 +298,9 @@ def parse_dimension(where: Path, key: str, value: Any, types: Mapping[str, tuple
     return Dimension(key, kind_name, low=low, high=high, log=log, step=step)
 
 
-def load_base_recipe(where: Path, name: str) -> CnnRecipe:
-    """The base recipe: a name in experiments/cnn, or a YAML path (relative to the space file)."""
-    candidate = where.parent / name
-    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute() and candidate.is_file():
-        name = str(candidate)
-    try:
-        return load_recipe(name)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: key 'recipe': {exc}") from None
-
-
 def apply_params(base: CnnRecipe, params: Mapping[str, Any], epochs: int | None = None):
-    """The base recipe with sampled values in place, validated; ``augment`` on keeps the base
-    recipe's crop/flip (padding 2 and flip where it has none), off removes them."""
+    """The base recipe with sampled values, validated; ``augment`` on keeps the base's crop and
+    flip (padding 2 and flip where it has none), off removes them."""
     types = key_types(base)
     model, changes = {}, {} if epochs is None else {"epochs": epochs}
     for key, value in params.items():

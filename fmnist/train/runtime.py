@@ -1,7 +1,4 @@
-"""Where and how reproducibly to run: seeding every random source and picking a device.
-
-Seeding covers Python, numpy and torch so that a CPU run is repeatable for a seed.
-"""
+"""Where and how reproducibly to run: seeding Python, numpy and torch, and picking a device."""
 
 from __future__ import annotations
 
@@ -18,9 +15,7 @@ def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
+    return torch.Generator().manual_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

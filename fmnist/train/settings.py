@@ -1,10 +1,6 @@
-"""``TrainConfig``: every setting of one ``fit`` call as plain values, in one frozen dataclass.
-
-A recipe (``fmnist.train.recipes.CnnRecipe`` extends it), a grid point and a test all describe
-training the same way; every list of training settings (what a recipe file may set, what a
-search may sample, what a run logs) is derived from these fields, and ``check`` is where each
-one's valid values are defined. Augmentation is described by its settings, not by a function,
-so a config can be logged, compared and stored in a checkpoint as it is.
+"""``TrainConfig``: every setting of one ``fit`` call as plain values in a frozen dataclass.
+Recipes and grids extend it, every list of training settings derives from its fields, and
+``RULES`` defines each one's valid values.
 """
 
 from __future__ import annotations
@@ -47,11 +43,9 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between ``on_checkpoint`` calls (and after the last)
 
     def check(self) -> TrainConfig:
-        """Reject impossible settings before any training or run starts; the error names the
-        field (``ConfigError.key``). Returns the config."""
+        """Reject impossible settings (``ConfigError.key`` names the field); returns the config."""
         for name, (valid, rule) in RULES.items():
-            value = getattr(self, name)
-            if not valid(value):
+            if not valid(value := getattr(self, name)):
                 raise ConfigError(f"{name} {rule}, got {value!r}.", key=name)
         return self
 
@@ -59,7 +53,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Each checked field: (valid?, the rule in words).
+# checked field -> (valid?, the rule in words)
 RULES = {
     "optimizer": (lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
     "lr": (lambda v: v > 0, "must be positive"),
@@ -75,11 +69,10 @@ RULES = {
     "val_batch_size": (lambda v: v > 0, "must be positive"),
     "checkpoint_every": (lambda v: v >= 0, "must not be negative"),
 }
-# Fields that say where and how to run, not what is trained: not a trial's hyperparameters.
+# where and how to run, not what is trained
 RUN_FIELDS = ("device", "seed", "quiet", "label", "checkpoint_every")
-HYPERPARAMETERS = tuple(
-    f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_FIELDS
-)
+FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
+HYPERPARAMETERS = tuple(name for name in FIELDS if name not in RUN_FIELDS)
 
 
 def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
@@ -88,6 +81,5 @@ def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def train_config(settings: Any, **run: Any) -> TrainConfig:
-    """The ``TrainConfig`` part of ``settings`` (a recipe, or any object with those fields),
-    with ``run``'s values (device, seed, quiet, ...) set."""
+    """The ``TrainConfig`` part of ``settings`` (a recipe...), with ``run``'s values set."""
     return TrainConfig(**{name: getattr(settings, name) for name in HYPERPARAMETERS}, **run)

@@ -1,9 +1,5 @@
-"""The training state as plain tensors: what a checkpoint holds and how ``fit`` resumes from it.
-
-``capture_state`` gathers everything needed to go on after an epoch exactly as if never stopped
-(weights, optimizer and schedule state, weight average, RNG streams, history, best-so-far);
-``restore_state`` loads it back. Only tensors and plain Python values, on the CPU, so
-``torch.load(weights_only=True)`` reads a checkpoint back without unpickling code.
+"""The training state a checkpoint holds and ``fit`` resumes from: CPU tensors and plain values
+only, so ``torch.load(weights_only=True)`` reads it back without unpickling code.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_cpu(value: Any) -> Any:
-    """A copy of nested dicts / lists of tensors with every tensor on the CPU."""
+    """A copy of nested dicts and lists with every tensor on the CPU."""
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().clone()
     if isinstance(value, dict):
@@ -45,7 +41,7 @@ def to_cpu(value: Any) -> Any:
 
 @dataclass
 class Trainer:
-    """The objects ``fit`` trains with (what a checkpoint captures and a resume restores)."""
+    """The objects ``fit`` trains with."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -55,12 +51,7 @@ class Trainer:
 
 
 def capture_state(
-    epoch: int,
-    trainer: Trainer,
-    history: list[dict[str, float]],
-    best: Best,
-    seconds: float,
-    stopped_early: bool,
+    epoch: int, trainer: Trainer, history: list, best: Best, seconds: float, stopped_early: bool
 ) -> dict[str, Any]:
     """Everything needed to go on after ``epoch`` exactly as if never stopped (CPU tensors)."""
     return {
@@ -86,16 +77,13 @@ def restore_state(state: dict[str, Any], trainer: Trainer, device: torch.device)
     """Load a ``capture_state`` dict into the training objects; return the best-so-far record."""
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"Unknown checkpoint format {state.get('format')!r}.")
-    if (state["scheduler"] is None) != (trainer.scheduler is None) or (state["ema"] is None) != (
-        trainer.ema is None
-    ):
+    pairs = ((state["scheduler"], trainer.scheduler), (state["ema"], trainer.ema))
+    if any((saved is None) != (live is None) for saved, live in pairs):
         raise ConfigError("The checkpoint was made with another schedule or weight averaging.")
     trainer.model.load_state_dict(state["model"])
-    # moves the optimizer state to the parameters' device
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.optimizer.load_state_dict(state["optimizer"])  # onto the parameters' device
     if trainer.scheduler is not None:
         if set(trainer.scheduler.state_dict()) != set(state["scheduler"]):
-            # e.g. a cosine run checkpointed before cosine became a closed-form LambdaLR
             raise ConfigError(
                 "The checkpoint was made with another kind of schedule (an earlier version's "
                 f"{type(trainer.scheduler).__name__} differs); start the run afresh."
