@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist.data import write_synthetic_dataset
+from tests.helpers import write_synthetic_dataset
 
 os.environ["FMNIST_OFFLINE"] = "1"
 if os.environ.get("PYTEST_XDIST_WORKER"):

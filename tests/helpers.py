@@ -4,13 +4,17 @@ snippet, in a subprocess."""
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, raw_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,3 +142,30 @@ def search_table(run_id: str):
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="search/table.json")
     table = json.loads(Path(path).read_text())
     return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array in IDX format."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(f">I{array.ndim}I", 2051 if array.ndim == 3 else 2049, *array.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + array.tobytes())
+
+
+def write_synthetic_dataset(
+    root: Path, n_train: int = 200, n_test: int = 50, seed: int = 0
+) -> Path:
+    """A tiny learnable look-alike (a bright pattern per class plus noise) in the raw layout."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.integers(0, 256, size=(NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE))
+    prototypes = (prototypes > 160).astype(np.float64) * 200.0
+
+    folder = raw_dir(Path(root))
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % NUM_CLASSES
+        rng.shuffle(labels)
+        noise = rng.normal(0.0, 40.0, size=(n, IMAGE_SIZE, IMAGE_SIZE))
+        images = np.clip(prototypes[labels] + noise + 20.0, 0, 255).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+    return Path(root)

@@ -19,9 +19,9 @@ from fmnist.data import (
     raw_dir,
     scale_pixels,
     split_indices,
-    write_idx,
 )
 from fmnist.errors import DataError
+from tests.helpers import write_idx
 
 
 def test_loads_synthetic_files_through_the_real_loader(synthetic_data_dir):

@@ -33,12 +33,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fmnist.cli import cli
-from fmnist.data import read_idx, write_idx
+from fmnist.data import read_idx
 from fmnist.definitions import MAX_DEFINITION_BYTES, MAX_DEPTH, read_yaml
 from fmnist.errors import ConfigError, DataError
 from fmnist.inputs import MAX_IMAGE_PIXELS, load_inputs
 from fmnist.tracking.checkpoints import load_checkpoint_file
 from fmnist.train.recipes import load_grid, load_recipe, load_space
+from tests.helpers import write_idx
 
 FUZZ = settings(
     max_examples=60,

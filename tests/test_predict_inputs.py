@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist.data import write_idx
 from fmnist.errors import DataError
 from fmnist.flows.predict import Prediction, format_predictions, to_predictions
 from fmnist.inputs import load_inputs
+from tests.helpers import write_idx
 
 
 def write_png(path, pixels: np.ndarray) -> None:
