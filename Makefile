@@ -11,6 +11,7 @@ export PATH := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 EXPERIMENT ?= fashion-mnist
 UI_PORT ?= 5000
+UI_URL = http://127.0.0.1:$(UI_PORT)
 
 .DEFAULT_GOAL := help
 .PHONY: help install test test-all lint run demo ui bench clean
@@ -55,7 +56,11 @@ run: $(STAMP) ## Full reproduction of the study: MLproject `main` on the embedde
 demo: $(STAMP) ## The same pipeline with quick=true (a few minutes)
 	$(BIN)/mlflow run . --env-manager local -e main --experiment-name $(EXPERIMENT) -P quick=true
 
+# MLflow 3 opens an experiment on its GenAI overview: the printed link opens its Runs view.
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:$(UI_PORT) against the project's store
+	@$(BIN)/python -c 'import mlflow; from fmnist.tracking.ui import ui_url; \
+		e = mlflow.get_experiment_by_name("$(EXPERIMENT)"); \
+		print("Open", ui_url(e.experiment_id, "$(UI_URL)") if e else "$(UI_URL) (no runs yet)")'
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 bench: $(STAMP) ## Benchmarks against the study's pipeline (needs the real data)

@@ -87,7 +87,7 @@ def dnn_search(**kwargs) -> None:
 @option(
     "checkpoint-every",
     CNN.checkpoint_every,
-    "Log the training state as checkpoints/last.pt every N epochs (0: never).",
+    "Log the training state as a checkpoint every N epochs (0: never).",
     type=click.IntRange(min=0),
 )
 @option(
