@@ -2,12 +2,11 @@
 
 MLflow has no run heartbeat, so a run whose process was killed (SIGKILL, the OOM killer, a lost
 machine) stays RUNNING for good. Every run a command opens is tagged with its process
-(``fmnist.process``: host:pid:start) and beats (``fmnist.alive``: the time, rewritten at most
-every ``BEAT_SECONDS`` by one daemon thread per process). ``end_dead_runs`` ends KILLED the
-RUNNING runs whose process is provably gone (this machine: pid dead or reused), whose beat is
-older than ``FMNIST_RUN_GRACE_SECONDS`` (another machine), or that never beat and started that
-long ago, tagging when it was last seen alive and how its end was detected. Every command runs
-it when it opens the store (``configure``); ``fmnist runs --clean`` runs it on demand.
+(``fmnist.process``: host:pid:start) and beats (``fmnist.alive``, rewritten every
+``BEAT_SECONDS`` by a daemon thread). ``end_dead_runs`` ends KILLED the RUNNING runs whose
+process is gone from this machine, whose beat (or start, if it never beat) is older than
+``FMNIST_RUN_GRACE_SECONDS``, tagging when and how; every command runs it on opening the store
+(``configure``), ``fmnist runs --clean`` on demand.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from fmnist.liveness import is_gone, is_local, process_id
+from fmnist.tracking.resume import search_store
 
 PROCESS_TAG = "fmnist.process"
 ALIVE_TAG = "fmnist.alive"  # seconds since the epoch, rewritten while the process lives
@@ -56,8 +56,7 @@ class Beat:
         """What a run this process opens is tagged with (the first beat)."""
         return {PROCESS_TAG: process_id(), ALIVE_TAG: f"{self.clock():.0f}"}
 
-    def hold(self, run_id: str) -> None:
-        """Beat for the run (tagged with ``tags``) until ``release``."""
+    def hold(self, run_id: str) -> None:  # until ``release``
         with self.lock:
             self.runs.add(run_id)
             if self.thread is None or not self.thread.is_alive():
@@ -84,8 +83,8 @@ CLEANED: set[str] = set()  # the stores this process has cleaned
 
 
 def clean_once(uri: str) -> None:
-    """``end_dead_runs`` on the store ``uri``, once per process (every command's first
-    contact); a failure is left to the command's own first call to report."""
+    """``end_dead_runs`` on the store ``uri``, once per process; a failure is left to the
+    command's own first call to report."""
     if uri in CLEANED:
         return
     CLEANED.add(uri)
@@ -113,11 +112,7 @@ def running_runs(now: float | None = None, grace: float | None = None) -> list[t
     """The store's RUNNING runs: (run, why it is dead or None)."""
     now = time.time() if now is None else now
     grace = grace_seconds() if grace is None else grace
-    client = mlflow.MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)
+    runs = search_store("attributes.status = 'RUNNING'")
     return [(run, dead_reason(run.data.tags, run.info.start_time, now, grace)) for run in runs]
 
 

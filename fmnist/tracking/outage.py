@@ -1,14 +1,12 @@
 """Riding out a tracking server that went away: the state of one outage and its retries.
 
-``Outage`` (one per process, ``OUTAGE``) is what ``fmnist.tracking.runs`` and ``checkpoints``
-call through once a run is open: ``attempt`` tries a write that can wait (an epoch's metrics, a
-checkpoint) and keeps it for later when the server is away, so training goes on; ``ride_out``
-retries a call that must land (a run's end, a trial's start, a final flush) until the server
-answers. Tries back off from 1 s to ``MAX_RETRY_DELAY`` without MLflow's own retries; after
-``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) of silence ``TrackingUnavailable`` stops the
-command. Only connection errors count as an outage: a refusal from a server that answers is
-raised at once, and a request that may have arrived is not sent again where that would write
-twice (a run's creation).
+``OUTAGE`` (one per process) is what ``runs``, ``values`` and ``checkpoints`` call through once a
+run is open: ``attempt`` tries a write that can wait (an epoch's metrics, a checkpoint) and keeps
+it for later when the server is away, so training goes on; ``ride_out`` retries a call that must
+land (a run's end, a trial's start, a final flush). Tries back off from 1 s to
+``MAX_RETRY_DELAY``; after ``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) ``TrackingUnavailable``
+stops the command. Only connection errors count: a refusal is raised at once, and a request that
+may have arrived is not sent again where that would write twice (a run's creation).
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
 from fmnist.errors import FmnistError
@@ -50,7 +48,6 @@ class TrackingUnavailable(FmnistError):
 
 
 def outage_seconds() -> float:
-    """How long a command waits for a tracking server that went away (``OUTAGE_ENV``)."""
     text = os.environ.get(OUTAGE_ENV, "").strip()
     try:
         return max(0.0, float(text)) if text else DEFAULT_OUTAGE_SECONDS
@@ -64,6 +61,15 @@ def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
     if any(marker in text for marker in NOT_SENT_MARKERS):
         return True
     return resend_safe and any(marker in text for marker in MAYBE_SENT_MARKERS)
+
+
+def error_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it came from (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 class Outage:
@@ -112,7 +118,15 @@ class Outage:
             ) from exc
         self.next_try = now + self.delay
 
-    def recovered(self) -> None:
+    def call(self, action, resend_safe: bool, retries: bool) -> tuple[bool, object]:
+        """One try of ``action``: (True, its result), or (False, None) when the server is away.
+        ``retries``: MLflow's own HTTP retries (off, this object's back-off decides instead)."""
+        try:
+            with nullcontext() if retries else no_http_retries():
+                result = action()
+        except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
+            self.failed(exc, resend_safe)
+            return False, None
         if self.since is not None:
             print(
                 f"The MLflow tracking server answers again after "
@@ -121,41 +135,20 @@ class Outage:
                 flush=True,
             )
         self.since = None
+        return True, result
 
     def attempt(self, action, resend_safe: bool = True) -> bool:
         """Call ``action`` unless backing off; False when the server is away (kept for later).
-
-        The call never waits on MLflow's own retries: training is not held up by a server that
-        is away, and this object's back-off decides when to try again.
-        """
-        if not self.may_try():
-            return False
-        try:
-            with no_http_retries():
-                action()
-        except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
-            self.failed(exc, resend_safe)
-            return False
-        self.recovered()
-        return True
+        Training never waits on MLflow's own retries for a server that is away."""
+        return self.may_try() and self.call(action, resend_safe, retries=False)[0]
 
     def ride_out(self, action, resend_safe: bool = True):
         """Call ``action`` until the server answers (or the outage lasts too long); its result.
-
-        Outside an outage the call has MLflow's usual retries; during one, only this loop's.
-        """
+        Outside an outage the call has MLflow's usual retries; during one, only this loop's."""
         while True:
             if self.may_try():
-                try:
-                    if self.since is None:
-                        result = action()
-                    else:
-                        with no_http_retries():
-                            result = action()
-                except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
-                    self.failed(exc, resend_safe)
-                else:
-                    self.recovered()
+                done, result = self.call(action, resend_safe, retries=self.since is None)
+                if done:
                     return result
             self.sleep(max(0.0, self.next_try - self.clock()))
 
@@ -164,8 +157,7 @@ class Outage:
 def no_http_retries() -> Iterator[None]:
     """MLflow's REST calls inside fail at once instead of retrying (it reads this per call)."""
     key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    saved = os.environ.get(key)
-    os.environ[key] = "0"
+    saved, os.environ[key] = os.environ.get(key), "0"
     try:
         yield
     finally:

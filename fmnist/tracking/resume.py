@@ -33,15 +33,15 @@ def child_tags(parent_run_id: str, tags: Mapping[str, str]) -> Iterator[None]:
         CHILD_TAGS.pop(parent_run_id, None)
 
 
+def search_store(filter_string: str, **kwargs) -> list:
+    """The runs of every experiment of the store that match ``filter_string`` (1000 at most)."""
+    kwargs.update(max_results=1000, output_format="list", search_all_experiments=True)
+    return mlflow.search_runs(filter_string=filter_string, **kwargs)
+
+
 def runs_tagged(key: str, value: str) -> list:
     """Every run of the store with tag ``key`` = ``value``, newest first."""
-    client = mlflow.MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    return client.search_runs(
-        experiments, f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"]
-    )
+    return search_store(f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"])
 
 
 def unfinished_pipeline(key: str) -> Any | None:

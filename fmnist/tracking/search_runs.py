@@ -9,6 +9,7 @@ search driver calls this with plain values: nothing here knows Optuna.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -80,14 +81,8 @@ def load_trial_model(run_id: str):
     return model, spec, history
 
 
-def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
-    """Tag the active run, or run ``run_id``."""
-    if run_id is None:
-        mlflow.set_tags(dict(tags))
-        return
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
 
 
 @contextmanager
@@ -98,7 +93,7 @@ def parent_run(recorded, entry_point, family, experiment_name, run_name, outer_r
     own = os.environ.get("MLFLOW_RUN_ID")
     if recorded and recorded != own and run_exists(recorded):
         if own and outer_run_id is None:
-            set_tags({"search_parent_run_id": recorded}, own)
+            mlflow.MlflowClient().set_tag(own, "search_parent_run_id", recorded)
         with reopen_run(recorded, tags, system_metrics=True) as run:
             yield run
         return
@@ -132,10 +127,8 @@ def log_search_summary(
             mlflow.log_text(f"not drawn: {reason}\n", f"{SUMMARY_DIR}/{name}.txt")
         else:
             mlflow.log_figure(figure, f"{SUMMARY_DIR}/{name}")
-    counts = {"complete": 0, "pruned": 0}
-    for row in rows:
-        key = str(row["state"]).lower()
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter({"complete": 0, "pruned": 0})
+    counts.update(str(row["state"]).lower() for row in rows)
     mlflow.log_metrics({f"points_{state}": float(n) for state, n in counts.items()})
     if best is None:
         return
@@ -151,6 +144,13 @@ def log_search_summary(
     mlflow.set_tags({"best_point": best.point, "best_run_id": best.run_id})
 
 
+def run_exists(run_id: str) -> bool:
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
     """A finished search's test accuracy, alias and retrained run (if any), read back from its
     parent run when a re-run trains nothing."""
@@ -163,13 +163,6 @@ def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
         "alias": parent.data.tags.get("registered_alias"),
         "retrained_run_id": parent.data.tags.get("retrained_run_id"),
     }
-
-
-def run_exists(run_id: str) -> bool:
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
-        return False
 
 
 def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:

@@ -1,11 +1,10 @@
 """The embedded SQLite store shared by the processes of one machine: created once, clear limits.
 
-Processes that find a store without tables all run MLflow's schema migrations and break each
-other, so the first process of a machine to open a store creates it under a file lock
-(``prepare_store``); a new local store starts as a copy of an empty one this MLflow version
-migrated once (1.4 s of migrations off every new store). SQLite lets one writer in at a time and
-MLflow makes others wait up to 20 s: a store locked longer becomes one message naming the fix, a
-tracking server (``locked_store_message``).
+Processes that find a store without tables all run MLflow's migrations and break each other, so
+the first process of a machine creates it under a file lock (``prepare_store``), as a copy of an
+empty store this MLflow version migrated once (1.4 s off every new store). SQLite lets one writer
+in at a time and MLflow makes others wait 20 s: a store locked longer becomes one message naming
+the fix, a tracking server (``locked_store_message``).
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ import mlflow
 from mlflow import MlflowClient
 
 from fmnist.liveness import machine_lock
+from fmnist.tracking.outage import error_chain
 
 PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"
@@ -59,20 +59,17 @@ def prepare_store(uri: str) -> None:
     PREPARED.add(uri)
 
 
-def cache_dir() -> Path:
-    """``FMNIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/fmnist``, else ``~/.cache/fmnist``."""
-    if os.environ.get("FMNIST_CACHE_DIR"):
-        return Path(os.environ["FMNIST_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnist"
-
-
 def template_path() -> Path:
     """The empty store of this MLflow version and migration chain (its file names hashed: a
-    build with other migrations under the same version string gets its own template)."""
+    build with other migrations under the same version string gets its own template), in
+    ``FMNIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/fmnist``, else ``~/.cache/fmnist``."""
     versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
     names = sorted(p.name for p in versions.glob("*.py")) if versions.is_dir() else []
     chain = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-    return cache_dir() / f"mlflow-{mlflow.__version__}-{chain}-empty.db"
+    cache = os.environ.get("FMNIST_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fmnist"
+    )
+    return Path(cache) / f"mlflow-{mlflow.__version__}-{chain}-empty.db"
 
 
 def copy_empty_store(path: Path) -> None:
@@ -84,7 +81,14 @@ def copy_empty_store(path: Path) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         if not template.exists():
-            make_empty_store(template)
+            # made by `mlflow db upgrade` in its own process (no engine of this one stays open
+            # on it) under a temporary name, then renamed
+            template.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+                made = Path(tmp) / "empty.db"
+                command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{made}"]
+                subprocess.run(command, check=True, capture_output=True, timeout=300)
+                os.replace(made, template)
         shutil.copyfile(template, partial)
         os.replace(partial, path)
     except Exception:  # noqa: BLE001 - a cache is an optimisation: MLflow creates the store
@@ -93,29 +97,10 @@ def copy_empty_store(path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def make_empty_store(template: Path) -> None:
-    """A fully migrated store without experiments, made by ``mlflow db upgrade`` (in its own
-    process: no engine or connection of this one stays open on it) under a temporary name and
-    renamed."""
-    template.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
-        made = Path(tmp) / "empty.db"
-        command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{made}"]
-        subprocess.run(command, check=True, capture_output=True, timeout=300)
-        os.replace(made, template)
-
-
 def locked_store_message(exc: BaseException, uri: str) -> str | None:
     """One paragraph for a SQLite store that stayed locked past MLflow's busy timeout, or None
     when ``exc`` (or an exception it came from) says something else."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        if LOCKED_MARKER in str(error):
-            break
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    if error is None or id(error) in seen:
+    if not any(LOCKED_MARKER in str(error) for error in error_chain(exc)):
         return None
     return (
         f"The embedded SQLite store {uri} stayed locked by other processes for longer than "
