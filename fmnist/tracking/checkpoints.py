@@ -1,11 +1,10 @@
 """Training checkpoints in a run, logged as it goes and read to resume, never half trusted.
 
-``CheckpointLogger`` (the engine's ``on_checkpoint``) saves the training state and the settings a
-resume reuses, uploads it into the slot (``checkpoints/a.pt`` or ``b.pt``) the run's
-``checkpoint`` tag does not point to, then tags it (slot, SHA-256, epoch): a kill mid-upload
-leaves a half file nothing reads. While the server is away the newest checkpoint waits on disk.
-``read_checkpoint`` checks the digest and ``load_checkpoint_file`` the size, tensors only
-(``weights_only=True``) and every key a resume uses: a bad file is a ``ConfigError``.
+``CheckpointLogger`` (the engine's ``on_checkpoint``) saves the training state and settings,
+uploads them into the slot (``checkpoints/a.pt`` or ``b.pt``) the ``checkpoint`` tag does not
+name, then tags it (slot, SHA-256, epoch): a kill mid-upload leaves a half file nothing reads.
+While the server is away the newest one waits on disk. ``read_checkpoint`` checks the digest,
+``load_checkpoint_file`` the size, tensors only and every key: a bad file is a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -142,10 +141,8 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
     name = f"Run {run_id}'s {CHECKPOINT_DIR}/{slot}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}", dst_path=tmp
-                )
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}", dst_path=tmp
             )
         except (MlflowException, OSError):
             path = None
@@ -154,9 +151,9 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
                 f"Run {run_id} has no complete checkpoint (it stopped before its first one, or "
                 "ran with --checkpoint-every 0): start it again instead."
             ) from None
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
             raise ConfigError(f"{name} does not match its recorded SHA-256: start it again.")
-        return load_checkpoint_file(path, name)
+        return load_checkpoint_file(Path(path), name)
 
 
 def load_checkpoint_file(path: Path, name: str) -> dict[str, Any]:

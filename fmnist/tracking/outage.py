@@ -1,12 +1,11 @@
 """Riding out a tracking server that went away: the state of one outage and its retries.
 
-``OUTAGE`` (one per process) is what ``runs``, ``values`` and ``checkpoints`` call through once a
-run is open: ``attempt`` tries a write that can wait (an epoch's metrics, a checkpoint) and keeps
-it for later when the server is away, so training goes on; ``ride_out`` retries a call that must
-land (a run's end, a trial's start, a final flush). Tries back off from 1 s to
-``MAX_RETRY_DELAY``; after ``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) ``TrackingUnavailable``
-stops the command. Only connection errors count: a refusal is raised at once, and a request that
-may have arrived is not sent again where that would write twice (a run's creation).
+Once a run is open, ``OUTAGE.attempt`` tries a write that can wait (an epoch's metrics, a
+checkpoint) and keeps it when the server is away, so training goes on; ``OUTAGE.ride_out``
+retries a call that must land (a run's end, a trial's start, a flush). Tries back off up to
+``MAX_RETRY_DELAY``; an outage longer than ``FMNIST_TRACKING_OUTAGE_SECONDS`` (300) raises
+``TrackingUnavailable``. Only connection errors count: a refusal is raised at once, and a
+request that may have arrived is not sent again where that would write twice (a run's creation).
 """
 
 from __future__ import annotations
@@ -47,12 +46,17 @@ class TrackingUnavailable(FmnistError):
     """The tracking server stayed away longer than ``FMNIST_TRACKING_OUTAGE_SECONDS``."""
 
 
-def outage_seconds() -> float:
-    text = os.environ.get(OUTAGE_ENV, "").strip()
+def env_seconds(name: str, default: float, least: float = 0.0) -> float:
+    """The seconds environment variable ``name`` sets (at least ``least``), else ``default``."""
+    text = os.environ.get(name, "").strip()
     try:
-        return max(0.0, float(text)) if text else DEFAULT_OUTAGE_SECONDS
+        return max(least, float(text)) if text else default
     except ValueError:
-        return DEFAULT_OUTAGE_SECONDS
+        return default
+
+
+def outage_seconds() -> float:
+    return env_seconds(OUTAGE_ENV, DEFAULT_OUTAGE_SECONDS)
 
 
 def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
@@ -79,9 +83,7 @@ class Outage:
     def __init__(self, clock=time.monotonic, sleep=time.sleep) -> None:
         self.clock, self.sleep = clock, sleep  # tests pass a fake clock
         self.since: float | None = None
-        self.next_try = 0.0
-        self.delay = 1.0
-        self.reason = ""
+        self.next_try, self.delay, self.reason = 0.0, 1.0, ""
 
     def may_try(self) -> bool:
         return self.since is None or self.clock() >= self.next_try
@@ -119,8 +121,8 @@ class Outage:
         self.next_try = now + self.delay
 
     def call(self, action, resend_safe: bool, retries: bool) -> tuple[bool, object]:
-        """One try of ``action``: (True, its result), or (False, None) when the server is away.
-        ``retries``: MLflow's own HTTP retries (off, this object's back-off decides instead)."""
+        """One try of ``action`` (with MLflow's own HTTP retries or not): (True, its result), or
+        (False, None) when the server is away."""
         try:
             with nullcontext() if retries else no_http_retries():
                 result = action()
@@ -138,8 +140,8 @@ class Outage:
         return True, result
 
     def attempt(self, action, resend_safe: bool = True) -> bool:
-        """Call ``action`` unless backing off; False when the server is away (kept for later).
-        Training never waits on MLflow's own retries for a server that is away."""
+        """Call ``action`` unless backing off, without MLflow's retries (training goes on);
+        False when the server is away (the caller keeps what it wrote for later)."""
         return self.may_try() and self.call(action, resend_safe, retries=False)[0]
 
     def ride_out(self, action, resend_safe: bool = True):

@@ -1,12 +1,11 @@
 """Model registry: log a classifier as a pt2 MLflow model, register it, set its alias, load it.
 
-``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and the temperature
-inside the graph) from the CPU with ``torch.export`` (MLflow's ``pt2`` format, no pickle),
-float32 (N, 28, 28) -> (N, 10) with a dynamic batch. Its ``extra_files/`` hold the spec and
-weights that rebuild an ordinary ``nn.Module`` (``load_module``), the temperature
-(``calibration.json``) and an ONNX copy for ``fmnist predict`` without torch (left out, with a
-warning, when export fails: the pt2 graph is the contract). The test metrics are linked to the
-Logged Model, and the alias rule picks ``champion`` or ``challenger``.
+``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and temperature in
+the graph) with ``torch.export`` (MLflow's ``pt2`` format, no pickle): float32 (N, 28, 28) ->
+(N, 10), dynamic batch. Its ``extra_files/`` hold what rebuilds an ``nn.Module``
+(``load_module``), ``calibration.json`` and an ONNX copy for ``fmnist predict`` without torch
+(left out, warned, when export fails: the pt2 graph is the contract). The alias rule picks
+``champion`` or ``challenger``.
 """
 
 from __future__ import annotations
@@ -93,14 +92,10 @@ def choose_alias(new: Candidate, champion: Candidate | None) -> tuple[str, str]:
         )
     if champion.quick and not new.quick:
         return CHAMPION, "a full model replaces a quick champion"
-    if new.val_accuracy > champion.val_accuracy:
-        return CHAMPION, (
-            f"validation accuracy {new.val_accuracy:.4f} beats champion's "
-            f"{champion.val_accuracy:.4f}"
-        )
-    return CHALLENGER, (
-        f"validation accuracy {new.val_accuracy:.4f} does not beat champion's "
-        f"{champion.val_accuracy:.4f}"
+    beats = new.val_accuracy > champion.val_accuracy
+    return CHAMPION if beats else CHALLENGER, (
+        f"validation accuracy {new.val_accuracy:.4f} {'beats' if beats else 'does not beat'} "
+        f"champion's {champion.val_accuracy:.4f}"
     )
 
 
@@ -138,9 +133,8 @@ def pip_requirements() -> list[str]:
 
 
 def save_cpu_pytorch_model(path: str, mlflow_model, **kwargs) -> None:
-    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default: MLflow moves a
-    model to CUDA when a GPU is there, which a CPU-exported pt2 graph refuses (``model_config``
-    ``{"device": ...}`` at load time still overrides it)."""
+    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default (MLflow would move
+    the CPU-exported pt2 graph to a GPU, which it refuses); ``model_config`` still overrides."""
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
     mlflow_model.flavors["python_function"]["config"] = {"device": "cpu"}
     mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -165,9 +159,8 @@ def log_and_register(
     temperature: float = 1.0,
     model_name: str = MODEL_NAME,
 ) -> RegisteredInfo:
-    """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its
-    alias (a run registers once). ``input_example``: a few real images; ``temperature`` (fitted
-    on the validation split) is folded into the graph and recorded."""
+    """Log ``model`` (a logits classifier) into the active run, register it, set its alias (once
+    per run). ``input_example``: a few real images; ``temperature``: folded into the graph."""
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run")
@@ -312,9 +305,8 @@ def load_pyfunc(model_uri: str, device: str = "cpu"):
 
 
 def load_probability_module(model_uri: str) -> nn.Module | None:
-    """The logged model's exact function as an eager module (CPU, eval mode), from its rebuild
-    files, flip averaging and temperature: no export machinery to import, unlike its pt2 graph.
-    None for a model logged before ``calibration.json`` said whether it flips."""
+    """The logged model's exact function as an eager module (CPU, eval mode) from its rebuild
+    files, no export machinery; None when its ``calibration.json`` does not say if it flips."""
     folder = local_model_dir(model_uri)
     calibration = read_calibration(folder)
     if "tta_flip" not in calibration:

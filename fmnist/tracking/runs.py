@@ -1,11 +1,10 @@
 """MLflow runs: one way for every command to open, tag and close its runs.
 
-The store is ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded ``sqlite:///mlflow.db`` in
-the working directory. Under ``mlflow run`` the run exists already (``MLFLOW_RUN_ID``): the first
-run a command opens resumes it; called directly, a command creates its own run in
-``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the error recorded.
-A tracking server that goes away once a run is open is ridden out (``outage``): the calls that
-must land (a run's end, a trial's start) wait for it; the first contact fails fast.
+The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+Under ``mlflow run`` the first run a command opens resumes the one it made (``MLFLOW_RUN_ID``);
+called directly, a command creates its run in ``--experiment-name``. A run that raises ends
+FAILED (KILLED on Ctrl-C) with the error recorded. A server that goes away once a run is open is
+ridden out (``outage``); the first contact fails fast.
 """
 
 from __future__ import annotations
@@ -29,18 +28,12 @@ from fmnist.tracking.store import prepare_store
 from fmnist.tracking.ui import RANDOM_NAME, mark_model_development
 from fmnist.tracking.values import safe_text
 
-# An unreachable server must fail fast, not after MLflow's default minutes of retries.
-HTTP_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-
 
 def configure() -> str:
     """Point MLflow at the project's store; return the URI in use."""
-    for key, value in HTTP_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    # an unreachable server must fail fast, not after MLflow's default minutes of retries
+    for key, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "10")):
+        os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{key}", value)
     uri = tracking_uri()
     if uri.startswith("sqlite:"):  # no pooled connection for a forked search worker to share
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
@@ -81,14 +74,11 @@ def start_run(
     nested: bool = False,
     system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Open (or resume, under ``mlflow run``) a run tagged with entry point and model family.
-
-    The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set (renamed when
-    MLflow gave it a random name); runs opened inside another active run, or with
-    ``parent_run_id``, are nested children, which wait for a tracking server that went away.
-    It ends FINISHED, FAILED (the error recorded as a tag) or KILLED (Ctrl-C): ``ending_run``.
-    ``system_metrics``: MLflow's own CPU, memory (and GPU) sampling, for training runs.
-    """
+    """Open a run tagged with entry point and model family, ended FINISHED, FAILED (error tag) or
+    KILLED (Ctrl-C). The outermost run of a process resumes ``MLFLOW_RUN_ID`` when set (renamed
+    if MLflow named it at random); runs opened in another active run, or with ``parent_run_id``,
+    are children, which wait for a server that went away. ``system_metrics``: MLflow's CPU,
+    memory (and GPU) sampling."""
     configure()
     active = mlflow.active_run()
     all_tags = {"entry_point": entry_point, "model_family": model_family, **(tags or {})}
@@ -96,7 +86,23 @@ def start_run(
     all_tags.update(CHILD_TAGS.get(parent_run_id or "", {}))
     sampled = system_metrics and importlib.util.find_spec("psutil") is not None
     if nested or parent_run_id is not None or active is not None:
-        run = start_child_run(parent_run_id or active.info.run_id, run_name, all_tags, sampled)
+        # created explicitly: mlflow.start_run() would resume MLFLOW_RUN_ID under `mlflow run`,
+        # and the active run is per thread
+        client, parent_id = MlflowClient(), parent_run_id or active.info.run_id
+        parent = OUTAGE.ride_out(lambda: client.get_run(parent_id))
+        # a run created twice would stay RUNNING for good: sent again only if it never arrived
+        child = OUTAGE.ride_out(
+            lambda: client.create_run(
+                parent.info.experiment_id,
+                run_name=run_name,
+                tags={**all_tags, "mlflow.parentRunId": parent_id},
+            ),
+            resend_safe=False,
+        )
+        run_id, in_run = child.info.run_id, active is not None
+        run = OUTAGE.ride_out(
+            lambda: mlflow.start_run(run_id=run_id, nested=in_run, log_system_metrics=sampled)
+        )
     elif under_mlflow_run():
         run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], log_system_metrics=sampled)
         if run_name and RANDOM_NAME.fullmatch(run.info.run_name or ""):
@@ -169,23 +175,3 @@ def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
             "it stays RUNNING until the command runs again.",
             file=sys.stderr,
         )
-
-
-def start_child_run(parent_run_id: str, run_name: str | None, tags: Mapping[str, str], sampled):
-    """Create a child run explicitly and make it active: ``mlflow.start_run()`` would resume
-    ``MLFLOW_RUN_ID`` under ``mlflow run``, and the active run is per thread."""
-    client = MlflowClient()
-    parent = OUTAGE.ride_out(lambda: client.get_run(parent_run_id))
-    # a run created twice would stay RUNNING for good: sent again only if it never arrived
-    child = OUTAGE.ride_out(
-        lambda: client.create_run(
-            parent.info.experiment_id,
-            run_name=run_name,
-            tags={**tags, "mlflow.parentRunId": parent_run_id},
-        ),
-        resend_safe=False,
-    )
-    nested, run_id = mlflow.active_run() is not None, child.info.run_id
-    return OUTAGE.ride_out(
-        lambda: mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=sampled)
-    )

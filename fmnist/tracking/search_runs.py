@@ -1,9 +1,8 @@
 """What a search records in MLflow: its parent run, each trial's child run, the summary.
 
-A trial's child run holds its epochs, best-epoch weights (``checkpoint/``) and history
-(``load_trial_model`` reads them back); the parent run the table (``search/table.json``, a table
-in the UI, and ``search/table.md``), Optuna's figures and the best trial as ``best_*``. The
-search driver calls this with plain values: nothing here knows Optuna.
+A trial's run holds its epochs, best-epoch weights (``checkpoint/``) and history, which
+``load_trial_model`` reads back; the parent run the table (``search/table.json`` and ``.md``),
+Optuna's figures and the best trial as ``best_*``. It gets plain values: nothing here knows Optuna.
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ HISTORY_FILE = "history.json"
 @contextmanager
 def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[Any]:
     """A search trial's child run under ``parent_run_id`` (``spec``: its entry point and model
-    family); ends FINISHED, or FAILED / KILLED with the error, as ``tracking.start_run`` ends
-    runs, tagged with the trial's Optuna state."""
+    family), ended as ``start_run`` ends runs and tagged with the trial's Optuna state."""
     tags = {**tags, "optuna_state": "RUNNING"}
     with start_run(
         spec.entry_point, spec.family, run_name=name, parent_run_id=parent_run_id, tags=tags
@@ -58,17 +56,10 @@ def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> I
 
 
 def log_trial_result(result, spec, model, cpu_seconds: float) -> None:
-    """A finished trial: its best epoch, best-epoch weights and per-epoch history, in its run
-    (``result``: the engine's ``FitResult``)."""
-    log_metrics_finite(
-        {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch,
-            "fit_seconds": result.seconds,
-            # CPU time, unlike wall time, does not grow when other processes share the cores
-            "fit_cpu_seconds": cpu_seconds,
-        }
-    )
+    """A finished trial's best epoch, best-epoch weights and history (``result``: FitResult)."""
+    best = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch}
+    # CPU time, unlike wall time, does not grow when other processes share the cores
+    log_metrics_finite({**best, "fit_seconds": result.seconds, "fit_cpu_seconds": cpu_seconds})
     log_model_files(spec, model, CHECKPOINT_DIR)
     mlflow.log_dict({"history": result.history}, HISTORY_FILE)
     mlflow.set_tag("optuna_state", "COMPLETE")
@@ -134,13 +125,8 @@ def log_search_summary(
         return
     mlflow.log_dict(dict(best.params), f"{SUMMARY_DIR}/best_params.json")
     log_changing_params(best.params, prefix="best_")
-    mlflow.log_metrics(
-        {
-            "best_val_accuracy": best.value,
-            "best_epoch": float(best.best_epoch),
-            "best_trial_number": float(best.number),
-        }
-    )
+    best_metrics = {"best_val_accuracy": best.value, "best_epoch": float(best.best_epoch)}
+    mlflow.log_metrics({**best_metrics, "best_trial_number": float(best.number)})
     mlflow.set_tags({"best_point": best.point, "best_run_id": best.run_id})
 
 
@@ -152,8 +138,8 @@ def run_exists(run_id: str) -> bool:
 
 
 def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's test accuracy, alias and retrained run (if any), read back from its
-    parent run when a re-run trains nothing."""
+    """A finished search's test accuracy, alias and retrained run, read back from its parent run
+    when a re-run trains nothing."""
     if not model_uri:
         return {}
     parent = mlflow.MlflowClient().get_run(parent_run_id)

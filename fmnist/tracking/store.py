@@ -1,14 +1,14 @@
 """The embedded SQLite store shared by the processes of one machine: created once, clear limits.
 
-Processes that find a store without tables all run MLflow's migrations and break each other, so
-the first process of a machine creates it under a file lock (``prepare_store``), as a copy of an
-empty store this MLflow version migrated once (1.4 s off every new store). SQLite lets one writer
-in at a time and MLflow makes others wait 20 s: a store locked longer becomes one message naming
-the fix, a tracking server (``locked_store_message``).
+Processes that find a store without tables all run MLflow's migrations and break each other:
+the first one creates it under a machine lock (``prepare_store``), copying an empty store
+migrated once per MLflow version (1.4 s). SQLite lets one writer in at a time, others wait 20 s;
+a store locked longer gets one message naming the fix (``locked_store_message``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -23,27 +23,22 @@ from mlflow import MlflowClient
 from fmnist.liveness import machine_lock
 from fmnist.tracking.outage import error_chain
 
-PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores besides SQLite
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
     path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not path or path == ":memory:":
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
         return None
     return Path(path).expanduser().resolve()
 
 
+@functools.cache  # once per store and process (a call that raised is not remembered)
 def prepare_store(uri: str) -> None:
-    """Open a database store once per process, creating (or migrating) its tables while holding
-    the machine's lock for it (a local SQLite file, or a database URL such as PostgreSQL's);
-    a tracking server (``http(s)://``) creates its own."""
-    if uri in PREPARED:
-        return
+    """Open a database store (SQLite file or a URL such as PostgreSQL's) once per process,
+    creating its tables under the machine's lock for it; a tracking server creates its own."""
     path = sqlite_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +51,6 @@ def prepare_store(uri: str) -> None:
         if path is not None and not path.exists():
             copy_empty_store(path)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    PREPARED.add(uri)
 
 
 def template_path() -> Path:
@@ -73,10 +67,9 @@ def template_path() -> Path:
 
 
 def copy_empty_store(path: Path) -> None:
-    """Start the SQLite store ``path`` as a copy of an empty store of this MLflow version (made
-    on first use), written under another name and renamed, so that an interrupted copy leaves
-    no half a store. Any failure leaves ``path`` to MLflow's own creation. MLflow then only adds
-    its Default experiment, with this store's artifact location."""
+    """Start the SQLite store ``path`` as a copy of the empty template (made on first use),
+    written under another name and renamed: an interrupted copy leaves no half a store. Any
+    failure leaves ``path`` to MLflow's own creation."""
     template = template_path()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:

@@ -1,9 +1,8 @@
 """What a run holds: params logged once, finite metrics, epochs at their steps, data, tables.
 
-Params that ``mlflow run`` logged first are never re-logged with another value (a second value
-goes under ``cfg.<key>``); only finite metrics are logged (NaN breaks charts); ``EpochLogger``
-writes ``engine.fit``'s epochs at ``step=epoch`` in batches and keeps them while a tracking server
-is away. No value logged carries a password or a home path (``safe_text``).
+A param ``mlflow run`` logged first keeps its value (a second one goes under ``cfg.<key>``);
+only finite metrics are logged (NaN breaks charts); ``EpochLogger`` writes epochs in batches and
+keeps them while the server is away. No value logged carries a password or a home path.
 """
 
 from __future__ import annotations
@@ -101,15 +100,14 @@ def logged_steps(run_id: str, metric: str) -> set[int]:
 
 
 class EpochLogger:
-    """``engine.fit``'s ``on_epoch_end``: each epoch's finite metrics at ``step=epoch``, batched
-    at most every ``interval`` seconds (a database write costs half a dense epoch) and kept while
-    the server is away; the caller calls ``flush`` in a ``finally``. ``skip``: epochs the run
-    holds already (trained again after a kill: the same values)."""
+    """``engine.fit``'s ``on_epoch_end``: finite metrics at ``step=epoch``, written at most every
+    ``interval`` s (a database write costs half a dense epoch), kept while the server is away,
+    and on ``flush``. ``skip``: epochs the run holds already (trained again after a kill)."""
 
     def __init__(self, interval: float = 1.0, skip: frozenset[int] = frozenset()) -> None:
         self.run_id = mlflow.active_run().info.run_id
         self.interval, self.skip = interval, skip
-        self.pending: list = []
+        self.pending: list[Metric] = []  # not written yet
         self.written = time.monotonic()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
