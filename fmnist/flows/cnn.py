@@ -29,7 +29,7 @@ from fmnist.errors import ConfigError
 from fmnist.flows.shared import calibrated_test, load_data, seeds
 from fmnist.models import count_parameters
 from fmnist.models.convnets import describe
-from fmnist.tracking.checkpoints import checkpoint_logger, log_history, read_checkpoint
+from fmnist.tracking.checkpoints import CheckpointLogger, log_history, read_checkpoint
 from fmnist.tracking.registry import log_and_register
 from fmnist.train.engine import FitResult, fit
 from fmnist.train.optim import bf16_active
@@ -174,7 +174,7 @@ def log_setup(cfg, recipe, device, digest, model, splits, point) -> None:
     tracking.log_dataset(digest, context="train")
     sizes = {"n_train": len(splits[0]), "n_val": len(splits[1])}
     mlflow.log_metrics({"parameter_count": count_parameters(model), **sizes})
-    tracking.log_text_artifact(describe(model), "architecture.txt")
+    mlflow.log_text(describe(model), "architecture.txt")
     if point is not None:  # the new run carries the whole curve, not only its part
         log_history(point.state["history"])
 
@@ -192,7 +192,7 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
     )
     log_checkpoint = None
     if cfg.checkpoint_every > 0:
-        log_checkpoint = checkpoint_logger(checkpoint_settings(cfg, recipe, digest))
+        log_checkpoint = CheckpointLogger(checkpoint_settings(cfg, recipe, digest))
     run_id = mlflow.active_run().info.run_id
     logged = tracking.logged_steps(run_id, "val_accuracy") if point is not None else set()
     log_epoch = tracking.EpochLogger(interval=0.0, skip=frozenset(logged))

@@ -2,51 +2,22 @@
 
 The rule of this layer: it is, with the flows, the only code that imports mlflow; it knows
 nothing of training or of a model family beyond the plain spec dict that rebuilds a model.
-``fmnist.tracking`` re-exports what every flow uses (``runs``, ``values``, ``ui``); the other
-modules are imported by name.
+``fmnist.tracking`` re-exports what every flow uses (``runs``, ``values``, ``ui``; the
+``x as x`` form marks a re-export); the other modules are imported by name.
 """
 
-from fmnist.tracking.outage import tracking_uri
-from fmnist.tracking.runs import (
-    configure,
-    fail_pending_run,
-    reopen_run,
-    start_run,
-    under_mlflow_run,
-)
-from fmnist.tracking.ui import log_headline, ui_url
-from fmnist.tracking.values import (
-    EpochLogger,
-    finite_metrics,
-    format_param,
-    log_changing_params,
-    log_dataset,
-    log_metrics_finite,
-    log_params_safe,
-    log_table_replacing,
-    log_text_artifact,
-    logged_steps,
-    safe_text,
-)
-
-__all__ = [
-    "EpochLogger",
-    "configure",
-    "fail_pending_run",
-    "finite_metrics",
-    "format_param",
-    "log_changing_params",
-    "log_dataset",
-    "log_headline",
-    "log_metrics_finite",
-    "log_params_safe",
-    "log_table_replacing",
-    "log_text_artifact",
-    "logged_steps",
-    "reopen_run",
-    "safe_text",
-    "start_run",
-    "tracking_uri",
-    "ui_url",
-    "under_mlflow_run",
-]
+from fmnist.tracking.outage import tracking_uri as tracking_uri
+from fmnist.tracking.runs import configure as configure
+from fmnist.tracking.runs import fail_pending_run as fail_pending_run
+from fmnist.tracking.runs import reopen_run as reopen_run
+from fmnist.tracking.runs import start_run as start_run
+from fmnist.tracking.runs import under_mlflow_run as under_mlflow_run
+from fmnist.tracking.ui import log_headline as log_headline
+from fmnist.tracking.ui import ui_url as ui_url
+from fmnist.tracking.values import EpochLogger as EpochLogger
+from fmnist.tracking.values import format_param as format_param
+from fmnist.tracking.values import log_dataset as log_dataset
+from fmnist.tracking.values import log_metrics_finite as log_metrics_finite
+from fmnist.tracking.values import log_params_safe as log_params_safe
+from fmnist.tracking.values import logged_steps as logged_steps
+from fmnist.tracking.values import safe_text as safe_text

@@ -1,9 +1,8 @@
 """The model artifact format, written and read in one place: a spec file and a state-dict file.
 
 ``model_spec.json`` holds the plain spec ``fmnist.models.build_model`` rebuilds the architecture
-from; ``state_dict.pt`` the weights (tensors only, read with ``weights_only=True``). A registered
-model carries them under ``extra_files/``, a search trial under ``checkpoint/``; either folder
-rebuilds an ordinary, trainable ``nn.Module``.
+from, ``state_dict.pt`` the weights (read with ``weights_only=True``): under ``extra_files/`` of
+a registered model, ``checkpoint/`` of a search trial; either rebuilds a trainable ``nn.Module``.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Training checkpoints in a run, logged as it goes and read to resume, never half trusted.
 
-``checkpoint_logger`` makes the engine's ``on_checkpoint`` callback (``CheckpointLogger``): it
-saves the training state (plus the settings a resumed run must reuse) to a local file and uploads
-it into one of two slots, ``checkpoints/a.pt`` and ``checkpoints/b.pt``, the one the run does not
-point to; only then is the run tagged ``checkpoint`` (slot, SHA-256, epoch). A process killed
-mid-upload leaves a half file in the other slot, which nothing reads. While the tracking server
-is away the newest checkpoint waits in its file and training goes on; ``flush`` uploads it when
-the server answers. ``read_checkpoint`` downloads the tagged slot and checks its digest, and
-``load_checkpoint_file`` reads it: a size limit, ``torch.load(weights_only=True)`` (no pickled
-objects), then every key a resume uses, so a missing, truncated, hostile or foreign file is a
-``ConfigError`` that says what to do.
+``CheckpointLogger`` (the engine's ``on_checkpoint``) saves the training state and settings,
+uploads them into the slot (``checkpoints/a.pt`` or ``b.pt``) the ``checkpoint`` tag does not
+name, then tags it (slot, SHA-256, epoch): a kill mid-upload leaves a half file nothing reads.
+While the server is away the newest one waits on disk. ``read_checkpoint`` checks the digest,
+``load_checkpoint_file`` the size, tensors only and every key: a bad file is a ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -20,7 +15,7 @@ import numbers
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from fmnist.config import redact_uri
 from fmnist.errors import ConfigError, NoSpace
-from fmnist.tracking.outage import OUTAGE, tracking_uri
+from fmnist.tracking.outage import OUTAGE, error_chain, tracking_uri
 from fmnist.tracking.runs import configure
 from fmnist.tracking.values import log_metrics_finite
 
@@ -65,7 +60,7 @@ STATE_TYPES: dict[str, type | tuple[type, ...]] = {
 
 
 class CheckpointLogger:
-    """``on_checkpoint`` for the active run: ``checkpoints/last.pt`` and its epoch tag."""
+    """``on_checkpoint`` for the active run: a checkpoint slot and its ``checkpoint`` tag."""
 
     def __init__(self, settings: Mapping[str, Any]) -> None:
         self.settings = dict(settings)
@@ -81,7 +76,10 @@ class CheckpointLogger:
         try:
             torch.save({**state, "settings": self.settings}, self.folder / self.slot)
         except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-            if not disk_is_full(exc):
+            if not any(
+                getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e)
+                for e in error_chain(exc)
+            ):
                 raise
             raise NoSpace(str(self.folder / self.slot), 2 * state_bytes(state)) from None
         self.pending = epoch
@@ -99,13 +97,11 @@ class CheckpointLogger:
         self.slot, self.pending = SLOTS[1 - SLOTS.index(self.slot)], None
 
     def flush(self) -> None:
-        """Upload a checkpoint kept during an outage, waiting for the server; then clean up."""
-        OUTAGE.ride_out(self.upload)
+        OUTAGE.ride_out(self.upload)  # a checkpoint kept during an outage waits for the server
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def flush_quietly(self) -> None:
-        """One try while another error is on its way (an interrupted run keeps its checkpoint
-        when the server is there; the error in flight is never replaced)."""
+        """One try while another error is on its way, never replacing it."""
         try:
             self.upload()
         except Exception as exc:  # noqa: BLE001 - the error in flight matters more
@@ -115,29 +111,13 @@ class CheckpointLogger:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def disk_is_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error it came from) says a disk is full."""
-    while exc is not None:
-        if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 def state_bytes(state: Any) -> int:
     """The bytes of the tensors in a (nested) training state: about its file's size."""
     if isinstance(state, torch.Tensor):
         return state.numel() * state.element_size()
     if isinstance(state, dict):
-        return sum(state_bytes(value) for value in state.values())
-    if isinstance(state, list | tuple):
-        return sum(state_bytes(value) for value in state)
-    return 0
-
-
-def checkpoint_logger(settings: Mapping[str, Any]) -> Callable[[int, dict[str, Any]], None]:
-    """An ``on_checkpoint`` callback logging the state as ``checkpoints/last.pt``."""
-    return CheckpointLogger(settings)
+        state = list(state.values())
+    return sum(map(state_bytes, state)) if isinstance(state, list | tuple) else 0
 
 
 def log_history(history: list[dict[str, float]]) -> None:
@@ -148,7 +128,7 @@ def log_history(history: list[dict[str, float]]) -> None:
 
 
 def read_checkpoint(run_id: str) -> dict[str, Any]:
-    """Download and load run ``run_id``'s ``checkpoints/last.pt``; clear errors otherwise."""
+    """Download, check and load run ``run_id``'s last checkpoint; clear errors otherwise."""
     configure()
     try:
         run = mlflow.MlflowClient().get_run(run_id)
@@ -161,10 +141,8 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
     name = f"Run {run_id}'s {CHECKPOINT_DIR}/{slot}"
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = Path(
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}", dst_path=tmp
-                )
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{slot}", dst_path=tmp
             )
         except (MlflowException, OSError):
             path = None
@@ -173,9 +151,9 @@ def read_checkpoint(run_id: str) -> dict[str, Any]:
                 f"Run {run_id} has no complete checkpoint (it stopped before its first one, or "
                 "ran with --checkpoint-every 0): start it again instead."
             ) from None
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+        if hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
             raise ConfigError(f"{name} does not match its recorded SHA-256: start it again.")
-        return load_checkpoint_file(path, name)
+        return load_checkpoint_file(Path(path), name)
 
 
 def load_checkpoint_file(path: Path, name: str) -> dict[str, Any]:
@@ -205,8 +183,7 @@ def load_checkpoint_file(path: Path, name: str) -> dict[str, Any]:
 def check_types(values: Mapping[str, Any], types: Mapping[str, Any], name: str) -> None:
     for key, expected in types.items():
         value = values.get(key)
-        wrong_bool = isinstance(value, bool) and expected is not bool
-        if not isinstance(value, expected) or wrong_bool:
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ConfigError(
                 f"{name} is not an fmnist training checkpoint: {key!r} is {type(value).__name__}."
             )

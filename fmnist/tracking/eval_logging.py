@@ -27,11 +27,10 @@ def log_artifacts(artifacts: Mapping[str, Any]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             if isinstance(value, Figure):
                 value.savefig(path, dpi=100)
+            elif isinstance(value, str):
+                path.write_text(value)
             else:
-                text = (
-                    value if isinstance(value, str) else json.dumps(value, indent=2, default=float)
-                )
-                path.write_text(text)
+                path.write_text(json.dumps(value, indent=2, default=float))
         mlflow.log_artifacts(tmp, ARTIFACT_DIR)
 
 

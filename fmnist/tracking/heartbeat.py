@@ -1,26 +1,26 @@
 """Runs whose process is gone do not stay RUNNING: process tags, a slow beat, and a cleaner.
 
-MLflow has no run heartbeat, so a run whose process was killed (SIGKILL, the OOM killer, a lost
-machine) stays RUNNING for good. Every run a command opens is tagged with its process
-(``fmnist.process``: host:pid:start) and beats (``fmnist.alive``: the time, rewritten at most
-every ``BEAT_SECONDS`` by one daemon thread per process). ``end_dead_runs`` ends KILLED the
-RUNNING runs whose process is provably gone (this machine: pid dead or reused), whose beat is
-older than ``FMNIST_RUN_GRACE_SECONDS`` (another machine), or that never beat and started that
-long ago, tagging when it was last seen alive and how its end was detected. Every command runs
-it when it opens the store (``configure``); ``fmnist runs --clean`` runs it on demand.
+MLflow has no run heartbeat: a run whose process was killed (SIGKILL, the OOM killer, a lost
+machine) stays RUNNING. Each run is tagged with its process (``fmnist.process``: host:pid:start)
+and beats (``fmnist.alive``, rewritten every ``BEAT_SECONDS``). ``end_dead_runs``, run when a
+command opens the store and by ``fmnist runs --clean``, ends KILLED the RUNNING runs whose
+process is gone from this machine or whose beat (or start) is older than
+``FMNIST_RUN_GRACE_SECONDS``, tagging when and how.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
-from collections.abc import Callable
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from fmnist.liveness import is_gone, is_local, process_id
+from fmnist.tracking.outage import env_seconds
+from fmnist.tracking.resume import search_store
 
 PROCESS_TAG = "fmnist.process"
 ALIVE_TAG = "fmnist.alive"  # seconds since the epoch, rewritten while the process lives
@@ -30,19 +30,10 @@ BEAT_SECONDS = 30.0
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_RUN_GRACE_SECONDS", 600.0
 
 
-def grace_seconds() -> float:
-    text = os.environ.get(GRACE_ENV, "").strip()
-    try:
-        return max(BEAT_SECONDS * 2, float(text)) if text else DEFAULT_GRACE_SECONDS
-    except ValueError:
-        return DEFAULT_GRACE_SECONDS
-
-
 class Beat:
     """One daemon thread per process that rewrites the alive tag of the runs it holds."""
 
-    def __init__(self, period: float = BEAT_SECONDS, clock: Callable[[], float] = time.time):
-        self.period, self.clock = period, clock
+    def __init__(self) -> None:
         self.reset()
         os.register_at_fork(after_in_child=self.reset)  # a forked worker beats for its own runs
 
@@ -50,14 +41,12 @@ class Beat:
         self.runs: set[str] = set()
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
-        self.wake = threading.Event()
 
     def tags(self) -> dict[str, str]:
         """What a run this process opens is tagged with (the first beat)."""
-        return {PROCESS_TAG: process_id(), ALIVE_TAG: f"{self.clock():.0f}"}
+        return {PROCESS_TAG: process_id(), ALIVE_TAG: f"{time.time():.0f}"}
 
-    def hold(self, run_id: str) -> None:
-        """Beat for the run (tagged with ``tags``) until ``release``."""
+    def hold(self, run_id: str) -> None:  # until ``release``
         with self.lock:
             self.runs.add(run_id)
             if self.thread is None or not self.thread.is_alive():
@@ -69,26 +58,24 @@ class Beat:
             self.runs.discard(run_id)
 
     def loop(self) -> None:
-        while not self.wake.wait(self.period):
+        while True:
+            time.sleep(BEAT_SECONDS)
             with self.lock:
                 runs = list(self.runs)
             for run_id in runs:
                 try:
-                    mlflow.MlflowClient().set_tag(run_id, ALIVE_TAG, f"{self.clock():.0f}")
+                    mlflow.MlflowClient().set_tag(run_id, ALIVE_TAG, f"{time.time():.0f}")
                 except Exception:  # noqa: BLE001 - a missed beat must never fail the command
                     pass
 
 
 BEAT = Beat()
-CLEANED: set[str] = set()  # the stores this process has cleaned
 
 
+@functools.cache  # once per store and process
 def clean_once(uri: str) -> None:
-    """``end_dead_runs`` on the store ``uri``, once per process (every command's first
-    contact); a failure is left to the command's own first call to report."""
-    if uri in CLEANED:
-        return
-    CLEANED.add(uri)
+    """``end_dead_runs`` on the store ``uri``; a failure is left to the command's own first call
+    to report."""
     try:
         end_dead_runs()
     except Exception:  # noqa: BLE001 - cleaning must never stop a command
@@ -112,12 +99,9 @@ def dead_reason(tags: dict[str, str], start_ms: int, now: float, grace: float) -
 def running_runs(now: float | None = None, grace: float | None = None) -> list[tuple]:
     """The store's RUNNING runs: (run, why it is dead or None)."""
     now = time.time() if now is None else now
-    grace = grace_seconds() if grace is None else grace
-    client = mlflow.MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    runs = client.search_runs(experiments, "attributes.status = 'RUNNING'", max_results=1000)
+    if grace is None:
+        grace = env_seconds(GRACE_ENV, DEFAULT_GRACE_SECONDS, 2 * BEAT_SECONDS)
+    runs = search_store("attributes.status = 'RUNNING'")
     return [(run, dead_reason(run.data.tags, run.info.start_time, now, grace)) for run in runs]
 
 
@@ -127,8 +111,7 @@ def end_dead_runs(now: float | None = None, grace: float | None = None) -> list[
     for run, reason in running_runs(now, grace):
         if reason is None:
             continue
-        tags = run.data.tags
-        alive = float(tags.get(ALIVE_TAG) or run.info.start_time / 1000)
+        alive = float(run.data.tags.get(ALIVE_TAG) or run.info.start_time / 1000)
         last = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(alive))
         try:
             client.set_tag(run.info.run_id, ENDED_TAG, f"{reason} (found by {process_id()})")

@@ -1,9 +1,9 @@
 """The ONNX copy of a logged model, read without torch: find it, fetch it alone, run it.
 
 A logged model carries ``extra_files/model.onnx``, the same probability function as its pt2
-graph. ``load_onnx_model`` resolves any model URI (or a local model folder), downloads that one
-file and opens it with onnxruntime; None for a model logged before it existed (the caller falls
-back to torch). Nothing here imports torch: seconds of a cold one-image ``fmnist predict``.
+graph. ``load_onnx_model`` downloads that one file of any model URI (or local model folder) and
+opens it with onnxruntime; None for an older model without it (the caller falls back to torch).
+Nothing here imports torch: seconds of a cold one-image ``fmnist predict``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ class OnnxModel:
         import onnxruntime  # a tenth of a second: only when an ONNX model is used
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
         source = model if isinstance(model, bytes) else str(model)
         self.session = onnxruntime.InferenceSession(
             source, options, providers=["CPUExecutionProvider"]
@@ -44,10 +43,8 @@ class OnnxModel:
 
 
 def load_onnx_model(model_uri: str) -> OnnxModel | None:
-    """The model's ONNX copy opened with onnxruntime; None when the model has none.
-
-    A URI that does not resolve raises MLflow's error (the caller words it for the user).
-    """
+    """The model's ONNX copy opened with onnxruntime; None when the model has none. A URI that
+    does not resolve raises MLflow's error (the caller words it for the user)."""
     model_bytes = fetch_onnx_bytes(model_uri)
     return OnnxModel(model_bytes) if model_bytes is not None else None
 

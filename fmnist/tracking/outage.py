@@ -1,14 +1,11 @@
 """Riding out a tracking server that went away: the state of one outage and its retries.
 
-``Outage`` (one per process, ``OUTAGE``) is what ``fmnist.tracking.runs`` and ``checkpoints``
-call through once a run is open: ``attempt`` tries a write that can wait (an epoch's metrics, a
-checkpoint) and keeps it for later when the server is away, so training goes on; ``ride_out``
-retries a call that must land (a run's end, a trial's start, a final flush) until the server
-answers. Tries back off from 1 s to ``MAX_RETRY_DELAY`` without MLflow's own retries; after
-``FMNIST_TRACKING_OUTAGE_SECONDS`` (default 300) of silence ``TrackingUnavailable`` stops the
-command. Only connection errors count as an outage: a refusal from a server that answers is
-raised at once, and a request that may have arrived is not sent again where that would write
-twice (a run's creation).
+Once a run is open, ``OUTAGE.attempt`` tries a write that can wait (an epoch's metrics, a
+checkpoint) and keeps it when the server is away, so training goes on; ``OUTAGE.ride_out``
+retries a call that must land (a run's end, a trial's start, a flush). Tries back off up to
+``MAX_RETRY_DELAY``; an outage longer than ``FMNIST_TRACKING_OUTAGE_SECONDS`` (300) raises
+``TrackingUnavailable``. Only connection errors count: a refusal is raised at once, and a
+request that may have arrived is not sent again where that would write twice (a run's creation).
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
 from fmnist.errors import FmnistError
@@ -49,13 +46,17 @@ class TrackingUnavailable(FmnistError):
     """The tracking server stayed away longer than ``FMNIST_TRACKING_OUTAGE_SECONDS``."""
 
 
-def outage_seconds() -> float:
-    """How long a command waits for a tracking server that went away (``OUTAGE_ENV``)."""
-    text = os.environ.get(OUTAGE_ENV, "").strip()
+def env_seconds(name: str, default: float, least: float = 0.0) -> float:
+    """The seconds environment variable ``name`` sets (at least ``least``), else ``default``."""
+    text = os.environ.get(name, "").strip()
     try:
-        return max(0.0, float(text)) if text else DEFAULT_OUTAGE_SECONDS
+        return max(least, float(text)) if text else default
     except ValueError:
-        return DEFAULT_OUTAGE_SECONDS
+        return default
+
+
+def outage_seconds() -> float:
+    return env_seconds(OUTAGE_ENV, DEFAULT_OUTAGE_SECONDS)
 
 
 def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
@@ -66,6 +67,15 @@ def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
     return resend_safe and any(marker in text for marker in MAYBE_SENT_MARKERS)
 
 
+def error_chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the errors it came from (``__cause__``, else ``__context__``), each once."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 class Outage:
     """The state of one outage of the tracking server in this process: when it began, when to
     try again (backing off from 1 s to ``MAX_RETRY_DELAY``), and the two lines it prints."""
@@ -73,9 +83,7 @@ class Outage:
     def __init__(self, clock=time.monotonic, sleep=time.sleep) -> None:
         self.clock, self.sleep = clock, sleep  # tests pass a fake clock
         self.since: float | None = None
-        self.next_try = 0.0
-        self.delay = 1.0
-        self.reason = ""
+        self.next_try, self.delay, self.reason = 0.0, 1.0, ""
 
     def may_try(self) -> bool:
         return self.since is None or self.clock() >= self.next_try
@@ -112,7 +120,15 @@ class Outage:
             ) from exc
         self.next_try = now + self.delay
 
-    def recovered(self) -> None:
+    def call(self, action, resend_safe: bool, retries: bool) -> tuple[bool, object]:
+        """One try of ``action`` (with MLflow's own HTTP retries or not): (True, its result), or
+        (False, None) when the server is away."""
+        try:
+            with nullcontext() if retries else no_http_retries():
+                result = action()
+        except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
+            self.failed(exc, resend_safe)
+            return False, None
         if self.since is not None:
             print(
                 f"The MLflow tracking server answers again after "
@@ -121,41 +137,20 @@ class Outage:
                 flush=True,
             )
         self.since = None
+        return True, result
 
     def attempt(self, action, resend_safe: bool = True) -> bool:
-        """Call ``action`` unless backing off; False when the server is away (kept for later).
-
-        The call never waits on MLflow's own retries: training is not held up by a server that
-        is away, and this object's back-off decides when to try again.
-        """
-        if not self.may_try():
-            return False
-        try:
-            with no_http_retries():
-                action()
-        except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
-            self.failed(exc, resend_safe)
-            return False
-        self.recovered()
-        return True
+        """Call ``action`` unless backing off, without MLflow's retries (training goes on);
+        False when the server is away (the caller keeps what it wrote for later)."""
+        return self.may_try() and self.call(action, resend_safe, retries=False)[0]
 
     def ride_out(self, action, resend_safe: bool = True):
         """Call ``action`` until the server answers (or the outage lasts too long); its result.
-
-        Outside an outage the call has MLflow's usual retries; during one, only this loop's.
-        """
+        Outside an outage the call has MLflow's usual retries; during one, only this loop's."""
         while True:
             if self.may_try():
-                try:
-                    if self.since is None:
-                        result = action()
-                    else:
-                        with no_http_retries():
-                            result = action()
-                except Exception as exc:  # noqa: BLE001 - failed() re-raises all but an outage
-                    self.failed(exc, resend_safe)
-                else:
-                    self.recovered()
+                done, result = self.call(action, resend_safe, retries=self.since is None)
+                if done:
                     return result
             self.sleep(max(0.0, self.next_try - self.clock()))
 
@@ -164,8 +159,7 @@ class Outage:
 def no_http_retries() -> Iterator[None]:
     """MLflow's REST calls inside fail at once instead of retrying (it reads this per call)."""
     key = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    saved = os.environ.get(key)
-    os.environ[key] = "0"
+    saved, os.environ[key] = os.environ.get(key), "0"
     try:
         yield
     finally:

@@ -1,12 +1,11 @@
 """Model registry: log a classifier as a pt2 MLflow model, register it, set its alias, load it.
 
-``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and the temperature
-inside the graph) from the CPU with ``torch.export`` (MLflow's ``pt2`` format, no pickle),
-float32 (N, 28, 28) -> (N, 10) with a dynamic batch. Its ``extra_files/`` hold the spec and
-weights that rebuild an ordinary ``nn.Module`` (``load_module``), the temperature
-(``calibration.json``) and an ONNX copy for ``fmnist predict`` without torch (left out, with a
-warning, when export fails: the pt2 graph is the contract). The test metrics are linked to the
-Logged Model, and the alias rule picks ``champion`` or ``challenger``.
+``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and temperature in
+the graph) with ``torch.export`` (MLflow's ``pt2`` format, no pickle): float32 (N, 28, 28) ->
+(N, 10), dynamic batch. Its ``extra_files/`` hold what rebuilds an ``nn.Module``
+(``load_module``), ``calibration.json`` and an ONNX copy for ``fmnist predict`` without torch
+(left out, warned, when export fails: the pt2 graph is the contract). The alias rule picks
+``champion`` or ``challenger``.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from fmnist.models import ProbabilityModel
 from fmnist.tracking.artifacts import read_model_files, write_model_files
 from fmnist.tracking.onnx_export import write_onnx_model
 from fmnist.tracking.onnx_model import EXTRA_DIR
+from fmnist.tracking.values import finite_metrics
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -44,6 +44,12 @@ IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
 EXAMPLE_BATCH = 4  # > 1, otherwise torch.export specialises the batch dimension to 1
 CALIBRATION_FILE = "calibration.json"  # beside the rebuild files; absent before calibration
+MODEL_DESCRIPTION = (  # a registered model's, set once (never overwriting one a person wrote)
+    "Fashion-MNIST classifier. Input: float32 array (N, 28, 28), pixels in [0, 1]. "
+    "Output: (N, 10) class probabilities in the order T-shirt/top, Trouser, Pullover, "
+    "Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot. Aliases: champion (best "
+    "validation accuracy on the same data), challenger (the latest that did not beat it)."
+)
 
 
 @dataclass(frozen=True)
@@ -86,14 +92,10 @@ def choose_alias(new: Candidate, champion: Candidate | None) -> tuple[str, str]:
         )
     if champion.quick and not new.quick:
         return CHAMPION, "a full model replaces a quick champion"
-    if new.val_accuracy > champion.val_accuracy:
-        return CHAMPION, (
-            f"validation accuracy {new.val_accuracy:.4f} beats champion's "
-            f"{champion.val_accuracy:.4f}"
-        )
-    return CHALLENGER, (
-        f"validation accuracy {new.val_accuracy:.4f} does not beat champion's "
-        f"{champion.val_accuracy:.4f}"
+    beats = new.val_accuracy > champion.val_accuracy
+    return CHAMPION if beats else CHALLENGER, (
+        f"validation accuracy {new.val_accuracy:.4f} {'beats' if beats else 'does not beat'} "
+        f"champion's {champion.val_accuracy:.4f}"
     )
 
 
@@ -110,40 +112,12 @@ def candidate_from_tags(tags: Mapping[str, str]) -> Candidate:
     )
 
 
-def current_champion(client, name: str) -> tuple[str | None, Candidate | None]:
-    """The champion's version and candidate, or (None, None) when there is none yet."""
-    try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None
-    return version.version, candidate_from_tags(version.tags)
-
-
 def to_export_module(classifier: nn.Module, tta_flip: bool, temperature: float = 1.0) -> nn.Module:
     """A CPU float32 eval-mode copy that outputs probabilities; the caller's model is untouched."""
     cpu_copy = copy.deepcopy(classifier).cpu().float().eval()
     # channels_last weights make torch.export.save warn about incomplete tensors; store plain ones
-    cpu_copy = cpu_copy.to(memory_format=torch.contiguous_format)
-    for parameter in cpu_copy.parameters():
-        parameter.requires_grad_(False)
-    wrapped = ProbabilityModel(cpu_copy, tta_flip, temperature)
-    return wrapped.eval()
-
-
-def model_signature():
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, NUM_CLASSES))]),
-    )
-
-
-def make_input_example(images: np.ndarray | None = None) -> np.ndarray:
-    """A float32 (EXAMPLE_BATCH, 28, 28) example: the given images, else a fixed random batch."""
-    if images is not None and len(images) >= 2:
-        example = scale_pixels(np.asarray(images[:EXAMPLE_BATCH]))
-        return np.ascontiguousarray(example, dtype=np.float32).reshape(-1, *IMAGE_SHAPE)
-    rng = np.random.default_rng(0)
-    return rng.random((EXAMPLE_BATCH, *IMAGE_SHAPE), dtype=np.float32)
+    cpu_copy = cpu_copy.to(memory_format=torch.contiguous_format).requires_grad_(False)
+    return ProbabilityModel(cpu_copy, tta_flip, temperature).eval()
 
 
 def pip_requirements() -> list[str]:
@@ -159,9 +133,8 @@ def pip_requirements() -> list[str]:
 
 
 def save_cpu_pytorch_model(path: str, mlflow_model, **kwargs) -> None:
-    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default: MLflow moves a
-    model to CUDA when a GPU is there, which a CPU-exported pt2 graph refuses (``model_config``
-    ``{"device": ...}`` at load time still overrides it)."""
+    """``mlflow.pytorch.save_model`` whose pyfunc loads on the CPU by default (MLflow would move
+    the CPU-exported pt2 graph to a GPU, which it refuses); ``model_config`` still overrides."""
     mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
     mlflow_model.flavors["python_function"]["config"] = {"device": "cpu"}
     mlflow_model.save(os.path.join(path, "MLmodel"))
@@ -169,19 +142,6 @@ def save_cpu_pytorch_model(path: str, mlflow_model, **kwargs) -> None:
 
 # ``Model.log`` takes any object with a module name and ``save_model`` as the flavor.
 CPU_PYTORCH_FLAVOR = SimpleNamespace(__name__="mlflow.pytorch", save_model=save_cpu_pytorch_model)
-
-
-def version_description(
-    candidate: Candidate, test_accuracy: float | None, run_id: str, spec: Mapping[str, Any]
-) -> str:
-    test = f"{test_accuracy:.2%}" if test_accuracy is not None else "n/a"
-    quick = " Quick (demo) run." if candidate.quick else ""
-    return (
-        f"Fashion-MNIST {spec.get('family', '?')} classifier: validation accuracy "
-        f"{candidate.val_accuracy:.2%}, test accuracy {test}. Run {run_id}, dataset digest "
-        f"{candidate.data_digest}.{quick} Input float32 (N, 28, 28) in [0, 1], output (N, 10) "
-        "class probabilities."
-    )
 
 
 def log_and_register(
@@ -199,14 +159,12 @@ def log_and_register(
     temperature: float = 1.0,
     model_name: str = MODEL_NAME,
 ) -> RegisteredInfo:
-    """Log ``model`` (a logits classifier) as pt2 into the active run, register it, set its
-    alias (a run registers once). ``input_example``: a few real images; ``temperature`` (fitted
-    on the validation split) is folded into the graph and recorded."""
+    """Log ``model`` (a logits classifier) into the active run, register it, set its alias (once
+    per run). ``input_example``: a few real images; ``temperature``: folded into the graph."""
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_and_register needs an active MLflow run")
-    run_id = run.info.run_id
-    client = mlflow.MlflowClient()
+    run_id, client = run.info.run_id, mlflow.MlflowClient()
     earlier = registered_from(client, registered_name, run_id)
     if earlier is not None:
         return earlier  # a run resumed after a kill registers no second version
@@ -226,15 +184,27 @@ def log_and_register(
     info = log_pt2_model(
         model, spec, registered_name, tags, tta_flip, input_example, float(temperature), model_name
     )
-    link_metrics(client, info.model_id, run_id, test_metrics)
+    linked = {metric.key for metric in (client.get_logged_model(info.model_id).metrics or [])}
+    missing = {k: v for k, v in finite_metrics(test_metrics).items() if k not in linked}
+    if missing:  # the test metrics on the Logged Model's page, those Model.log did not copy
+        mlflow.log_metrics(missing, run_id=run_id, model_id=info.model_id)
     version = str(info.registered_model_version)
-    client.update_model_version(
-        registered_name,
-        version,
-        description=version_description(candidate, test_accuracy, run_id, spec),
+    test = f"{test_accuracy:.2%}" if test_accuracy is not None else "n/a"
+    quick_note = " Quick (demo) run." if candidate.quick else ""
+    description = (
+        f"Fashion-MNIST {spec.get('family', '?')} classifier: validation accuracy "
+        f"{candidate.val_accuracy:.2%}, test accuracy {test}. Run {run_id}, dataset digest "
+        f"{candidate.data_digest}.{quick_note} Input float32 (N, 28, 28) in [0, 1], output "
+        "(N, 10) class probabilities."
     )
-    describe_registered_model(client, registered_name)
-    _, champion = current_champion(client, registered_name)
+    client.update_model_version(registered_name, version, description=description)
+    if not client.get_registered_model(registered_name).description:  # never overwrite one
+        client.update_registered_model(registered_name, description=MODEL_DESCRIPTION)
+    try:
+        champion_tags = client.get_model_version_by_alias(registered_name, CHAMPION).tags
+        champion = candidate_from_tags(champion_tags)
+    except MlflowException:
+        champion = None  # the first registered version
     alias, reason = choose_alias(candidate, champion)
     client.set_registered_model_alias(registered_name, alias, version)
     client.set_model_version_tag(registered_name, version, "alias_reason", reason)
@@ -246,11 +216,8 @@ def registered_from(client, name: str, run_id: str) -> RegisteredInfo | None:
     found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if not found:
         return None
-    version = found[0]
-    aliases = [
-        a for a, v in client.get_registered_model(name).aliases.items() if v == version.version
-    ]
-    alias = aliases[0] if aliases else ""
+    version, aliases = found[0], client.get_registered_model(name).aliases
+    alias = next((a for a, v in aliases.items() if v == version.version), "")
     reason = version.tags.get("alias_reason", "")
     model_id = str(version.source).removeprefix("models:/")
     return RegisteredInfo(name, int(version.version), alias, reason, run_id, model_id)
@@ -261,13 +228,23 @@ def log_pt2_model(
 ):
     """Export and log the probability model with its rebuild files; register a new version."""
     export_module = to_export_module(model, tta_flip, temperature)
-    example = make_input_example(input_example)
+    if input_example is not None and len(input_example) >= 2:  # a few real images
+        example = scale_pixels(np.asarray(input_example[:EXAMPLE_BATCH]))
+        example = np.ascontiguousarray(example, dtype=np.float32).reshape(-1, *IMAGE_SHAPE)
+    else:  # a fixed random batch
+        example = np.random.default_rng(0).random((EXAMPLE_BATCH, *IMAGE_SHAPE), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         extra_files = write_model_files(Path(tmp), spec, export_module.classifier)
-        extra_files.append(write_calibration(Path(tmp), temperature, tta_flip))
+        # the graph's temperature and flip, so that the rebuild files alone reproduce it
+        calibration = Path(tmp) / CALIBRATION_FILE
+        method = "temperature scaling: softmax(log p / T), T minimising validation NLL"
+        content = {"temperature": float(temperature), "tta_flip": bool(tta_flip), "method": method}
+        calibration.write_text(json.dumps({**content, "fitted_on": "validation split"}, indent=2))
+        extra_files.append(str(calibration))
         onnx_path = write_onnx_model(Path(tmp), export_module, example)
         if onnx_path is not None:
             extra_files.append(onnx_path)
+        float32 = np.dtype(np.float32)
         # mlflow.pytorch.log_model is Model.log(flavor=mlflow.pytorch, ...), plus the CPU default
         return mlflow.models.Model.log(
             artifact_path=None,
@@ -275,29 +252,16 @@ def log_pt2_model(
             flavor=CPU_PYTORCH_FLAVOR,
             pytorch_model=export_module,
             registered_model_name=registered_name,
-            signature=model_signature(),
+            signature=ModelSignature(
+                inputs=Schema([TensorSpec(float32, (-1, *IMAGE_SHAPE))]),
+                outputs=Schema([TensorSpec(float32, (-1, NUM_CLASSES))]),
+            ),
             input_example=example,
             serialization_format="pt2",
             extra_files=extra_files,
             pip_requirements=pip_requirements(),
             tags=tags,
         )
-
-
-def link_metrics(client, model_id: str, run_id: str, metrics: Mapping[str, float]) -> None:
-    """Attach the test metrics to the Logged Model (its Models page), those ``Model.log`` did
-    not copy from the run already."""
-    linked = {metric.key for metric in (client.get_logged_model(model_id).metrics or [])}
-    missing = {
-        key: float(value)
-        for key, value in metrics.items()
-        if key not in linked
-        and isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    }
-    if missing:
-        mlflow.log_metrics(missing, run_id=run_id, model_id=model_id)
 
 
 def link_evaluation(model_uri: str, metrics: Mapping[str, float]) -> None:
@@ -307,25 +271,9 @@ def link_evaluation(model_uri: str, metrics: Mapping[str, float]) -> None:
         model_id = mlflow.models.get_model_info(model_uri).model_id
     except Exception:  # noqa: BLE001 - a folder without an MLflow model id links nothing
         return
-    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
-    clean = {k: v for k, v in clean.items() if math.isfinite(v)}
+    clean = finite_metrics(metrics)
     if model_id and clean:
         mlflow.log_metrics(clean, model_id=model_id)
-
-
-def describe_registered_model(client, name: str) -> None:
-    """Give a registered model a description once (never overwrite one a person wrote)."""
-    if client.get_registered_model(name).description:
-        return
-    client.update_registered_model(
-        name,
-        description=(
-            "Fashion-MNIST classifier. Input: float32 array (N, 28, 28), pixels in [0, 1]. "
-            "Output: (N, 10) class probabilities in the order T-shirt/top, Trouser, Pullover, "
-            "Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot. Aliases: champion (best "
-            "validation accuracy on the same data), challenger (the latest that did not beat it)."
-        ),
-    )
 
 
 def local_model_dir(model_uri: str) -> Path:
@@ -338,30 +286,17 @@ def local_model_dir(model_uri: str) -> Path:
 def load_module(model_uri: str) -> nn.Module:
     """The logged logits classifier as an ordinary, trainable ``nn.Module`` (eval mode, CPU),
     from any model URI or a local model folder."""
-    module, _ = read_model_files(local_model_dir(model_uri) / EXTRA_DIR)
-    return module
+    return read_model_files(local_model_dir(model_uri) / EXTRA_DIR)[0]
 
 
-def write_calibration(folder: Path, temperature: float, tta_flip: bool) -> str:
-    """``calibration.json``: the graph's temperature, how it was found, and whether it averages
-    the mirrored image (so the rebuild files alone reproduce it)."""
-    path = Path(folder) / CALIBRATION_FILE
-    content = {
-        "temperature": float(temperature),
-        "tta_flip": bool(tta_flip),
-        "method": "temperature scaling: softmax(log p / T), T minimising validation NLL",
-        "fitted_on": "validation split",
-    }
-    path.write_text(json.dumps(content, indent=2))
-    return str(path)
+def read_calibration(model_dir: str | Path) -> dict[str, Any]:
+    """``calibration.json`` of a local model folder; {} when it predates calibration."""
+    path = Path(model_dir) / EXTRA_DIR / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_temperature(model_dir: str | Path) -> float:
-    """The temperature of a local model folder; 1 when it predates calibration (no file)."""
-    path = Path(model_dir) / EXTRA_DIR / CALIBRATION_FILE
-    if not path.is_file():
-        return 1.0
-    return float(json.loads(path.read_text()).get("temperature", 1.0))
+    return float(read_calibration(model_dir).get("temperature", 1.0))
 
 
 def load_pyfunc(model_uri: str, device: str = "cpu"):
@@ -370,12 +305,10 @@ def load_pyfunc(model_uri: str, device: str = "cpu"):
 
 
 def load_probability_module(model_uri: str) -> nn.Module | None:
-    """The logged model's exact function as an eager module (CPU, eval mode), from its rebuild
-    files, flip averaging and temperature: no export machinery to import, unlike its pt2 graph.
-    None for a model logged before ``calibration.json`` said whether it flips."""
+    """The logged model's exact function as an eager module (CPU, eval mode) from its rebuild
+    files, no export machinery; None when its ``calibration.json`` does not say if it flips."""
     folder = local_model_dir(model_uri)
-    path = folder / EXTRA_DIR / CALIBRATION_FILE
-    calibration = json.loads(path.read_text()) if path.is_file() else {}
+    calibration = read_calibration(folder)
     if "tta_flip" not in calibration:
         return None
     classifier, _ = read_model_files(folder / EXTRA_DIR)

@@ -1,11 +1,10 @@
 """What a pipeline run again after a kill reuses: its unfinished run and its finished steps.
 
-A pipeline run is tagged with the key of its inputs (``fmnist.pipeline_key``: its options and
-the data's digest), each step's run with the step's key (``fmnist.step_key``, set through
-``child_tags`` on the runs the step opens) and, once it returns, the pipeline run with the step's
-result (``fmnist.step.<name>``). Running the same pipeline again finds the unfinished run with
-the same key (``unfinished_pipeline``), reopens it (or, under ``mlflow run``, moves its step runs
-under the new run, ``adopt``) and skips every step whose result it holds.
+A pipeline run is tagged with the key of its inputs (``fmnist.pipeline_key``: options and data
+digest), each step's runs with the step's key (``fmnist.step_key``, through ``child_tags``) and,
+once a step returns, the pipeline run with its result (``fmnist.step.<name>``). Running the same
+pipeline again reopens the unfinished run with the same key (``unfinished_pipeline``; under
+``mlflow run``, ``adopt`` moves its step runs under the new run) and skips the finished steps.
 """
 
 from __future__ import annotations
@@ -33,25 +32,24 @@ def child_tags(parent_run_id: str, tags: Mapping[str, str]) -> Iterator[None]:
         CHILD_TAGS.pop(parent_run_id, None)
 
 
+def search_store(filter_string: str, **kwargs) -> list:
+    """The runs of every experiment of the store that match ``filter_string`` (1000 at most)."""
+    kwargs.update(max_results=1000, output_format="list", search_all_experiments=True)
+    return mlflow.search_runs(filter_string=filter_string, **kwargs)
+
+
 def runs_tagged(key: str, value: str) -> list:
     """Every run of the store with tag ``key`` = ``value``, newest first."""
-    client = mlflow.MlflowClient()
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    if not experiments:
-        return []
-    return client.search_runs(
-        experiments, f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"]
-    )
+    return search_store(f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"])
 
 
 def unfinished_pipeline(key: str) -> Any | None:
-    """The newest pipeline run with these inputs that was killed or failed (not one running:
-    a live process may be running it), or None."""
+    """The newest ended pipeline run with these inputs if it was killed or failed (a RUNNING one
+    may have a live process), else None."""
     for run in runs_tagged(PIPELINE_KEY, key):
-        if run.info.status in ("KILLED", "FAILED"):
-            return run
-        if run.info.status == "FINISHED":
-            return None  # a finished pipeline is not resumed: the same command runs it again
+        # a finished pipeline is not resumed: the same command runs it again
+        if run.info.status in ("KILLED", "FAILED", "FINISHED"):
+            return None if run.info.status == "FINISHED" else run
     return None
 
 

@@ -1,11 +1,10 @@
 """MLflow runs: one way for every command to open, tag and close its runs.
 
-The store is ``MLFLOW_TRACKING_URI`` when set, else MLflow's embedded ``sqlite:///mlflow.db`` in
-the working directory. Under ``mlflow run`` the run exists already (``MLFLOW_RUN_ID``): the first
-run a command opens resumes it; called directly, a command creates its own run in
-``--experiment-name``. A run that raises ends FAILED (KILLED on Ctrl-C) with the error recorded.
-A tracking server that goes away once a run is open is ridden out (``outage``): the calls that
-must land (a run's end, a trial's start) wait for it; the first contact fails fast.
+The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
+Under ``mlflow run`` the first run a command opens resumes the one it made (``MLFLOW_RUN_ID``);
+called directly, a command creates its run in ``--experiment-name``. A run that raises ends
+FAILED (KILLED on Ctrl-C) with the error recorded. A server that goes away once a run is open is
+ridden out (``outage``); the first contact fails fast.
 """
 
 from __future__ import annotations
@@ -23,30 +22,18 @@ from mlflow import MlflowClient
 
 from fmnist.config import DEFAULT_EXPERIMENT
 from fmnist.tracking.heartbeat import BEAT, clean_once
-from fmnist.tracking.outage import (
-    OUTAGE,
-    TrackingUnavailable,
-    server_unreachable,
-    tracking_uri,
-)
+from fmnist.tracking.outage import OUTAGE, TrackingUnavailable, server_unreachable, tracking_uri
 from fmnist.tracking.resume import CHILD_TAGS
 from fmnist.tracking.store import prepare_store
 from fmnist.tracking.ui import RANDOM_NAME, mark_model_development
 from fmnist.tracking.values import safe_text
 
-# An unreachable server must fail fast, not after MLflow's default minutes of retries.
-HTTP_ENV_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
-
 
 def configure() -> str:
     """Point MLflow at the project's store; return the URI in use."""
-
-    for key, value in HTTP_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    # an unreachable server must fail fast, not after MLflow's default minutes of retries
+    for key, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "10")):
+        os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{key}", value)
     uri = tracking_uri()
     if uri.startswith("sqlite:"):  # no pooled connection for a forked search worker to share
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
@@ -66,12 +53,9 @@ def fail_pending_run(message: str) -> None:
     """Under ``mlflow run``, record ``message`` on the run it created and end it FAILED."""
     if not under_mlflow_run():
         return
-
     try:
         configure()
-        client = mlflow.MlflowClient()
-        run_id = os.environ["MLFLOW_RUN_ID"]
-        message = safe_text(message)
+        client, run_id, message = MlflowClient(), os.environ["MLFLOW_RUN_ID"], safe_text(message)
         client.set_tag(run_id, "error", message[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Failed: {message}")
         client.set_terminated(run_id, status="FAILED")
@@ -90,34 +74,43 @@ def start_run(
     nested: bool = False,
     system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Open (or resume, under ``mlflow run``) a run tagged with entry point and model family.
-
-    The outermost run of a process resumes ``MLFLOW_RUN_ID`` when it is set (renamed when
-    MLflow gave it a random name); runs opened inside another active run, or with
-    ``parent_run_id``, are nested children. The run ends FINISHED, FAILED (exception, error
-    recorded as a tag) or KILLED (KeyboardInterrupt). A child run (a search trial) waits for a
-    tracking server that went away; the outermost run does not (the first contact fails fast).
-    ``system_metrics``: MLflow's own CPU, memory (and GPU) sampling, for training runs.
-    """
-
+    """Open a run tagged with entry point and model family, ended FINISHED, FAILED (error tag) or
+    KILLED (Ctrl-C). The outermost run of a process resumes ``MLFLOW_RUN_ID`` when set (renamed
+    if MLflow named it at random); runs opened in another active run, or with ``parent_run_id``,
+    are children, which wait for a server that went away. ``system_metrics``: MLflow's CPU,
+    memory (and GPU) sampling."""
     configure()
     active = mlflow.active_run()
-    is_child = nested or parent_run_id is not None or active is not None
     all_tags = {"entry_point": entry_point, "model_family": model_family, **(tags or {})}
     all_tags.update(BEAT.tags())
     all_tags.update(CHILD_TAGS.get(parent_run_id or "", {}))
     sampled = system_metrics and importlib.util.find_spec("psutil") is not None
-    if not is_child and under_mlflow_run():
+    if nested or parent_run_id is not None or active is not None:
+        # created explicitly: mlflow.start_run() would resume MLFLOW_RUN_ID under `mlflow run`,
+        # and the active run is per thread
+        client, parent_id = MlflowClient(), parent_run_id or active.info.run_id
+        parent = OUTAGE.ride_out(lambda: client.get_run(parent_id))
+        # a run created twice would stay RUNNING for good: sent again only if it never arrived
+        child = OUTAGE.ride_out(
+            lambda: client.create_run(
+                parent.info.experiment_id,
+                run_name=run_name,
+                tags={**all_tags, "mlflow.parentRunId": parent_id},
+            ),
+            resend_safe=False,
+        )
+        run_id, in_run = child.info.run_id, active is not None
+        run = OUTAGE.ride_out(
+            lambda: mlflow.start_run(run_id=run_id, nested=in_run, log_system_metrics=sampled)
+        )
+    elif under_mlflow_run():
         run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"], log_system_metrics=sampled)
         if run_name and RANDOM_NAME.fullmatch(run.info.run_name or ""):
             mlflow.set_tag("mlflow.runName", run_name)  # not MLflow's sneaky-moose-235
         mark_model_development(run.info.experiment_id)
-    elif not is_child:
+    else:
         mark_model_development(mlflow.set_experiment(experiment_name).experiment_id)
         run = mlflow.start_run(run_name=run_name, tags=all_tags, log_system_metrics=sampled)
-    else:
-        parent = parent_run_id or active.info.run_id
-        run = start_child_run(parent, run_name, all_tags, sampled)
     mlflow.set_tags(all_tags)
     with ending_run(run.info.run_id):
         yield run
@@ -127,11 +120,8 @@ def start_run(
 def reopen_run(
     run_id: str, tags: Mapping[str, str] | None = None, system_metrics: bool = False
 ) -> Iterator[Any]:
-    """Resume an ended run (a resumed search's parent, a resumed CNN) and end it as above.
-
-    On success an earlier attempt's ``error`` tag is removed: it no longer describes the run.
-    """
-
+    """Resume an ended run (a resumed search's parent, a resumed CNN) and end it as above; on
+    success an earlier attempt's ``error`` tag goes (it no longer describes the run)."""
     configure()
     sampled = system_metrics and importlib.util.find_spec("psutil") is not None
     nested = mlflow.active_run() is not None
@@ -143,21 +133,19 @@ def reopen_run(
 
 @contextmanager
 def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
-    """End the active run ``run_id`` FINISHED, FAILED (error recorded) or KILLED (Ctrl-C).
-
-    ``clear_error`` removes an earlier attempt's ``error`` tag on success (a reopened run).
-    """
-
+    """End the active run ``run_id`` FINISHED, FAILED (error recorded) or KILLED (Ctrl-C)."""
     BEAT.hold(run_id)
     try:
         yield
-    except KeyboardInterrupt:
-        record_error("interrupted")
-        end_active_run(run_id, "KILLED", quietly=True)
-        raise
     except BaseException as exc:
-        record_error(f"{type(exc).__name__}: {exc}")
-        end_active_run(run_id, "FAILED", quietly=True)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        # messages may quote URIs and paths
+        text = safe_text("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
+        try:
+            OUTAGE.ride_out(lambda: mlflow.set_tag("error", text[:5000]))
+        except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
+            pass
+        end_active_run(run_id, "KILLED" if interrupted else "FAILED", quietly=True)
         raise
     else:
         if clear_error and "error" in OUTAGE.ride_out(lambda: mlflow.get_run(run_id)).data.tags:
@@ -169,10 +157,7 @@ def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
 
 def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
     """End the active run ``run_id``; a server that went away gets its status when it is back.
-
-    ``quietly`` (an error is already on its way): an outage that lasts too long leaves the run
-    RUNNING with a warning instead of replacing that error.
-    """
+    ``quietly`` (an error is on its way): a too long outage leaves the run RUNNING, warned."""
     try:
         mlflow.end_run(status)
         return
@@ -190,38 +175,3 @@ def end_active_run(run_id: str, status: str, quietly: bool = False) -> None:
             "it stays RUNNING until the command runs again.",
             file=sys.stderr,
         )
-
-
-def start_child_run(
-    parent_run_id: str, run_name: str | None, tags: Mapping[str, str], system_metrics=False
-):
-    """Create a child run explicitly and make it active.
-
-    ``mlflow.start_run()`` would resume ``MLFLOW_RUN_ID`` under ``mlflow run``, and the active run
-    is per thread, so neither names the parent reliably.
-    """
-
-    client = mlflow.MlflowClient()
-    parent = OUTAGE.ride_out(lambda: client.get_run(parent_run_id))
-    # a run created twice would stay RUNNING for good: sent again only if it never arrived
-    child = OUTAGE.ride_out(
-        lambda: client.create_run(
-            parent.info.experiment_id,
-            run_name=run_name,
-            tags={**tags, "mlflow.parentRunId": parent_run_id},
-        ),
-        resend_safe=False,
-    )
-    nested, run_id = mlflow.active_run() is not None, child.info.run_id
-    return OUTAGE.ride_out(
-        lambda: mlflow.start_run(run_id=run_id, nested=nested, log_system_metrics=system_metrics)
-    )
-
-
-def record_error(message: str) -> None:
-
-    text = safe_text(message)[:5000]  # messages may quote URIs and paths
-    try:
-        OUTAGE.ride_out(lambda: mlflow.set_tag("error", text))
-    except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
-        pass

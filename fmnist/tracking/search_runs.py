@@ -1,14 +1,14 @@
 """What a search records in MLflow: its parent run, each trial's child run, the summary.
 
-A trial's child run holds its epochs, best-epoch weights (``checkpoint/``) and history
-(``load_trial_model`` reads them back); the parent run the table (``search/table.json``, a table
-in the UI, and ``search/table.md``), Optuna's figures and the best trial as ``best_*``. The
-search driver calls this with plain values: nothing here knows Optuna.
+A trial's run holds its epochs, best-epoch weights (``checkpoint/``) and history, which
+``load_trial_model`` reads back; the parent run the table (``search/table.json`` and ``.md``),
+Optuna's figures and the best trial as ``best_*``. It gets plain values: nothing here knows Optuna.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -43,8 +43,7 @@ HISTORY_FILE = "history.json"
 @contextmanager
 def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[Any]:
     """A search trial's child run under ``parent_run_id`` (``spec``: its entry point and model
-    family); ends FINISHED, or FAILED / KILLED with the error, as ``tracking.start_run`` ends
-    runs, tagged with the trial's Optuna state."""
+    family), ended as ``start_run`` ends runs and tagged with the trial's Optuna state."""
     tags = {**tags, "optuna_state": "RUNNING"}
     with start_run(
         spec.entry_point, spec.family, run_name=name, parent_run_id=parent_run_id, tags=tags
@@ -57,17 +56,10 @@ def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> I
 
 
 def log_trial_result(result, spec, model, cpu_seconds: float) -> None:
-    """A finished trial: its best epoch, best-epoch weights and per-epoch history, in its run
-    (``result``: the engine's ``FitResult``)."""
-    log_metrics_finite(
-        {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch,
-            "fit_seconds": result.seconds,
-            # CPU time, unlike wall time, does not grow when other processes share the cores
-            "fit_cpu_seconds": cpu_seconds,
-        }
-    )
+    """A finished trial's best epoch, best-epoch weights and history (``result``: FitResult)."""
+    best = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch}
+    # CPU time, unlike wall time, does not grow when other processes share the cores
+    log_metrics_finite({**best, "fit_seconds": result.seconds, "fit_cpu_seconds": cpu_seconds})
     log_model_files(spec, model, CHECKPOINT_DIR)
     mlflow.log_dict({"history": result.history}, HISTORY_FILE)
     mlflow.set_tag("optuna_state", "COMPLETE")
@@ -80,14 +72,8 @@ def load_trial_model(run_id: str):
     return model, spec, history
 
 
-def set_tags(tags: Mapping[str, str], run_id: str | None = None) -> None:
-    """Tag the active run, or run ``run_id``."""
-    if run_id is None:
-        mlflow.set_tags(dict(tags))
-        return
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+def set_tags(tags: Mapping[str, str]) -> None:
+    mlflow.set_tags(dict(tags))
 
 
 @contextmanager
@@ -98,7 +84,7 @@ def parent_run(recorded, entry_point, family, experiment_name, run_name, outer_r
     own = os.environ.get("MLFLOW_RUN_ID")
     if recorded and recorded != own and run_exists(recorded):
         if own and outer_run_id is None:
-            set_tags({"search_parent_run_id": recorded}, own)
+            mlflow.MlflowClient().set_tag(own, "search_parent_run_id", recorded)
         with reopen_run(recorded, tags, system_metrics=True) as run:
             yield run
         return
@@ -132,28 +118,28 @@ def log_search_summary(
             mlflow.log_text(f"not drawn: {reason}\n", f"{SUMMARY_DIR}/{name}.txt")
         else:
             mlflow.log_figure(figure, f"{SUMMARY_DIR}/{name}")
-    counts = {"complete": 0, "pruned": 0}
-    for row in rows:
-        key = str(row["state"]).lower()
-        counts[key] = counts.get(key, 0) + 1
+    counts = Counter({"complete": 0, "pruned": 0})
+    counts.update(str(row["state"]).lower() for row in rows)
     mlflow.log_metrics({f"points_{state}": float(n) for state, n in counts.items()})
     if best is None:
         return
     mlflow.log_dict(dict(best.params), f"{SUMMARY_DIR}/best_params.json")
     log_changing_params(best.params, prefix="best_")
-    mlflow.log_metrics(
-        {
-            "best_val_accuracy": best.value,
-            "best_epoch": float(best.best_epoch),
-            "best_trial_number": float(best.number),
-        }
-    )
+    best_metrics = {"best_val_accuracy": best.value, "best_epoch": float(best.best_epoch)}
+    mlflow.log_metrics({**best_metrics, "best_trial_number": float(best.number)})
     mlflow.set_tags({"best_point": best.point, "best_run_id": best.run_id})
 
 
+def run_exists(run_id: str) -> bool:
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's test accuracy, alias and retrained run (if any), read back from its
-    parent run when a re-run trains nothing."""
+    """A finished search's test accuracy, alias and retrained run, read back from its parent run
+    when a re-run trains nothing."""
     if not model_uri:
         return {}
     parent = mlflow.MlflowClient().get_run(parent_run_id)
@@ -163,13 +149,6 @@ def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
         "alias": parent.data.tags.get("registered_alias"),
         "retrained_run_id": parent.data.tags.get("retrained_run_id"),
     }
-
-
-def run_exists(run_id: str) -> bool:
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
-        return False
 
 
 def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:

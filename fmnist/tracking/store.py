@@ -1,15 +1,14 @@
 """The embedded SQLite store shared by the processes of one machine: created once, clear limits.
 
-Processes that find a store without tables all run MLflow's schema migrations and break each
-other, so the first process of a machine to open a store creates it under a file lock
-(``prepare_store``); a new local store starts as a copy of an empty one this MLflow version
-migrated once (1.4 s of migrations off every new store). SQLite lets one writer in at a time and
-MLflow makes others wait up to 20 s: a store locked longer becomes one message naming the fix, a
-tracking server (``locked_store_message``).
+Processes that find a store without tables all run MLflow's migrations and break each other:
+the first one creates it under a machine lock (``prepare_store``), copying an empty store
+migrated once per MLflow version (1.4 s). SQLite lets one writer in at a time, others wait 20 s;
+a store locked longer gets one message naming the fix (``locked_store_message``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -22,28 +21,24 @@ import mlflow
 from mlflow import MlflowClient
 
 from fmnist.liveness import machine_lock
+from fmnist.tracking.outage import error_chain
 
-PREPARED: set[str] = set()  # the stores this process opened already (MLflow caches them too)
 LOCKED_MARKER = "database is locked"
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores besides SQLite
 
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (relative to the working directory), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
     path = uri.removeprefix("sqlite:///").split("?", 1)[0]
-    if not path or path == ":memory:":
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
         return None
     return Path(path).expanduser().resolve()
 
 
+@functools.cache  # once per store and process (a call that raised is not remembered)
 def prepare_store(uri: str) -> None:
-    """Open a database store once per process, creating (or migrating) its tables while holding
-    the machine's lock for it (a local SQLite file, or a database URL such as PostgreSQL's);
-    a tracking server (``http(s)://``) creates its own."""
-    if uri in PREPARED:
-        return
+    """Open a database store (SQLite file or a URL such as PostgreSQL's) once per process,
+    creating its tables under the machine's lock for it; a tracking server creates its own."""
     path = sqlite_path(uri)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,35 +51,37 @@ def prepare_store(uri: str) -> None:
         if path is not None and not path.exists():
             copy_empty_store(path)
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-    PREPARED.add(uri)
-
-
-def cache_dir() -> Path:
-    """``FMNIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/fmnist``, else ``~/.cache/fmnist``."""
-    if os.environ.get("FMNIST_CACHE_DIR"):
-        return Path(os.environ["FMNIST_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fmnist"
 
 
 def template_path() -> Path:
     """The empty store of this MLflow version and migration chain (its file names hashed: a
-    build with other migrations under the same version string gets its own template)."""
+    build with other migrations under the same version string gets its own template), in
+    ``FMNIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/fmnist``, else ``~/.cache/fmnist``."""
     versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
     names = sorted(p.name for p in versions.glob("*.py")) if versions.is_dir() else []
     chain = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
-    return cache_dir() / f"mlflow-{mlflow.__version__}-{chain}-empty.db"
+    cache = os.environ.get("FMNIST_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "fmnist"
+    )
+    return Path(cache) / f"mlflow-{mlflow.__version__}-{chain}-empty.db"
 
 
 def copy_empty_store(path: Path) -> None:
-    """Start the SQLite store ``path`` as a copy of an empty store of this MLflow version (made
-    on first use), written under another name and renamed, so that an interrupted copy leaves
-    no half a store. Any failure leaves ``path`` to MLflow's own creation. MLflow then only adds
-    its Default experiment, with this store's artifact location."""
+    """Start the SQLite store ``path`` as a copy of the empty template (made on first use),
+    written under another name and renamed: an interrupted copy leaves no half a store. Any
+    failure leaves ``path`` to MLflow's own creation."""
     template = template_path()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         if not template.exists():
-            make_empty_store(template)
+            # made by `mlflow db upgrade` in its own process (no engine of this one stays open
+            # on it) under a temporary name, then renamed
+            template.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+                made = Path(tmp) / "empty.db"
+                command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{made}"]
+                subprocess.run(command, check=True, capture_output=True, timeout=300)
+                os.replace(made, template)
         shutil.copyfile(template, partial)
         os.replace(partial, path)
     except Exception:  # noqa: BLE001 - a cache is an optimisation: MLflow creates the store
@@ -93,29 +90,10 @@ def copy_empty_store(path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def make_empty_store(template: Path) -> None:
-    """A fully migrated store without experiments, made by ``mlflow db upgrade`` (in its own
-    process: no engine or connection of this one stays open on it) under a temporary name and
-    renamed."""
-    template.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
-        made = Path(tmp) / "empty.db"
-        command = [sys.executable, "-m", "mlflow", "db", "upgrade", f"sqlite:///{made}"]
-        subprocess.run(command, check=True, capture_output=True, timeout=300)
-        os.replace(made, template)
-
-
 def locked_store_message(exc: BaseException, uri: str) -> str | None:
     """One paragraph for a SQLite store that stayed locked past MLflow's busy timeout, or None
     when ``exc`` (or an exception it came from) says something else."""
-    seen: set[int] = set()
-    error: BaseException | None = exc
-    while error is not None and id(error) not in seen:
-        if LOCKED_MARKER in str(error):
-            break
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    if error is None or id(error) in seen:
+    if not any(LOCKED_MARKER in str(error) for error in error_chain(exc)):
         return None
     return (
         f"The embedded SQLite store {uri} stayed locked by other processes for longer than "

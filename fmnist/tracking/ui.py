@@ -3,8 +3,7 @@
 MLflow 3 opens an experiment on its GenAI overview unless the URL asks for the Runs view
 (``ui_url``); the ``mlflow.experimentKind`` tag stops it asking which kind of experiment it is.
 Runs that ``mlflow run`` created get our names instead of MLflow's random ones, and a pipeline
-run carries its models' headline metrics and links to them (``log_headline``), so the top row of
-the Runs view and its charts say what the pipeline achieved.
+run carries its models' headline metrics and links to them (``log_headline``).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI then asks no "which kind" qu
 
 
 def mark_model_development(experiment_id: str) -> None:
-    """Tag an experiment as model training (the UI opens it on its runs with the URL that
-    ``ui_url`` gives; this tag stops it asking which kind of experiment it is)."""
     client = MlflowClient()
     if KIND_TAG not in client.get_experiment(experiment_id).tags:
         client.set_experiment_tag(experiment_id, KIND_TAG, "custom_model_development")
@@ -37,9 +34,8 @@ def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
 
 
 def log_headline(results: Mapping[str, Mapping[str, Any]], steps) -> None:
-    """On the active (pipeline) run: each step's registered model's test accuracy and ECE, as
-    its run logged them (``dnn_test_accuracy``...), and the logged models as its outputs, so
-    the top row of the Runs view and its charts say what the pipeline achieved."""
+    """On the active (pipeline) run: each step's model's test accuracy and ECE as its run logged
+    them (``dnn_test_accuracy``...), and the logged models as outputs, for the Runs view's row."""
     client, metrics, outputs = MlflowClient(), {}, []
     for step in steps:
         result = results.get(step) or {}

@@ -1,9 +1,8 @@
 """What a run holds: params logged once, finite metrics, epochs at their steps, data, tables.
 
-Params that ``mlflow run`` logged first are never re-logged with another value (a second value
-goes under ``cfg.<key>``); only finite metrics are logged (NaN breaks charts); ``EpochLogger``
-writes ``engine.fit``'s epochs at ``step=epoch`` in batches and keeps them while a tracking server
-is away. No value logged carries a password or a home path (``safe_text``).
+A param ``mlflow run`` logged first keeps its value (a second one goes under ``cfg.<key>``);
+only finite metrics are logged (NaN breaks charts); ``EpochLogger`` writes epochs in batches and
+keeps them while the server is away. No value logged carries a password or a home path.
 """
 
 from __future__ import annotations
@@ -51,9 +50,8 @@ def format_param(value: Any) -> str:
 
 
 def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Log params, skipping keys already logged with the same value; return what was logged. A
-    key logged with another value (``mlflow run`` logs its parameters first) keeps it, and the
-    new value goes under ``cfg.<key>``."""
+    """Log params not logged with the same value yet; return what was logged. A key logged with
+    another value (``mlflow run`` logs first) keeps it: the new one goes under ``cfg.<key>``."""
     run = mlflow.active_run()
     existing = OUTAGE.ride_out(lambda: mlflow.get_run(run.info.run_id)).data.params if run else {}
     to_log: dict[str, str] = {}
@@ -69,9 +67,8 @@ def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, An
 
 
 def log_changing_params(params: Mapping[str, Any], prefix: str) -> None:
-    """Log ``params`` as ``<prefix><key>`` where they may differ from an earlier attempt's (a
-    resumed search's new best): a second value under ``cfg.<prefix><key>``, a third not at all
-    (the caller keeps the whole set in a file too)."""
+    """Log ``params`` as ``<prefix><key>`` that may change between attempts (a resumed search's
+    new best): a second value under ``cfg.<prefix><key>``, a third not at all."""
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     values = {}
@@ -99,21 +96,18 @@ def log_metrics_finite(metrics: Mapping[str, float], step: int | None = None) ->
 
 
 def logged_steps(run_id: str, metric: str) -> set[int]:
-    """The steps at which run ``run_id`` logged ``metric``."""
     return {m.step for m in MlflowClient().get_metric_history(run_id, metric)}
 
 
 class EpochLogger:
-    """``engine.fit``'s ``on_epoch_end`` for the active run: each epoch's finite metrics at
-    ``step=epoch``, written in one batch at most every ``interval`` seconds (a database write
-    costs half a dense epoch) and on ``flush``, which the caller calls in a ``finally``. While
-    the tracking server is away the epochs are kept and training goes on; ``flush`` waits for it.
-    ``skip``: epochs the run holds already (trained again after a kill: the same values)."""
+    """``engine.fit``'s ``on_epoch_end``: finite metrics at ``step=epoch``, written at most every
+    ``interval`` s (a database write costs half a dense epoch), kept while the server is away,
+    and on ``flush``. ``skip``: epochs the run holds already (trained again after a kill)."""
 
     def __init__(self, interval: float = 1.0, skip: frozenset[int] = frozenset()) -> None:
         self.run_id = mlflow.active_run().info.run_id
         self.interval, self.skip = interval, skip
-        self.pending: list = []
+        self.pending: list[Metric] = []  # not written yet
         self.written = time.monotonic()
 
     def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -125,8 +119,7 @@ class EpochLogger:
             OUTAGE.attempt(self.write)
 
     def flush(self) -> None:
-        """Write every kept epoch, waiting for a tracking server that went away."""
-        OUTAGE.ride_out(self.write)
+        OUTAGE.ride_out(self.write)  # waits for a server that went away
 
     def write(self) -> None:
         client = MlflowClient()
@@ -153,13 +146,8 @@ def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:
     mlflow.set_tag("data_digest", digest)
 
 
-def log_text_artifact(text: str, artifact_file: str) -> None:
-    mlflow.log_text(text, artifact_file)
-
-
 def log_table_replacing(columns: Mapping[str, list], artifact_file: str) -> None:
-    """``mlflow.log_table``, but a table already there (a resumed search's summary) is replaced:
-    ``log_table`` would append the new rows to the old ones."""
+    """``mlflow.log_table`` replacing a table already there (``log_table`` would append)."""
     folder, name = artifact_file.rsplit("/", 1)
     run_id = mlflow.active_run().info.run_id
     if artifact_file not in {a.path for a in MlflowClient().list_artifacts(run_id, folder)}:
