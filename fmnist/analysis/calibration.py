@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
+from scipy.special import softmax as scipy_softmax
 
 ECE_BINS = 15
 # A temperature outside this bracket means a broken model, not a calibration problem.
@@ -23,9 +24,7 @@ LOG_FLOOR = 1e-12  # probabilities below it count as this much in a log (as the 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, stable for any scale."""
-    scores = np.asarray(scores, dtype=np.float64)
-    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return scipy_softmax(np.asarray(scores, dtype=np.float64), axis=1)
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -122,8 +121,7 @@ def calibration_metrics(
         metrics[f"test_nll{suffix}"] = nll(probabilities, labels)
         metrics[f"test_brier{suffix}"] = brier(probabilities, labels)
         metrics[f"test_ece{suffix}"] = expected_calibration_error(probabilities, labels)
-    predicted = np.asarray(uncalibrated).argmax(axis=1)
-    metrics["test_accuracy_uncalibrated"] = float((predicted == labels).mean())
+    metrics["test_accuracy_uncalibrated"] = float((np.argmax(uncalibrated, 1) == labels).mean())
     return metrics
 
 
@@ -148,8 +146,7 @@ def plot_reliability_diagram(
     top.set(ylabel="Accuracy in the bin", ylim=(0, 1))
     top.set_title(f"Reliability diagram ({ECE_BINS} equal-width confidence bins)")
     top.legend(loc="upper left", fontsize=8)
-    bottom.set_yscale("symlog")
-    bottom.set(ylim=(0, None), xlim=(0, 1), ylabel="Images")
+    bottom.set(yscale="symlog", ylim=(0, None), xlim=(0, 1), ylabel="Images")
     bottom.set_xlabel("Confidence (top class probability)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
