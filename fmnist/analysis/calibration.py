@@ -125,14 +125,20 @@ def calibration_metrics(
     return metrics
 
 
-def plot_reliability_diagram(
-    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, temperature: float
-) -> Figure:
-    """Accuracy against confidence per bin before (points) and after (bars), over bin counts."""
+def calibration_artifacts(
+    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, metrics: dict
+) -> dict[str, Any]:
+    """The reliability diagram (accuracy against confidence per bin before temperature scaling as
+    points, after as bars, over the bin counts) and the bins after with ``metrics`` as JSON, by
+    path in ``evaluation/``."""
+    labels, temperature = np.asarray(labels).reshape(-1), metrics["temperature"]
+    before, after = (reliability_bins(p, labels) for p in (uncalibrated, calibrated))
+    table = {**metrics, "bins": ECE_BINS, "bin_counts": after.counts.astype(int).tolist()}
+    table["bin_confidence"] = np.nan_to_num(after.confidence).round(6).tolist()
+    table["bin_accuracy"] = np.nan_to_num(after.accuracy).round(6).tolist()
     fig = Figure(figsize=(7, 8), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     width = 1.0 / ECE_BINS
-    before, after = (reliability_bins(p, labels) for p in (uncalibrated, calibrated))
     centres = before.edges[:-1] + width / 2
     shown = before.counts > 0, after.counts > 0
     label = f"after (T = {temperature:.3f}): ECE {after.ece:.2%}"
@@ -150,21 +156,4 @@ def plot_reliability_diagram(
     bottom.set_xlabel("Confidence (top class probability)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    return fig
-
-
-def calibration_artifacts(
-    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, metrics: dict
-) -> dict[str, Any]:
-    """The reliability diagram and its bins with ``metrics`` (JSON), by path in ``evaluation/``."""
-    labels = np.asarray(labels).reshape(-1)
-    bins = reliability_bins(calibrated, labels)
-    table = {
-        **metrics,
-        "bins": ECE_BINS,
-        "bin_counts": bins.counts.astype(int).tolist(),
-        "bin_confidence": np.nan_to_num(bins.confidence).round(6).tolist(),
-        "bin_accuracy": np.nan_to_num(bins.accuracy).round(6).tolist(),
-    }
-    figure = plot_reliability_diagram(calibrated, uncalibrated, labels, metrics["temperature"])
-    return {"test/reliability_diagram.png": figure, "test/calibration.json": table}
+    return {"test/reliability_diagram.png": fig, "test/calibration.json": table}

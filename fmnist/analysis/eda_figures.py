@@ -78,10 +78,8 @@ def plot_cumulative_variance(cumulative: np.ndarray, marks: dict[float, int]) ->
             label = f"{threshold:.0%}: {study} (study)"
             ax.plot([study], [percent], "x", color=color, markersize=10, label=label)
     ax.set(xscale="log", xlim=(1, len(cumulative)), ylim=(0, 101))
-    ax.set(
-        xlabel="number of principal components (log scale)",
-        ylabel="cumulative explained variance (%)",
-    )
+    ax.set_xlabel("number of principal components (log scale)")
+    ax.set_ylabel("cumulative explained variance (%)")
     ax.set_title("PCA on the training split: cumulative explained variance (study Fig. 4)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -138,8 +136,7 @@ def plot_pca_scatter(points: np.ndarray, labels: np.ndarray, n_total: int, dims:
 
 
 def plot_embeddings(panels: dict[str, tuple], labels: np.ndarray, title: str) -> Figure:
-    """Side by side, each 2-D embedding (name -> (points, its scores)) by class, with its
-    silhouette and 5-NN accuracy in the title."""
+    """Each 2-D embedding (name -> (points, scores)) by class, silhouette and 5-NN in the title."""
     fig = Figure(figsize=(15, 6.5) if len(panels) > 1 else (9, 7), layout="tight")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (name, (points, scores)) in zip(axes, panels.items(), strict=True):

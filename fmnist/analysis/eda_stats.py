@@ -122,8 +122,7 @@ def reconstruction_mse(pca: PCA, features: np.ndarray, n_components: int) -> flo
 def measure_pca(
     pca: PCA, features: np.ndarray, test_features: np.ndarray, variance: float
 ) -> dict[str, float]:
-    """Component counts (90%, 95%, ``variance``), the variance kept and the reconstruction
-    error on the training features and the test features."""
+    """Component counts (90%, 95%, ``variance``), the variance kept, the train and test MSE."""
     cumulative = np.cumsum(pca.explained_variance_ratio_)
     kept = components_for_variance(cumulative, variance)
     return {
@@ -143,8 +142,7 @@ def tsne_perplexity(n_samples: int, wanted: float) -> float:
 def run_tsne(features: np.ndarray, seed: int, perplexity: float) -> tuple[np.ndarray, float]:
     """2-D t-SNE (PCA init) of ``features``; the embedding and its final KL divergence."""
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=2)
-    embedding = tsne.fit_transform(features)
-    return embedding, float(tsne.kl_divergence_)
+    return tsne.fit_transform(features), float(tsne.kl_divergence_)
 
 
 def cv_folds(labels: np.ndarray) -> int:
@@ -174,12 +172,10 @@ def separation_scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> d
 def score_embeddings(
     embedding: np.ndarray, projected: np.ndarray, pixels: np.ndarray, labels: np.ndarray, seed: int
 ) -> tuple[dict, dict[str, float]]:
-    """Separation scores of t-SNE and of the 2-D PCA projection of the same samples (with the
-    5-NN accuracy of their raw pixels as the yardstick), and the metrics they give."""
-    scores = {
-        "tsne": separation_scores(embedding, labels, seed),
-        "pca": separation_scores(projected[:, :2], labels, seed),
-    }
+    """Separation scores of t-SNE and the 2-D PCA of the same images, their metrics (with the raw
+    pixels' 5-NN accuracy as the yardstick)."""
+    tsne, pca = (separation_scores(xy, labels, seed) for xy in (embedding, projected[:, :2]))
+    scores = {"tsne": tsne, "pca": pca}
     metrics = {"cv_folds": cv_folds(labels)}
     metrics |= {f"{k}_{m}": scores[k][m] for k in scores for m in ("silhouette", "knn5_accuracy")}
     metrics["pixels_knn5_accuracy"] = knn_accuracy(pixels, labels, seed)
@@ -247,9 +243,8 @@ def judge_tsne(metrics: Mapping[str, float], scores: dict) -> str:
             "silhouette <= 0, i.e. they sit among other classes."
         )
     elif tsne < 0.5:
-        worst = worst_classes(scores["tsne"]["per_class_silhouette"])
         text += f" Still, a silhouette of {tsne:.3f} is far from 1: clusters touch, most of all "
-        text += f"{worst}."
+        text += f"{worst_classes(scores['tsne']['per_class_silhouette'])}."
     # t-SNE preserves neighbourhoods, so the pixels' own 5-NN accuracy is the fair yardstick.
     verdict = (
         "the t-SNE map keeps the neighbourhoods the pixels already have, it adds no separation."

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
+from sklearn.preprocessing import normalize
 
 from fmnist.analysis.calibration import nll
 from fmnist.data import CLASS_NAMES
@@ -82,9 +83,8 @@ def compute_metrics(
 
 
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    """Each row divided by its total (a class absent from the labels stays a row of zeros)."""
-    totals = matrix.sum(axis=1, keepdims=True).astype(np.float64)
-    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    """Each row of counts divided by its total (a class absent from the labels stays zeros)."""
+    return normalize(matrix, norm="l1")
 
 
 def most_confident_errors(
@@ -115,8 +115,7 @@ def draw_matrix(
     ax.figure.colorbar(ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax), ax=ax, shrink=0.8)
     ax.set_xticks(CLASSES, CLASS_NAMES, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(CLASSES, CLASS_NAMES, fontsize=8)
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
+    ax.set(xlabel="Predicted class", ylabel="True class")
     ax.set_title(title, fontsize=10)
     if fmt is None:
         return
@@ -157,7 +156,6 @@ def plot_training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
 
 def plot_one_vs_rest(probabilities: np.ndarray, labels: np.ndarray, roc: bool) -> Figure:
     """One-vs-rest ROC (``roc``) or precision-recall curve per class, AUC or AP in the legend."""
-    probabilities, labels = check_inputs(probabilities, labels)
     fig = Figure(figsize=(8, 7), layout="constrained")
     ax = fig.subplots()
     for index, name in enumerate(CLASS_NAMES):

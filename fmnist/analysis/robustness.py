@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,12 +168,9 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
     if size <= 0 or size >= len(labels):
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    picks, ranks = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        picks.append(members)
-        # a class's k-th pick ranks (k + 0.5) / count: taking the lowest ranks is proportional
-        ranks.append((np.arange(len(members)) + 0.5) / len(members))
+    picks = [rng.permutation(np.flatnonzero(labels == cls)) for cls in np.unique(labels)]
+    # a class's k-th pick ranks (k + 0.5) / count: taking the lowest ranks is proportional
+    ranks = [(np.arange(len(members)) + 0.5) / len(members) for members in picks]
     order = np.argsort(np.concatenate(ranks), kind="stable")[:size]
     return np.sort(np.concatenate(picks)[order])
 
@@ -225,41 +222,10 @@ def robustness_metrics(result: RobustnessResult) -> dict[str, float]:
     return metrics
 
 
-def plot_samples(samples: Mapping[str, np.ndarray]) -> Figure:
-    """One row per corruption: the clean image, then severities 1-3."""
-    fig = Figure(figsize=(6, 1.45 * len(samples) + 0.6), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(samples), 1 + len(SEVERITIES)))
-    for row, (name, images) in zip(axes, samples.items(), strict=True):
-        for ax, image in zip(row, images, strict=True):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-            ax.set(xticks=[], yticks=[])
-        row[0].set_ylabel(name.replace("_", " "), fontsize=8)
-    for ax, title in zip(axes[0], ["clean", *(f"severity {s}" for s in SEVERITIES)], strict=True):
-        ax.set_title(title, fontsize=9)
-    fig.suptitle("Corruptions of one test image")
-    return fig
-
-
-def plot_accuracy_grid(result: RobustnessResult) -> Figure:
-    """A heat-map of accuracy per corruption (rows) and severity (columns), with the row means."""
-    names, grid = list(result.accuracy), np.array(list(result.accuracy.values()))
-    grid = np.column_stack([grid, grid.mean(axis=1)])
-    fig = Figure(figsize=(6.5, 0.42 * len(names) + 1.8), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
-    ax.set_xticks(range(grid.shape[1]), [*(f"s{s}" for s in SEVERITIES), "mean"])
-    ax.set_yticks(range(len(names)), [name.replace("_", " ") for name in names])
-    for (row, column), value in np.ndenumerate(grid):
-        ax.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=7)
-    clean, mean = result.clean_accuracy, result.mean_accuracy
-    title = f"Accuracy under corruption ({result.images} test images; clean {clean:.3f}, mean "
-    ax.set_title(f"{title}{mean:.3f})", fontsize=9)
-    return fig
-
-
 def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
-    """The grid as JSON and its two figures, by path under ``evaluation/``."""
+    """The grid as JSON, as a heat-map of accuracy per corruption (rows) and severity (columns)
+    with the row means, and the samples (one row per corruption: clean, then severities 1-3), by
+    path under ``evaluation/``."""
     table = {"images": result.images, "seed": result.seed}
     table["subset"] = "class-stratified, seeded sample of the test set"
     table |= {"clean_accuracy": result.clean_accuracy, "mean_accuracy": result.mean_accuracy}
@@ -268,8 +234,31 @@ def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
         name: {"parameters": list(CORRUPTIONS[name][1]), "accuracy": row}
         for name, row in result.accuracy.items()
     }
+    names, grid = list(result.accuracy), np.array(list(result.accuracy.values()))
+    grid = np.column_stack([grid, grid.mean(axis=1)])
+    heat_map = Figure(figsize=(6.5, 0.42 * len(names) + 1.8), layout="constrained")
+    ax = heat_map.subplots()
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    heat_map.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
+    ax.set_xticks(range(grid.shape[1]), [*(f"s{s}" for s in SEVERITIES), "mean"])
+    ax.set_yticks(range(len(names)), [name.replace("_", " ") for name in names])
+    for (row, column), value in np.ndenumerate(grid):
+        ax.text(column, row, f"{value:.3f}", ha="center", va="center", fontsize=7)
+    clean, mean = result.clean_accuracy, result.mean_accuracy
+    title = f"Accuracy under corruption ({result.images} test images; clean {clean:.3f}, mean "
+    ax.set_title(f"{title}{mean:.3f})", fontsize=9)
+    samples = Figure(figsize=(6, 1.45 * len(result.samples) + 0.6), layout="constrained")
+    axes = np.atleast_2d(samples.subplots(len(result.samples), 1 + len(SEVERITIES)))
+    for row, (name, images) in zip(axes, result.samples.items(), strict=True):
+        for ax, image in zip(row, images, strict=True):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.set(xticks=[], yticks=[])
+        row[0].set_ylabel(name.replace("_", " "), fontsize=8)
+    for ax, title in zip(axes[0], ["clean", *(f"severity {s}" for s in SEVERITIES)], strict=True):
+        ax.set_title(title, fontsize=9)
+    samples.suptitle("Corruptions of one test image")
     return {
         "robustness/accuracy.json": table,
-        "robustness/accuracy_grid.png": plot_accuracy_grid(result),
-        "robustness/samples.png": plot_samples(result.samples),
+        "robustness/accuracy_grid.png": heat_map,
+        "robustness/samples.png": samples,
     }
