@@ -68,12 +68,6 @@ class Splits:
     digest: str
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
-    chosen = data_dir or os.environ.get("FMNIST_DATA_DIR") or "data"
-    return Path(chosen).expanduser()
-
-
 def raw_dir(root: Path) -> Path:
     return root / "FashionMNIST" / "raw"
 
@@ -149,8 +143,9 @@ def compute_digest(*tensors: torch.Tensor) -> str:
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None, download: bool | None = None
 ) -> FashionMNIST:
-    """Load and validate both splits of the dataset from the data directory."""
-    root = resolve_data_dir(data_dir)
+    """Load and validate both splits of the dataset from ``data_dir``, else ``FMNIST_DATA_DIR``,
+    else ``./data``."""
+    root = Path(data_dir or os.environ.get("FMNIST_DATA_DIR") or "data").expanduser()
     ensure_files(root, download)
     folder = raw_dir(root)
     for name, (magic, ndim) in RAW_FILES.items():

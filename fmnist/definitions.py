@@ -98,12 +98,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return content
 
 
-def load_definition(name_or_path: str, schema: type[T], subdir: str = "", **overrides) -> T:
+def load_definition(name_or_path: str, schema: type[T], subdir: str = "") -> T:
     """Load a YAML definition into ``schema`` (a dataclass), validating every key."""
     path = definition_path(name_or_path, subdir)
-    values = read_yaml(path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return build_dataclass(schema, values, str(path))
+    return build_dataclass(schema, read_yaml(path), str(path))
 
 
 def build_dataclass(schema: type[T], values: dict[str, Any], source: str) -> T:

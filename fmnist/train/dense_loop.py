@@ -29,9 +29,7 @@ def one_blas_thread():
 
 def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
     """One-hot rows of ``targets``, each divided by the size of its batch (None: one batch)."""
-    n = len(targets)
-    one_hot = np.zeros((n, n_classes), np.float32)
-    one_hot[np.arange(n), targets] = 1.0
+    n, one_hot = len(targets), np.eye(n_classes, dtype=np.float32)[targets]
     size = batch_size or max(n, 1)
     sizes = np.full(n, size, np.float32)
     if n % size:
@@ -170,8 +168,7 @@ class NumpyEpoch:
         if self.scheduler is None:
             return [self.optimizer.param_groups[0]["lr"]] * steps
         factor, base = self.scheduler.lr_lambdas[0], self.scheduler.base_lrs[0]
-        first = self.scheduler.last_epoch
-        return [base * factor(first + n) for n in range(steps)]
+        return [base * factor(self.scheduler.last_epoch + n) for n in range(steps)]
 
     def write_back(self, weights, moments, states, step: float) -> None:
         with torch.no_grad():
