@@ -79,9 +79,8 @@ def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], schedule
     group = optimizer.param_groups[0]
     if len(optimizer.param_groups) != 1 or list(map(id, group["params"])) != list(map(id, params)):
         return False  # not exactly ``params`` in one group
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-        return False
-    if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
+    cpu_float32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    if not cpu_float32 or isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
         return False
     lambda_lr = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     if scheduler is not None and not (lambda_lr and len(scheduler.lr_lambdas) == 1):
@@ -133,8 +132,7 @@ class NumpyEpoch:
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
     ) -> tuple[float, int]:
         """Train on ``inputs[order]`` in batches; the summed loss and the correct count."""
-        states = self.state()
-        weights = self.flat(self.params)
+        states, weights = self.state(), self.flat(self.params)
         moments = [self.flat([s[key] for s in states]) for key in self.keys]
         step = float(states[0]["step"])
         features, order_ = inputs.numpy(), order.numpy()

@@ -184,9 +184,8 @@ def key_types(base: CnnRecipe) -> dict[str, tuple[str, type]]:
     """Every key a space may sample: where it goes (recipe, model, augment) and its type."""
     hints = typing.get_type_hints(TrainConfig)
     keys = {name: ("recipe", hints[name]) for name in HYPERPARAMETERS if name != "epochs"}
-    builder = builder_for(base.model.get("arch", "paper"))
-    for name, parameter in inspect.signature(builder).parameters.items():
-        keys[name] = ("model", type(parameter.default))
+    options = inspect.signature(builder_for(base.model.get("arch", "paper"))).parameters
+    keys |= {name: ("model", type(option.default)) for name, option in options.items()}
     keys[AUGMENT] = (AUGMENT, bool)
     return keys
 
