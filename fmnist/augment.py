@@ -12,33 +12,30 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-Augment = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+Rng = torch.Generator | None
+Augment = Callable[[torch.Tensor, Rng], torch.Tensor]
+ERASED_AREA, ERASED_ASPECT = (0.02, 0.33), (0.3, 3.3)  # torchvision's RandomErasing defaults
 
 
-def uniform(n: int, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def uniform(n: int, images: torch.Tensor, generator: Rng) -> torch.Tensor:
     return torch.rand(n, device=images.device, generator=generator)
 
 
-def random_crop(
-    images: torch.Tensor, padding: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_crop(images: torch.Tensor, padding: int, generator: Rng = None) -> torch.Tensor:
     """Shift each image by up to ``padding`` pixels each way, filling with zeros (black)."""
     if padding <= 0:
         return images
     batch, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     span = 2 * padding + 1
-    dy = (uniform(batch, images, generator) * span).long().clamp_max(span - 1)
-    dx = (uniform(batch, images, generator) * span).long().clamp_max(span - 1)
+    dy, dx = ((uniform(batch, images, generator) * span).long().clamp_max(span - 1) for _ in "yx")
     rows = dy[:, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = dx[:, None] + torch.arange(width, device=images.device)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
     return padded[index, rows[:, :, None], cols[:, None, :]]
 
 
-def random_flip(
-    images: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def random_flip(images: torch.Tensor, p: float = 0.5, generator: Rng = None) -> torch.Tensor:
     """Mirror each image left-right with probability ``p``."""
     if p <= 0:
         return images
@@ -46,19 +43,13 @@ def random_flip(
     return torch.where(flip[:, None, None], images.flip(-1), images)
 
 
-def random_erasing(
-    images: torch.Tensor,
-    p: float,
-    generator: torch.Generator | None = None,
-    scale: tuple[float, float] = (0.02, 0.33),
-    ratio: tuple[float, float] = (0.3, 3.3),
-) -> torch.Tensor:
+def random_erasing(images: torch.Tensor, p: float, generator: Rng = None) -> torch.Tensor:
     """Zero one rectangle per image with probability ``p``, as torchvision's RandomErasing."""
     if p <= 0:
         return images
-    batch, height, width = images.shape
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniform(batch, images, generator))
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    (batch, height, width), (low, high) = images.shape, ERASED_AREA
+    area = height * width * (low + (high - low) * uniform(batch, images, generator))
+    log_lo, log_hi = (math.log(ratio) for ratio in ERASED_ASPECT)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(batch, images, generator))
     h = torch.sqrt(area * aspect).round().clamp(1, height)
     w = torch.sqrt(area / aspect).round().clamp(1, width)
@@ -79,7 +70,7 @@ def make_augment(
     if crop_padding <= 0 and not flip and erasing <= 0:
         return None
 
-    def augment(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def augment(images: torch.Tensor, generator: Rng = None) -> torch.Tensor:
         images = random_crop(images, crop_padding, generator)
         images = random_flip(images, 0.5 if flip else 0.0, generator)
         return random_erasing(images, erasing, generator)

@@ -68,12 +68,6 @@ class Splits:
     digest: str
 
 
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The argument, else ``FMNIST_DATA_DIR``, else ``./data``."""
-    chosen = data_dir or os.environ.get("FMNIST_DATA_DIR") or "data"
-    return Path(chosen).expanduser()
-
-
 def raw_dir(root: Path) -> Path:
     return root / "FashionMNIST" / "raw"
 
@@ -138,19 +132,12 @@ def validate_arrays(images: torch.Tensor, labels: torch.Tensor, name: str) -> No
         )
 
 
-def compute_digest(*tensors: torch.Tensor) -> str:
-    """A short sha256 of the arrays' bytes: names the exact data a run used."""
-    sha = hashlib.sha256()
-    for tensor in tensors:
-        sha.update(tensor.contiguous().numpy().tobytes())
-    return sha.hexdigest()[:16]
-
-
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None, download: bool | None = None
 ) -> FashionMNIST:
-    """Load and validate both splits of the dataset from the data directory."""
-    root = resolve_data_dir(data_dir)
+    """Load and validate both splits of the dataset from ``data_dir``, else ``FMNIST_DATA_DIR``,
+    else ``./data``."""
+    root = Path(data_dir or os.environ.get("FMNIST_DATA_DIR") or "data").expanduser()
     ensure_files(root, download)
     folder = raw_dir(root)
     for name, (magic, ndim) in RAW_FILES.items():
@@ -162,7 +149,10 @@ def load_fashion_mnist(
         images, labels = torch.from_numpy(images), torch.from_numpy(labels)
         validate_arrays(images, labels, f"{folder} ({prefix})")
         arrays += [images, labels]
-    return FashionMNIST(*arrays, root, compute_digest(*arrays))
+    digest = hashlib.sha256()  # a short hash of the arrays' bytes names the exact data a run used
+    for array in arrays:
+        digest.update(array.contiguous().numpy().tobytes())
+    return FashionMNIST(*arrays, root, digest.hexdigest()[:16])
 
 
 def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray, np.ndarray]:

@@ -74,8 +74,7 @@ class DefinitionLoader(yaml.SafeLoader):
 def read_yaml(path: Path) -> dict[str, Any]:
     """A definition file's top-level mapping, read safely."""
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_DEFINITION_BYTES:
+    if (size := path.stat().st_size) > MAX_DEFINITION_BYTES:
         raise ConfigError(
             f"{path}: {size} bytes; a definition holds at most {MAX_DEFINITION_BYTES}."
         )
@@ -89,21 +88,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as exc:
         # a scalar's own constructor may fail (a date like 2024-99-99) with ValueError
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise ConfigError(
-            f"{path}: not valid YAML ({type(exc).__name__}: {first_line})."
-        ) from None
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+        raise ConfigError(f"{path}: not valid YAML ({reason}).") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level.")
     return content
 
 
-def load_definition(name_or_path: str, schema: type[T], subdir: str = "", **overrides) -> T:
+def load_definition(name_or_path: str, schema: type[T], subdir: str = "") -> T:
     """Load a YAML definition into ``schema`` (a dataclass), validating every key."""
     path = definition_path(name_or_path, subdir)
-    values = read_yaml(path)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return build_dataclass(schema, values, str(path))
+    return build_dataclass(schema, read_yaml(path), str(path))
 
 
 def build_dataclass(schema: type[T], values: dict[str, Any], source: str) -> T:
@@ -132,8 +127,7 @@ SCALARS = {
 
 def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a type annotation, converting lists to tuples for frozen configs."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):

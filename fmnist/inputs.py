@@ -27,6 +27,7 @@ def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
     """A photo as a (28, 28) float32 array in [0, 1], light item on a dark background."""
     from PIL import Image  # Pillow loads only for photos
 
+    limit = f"at most {MAX_IMAGE_PIXELS} pixels are read"
     try:
         with warnings.catch_warnings():
             # Pillow warns of a large image before our own, lower limit refuses it
@@ -35,23 +36,16 @@ def load_image(path: Path, invert: bool | None = None) -> np.ndarray:
         with image:
             width, height = image.size
             if width <= 0 or height <= 0 or width * height > MAX_IMAGE_PIXELS:
-                raise DataError(
-                    f"{path}: a {width}x{height} image; at most {MAX_IMAGE_PIXELS} pixels "
-                    "are read."
-                )
+                raise DataError(f"{path}: a {width}x{height} image; {limit}.")
             image.draft("L", (IMAGE_SIZE, IMAGE_SIZE))  # a JPEG decodes straight to a small size
             gray = image.convert("L").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
     except DataError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own limit, met in Image.open
-        raise DataError(
-            f"{path}: too large an image ({exc}); at most {MAX_IMAGE_PIXELS} pixels are read."
-        ) from None
+        raise DataError(f"{path}: too large an image ({exc}); {limit}.") from None
     except Exception as exc:  # noqa: BLE001 - a decoder may raise anything on a hostile file
-        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise DataError(
-            f"{path}: not a readable image ({type(exc).__name__}: {first_line})."
-        ) from None
+        reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        raise DataError(f"{path}: not a readable image ({reason}).") from None
     pixels = scale_array(np.asarray(gray, dtype=np.uint8))
     if invert is None:  # items are light on black: a bright border means a photo to invert
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])

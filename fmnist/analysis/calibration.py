@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
+from scipy.special import softmax as scipy_softmax
 
 ECE_BINS = 15
 # A temperature outside this bracket means a broken model, not a calibration problem.
@@ -23,9 +24,7 @@ LOG_FLOOR = 1e-12  # probabilities below it count as this much in a log (as the 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64, stable for any scale."""
-    scores = np.asarray(scores, dtype=np.float64)
-    exp = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return exp / exp.sum(axis=1, keepdims=True)
+    return scipy_softmax(np.asarray(scores, dtype=np.float64), axis=1)
 
 
 def log_probabilities(probabilities: np.ndarray) -> np.ndarray:
@@ -122,19 +121,24 @@ def calibration_metrics(
         metrics[f"test_nll{suffix}"] = nll(probabilities, labels)
         metrics[f"test_brier{suffix}"] = brier(probabilities, labels)
         metrics[f"test_ece{suffix}"] = expected_calibration_error(probabilities, labels)
-    predicted = np.asarray(uncalibrated).argmax(axis=1)
-    metrics["test_accuracy_uncalibrated"] = float((predicted == labels).mean())
+    metrics["test_accuracy_uncalibrated"] = float((np.argmax(uncalibrated, 1) == labels).mean())
     return metrics
 
 
-def plot_reliability_diagram(
-    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, temperature: float
-) -> Figure:
-    """Accuracy against confidence per bin before (points) and after (bars), over bin counts."""
+def calibration_artifacts(
+    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, metrics: dict
+) -> dict[str, Any]:
+    """The reliability diagram (accuracy against confidence per bin before temperature scaling as
+    points, after as bars, over the bin counts) and the bins after with ``metrics`` as JSON, by
+    path in ``evaluation/``."""
+    labels, temperature = np.asarray(labels).reshape(-1), metrics["temperature"]
+    before, after = (reliability_bins(p, labels) for p in (uncalibrated, calibrated))
+    table = {**metrics, "bins": ECE_BINS, "bin_counts": after.counts.astype(int).tolist()}
+    table["bin_confidence"] = np.nan_to_num(after.confidence).round(6).tolist()
+    table["bin_accuracy"] = np.nan_to_num(after.accuracy).round(6).tolist()
     fig = Figure(figsize=(7, 8), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
     width = 1.0 / ECE_BINS
-    before, after = (reliability_bins(p, labels) for p in (uncalibrated, calibrated))
     centres = before.edges[:-1] + width / 2
     shown = before.counts > 0, after.counts > 0
     label = f"after (T = {temperature:.3f}): ECE {after.ece:.2%}"
@@ -148,26 +152,8 @@ def plot_reliability_diagram(
     top.set(ylabel="Accuracy in the bin", ylim=(0, 1))
     top.set_title(f"Reliability diagram ({ECE_BINS} equal-width confidence bins)")
     top.legend(loc="upper left", fontsize=8)
-    bottom.set_yscale("symlog")
-    bottom.set(ylim=(0, None), xlim=(0, 1), ylabel="Images")
+    bottom.set(yscale="symlog", ylim=(0, None), xlim=(0, 1), ylabel="Images")
     bottom.set_xlabel("Confidence (top class probability)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-    return fig
-
-
-def calibration_artifacts(
-    calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, metrics: dict
-) -> dict[str, Any]:
-    """The reliability diagram and its bins with ``metrics`` (JSON), by path in ``evaluation/``."""
-    labels = np.asarray(labels).reshape(-1)
-    bins = reliability_bins(calibrated, labels)
-    table = {
-        **metrics,
-        "bins": ECE_BINS,
-        "bin_counts": bins.counts.astype(int).tolist(),
-        "bin_confidence": np.nan_to_num(bins.confidence).round(6).tolist(),
-        "bin_accuracy": np.nan_to_num(bins.accuracy).round(6).tolist(),
-    }
-    figure = plot_reliability_diagram(calibrated, uncalibrated, labels, metrics["temperature"])
-    return {"test/reliability_diagram.png": figure, "test/calibration.json": table}
+    return {"test/reliability_diagram.png": fig, "test/calibration.json": table}

@@ -95,14 +95,11 @@ def summary_rows(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
     for c in candidates:
         m = c.metrics
         row = {"model": c.name, "family": c.family, "recipe": c.recipe, "run_id": c.run_id}
-        row |= {
-            "val_accuracy": validation_accuracy(m),
-            "test_accuracy": m.get("test_accuracy"),
-            "test_f1_macro": macro_f1(m),
-            "param_count": m.get("param_count", m.get("parameter_count")),
-            "train_seconds": m.get("train_seconds", m.get("fit_seconds")),
-            **c.inference,
-        }
+        row |= {"val_accuracy": validation_accuracy(m), "test_accuracy": m.get("test_accuracy")}
+        row["test_f1_macro"] = macro_f1(m)
+        row["param_count"] = m.get("param_count", m.get("parameter_count"))
+        row["train_seconds"] = m.get("train_seconds", m.get("fit_seconds"))
+        row |= c.inference
         row |= {key: m.get(key, c.evaluation.get(key)) for key, _ in BEYOND_ACCURACY.values()}
         row["model_uri"] = c.model_uri or ""
         row |= {f"f1_{key}": f1 for key, f1 in zip(CLASS_KEYS, per_class_f1(m), strict=True)}
@@ -112,24 +109,42 @@ def summary_rows(candidates: Sequence[Candidate]) -> list[dict[str, Any]]:
 
 def summary_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
     """The rows as columns for ``mlflow.log_table``: the first row's order, other keys after."""
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    return {key: [row.get(key) for row in rows] for key in keys}
+    return {k: [row.get(k) for row in rows] for k in dict.fromkeys(k for row in rows for k in row)}
 
 
-def model_table(rows: Sequence[Mapping[str, Any]], columns: Mapping[str, tuple]) -> list[dict]:
-    """Each row's model, family:recipe and ``columns`` (column -> (row key, ...))."""
-    return [
+def model_table(rows: Sequence[Mapping], columns: Mapping[str, tuple], extra=()) -> str:
+    """Each row's model, family:recipe and ``columns`` (column -> (row key, format)), then the
+    ``extra`` rows, as a markdown table."""
+    table = [
         {"model": r["model"], "family": f"{r['family']}:{r['recipe']}"}
-        | {column: r.get(spec[0]) for column, spec in columns.items()}
+        | {column: r.get(key) for column, (key, _) in columns.items()}
         for r in rows
     ]
+    return markdown_table([*table, *extra], {column: fmt for column, (_, fmt) in columns.items()})
 
 
-def beyond_accuracy_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The calibration and robustness table and what each column means."""
-    formats = {column: pattern for column, (_, pattern) in BEYOND_ACCURACY.items()}
-    lines = ["## Calibration and robustness", ""]
-    lines += [markdown_table(model_table(rows, BEYOND_ACCURACY), formats)]
+def build_report(rows: Sequence[Mapping], candidates: Sequence[Candidate], eda: Mapping) -> str:
+    """The markdown report; ``eda`` holds the latest EDA run's component counts (None: none)."""
+    published = []  # the study's numbers, as it prints them
+    for f in ("dnn", "cnn"):
+        val, test = study.HEADLINE[f"{f}_val_accuracy"], study.HEADLINE[f"{f}_test_accuracy"]
+        published.append({"model": f"study {f.upper()} (published)", "family": f, "val acc": val})
+        published[-1] |= {"test acc": f"{test:.2f}", "macro F1": STUDY_MACRO_F1[f]}
+    f1 = {c.label: per_class_f1(c.metrics) for c in candidates}
+    per_class = [
+        {"class": name, **{label: values[i] for label, values in f1.items()}}
+        | {"study DNN": study.DNN_F1[i], "study CNN": study.CNN_F1[i]}
+        for i, name in enumerate(CLASS_NAMES)
+    ]
+    f1_formats = {label: "{:.3f}" for label in f1} | {"study DNN": "{:.2f}", "study CNN": "{:.2f}"}
+    exploratory = [
+        {"quantity": f"PCA components for {p}% variance", "ours": eda.get(f"pca_components_{p}")}
+        | {"study": study.HEADLINE[f"pca_components_{p}"]}
+        for p in (90, 95)
+    ]
+    lines = ["# Fashion-MNIST: our tracked results beside the study's", ""]
+    lines += ["## Headline", "", model_table(rows, HEADLINE_COLUMNS, published)]
+    lines += ["## Calibration and robustness", "", model_table(rows, BEYOND_ACCURACY)]
     lines += [f"- **{column}**: {meaning}." for column, meaning in MEANINGS.items()]
     missing = [r for r in rows if r.get("robustness_mean_accuracy") is None]
     if missing:
@@ -140,47 +155,7 @@ def beyond_accuracy_section(rows: Sequence[Mapping[str, Any]]) -> list[str]:
             "- An empty robustness cell: the model has no `fmnist evaluate` run yet (compare does "
             f"not run the suite, to stay fast); {'; '.join(commands)} fills it."
         )
-    return [*lines, ""]
-
-
-def headline_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Ours (formatted) and the study's published numbers (as it prints them), one table."""
-    table = model_table(rows, HEADLINE_COLUMNS)
-    for family in ("dnn", "cnn"):
-        table.append(
-            {
-                "model": f"study {family.upper()} (published)",
-                "family": family,
-                "val acc": study.HEADLINE[f"{family}_val_accuracy"],
-                "test acc": f"{study.HEADLINE[f'{family}_test_accuracy']:.2f}",
-                "macro F1": STUDY_MACRO_F1[family],
-            }
-        )
-    return markdown_table(table, {column: spec[1] for column, spec in HEADLINE_COLUMNS.items()})
-
-
-def per_class_table(candidates: Sequence[Candidate]) -> str:
-    """Per-class test F1 of each model beside the study's two classification reports."""
-    f1 = {c.label: per_class_f1(c.metrics) for c in candidates}
-    rows = [
-        {"class": name, **{label: values[i] for label, values in f1.items()}}
-        | {"study DNN": study.DNN_F1[i], "study CNN": study.CNN_F1[i]}
-        for i, name in enumerate(CLASS_NAMES)
-    ]
-    formats = {label: "{:.3f}" for label in f1} | {"study DNN": "{:.2f}", "study CNN": "{:.2f}"}
-    return markdown_table(rows, formats)
-
-
-def build_report(rows: Sequence[Mapping], candidates: Sequence[Candidate], eda: Mapping) -> str:
-    """The markdown report; ``eda`` holds the latest EDA run's component counts (None: none)."""
-    exploratory = [
-        {"quantity": f"PCA components for {p}% variance", "ours": eda.get(f"pca_components_{p}")}
-        | {"study": study.HEADLINE[f"pca_components_{p}"]}
-        for p in (90, 95)
-    ]
-    lines = ["# Fashion-MNIST: our tracked results beside the study's", ""]
-    lines += ["## Headline", "", headline_table(rows), *beyond_accuracy_section(rows)]
-    lines += ["## Per-class test F1", "", per_class_table(candidates)]
+    lines += ["", "## Per-class test F1", "", markdown_table(per_class, f1_formats)]
     lines += ["## Exploratory numbers", "", markdown_table(exploratory, {"ours": "{:.0f}"})]
     lines += ["## Where the study's text and its own numbers disagree", ""]
     lines += [f"- {item}" for item in study.DISCREPANCIES]

@@ -12,6 +12,7 @@ from fmnist.analysis.eda_stats import STUDY_COMPONENTS, pick_per_class
 from fmnist.data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
 COLORS = matplotlib.colormaps["tab10"].colors
+CLASS_LEGEND = dict(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def plot_class_distribution(counts: dict[str, np.ndarray]) -> Figure:
@@ -77,10 +78,8 @@ def plot_cumulative_variance(cumulative: np.ndarray, marks: dict[float, int]) ->
             label = f"{threshold:.0%}: {study} (study)"
             ax.plot([study], [percent], "x", color=color, markersize=10, label=label)
     ax.set(xscale="log", xlim=(1, len(cumulative)), ylim=(0, 101))
-    ax.set(
-        xlabel="number of principal components (log scale)",
-        ylabel="cumulative explained variance (%)",
-    )
+    ax.set_xlabel("number of principal components (log scale)")
+    ax.set_ylabel("cumulative explained variance (%)")
     ax.set_title("PCA on the training split: cumulative explained variance (study Fig. 4)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -94,8 +93,7 @@ def plot_reconstructions(
     fig = Figure(figsize=(1.25 * len(originals) + 1.2, 3.4), layout="tight")
     axes = np.asarray(fig.subplots(2, len(originals))).reshape(2, len(originals))
     for col, label in enumerate(labels):
-        for row, image in enumerate((originals[col], rebuilt[col])):
-            ax = axes[row, col]
+        for ax, image in zip(axes[:, col], (originals[col], rebuilt[col]), strict=True):
             ax.imshow(image.reshape(IMAGE_SIZE, IMAGE_SIZE), cmap="gray_r", vmin=0, vmax=1)
             ax.set(xticks=[], yticks=[])
         axes[0, col].set_title(CLASS_NAMES[label], fontsize=9)
@@ -115,25 +113,20 @@ def scatter_by_class(ax: Axes, points: np.ndarray, labels: np.ndarray, size: flo
         ax.scatter(*members.T, s=size, alpha=0.5, color=COLORS[label], label=CLASS_NAMES[label])
 
 
-def add_class_legend(ax: Axes) -> None:
-    ax.legend(markerscale=4, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-
-
 def plot_pca_scatter(points: np.ndarray, labels: np.ndarray, n_total: int, dims: int) -> Figure:
     """The first ``dims`` (2 or 3) PCA components of the shown training images, by class."""
     flat = dims == 2
     fig = Figure(figsize=(8.5, 6.5) if flat else (9, 7), layout="tight" if flat else None)
     ax = fig.add_subplot(projection=None if flat else "3d")
     scatter_by_class(ax, points[:, :dims], labels, size=3.0 if flat else 2.0)
-    names = {f"{axis}label": f"principal component {i + 1}" for i, axis in enumerate("xyz")}
-    ax.set(**dict(list(names.items())[:dims]))
-    which = "two PCA components" if flat else "three PCA components"
-    side = "left" if flat else "right"
+    ax.set(**{f"{a}label": f"principal component {i + 1}" for i, a in enumerate("xyz"[:dims])})
+    which, side = ("two", "left") if flat else ("three", "right")
     ax.set_title(
-        f"First {which}, {len(points):,} of {n_total:,} training images (study Fig. 5, {side})"
+        f"First {which} PCA components, {len(points):,} of {n_total:,} training images "
+        f"(study Fig. 5, {side})"
     )
     if flat:
-        add_class_legend(ax)
+        ax.legend(**CLASS_LEGEND)
         return fig
     ax.view_init(elev=20, azim=-60)
     # a legend beside a 3-D axes would cover its z label: it goes in the figure's right margin
@@ -143,8 +136,7 @@ def plot_pca_scatter(points: np.ndarray, labels: np.ndarray, n_total: int, dims:
 
 
 def plot_embeddings(panels: dict[str, tuple], labels: np.ndarray, title: str) -> Figure:
-    """Side by side, each 2-D embedding (name -> (points, its scores)) by class, with its
-    silhouette and 5-NN accuracy in the title."""
+    """Each 2-D embedding (name -> (points, scores)) by class, silhouette and 5-NN in the title."""
     fig = Figure(figsize=(15, 6.5) if len(panels) > 1 else (9, 7), layout="tight")
     axes = np.atleast_1d(fig.subplots(1, len(panels)))
     for ax, (name, (points, scores)) in zip(axes, panels.items(), strict=True):
@@ -152,6 +144,6 @@ def plot_embeddings(panels: dict[str, tuple], labels: np.ndarray, title: str) ->
         ax.set(xlabel=f"{name} 1", ylabel=f"{name} 2")
         silhouette, knn = scores["silhouette"], scores["knn5_accuracy"]
         ax.set_title(f"{name}: silhouette {silhouette:.3f}, 5-NN accuracy {knn:.1%}")
-    add_class_legend(axes[-1])
+    axes[-1].legend(**CLASS_LEGEND)
     fig.suptitle(title)
     return fig

@@ -122,8 +122,7 @@ def reconstruction_mse(pca: PCA, features: np.ndarray, n_components: int) -> flo
 def measure_pca(
     pca: PCA, features: np.ndarray, test_features: np.ndarray, variance: float
 ) -> dict[str, float]:
-    """Component counts (90%, 95%, ``variance``), the variance kept and the reconstruction
-    error on the training features and the test features."""
+    """Component counts (90%, 95%, ``variance``), the variance kept, the train and test MSE."""
     cumulative = np.cumsum(pca.explained_variance_ratio_)
     kept = components_for_variance(cumulative, variance)
     return {
@@ -143,8 +142,7 @@ def tsne_perplexity(n_samples: int, wanted: float) -> float:
 def run_tsne(features: np.ndarray, seed: int, perplexity: float) -> tuple[np.ndarray, float]:
     """2-D t-SNE (PCA init) of ``features``; the embedding and its final KL divergence."""
     tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=2)
-    embedding = tsne.fit_transform(features)
-    return embedding, float(tsne.kl_divergence_)
+    return tsne.fit_transform(features), float(tsne.kl_divergence_)
 
 
 def cv_folds(labels: np.ndarray) -> int:
@@ -174,16 +172,12 @@ def separation_scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> d
 def score_embeddings(
     embedding: np.ndarray, projected: np.ndarray, pixels: np.ndarray, labels: np.ndarray, seed: int
 ) -> tuple[dict, dict[str, float]]:
-    """Separation scores of t-SNE and of the 2-D PCA projection of the same samples (with the
-    5-NN accuracy of their raw pixels as the yardstick), and the metrics they give."""
-    scores = {
-        "tsne": separation_scores(embedding, labels, seed),
-        "pca": separation_scores(projected[:, :2], labels, seed),
-    }
+    """Separation scores of t-SNE and the 2-D PCA of the same images, their metrics (with the raw
+    pixels' 5-NN accuracy as the yardstick)."""
+    tsne, pca = (separation_scores(xy, labels, seed) for xy in (embedding, projected[:, :2]))
+    scores = {"tsne": tsne, "pca": pca}
     metrics = {"cv_folds": cv_folds(labels)}
-    for key in scores:
-        metrics[f"{key}_silhouette"] = scores[key]["silhouette"]
-        metrics[f"{key}_knn5_accuracy"] = scores[key]["knn5_accuracy"]
+    metrics |= {f"{k}_{m}": scores[k][m] for k in scores for m in ("silhouette", "knn5_accuracy")}
     metrics["pixels_knn5_accuracy"] = knn_accuracy(pixels, labels, seed)
     return scores, metrics
 
@@ -233,52 +227,6 @@ def list_differences(metrics: Mapping[str, float], scores: dict) -> list[str]:
     return lines or [NO_DIFFERENCE]
 
 
-def render_pca(cfg: EdaConfig, metrics: Mapping[str, float]) -> list[str]:
-    rows = []
-    for threshold, key in COMPONENT_METRICS.items():
-        ours, study = int(metrics[key]), STUDY_COMPONENTS[threshold]
-        same = "matches" if ours == study else f"**differs** (ours {ours}, study {study})"
-        quantity = f"components for {threshold:.0%} variance"
-        rows.append({"quantity": quantity, "ours": ours, "study": study, "": same})
-    return [
-        "## PCA on the training split (study Figs. 3-5)",
-        "",
-        table(rows),
-        "",
-        f"At `pca_variance={cfg.pca_variance}` PCA keeps {int(metrics['pca_components'])} "
-        f"components ({metrics['pca_explained_variance']:.2%} of the variance). Mean squared "
-        "reconstruction error per pixel (pixels in [0, 1]): "
-        f"{metrics['pca_reconstruction_mse']:.5f} on the training split, "
-        f"{metrics['pca_reconstruction_mse_test']:.5f} on the test set "
-        "(`pca_cumulative_variance.png`, `pca_reconstruction.png`, `pca_scatter_2d.png`, "
-        "`pca_scatter_3d.png`).",
-    ]
-
-
-def render_separation(cfg: EdaConfig, metrics: Mapping[str, float], scores: dict) -> list[str]:
-    rows: list[dict] = []
-    for key, label in (("pca", "PCA, 2 components"), ("tsne", "t-SNE, 2-D")):
-        rows.append({"embedding": label, "silhouette": metrics[f"{key}_silhouette"]})
-        worst = worst_classes(scores[key]["per_class_silhouette"])
-        rows[-1] |= {"5-NN accuracy": metrics[f"{key}_knn5_accuracy"], WORST: worst}
-    pixels = metrics["pixels_knn5_accuracy"]
-    rows.append({"embedding": "all 784 pixels (reference)", "5-NN accuracy": pixels})
-    return [
-        "## Does t-SNE separate the classes and PCA not? (study Figs. 5-6)",
-        "",
-        f"The same {int(metrics['tsne_n_samples']):,} images (the first of the training file, as "
-        f"in the study) in 2-D: the PCA projection and t-SNE (run on their first "
-        f"{cfg.tsne_pca_dims} PCA components). The silhouette takes the true classes as clusters "
-        "(1: compact and apart, 0: overlapping); 5-NN accuracy is "
-        f"{int(metrics['cv_folds'])}-fold stratified cross-validation (`tsne_2d.png`, "
-        "`tsne_vs_pca.png`).",
-        "",
-        table(rows, {"silhouette": "{:.3f}", "5-NN accuracy": "{:.1%}"}),
-        "",
-        judge_tsne(metrics, scores),
-    ]
-
-
 def judge_tsne(metrics: Mapping[str, float], scores: dict) -> str:
     """Say, with the numbers, how far the study's 'properly separated' holds."""
     tsne, pca = metrics["tsne_silhouette"], metrics["pca_silhouette"]
@@ -295,9 +243,8 @@ def judge_tsne(metrics: Mapping[str, float], scores: dict) -> str:
             "silhouette <= 0, i.e. they sit among other classes."
         )
     elif tsne < 0.5:
-        worst = worst_classes(scores["tsne"]["per_class_silhouette"])
         text += f" Still, a silhouette of {tsne:.3f} is far from 1: clusters touch, most of all "
-        text += f"{worst}."
+        text += f"{worst_classes(scores['tsne']['per_class_silhouette'])}."
     # t-SNE preserves neighbourhoods, so the pixels' own 5-NN accuracy is the fair yardstick.
     verdict = (
         "the t-SNE map keeps the neighbourhoods the pixels already have, it adds no separation."
@@ -321,6 +268,19 @@ def render_summary(
         {"class": name, **{split: int(counts[split][i]) for split in SPLIT_NAMES}}
         for i, name in enumerate(CLASS_NAMES)
     ]
+    components = []
+    for threshold, key in COMPONENT_METRICS.items():
+        ours, study = int(metrics[key]), STUDY_COMPONENTS[threshold]
+        same = "matches" if ours == study else f"**differs** (ours {ours}, study {study})"
+        quantity = f"components for {threshold:.0%} variance"
+        components.append({"quantity": quantity, "ours": ours, "study": study, "": same})
+    separation: list[dict] = []
+    for key, label in (("pca", "PCA, 2 components"), ("tsne", "t-SNE, 2-D")):
+        separation.append({"embedding": label, "silhouette": metrics[f"{key}_silhouette"]})
+        worst = worst_classes(scores[key]["per_class_silhouette"])
+        separation[-1] |= {"5-NN accuracy": metrics[f"{key}_knn5_accuracy"], WORST: worst}
+    pixels = metrics["pixels_knn5_accuracy"]
+    separation.append({"embedding": "all 784 pixels (reference)", "5-NN accuracy": pixels})
     return "\n".join(
         [
             "# EDA summary",
@@ -341,9 +301,30 @@ def render_summary(
             "",
             table(counted),
             "",
-            *render_pca(cfg, metrics),
+            "## PCA on the training split (study Figs. 3-5)",
             "",
-            *render_separation(cfg, metrics, scores),
+            table(components),
+            "",
+            f"At `pca_variance={cfg.pca_variance}` PCA keeps {int(metrics['pca_components'])} "
+            f"components ({metrics['pca_explained_variance']:.2%} of the variance). Mean squared "
+            "reconstruction error per pixel (pixels in [0, 1]): "
+            f"{metrics['pca_reconstruction_mse']:.5f} on the training split, "
+            f"{metrics['pca_reconstruction_mse_test']:.5f} on the test set "
+            "(`pca_cumulative_variance.png`, `pca_reconstruction.png`, `pca_scatter_2d.png`, "
+            "`pca_scatter_3d.png`).",
+            "",
+            "## Does t-SNE separate the classes and PCA not? (study Figs. 5-6)",
+            "",
+            f"The same {int(metrics['tsne_n_samples']):,} images (the first of the training file, "
+            f"as in the study) in 2-D: the PCA projection and t-SNE (run on their first "
+            f"{cfg.tsne_pca_dims} PCA components). The silhouette takes the true classes as "
+            "clusters (1: compact and apart, 0: overlapping); 5-NN accuracy is "
+            f"{int(metrics['cv_folds'])}-fold stratified cross-validation (`tsne_2d.png`, "
+            "`tsne_vs_pca.png`).",
+            "",
+            table(separation, {"silhouette": "{:.3f}", "5-NN accuracy": "{:.1%}"}),
+            "",
+            judge_tsne(metrics, scores),
             "",
             "## Figures",
             "",

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -15,6 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn import metrics as skm
+from sklearn.preprocessing import normalize
 
 from fmnist.analysis.calibration import nll
 from fmnist.data import CLASS_NAMES
@@ -83,25 +82,9 @@ def compute_metrics(
     return metrics
 
 
-def report_text(labels: np.ndarray, predicted: np.ndarray, as_dict: bool = False) -> Any:
-    """scikit-learn's classification report with class names, as the study printed it."""
-    return skm.classification_report(labels, predicted, output_dict=as_dict, **REPORT_ARGS)
-
-
 def normalise_rows(matrix: np.ndarray) -> np.ndarray:
-    """Each row divided by its total (a class absent from the labels stays a row of zeros)."""
-    totals = matrix.sum(axis=1, keepdims=True).astype(np.float64)
-    return np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
-
-
-def confusion_csv(matrix: np.ndarray) -> str:
-    """Counts with a header row of predicted classes and a first column of true classes."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *CLASS_NAMES])
-    rows = matrix.astype(int).tolist()
-    writer.writerows([name, *row] for name, row in zip(CLASS_NAMES, rows, strict=True))
-    return buffer.getvalue()
+    """Each row of counts divided by its total (a class absent from the labels stays zeros)."""
+    return normalize(matrix, norm="l1")
 
 
 def most_confident_errors(
@@ -132,8 +115,7 @@ def draw_matrix(
     ax.figure.colorbar(ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax), ax=ax, shrink=0.8)
     ax.set_xticks(CLASSES, CLASS_NAMES, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(CLASSES, CLASS_NAMES, fontsize=8)
-    ax.set_xlabel("Predicted class")
-    ax.set_ylabel("True class")
+    ax.set(xlabel="Predicted class", ylabel="True class")
     ax.set_title(title, fontsize=10)
     if fmt is None:
         return
@@ -157,11 +139,8 @@ def plot_training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
     """Loss (left) and accuracy (right) per epoch for training and validation (study Fig. 7)."""
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     epochs = [row.get("epoch", i + 1) for i, row in enumerate(history)]
-    scored = [
-        (row["val_accuracy"], e)
-        for e, row in zip(epochs, history, strict=True)
-        if math.isfinite(row.get("val_accuracy", math.nan))
-    ]
+    val = [row.get("val_accuracy", math.nan) for row in history]
+    scored = [(v, e) for v, e in zip(val, epochs, strict=True) if math.isfinite(v)]
     best = max(scored, key=lambda pair: pair[0])[1] if scored else None
     for ax, kind in zip(fig.subplots(1, 2), ("loss", "accuracy"), strict=True):
         for split, label in (("train", "training"), ("val", "validation")):
@@ -177,21 +156,19 @@ def plot_training_curves(history: Sequence[Mapping[str, float]]) -> Figure:
 
 def plot_one_vs_rest(probabilities: np.ndarray, labels: np.ndarray, roc: bool) -> Figure:
     """One-vs-rest ROC (``roc``) or precision-recall curve per class, AUC or AP in the legend."""
-    probabilities, labels = check_inputs(probabilities, labels)
     fig = Figure(figsize=(8, 7), layout="constrained")
     ax = fig.subplots()
     for index, name in enumerate(CLASS_NAMES):
         positives, scores = labels == index, probabilities[:, index]
         if not positives.any() or (roc and positives.all()):
             continue  # no curve without positives (nor a ROC curve without negatives)
-        if roc:
-            fpr, tpr, _ = skm.roc_curve(positives, scores)
-            auc = skm.roc_auc_score(positives, scores)
-            ax.plot(fpr, tpr, lw=1.2, label=f"{name} (AUC {auc:.4f})")
-        else:
-            precision, recall, _ = skm.precision_recall_curve(positives, scores)
-            ap = skm.average_precision_score(positives, scores)
-            ax.plot(recall, precision, lw=1.2, label=f"{name} (AP {ap:.4f})")
+        if roc:  # x: false positive rate, y: true positive rate
+            x, y, _ = skm.roc_curve(positives, scores)
+            label = f"{name} (AUC {skm.roc_auc_score(positives, scores):.4f})"
+        else:  # x: recall, y: precision
+            y, x, _ = skm.precision_recall_curve(positives, scores)
+            label = f"{name} (AP {skm.average_precision_score(positives, scores):.4f})"
+        ax.plot(x, y, lw=1.2, label=label)
     if roc:
         ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=0.8)
         ax.set(xlabel="False positive rate", ylabel="True positive rate")
@@ -241,12 +218,19 @@ def build_artifacts(
     confusion = {"classes": list(CLASS_NAMES), "rows": "true class", "columns": "predicted class"}
     normalized = normalise_rows(matrix).round(6).tolist()
     confusion |= {"counts": matrix.tolist(), "normalized": normalized}
+    # CSV: a header row of predicted classes, a first column of true classes
+    table = [["true \\ predicted", *CLASS_NAMES]]
+    table += [[name, *row] for name, row in zip(CLASS_NAMES, matrix.tolist(), strict=True)]
+    report, report_json = (
+        skm.classification_report(labels, predicted, output_dict=as_dict, **REPORT_ARGS)
+        for as_dict in (False, True)
+    )
     split = {
         "metrics.json": dict(metrics),
-        "classification_report.txt": report_text(labels, predicted),
-        "classification_report.json": report_text(labels, predicted, as_dict=True),
+        "classification_report.txt": report,
+        "classification_report.json": report_json,
         "confusion_matrix.json": confusion,
-        "confusion_matrix.csv": confusion_csv(matrix),
+        "confusion_matrix.csv": "".join(",".join(map(str, row)) + "\n" for row in table),
         "confusion_matrix.png": plot_confusion_matrix(matrix),
         "confusion_matrix_normalized.png": plot_confusion_matrix(matrix, normalized=True),
         "roc_curves.png": plot_one_vs_rest(probabilities, labels, roc=True),

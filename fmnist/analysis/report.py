@@ -22,9 +22,8 @@ def markdown_table(
         return ""
 
     def cell(value: Any, pattern: str | None) -> str:
-        if value is None or pattern is None or isinstance(value, str):
-            return "" if value is None else str(value)
-        return pattern.format(value)
+        plain = value is None or pattern is None or isinstance(value, str)
+        return ("" if value is None else str(value)) if plain else pattern.format(value)
 
     columns, formats = list(rows[0]), formats or {}
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

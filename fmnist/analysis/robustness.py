@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,16 +26,6 @@ SEVERITIES = (1, 2, 3)
 
 def noise(images: torch.Tensor, rng: np.random.Generator, sigma: float) -> torch.Tensor:
     return torch.from_numpy(rng.normal(0.0, sigma, tuple(images.shape)).astype(np.float32))
-
-
-def gaussian_noise(images: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch.Tensor:
-    """Additive sensor noise of standard deviation ``sigma``."""
-    return images + noise(images, rng, sigma)
-
-
-def speckle_noise(images: torch.Tensor, sigma: float, rng: np.random.Generator) -> torch.Tensor:
-    """Multiplicative noise: bright fabric gets grainier than the background."""
-    return images * (1 + noise(images, rng, sigma))
 
 
 def convolve(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
@@ -71,11 +61,6 @@ def contrast(images: torch.Tensor, factor: float, rng: np.random.Generator) -> t
     return (images - mean) * factor + mean
 
 
-def brightness(images: torch.Tensor, offset: float, rng: np.random.Generator) -> torch.Tensor:
-    """Over-exposure: ``offset`` added to every pixel (then clipped)."""
-    return images + offset
-
-
 def warp(images: torch.Tensor, *coefficients) -> torch.Tensor:
     """Resample each image through its affine map ``(a, b, tx, c, d, ty)`` (output -> input, in
     ``affine_grid``'s [-1, 1] coordinates; each a number or one per image), zeros outside."""
@@ -85,13 +70,9 @@ def warp(images: torch.Tensor, *coefficients) -> torch.Tensor:
     return F.grid_sample(images[:, None], grid, align_corners=False)[:, 0]
 
 
-def signs(rng: np.random.Generator, count: int) -> np.ndarray:
-    return rng.choice(np.array([-1.0, 1.0]), count)
-
-
 def rotation(images: torch.Tensor, degrees: float, rng: np.random.Generator) -> torch.Tensor:
     """A tilted photo: rotated by ``degrees`` either way."""
-    angle = np.radians(degrees * signs(rng, images.shape[0]))
+    angle = np.radians(degrees * rng.choice([-1.0, 1.0], images.shape[0]))
     return warp(images, np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0)
 
 
@@ -105,7 +86,7 @@ def shift(images: torch.Tensor, pixels: float, rng: np.random.Generator) -> torc
 
 def scale(images: torch.Tensor, amount: float, rng: np.random.Generator) -> torch.Tensor:
     """A photo taken nearer or farther: zoomed in or out by a factor ``1 + amount``."""
-    inverse = 1 / np.power(1 + amount, signs(rng, images.shape[0]))
+    inverse = 1 / np.power(1 + amount, rng.choice([-1.0, 1.0], images.shape[0]))
     return warp(images, inverse, 0, 0, 0, inverse, 0)
 
 
@@ -114,21 +95,14 @@ def jpeg(images: torch.Tensor, quality: float, rng: np.random.Generator) -> torc
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     out = np.empty(pixels.shape, dtype=np.uint8)
     for index, image in enumerate(pixels):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+        Image.fromarray(image).save(buffer := io.BytesIO(), format="JPEG", quality=int(quality))
         out[index] = np.asarray(Image.open(buffer).convert("L"))
     return torch.from_numpy(out.astype(np.float32) / 255)
 
 
-def inversion(images: torch.Tensor, amount: float, rng: np.random.Generator) -> torch.Tensor:
-    """A dark garment on light paper: ``amount`` of the way to the negative (1: fully inverted)."""
-    return amount + (1 - 2 * amount) * images
-
-
 def occlusion(images: torch.Tensor, size: float, rng: np.random.Generator) -> torch.Tensor:
     """A hand, a tag or another object: a ``size``-pixel square of a random grey over the image."""
-    count, height, width = images.shape
-    side = int(size)
+    (count, height, width), side = images.shape, int(size)
     top, left = (torch.from_numpy(rng.integers(0, n - side + 1, count)) for n in (height, width))
     grey = torch.from_numpy(rng.uniform(0.0, 1.0, count).astype(np.float32))[:, None, None]
     ys = torch.arange(height)[None, :, None] - top[:, None, None]
@@ -146,8 +120,7 @@ def uneven_lighting(images: torch.Tensor, depth: float, rng: np.random.Generator
     """A shadow: brightness falling linearly by ``depth`` across the image, any direction."""
     count, height, width = images.shape
     direction = torch.from_numpy(rng.uniform(0.0, 2 * math.pi, count).astype(np.float32))
-    ys = torch.linspace(-1, 1, height)[None, :, None]
-    xs = torch.linspace(-1, 1, width)[None, None, :]
+    ys, xs = torch.linspace(-1, 1, height)[:, None], torch.linspace(-1, 1, width)
     cos, sin = direction.cos()[:, None, None], direction.sin()[:, None, None]
     ramp = (xs * cos + ys * sin) / math.sqrt(2)  # in [-1, 1] across the image
     return images * (1 - depth * (ramp + 1) / 2)
@@ -155,17 +128,19 @@ def uneven_lighting(images: torch.Tensor, depth: float, rng: np.random.Generator
 
 # name -> (corruption, its parameter at severities 1, 2, 3); ordered as the figures show them.
 CORRUPTIONS: dict[str, tuple[Corruption, tuple[float, float, float]]] = {
-    "gaussian_noise": (gaussian_noise, (0.08, 0.16, 0.30)),
-    "speckle_noise": (speckle_noise, (0.25, 0.5, 0.9)),
+    # sensor noise, added or multiplied (bright fabric gets grainier than the background)
+    "gaussian_noise": (lambda x, sigma, rng: x + noise(x, rng, sigma), (0.08, 0.16, 0.30)),
+    "speckle_noise": (lambda x, sigma, rng: x * (1 + noise(x, rng, sigma)), (0.25, 0.5, 0.9)),
     "gaussian_blur": (gaussian_blur, (0.6, 1.0, 1.6)),
     "motion_blur": (motion_blur, (3, 5, 9)),
     "contrast": (contrast, (0.5, 0.3, 0.15)),
-    "brightness": (brightness, (0.2, 0.4, 0.6)),
+    "brightness": (lambda x, offset, rng: x + offset, (0.2, 0.4, 0.6)),  # over-exposure
     "rotation": (rotation, (10.0, 20.0, 35.0)),
     "shift": (shift, (2.0, 4.0, 6.0)),
     "scale": (scale, (0.15, 0.3, 0.5)),
     "jpeg": (jpeg, (25, 12, 5)),
-    "inversion": (inversion, (0.6, 0.8, 1.0)),
+    # a dark garment on light paper: that far towards the negative (1: fully inverted)
+    "inversion": (lambda x, amount, rng: amount + (1 - 2 * amount) * x, (0.6, 0.8, 1.0)),
     "occlusion": (occlusion, (7, 10, 14)),
     "pixelation": (pixelation, (14, 10, 7)),
     "uneven_lighting": (uneven_lighting, (0.4, 0.6, 0.8)),
@@ -173,8 +148,7 @@ CORRUPTIONS: dict[str, tuple[Corruption, tuple[float, float, float]]] = {
 
 
 def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.ndarray:
-    """``images`` (uint8, or float in [0, 1]) corrupted: float32 (N, 28, 28) in [0, 1], the same
-    for the same (images, name, severity, seed)."""
+    """``images`` (uint8 or floats in [0, 1]) corrupted to float32 in [0, 1], deterministically."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r} (known: {', '.join(CORRUPTIONS)})")
     if severity not in SEVERITIES:
@@ -189,18 +163,14 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``size`` images (all when ``size`` is 0 or too big), each class in its
-    share of ``labels``, picked by a seeded shuffle within each class."""
+    """Sorted indices of ``size`` images (0 or too many: all), each class in its share, seeded."""
     labels = np.asarray(labels).reshape(-1)
     if size <= 0 or size >= len(labels):
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    picks, ranks = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        picks.append(members)
-        # a class's k-th pick ranks (k + 0.5) / count: taking the lowest ranks is proportional
-        ranks.append((np.arange(len(members)) + 0.5) / len(members))
+    picks = [rng.permutation(np.flatnonzero(labels == cls)) for cls in np.unique(labels)]
+    # a class's k-th pick ranks (k + 0.5) / count: taking the lowest ranks is proportional
+    ranks = [(np.arange(len(members)) + 0.5) / len(members) for members in picks]
     order = np.argsort(np.concatenate(ranks), kind="stable")[:size]
     return np.sort(np.concatenate(picks)[order])
 
@@ -242,42 +212,34 @@ def run_suite(
 
 def robustness_metrics(result: RobustnessResult) -> dict[str, float]:
     """The headline mean, the clean accuracy, their ratio, and one metric per cell."""
-    metrics = {
-        "robustness_mean_accuracy": result.mean_accuracy,
-        "robustness_clean_accuracy": result.clean_accuracy,
-        "robustness_relative_accuracy": result.mean_accuracy / max(result.clean_accuracy, 1e-12),
-        "robustness_images": float(result.images),
-    }
+    mean, clean = result.mean_accuracy, result.clean_accuracy
+    metrics = {"robustness_mean_accuracy": mean, "robustness_clean_accuracy": clean}
+    metrics["robustness_relative_accuracy"] = mean / max(clean, 1e-12)
+    metrics["robustness_images"] = float(result.images)
     for name, row in result.accuracy.items():
         for severity, value in zip(SEVERITIES, row, strict=True):
             metrics[f"robust_{name}_s{severity}_accuracy"] = value
     return metrics
 
 
-def plot_samples(samples: Mapping[str, np.ndarray]) -> Figure:
-    """One row per corruption: the clean image, then severities 1-3."""
-    fig = Figure(figsize=(6, 1.45 * len(samples) + 0.6), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(samples), 1 + len(SEVERITIES)))
-    for row, (name, images) in zip(axes, samples.items(), strict=True):
-        for ax, image in zip(row, images, strict=True):
-            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-            ax.set(xticks=[], yticks=[])
-        row[0].set_ylabel(name.replace("_", " "), fontsize=8)
-    for ax, title in zip(axes[0], ["clean", *(f"severity {s}" for s in SEVERITIES)], strict=True):
-        ax.set_title(title, fontsize=9)
-    fig.suptitle("Corruptions of one test image")
-    return fig
-
-
-def plot_accuracy_grid(result: RobustnessResult) -> Figure:
-    """A heat-map of accuracy per corruption (rows) and severity (columns), with the row means."""
-    names = list(result.accuracy)
-    grid = np.array([result.accuracy[name] for name in names])
+def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
+    """The grid as JSON, as a heat-map of accuracy per corruption (rows) and severity (columns)
+    with the row means, and the samples (one row per corruption: clean, then severities 1-3), by
+    path under ``evaluation/``."""
+    table = {"images": result.images, "seed": result.seed}
+    table["subset"] = "class-stratified, seeded sample of the test set"
+    table |= {"clean_accuracy": result.clean_accuracy, "mean_accuracy": result.mean_accuracy}
+    table["seconds"] = result.seconds
+    table["corruptions"] = {
+        name: {"parameters": list(CORRUPTIONS[name][1]), "accuracy": row}
+        for name, row in result.accuracy.items()
+    }
+    names, grid = list(result.accuracy), np.array(list(result.accuracy.values()))
     grid = np.column_stack([grid, grid.mean(axis=1)])
-    fig = Figure(figsize=(6.5, 0.42 * len(names) + 1.8), layout="constrained")
-    ax = fig.subplots()
+    heat_map = Figure(figsize=(6.5, 0.42 * len(names) + 1.8), layout="constrained")
+    ax = heat_map.subplots()
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
+    heat_map.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
     ax.set_xticks(range(grid.shape[1]), [*(f"s{s}" for s in SEVERITIES), "mean"])
     ax.set_yticks(range(len(names)), [name.replace("_", " ") for name in names])
     for (row, column), value in np.ndenumerate(grid):
@@ -285,25 +247,18 @@ def plot_accuracy_grid(result: RobustnessResult) -> Figure:
     clean, mean = result.clean_accuracy, result.mean_accuracy
     title = f"Accuracy under corruption ({result.images} test images; clean {clean:.3f}, mean "
     ax.set_title(f"{title}{mean:.3f})", fontsize=9)
-    return fig
-
-
-def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
-    """The grid as JSON and its two figures, by path under ``evaluation/``."""
-    table = {
-        "images": result.images,
-        "seed": result.seed,
-        "subset": "class-stratified, seeded sample of the test set",
-        "clean_accuracy": result.clean_accuracy,
-        "mean_accuracy": result.mean_accuracy,
-        "seconds": result.seconds,
-        "corruptions": {
-            name: {"parameters": list(CORRUPTIONS[name][1]), "accuracy": row}
-            for name, row in result.accuracy.items()
-        },
-    }
+    samples = Figure(figsize=(6, 1.45 * len(result.samples) + 0.6), layout="constrained")
+    axes = np.atleast_2d(samples.subplots(len(result.samples), 1 + len(SEVERITIES)))
+    for row, (name, images) in zip(axes, result.samples.items(), strict=True):
+        for ax, image in zip(row, images, strict=True):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+            ax.set(xticks=[], yticks=[])
+        row[0].set_ylabel(name.replace("_", " "), fontsize=8)
+    for ax, title in zip(axes[0], ["clean", *(f"severity {s}" for s in SEVERITIES)], strict=True):
+        ax.set_title(title, fontsize=9)
+    samples.suptitle("Corruptions of one test image")
     return {
         "robustness/accuracy.json": table,
-        "robustness/accuracy_grid.png": plot_accuracy_grid(result),
-        "robustness/samples.png": plot_samples(result.samples),
+        "robustness/accuracy_grid.png": heat_map,
+        "robustness/samples.png": samples,
     }

@@ -56,14 +56,7 @@ class ResidualBlock(nn.Module):
 class ResNet(nn.Module):
     """Stem, ``stages`` x (widen, max-pool, ``blocks`` residual blocks), pool, dropout, linear."""
 
-    def __init__(
-        self,
-        width: int = 32,
-        blocks: int = 1,
-        stages: int = 3,
-        dropout: float = 0.0,
-        stem_pool: bool = False,
-    ) -> None:
+    def __init__(self, width=32, blocks=1, stages=3, dropout=0.0, stem_pool=False) -> None:
         if int(width) < 1 or int(blocks) < 0 or not 1 <= int(stages) <= 4:
             raise ValueError(
                 f"invalid resnet spec: width {width}, blocks {blocks}, stages {stages}"
@@ -160,8 +153,7 @@ def layer_output_sizes(model: nn.Module, batch: int = 2) -> list[tuple[str, str,
 
     leaves = [(n, m) for n, m in model.named_modules() if not list(m.children())]
     hooks = [module.register_forward_hook(record(name)) for name, module in leaves]
-    was_training = model.training
-    device = next(model.parameters()).device
+    was_training, device = model.training, next(model.parameters()).device
     try:
         model.eval()
         with torch.no_grad():

@@ -29,9 +29,7 @@ def one_blas_thread():
 
 def scaled_one_hot(targets: np.ndarray, n_classes: int, batch_size: int | None = None):
     """One-hot rows of ``targets``, each divided by the size of its batch (None: one batch)."""
-    n = len(targets)
-    one_hot = np.zeros((n, n_classes), np.float32)
-    one_hot[np.arange(n), targets] = 1.0
+    n, one_hot = len(targets), np.eye(n_classes, dtype=np.float32)[targets]
     size = batch_size or max(n, 1)
     sizes = np.full(n, size, np.float32)
     if n % size:
@@ -81,9 +79,8 @@ def plain(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], schedule
     group = optimizer.param_groups[0]
     if len(optimizer.param_groups) != 1 or list(map(id, group["params"])) != list(map(id, params)):
         return False  # not exactly ``params`` in one group
-    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
-        return False
-    if isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
+    cpu_float32 = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    if not cpu_float32 or isinstance(group["lr"], torch.Tensor) or group.get("maximize"):
         return False
     lambda_lr = isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
     if scheduler is not None and not (lambda_lr and len(scheduler.lr_lambdas) == 1):
@@ -135,8 +132,7 @@ class NumpyEpoch:
         self, inputs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int
     ) -> tuple[float, int]:
         """Train on ``inputs[order]`` in batches; the summed loss and the correct count."""
-        states = self.state()
-        weights = self.flat(self.params)
+        states, weights = self.state(), self.flat(self.params)
         moments = [self.flat([s[key] for s in states]) for key in self.keys]
         step = float(states[0]["step"])
         features, order_ = inputs.numpy(), order.numpy()
@@ -170,8 +166,7 @@ class NumpyEpoch:
         if self.scheduler is None:
             return [self.optimizer.param_groups[0]["lr"]] * steps
         factor, base = self.scheduler.lr_lambdas[0], self.scheduler.base_lrs[0]
-        first = self.scheduler.last_epoch
-        return [base * factor(first + n) for n in range(steps)]
+        return [base * factor(self.scheduler.last_epoch + n) for n in range(steps)]
 
     def write_back(self, weights, moments, states, step: float) -> None:
         with torch.no_grad():

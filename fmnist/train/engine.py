@@ -94,8 +94,9 @@ def train_one_epoch(
             progress.update(math.ceil(n / cfg.batch_size))
         return {"train_loss": loss_sum / n, "train_accuracy": correct / n}
     augment = make_augment(cfg.crop_padding, cfg.flip, cfg.erasing)
-    # reduced once per epoch: fewer ops per step, no host synchronisation on a GPU
-    losses, predictions, order = [], [], []
+    # (loss, predictions, indices) of each step, reduced once per epoch: fewer ops per step, no
+    # host synchronisation on a GPU
+    steps = []
     for index in iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device):
         inputs, targets = scale_pixels(split.images[index]), split.labels[index]
         if augment is not None:
@@ -110,11 +111,10 @@ def train_one_epoch(
             trainer.scheduler.step()
         if trainer.ema is not None:
             trainer.ema.update(trainer.model)
-        losses.append(loss.detach())
-        predictions.append(logits.detach().argmax(dim=1))
-        order.append(index)
+        steps.append((loss.detach(), logits.detach().argmax(dim=1), index))
         if progress is not None:
             progress.update(1)
+    losses, predictions, order = zip(*steps, strict=True)
     sizes = torch.tensor([len(index) for index in order], device=device, dtype=torch.float32)
     loss_sum = (torch.stack(losses).float() * sizes).sum()
     correct = (torch.cat(predictions) == split.labels[torch.cat(order)]).sum()
@@ -143,16 +143,10 @@ def predict_logits(
     return torch.cat(outputs) if outputs else torch.empty(0, 10, device=device)
 
 
-def evaluate(
-    model: nn.Module,
-    split: Split,
-    batch_size: int = 1024,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
-    tta_flip: bool = False,
-) -> EvalResult:
-    """Loss, accuracy, predicted labels and probabilities on ``split``."""
-    logits = predict_logits(model, split.images, batch_size, device, bf16, tta_flip)
+def evaluate(model: nn.Module, split: Split, *options: Any, **named: Any) -> EvalResult:
+    """Loss, accuracy, predicted labels and probabilities on ``split``; ``predict_logits``'s
+    options (batch size, device, bf16, flip averaging)."""
+    logits = predict_logits(model, split.images, *options, **named)
     labels = split.labels.to(logits.device)
     loss = float(F.cross_entropy(logits, labels)) if len(split) else float("nan")
     probabilities = logits.softmax(dim=-1)
@@ -192,81 +186,47 @@ def fit(
     train, val = (Split(s.images.to(device), s.labels.to(device)) for s in (train, val))
     steps = math.ceil(len(train) / cfg.batch_size)
     trainer = make_trainer(model, cfg, steps)
-    run = FitRun(model, train, val, cfg, trainer, steps, epoch_runner)
+    train_model = torch.compile(model) if cfg.compile else model
+    runner = make_runner(model, trainer, cfg, epoch_runner)
+    best, history = Best(0, -1.0, snapshot(model)), []
+    first_epoch, seconds_before, stopped_early = 1, 0.0, False
+    started = time.perf_counter()
     if resume is not None:
-        run.resume_from(resume)
-    run.train(on_epoch_end, on_checkpoint)
-    best = run.best
-    model.load_state_dict(best.state)
-    return FitResult(
-        run.history, best.epoch, best.val_accuracy, best.state, run.seconds(), run.stopped_early
-    )
-
-
-class FitRun:
-    """The state of one ``fit`` call as it goes: history, best epoch, elapsed time."""
-
-    def __init__(self, model, train, val, cfg: TrainConfig, trainer, steps: int, runner=None):
-        self.model, self.train_split, self.val_split = model, train, val
-        self.cfg, self.trainer, self.steps = cfg, trainer, steps
-        self.train_model = torch.compile(model) if cfg.compile else model
-        self.runner = make_runner(model, trainer, cfg, runner)
-        self.history: list[dict[str, float]] = []
-        self.best = Best(0, -1.0, snapshot(model))
-        self.first_epoch, self.seconds_before, self.stopped_early = 1, 0.0, False
-        self.started = time.perf_counter()
-
-    def resume_from(self, state: dict[str, Any]) -> None:
-        self.best = restore_state(state, self.trainer, torch.device(self.cfg.device))
-        self.history = [dict(entry) for entry in state["history"]]
-        self.first_epoch, self.seconds_before = state["epoch"] + 1, state["seconds"]
-        self.stopped_early = state["stopped_early"]
-
-    def seconds(self) -> float:
-        return self.seconds_before + time.perf_counter() - self.started
-
-    def train(self, on_epoch_end, on_checkpoint) -> None:
-        cfg = self.cfg
-        lines = EpochLines(cfg.label, cfg.epochs, self.first_epoch, cfg.quiet)
-        for epoch in range(self.first_epoch, cfg.epochs + 1):
-            if self.stopped_early:
-                break
-            metrics = self.run_epoch(epoch)
-            lines.epoch_done(epoch, metrics["val_accuracy"])
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
-            patience = cfg.early_stopping_patience
-            self.stopped_early = bool(patience) and epoch - self.best.epoch >= patience
-            last = epoch == cfg.epochs or self.stopped_early
-            every = cfg.checkpoint_every
-            if on_checkpoint is not None and (last or (every and epoch % every == 0)):
-                done = (self.history, self.best, self.seconds(), self.stopped_early)
-                on_checkpoint(epoch, capture_state(epoch, self.trainer, *done))
-
-    def run_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one epoch, validate, keep the best weights; return the epoch's metrics."""
-        cfg, device = self.cfg, torch.device(self.cfg.device)
-        started = time.perf_counter()
-        current_lr = self.trainer.optimizer.param_groups[0]["lr"]
-        with epoch_bar(self.steps, epoch, cfg.epochs, cfg.quiet) as progress:
-            train_metrics = train_one_epoch(
-                self.train_model, self.train_split, self.trainer, cfg, self.runner, progress
-            )
-        if not math.isfinite(loss := train_metrics["train_loss"]):
+        best = restore_state(resume, trainer, device)
+        history = [dict(entry) for entry in resume["history"]]
+        first_epoch, seconds_before = resume["epoch"] + 1, resume["seconds"]
+        stopped_early = resume["stopped_early"]
+    lines = EpochLines(cfg.label, cfg.epochs, first_epoch, cfg.quiet)
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        if stopped_early:
+            break
+        epoch_started, current_lr = time.perf_counter(), trainer.optimizer.param_groups[0]["lr"]
+        with epoch_bar(steps, epoch, cfg.epochs, cfg.quiet) as progress:
+            metrics = train_one_epoch(train_model, train, trainer, cfg, runner, progress)
+        if not math.isfinite(loss := metrics["train_loss"]):
             where = f"epoch {epoch} (optimizer {cfg.optimizer}, lr {cfg.lr})"
             raise TrainingDiverged(f"training loss became {loss} in {where}.")
-        scored = self.trainer.ema.model if self.trainer.ema is not None else self.model
-        result = evaluate(
-            scored, self.val_split, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip
-        )
-        seconds = time.perf_counter() - started
-        metrics = {**train_metrics, "val_loss": result.loss, "val_accuracy": result.accuracy}
-        speed = len(self.train_split) / seconds
-        metrics.update(lr=current_lr, epoch_seconds=seconds, images_per_second=speed)
-        self.history.append({"epoch": epoch, **metrics})
-        if result.accuracy > self.best.val_accuracy:
-            self.best = Best(epoch, result.accuracy, snapshot(scored))
-        return metrics
+        scored = trainer.ema.model if trainer.ema is not None else model
+        result = evaluate(scored, val, cfg.val_batch_size, device, cfg.bf16, cfg.val_tta_flip)
+        seconds = time.perf_counter() - epoch_started
+        metrics |= {"val_loss": result.loss, "val_accuracy": result.accuracy, "lr": current_lr}
+        metrics |= {"epoch_seconds": seconds, "images_per_second": len(train) / seconds}
+        history.append({"epoch": epoch, **metrics})
+        if result.accuracy > best.val_accuracy:
+            best = Best(epoch, result.accuracy, snapshot(scored))
+        lines.epoch_done(epoch, result.accuracy)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+        patience, every = cfg.early_stopping_patience, cfg.checkpoint_every
+        stopped_early = bool(patience) and epoch - best.epoch >= patience
+        last = epoch == cfg.epochs or stopped_early
+        if on_checkpoint is not None and (last or (every and epoch % every == 0)):
+            elapsed = seconds_before + time.perf_counter() - started
+            state = capture_state(epoch, trainer, history, best, elapsed, stopped_early)
+            on_checkpoint(epoch, state)
+    model.load_state_dict(best.state)
+    elapsed = seconds_before + time.perf_counter() - started
+    return FitResult(history, best.epoch, best.val_accuracy, best.state, elapsed, stopped_early)
 
 
 def epoch_bar(steps: int, epoch: int, epochs: int, quiet: bool):

@@ -24,7 +24,7 @@ from fmnist.models import build_model
 from fmnist.models.convnets import builder_for
 from fmnist.train.settings import HYPERPARAMETERS, RUN_FIELDS, TrainConfig, train_config
 
-RECIPE_DIR = "cnn"  # recipes live in experiments/cnn/
+Changes = Mapping[str, Any] | None  # new values by field or spec key
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,10 @@ class CnnRecipe(TrainConfig):
 
 
 def load_recipe(
-    name_or_path: str,
-    changes: Mapping[str, Any] | None = None,
-    model_changes: Mapping[str, Any] | None = None,
+    name_or_path: str, changes: Changes = None, model_changes: Changes = None
 ) -> CnnRecipe:
     """A recipe with ``changes`` (its fields) and ``model_changes`` (spec keys), validated."""
-    recipe = load_definition(name_or_path, CnnRecipe, subdir=RECIPE_DIR)
+    recipe = load_definition(name_or_path, CnnRecipe, subdir="cnn")  # in experiments/cnn/
     where = f"recipe {name_or_path}"
     placed = [key for key in RUN_FIELDS if getattr(recipe, key) != getattr(TrainConfig, key)]
     if placed:
@@ -52,10 +50,7 @@ def load_recipe(
 
 
 def change_recipe(
-    recipe: CnnRecipe,
-    changes: Mapping[str, Any] | None = None,
-    model_changes: Mapping[str, Any] | None = None,
-    where: str = "recipe",
+    recipe: CnnRecipe, changes: Changes = None, model_changes: Changes = None, where="recipe"
 ) -> CnnRecipe:
     """The recipe with other values, validated (errors name ``where`` and the key)."""
     try:
@@ -189,9 +184,8 @@ def key_types(base: CnnRecipe) -> dict[str, tuple[str, type]]:
     """Every key a space may sample: where it goes (recipe, model, augment) and its type."""
     hints = typing.get_type_hints(TrainConfig)
     keys = {name: ("recipe", hints[name]) for name in HYPERPARAMETERS if name != "epochs"}
-    builder = builder_for(base.model.get("arch", "paper"))
-    for name, parameter in inspect.signature(builder).parameters.items():
-        keys[name] = ("model", type(parameter.default))
+    options = inspect.signature(builder_for(base.model.get("arch", "paper"))).parameters
+    keys |= {name: ("model", type(option.default)) for name, option in options.items()}
     keys[AUGMENT] = (AUGMENT, bool)
     return keys
 
