@@ -19,10 +19,11 @@ import mlflow
 
 from fmnist.config import DnnSearchConfig
 from fmnist.data import Split, Splits, load_fashion_mnist, make_splits
+from fmnist.flows.searches import check_search_options, describe_outcome
 from fmnist.models import count_parameters
 from fmnist.models.dense import PCABasis, fit_pca, project
 from fmnist.search import driver
-from fmnist.search.driver import Family, SearchOutcome, check_search_options, describe_outcome
+from fmnist.search.driver import Family, SearchOutcome
 from fmnist.search.spaces import DnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.evaluation import calibrated_evaluation
@@ -30,7 +31,7 @@ from fmnist.tracking.registry import log_and_register
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.engine import predict_logits
 from fmnist.train.recipes import DnnGrid, grid_extras, grid_identity, load_grid
-from fmnist.train.runtime import resolve_device
+from fmnist.train.runtime import search_device
 
 ENTRY_POINT = "dnn_search"
 FAMILY = "dnn"
@@ -60,7 +61,7 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     grid = load_grid(cfg.grid)
     epochs = grid.epochs if cfg.epochs is None else cfg.epochs
     check_search_options(epochs, cfg.search.n_jobs)
-    device = str(resolve_device(cfg.common.device))
+    device = search_device(cfg.common.device, elsewhere=bool(cfg.search.ray))
     digest, splits, basis, features = prepare_data(cfg, grid)
     cfg = dataclasses.replace(cfg, epochs=epochs)
     family = dense_family(cfg, grid, basis, digest, device, splits)
