@@ -9,6 +9,7 @@ Ray retries the task of a dead node elsewhere; the study fails and queues its tr
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import replace
@@ -40,6 +41,7 @@ def task_env(environ, tracking_uri: str) -> dict[str, str]:
 
 def run_task(job: Work, worker: int, parent_run_id: str) -> str:
     """One Ray task: ``work`` (one torch thread on a CPU); returns its process's id."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # ray.cancel interrupts by SIGINT
     with nullcontext() if job.spec.device.startswith("cuda") else torch_threads(1):
         work(job, worker, parent_run_id)
     return process_id()
@@ -58,10 +60,13 @@ class RayWorkers:
         self.gpus = int(job.spec.device.startswith("cuda"))
         if pending:
             env = {"env_vars": task_env(os.environ, tracking_uri())}
+            handlers = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
             try:
                 ray.init(address=address, runtime_env=env, logging_level="WARNING")
             except (ConnectionError, ValueError) as exc:  # no cluster there, a bad address
                 raise FmnistError(f"Cannot join Ray at {address!r}: {exc}") from None
+            for number, handler in handlers.items():  # ray.init's SIGTERM exits at once
+                signal.signal(number, handler)
             total = ray.cluster_resources().get("GPU" if self.gpus else "CPU", 1)
             self.n = worker_count(n_jobs or max(1, int(total)), pending)
 

@@ -122,10 +122,9 @@ def trained_by(study, spec: SearchSpec, ids: list[str], since) -> list[str]:
     return [
         spec.space.point_name(t.params)
         for t in studies.counted(study.get_trials(deepcopy=False))
-        if t.user_attrs.get(studies.WORKER) in ids
-        and t.datetime_start is not None
+        if studies.trial_status(t) == "done"  # so it started
+        and t.user_attrs.get(studies.WORKER) in ids
         and t.datetime_start >= since
-        and studies.trial_status(t) == "done"
     ]
 
 
@@ -166,13 +165,8 @@ def finalize(study, family: Family, outcome: SearchOutcome) -> None:
         summary.best = replace(summary.best, point=space.point_name(summary.best.params))
     if summary.rows:
         rows = [
-            {
-                **space.table_row(params),
-                **studies.trial_columns(trial),
-                "run_name": space.point_name(params),
-                "run_id": trial.user_attrs.get(studies.RUN_ID) if trial else None,
-            }
-            for params, trial in summary.rows
+            {**space.table_row(p), **studies.trial_columns(t, space.point_name(p))}
+            for p, t in summary.rows
         ]
         figures = studies.study_figures(study)
         search_runs.log_search_summary(rows, family.title, figures, summary.best)
@@ -189,6 +183,7 @@ def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: s
     """Train one point in a child run; its best validation accuracy is the trial's value. A
     diverged loss fails it for good (the worker goes on), any other error for a retry."""
     started = time.perf_counter()
+    trial.set_user_attr(studies.WORKER, process_id())  # first: a kill leaves a trial named
     params = spec.space.suggest(trial)
     key = studies.point_key(params)
     if spec.grid and (
@@ -198,7 +193,6 @@ def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: s
         trial.set_user_attr(studies.SKIPPED, True)
         raise SkipPoint(f"point {key} is held by another trial")
     trial.set_user_attr(studies.POINT, key)
-    trial.set_user_attr(studies.WORKER, process_id())
     name = spec.space.point_name(params)
     tags = {"optuna_study": study.study_name, "optuna_trial": str(trial.number)}
     try:

@@ -8,6 +8,7 @@ point is known by its key, its params as canonical JSON, apart from its run's na
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ FINALIZED_ROUND = "finalized_round"  # a sampled search's last: {"trials": n, "m
 JOURNAL_FILE = "optuna-journal.log"
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
+UNNAMED_SECONDS = 60  # a running trial that names no worker this long after its start is dead
 MAX_RETRY = 3  # how often a dead worker's trial is queued again before its point stays missing
 StaleHook = Callable[[FrozenTrial], None]  # told of a trial failed because its worker died
 
@@ -234,13 +236,12 @@ def point_statuses(trials: Sequence[FrozenTrial], keys: Sequence[str]) -> dict[s
     return statuses
 
 
-def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[str]:
+def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> None:
     keys = [point_key(p) for p in points]
     statuses = point_statuses(study.get_trials(deepcopy=False), keys)
-    missing = [(k, p) for k, p in zip(keys, points, strict=True) if statuses[k] == "missing"]
-    for key, params in missing:
-        study.enqueue_trial(dict(params), user_attrs={POINT: key})
-    return [key for key, _ in missing]
+    for key, params in zip(keys, points, strict=True):
+        if statuses[key] == "missing":
+            study.enqueue_trial(dict(params), user_attrs={POINT: key})
 
 
 def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
@@ -258,9 +259,11 @@ def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
 
 def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list[FrozenTrial]:
     """Fail the running trials of this machine's gone processes; queue their points again."""
-    released = []
+    released, now = [], datetime.datetime.now()  # Optuna's times are naive local ones
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_gone(str(trial.user_attrs.get(WORKER, ""))):
+        worker = str(trial.user_attrs.get(WORKER, ""))  # none: killed before its first word
+        unnamed = not worker and (now - trial.datetime_start).total_seconds() > UNNAMED_SECONDS
+        if not (unnamed or is_gone(worker)):
             continue
         try:
             study.tell(trial.number, state=TrialState.FAIL)
@@ -323,13 +326,15 @@ def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary
     return Summary(rows, best, left["missing"], left["held"])
 
 
-def trial_columns(trial: FrozenTrial | None) -> dict[str, Any]:
+def trial_columns(trial: FrozenTrial | None, run_name: str) -> dict[str, Any]:
     value = trial.value if trial is not None and trial.state == TrialState.COMPLETE else None
     return {
         "val_accuracy": round(100 * value, 2) if value is not None else None,
         "best_epoch": trial.user_attrs.get(BEST_EPOCH) if trial else None,
         "state": trial.state.name if trial else "MISSING",
         "trial": trial.number if trial else None,
+        "run_name": run_name,
+        "run_id": trial.user_attrs.get(RUN_ID) if trial else None,
     }
 
 

@@ -36,8 +36,7 @@ PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the parent run of the 
 
 @dataclass(frozen=True)
 class Work:
-    """What every worker gets (it pickles, for a Ray task): the study, the search, the data and
-    ``make_objective(study, parent_run_id)``; ``catch``: errors after which a worker goes on."""
+    """What every worker gets (it pickles, for Ray); ``catch``: errors after which it goes on."""
 
     ref: studies.StudyRef
     spec: SearchSpec
@@ -86,8 +85,7 @@ def pending_count(study: optuna.Study, spec: SearchSpec) -> int:
 
 
 def wait_for_parent(study, clock=time.monotonic, sleep=time.sleep, timeout=PARENT_WAIT_SECONDS):
-    """The study's parent run once its creator recorded it; None when it did not in time or is
-    gone from this machine (the caller then makes one)."""
+    """The study's parent run once its creator recorded it; None if not in time or it is gone."""
     started = clock()
     while studies.PARENT_RUN not in (attrs := study.user_attrs):
         creator = attrs.get(studies.CREATOR, "")
