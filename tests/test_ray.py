@@ -93,8 +93,8 @@ if os.environ.get("TEST_EPOCH_SLEEP"):
 def why_no_cluster() -> str:
     if importlib.util.find_spec("ray") is None:
         return "ray is not installed (pip install -e '.[ray]')"
-    if not shutil.which("unshare"):
-        return "no unshare command to make the cluster's namespace"
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return "no unshare or ip command (util-linux, iproute2) to make the cluster's namespace"
     probe = ["unshare", "-n", "-p", "-f", "--mount-proc", "ip", "link", "set", "lo", "up"]
     if subprocess.run(probe, capture_output=True, check=False).returncode != 0:
         return "no permission to make network and PID namespaces (unshare -n -p)"
@@ -311,7 +311,7 @@ def test_the_cluster_launcher_file_and_the_page_name_the_command_and_the_service
 # --- on a two-node cluster in a namespace -------------------------------------------------------
 
 
-# ~2 minutes on 2 cores: two `ray start`, a grid and a CNN search on Ray, the grid on one machine
+# 65-150 s on 2 shared cores: two `ray start`, a grid and a CNN search on Ray, the grid alone
 @pytest.mark.slow
 @pytest.mark.fault
 @needs_cluster
@@ -417,7 +417,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float, what: str):
     return found
 
 
-# ~75 s: two `ray start`, the grid with slow epochs, node 2 killed mid-trial
+# ~60 s: two `ray start`, the grid with slow epochs, node 2 killed mid-trial
 @pytest.mark.slow
 @pytest.mark.fault
 @needs_cluster
@@ -474,7 +474,7 @@ def test_a_node_killed_mid_trial_has_its_task_retried_and_its_point_trained_once
     assert "model: models:/fmnist-dnn/1" in log
 
 
-# ~70 s: a search on a one-machine Ray (--ray local) killed with its namespace, then run again
+# 50-120 s: a search on a one-machine Ray (--ray local) killed with its namespace, run again
 @pytest.mark.slow
 @pytest.mark.fault
 @needs_cluster
