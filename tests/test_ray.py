@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,8 @@ from optuna.trial import TrialState
 from fmnist.cli import cli
 from fmnist.search import cluster
 from fmnist.search import study as studies
+from fmnist.search.spec import SamplerSpec, SearchData, SearchSpec
+from fmnist.search.workers import Work, start_workers
 from tests.helpers import PROJECT_ROOT
 from tests.test_cnn_search import write_space
 from tests.test_distributed_search import (
@@ -229,6 +232,85 @@ def test_a_task_gets_absolute_stores_and_the_settings_but_no_secret(tmp_path, mo
         "MLFLOW_TRACKING_USERNAME": "worker",
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
     }
+
+
+class FakeRay:
+    """What ``RayWorkers`` asks of Ray, recorded: its ``init``, each task's options and args."""
+
+    class RayError(Exception):
+        pass
+
+    class RayTaskError(RayError):
+        pass
+
+    exceptions = types.SimpleNamespace(RayError=RayError, RayTaskError=RayTaskError)
+
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources, self.tasks, self.options, self.init_kwargs = resources, [], {}, {}
+
+    def init(self, **kwargs) -> None:
+        self.init_kwargs = kwargs
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+    def remote(self, function):
+        fake = self
+
+        class Task:
+            def options(self, **options):
+                fake.options = options
+                return self
+
+            def remote(self, *args):
+                fake.tasks.append((function.__name__, *args))
+                return len(fake.tasks)
+
+        return Task()
+
+    def put(self, value):
+        return value
+
+    def get(self, ref: int) -> str:
+        return f"node:{ref}:1"
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("device", "resources"), [("cpu", {"CPU": 3.0}), ("cuda", {"GPU": 2.0})])
+def test_ray_places_a_task_per_cpu_or_gpu_with_retries_and_the_env(
+    tmp_path, monkeypatch, device, resources
+):
+    fake = FakeRay({"CPU": 16.0, **resources})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")
+    monkeypatch.chdir(tmp_path)
+    sampler = SamplerSpec("grid", choices={"x": (1, 2, 3, 4)})
+    grid = tuple({"x": x} for x in (1, 2, 3, 4))
+    spec = SearchSpec("dnn", "dnn_search", None, sampler, 1, grid=grid, device=device)
+    ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
+    study, _ = studies.open_study(ref, sampler, False, create=True)
+    studies.queue_points(study, grid)
+    job = Work(ref, spec, SearchData(None, None), make_objective=None)
+    workers = start_workers(job, "auto", n_jobs=0, pending=4)
+    count = int(resources["GPU" if device == "cuda" else "CPU"])  # 0: one per CPU (GPU)
+    assert isinstance(workers, cluster.RayWorkers) and workers.n == count
+    assert fake.init_kwargs["address"] == "auto"
+    env = fake.init_kwargs["runtime_env"]["env_vars"]
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert "MLFLOW_TRACKING_PASSWORD" not in env
+    workers.join("parent-run")
+    gpus = 1 if device == "cuda" else 0
+    assert fake.options == {"num_cpus": 1, "num_gpus": gpus, "max_retries": cluster.RETRIES}
+    # the fake trained nothing: points are left, so one more task runs (as after a dead task)
+    assert [task[2:] for task in fake.tasks] == [(w, "parent-run") for w in range(count + 1)]
+    assert {task[0] for task in fake.tasks} == {"run_task"}
+    assert workers.ids == [f"node:{n}:1" for n in range(1, count + 2)]
 
 
 def test_a_cuda_search_on_ray_that_retrains_here_needs_a_gpu_here(tmp_path):
