@@ -23,10 +23,10 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create .venv and install the project (done automatically by other targets)
+install: $(STAMP) ## Create .venv and install the project with its dev and ray extras (done by other targets)
 
 # The suite runs on every core (pytest-xdist; `auto` is one worker per CPU, 2 here and in CI,
 # each with one torch/BLAS thread (tests/conftest.py); measured faster than 3 workers;

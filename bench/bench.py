@@ -9,10 +9,12 @@ overhead (the same training with and without MLflow logging), (7) serving under 
 (``serve_load.py``: ``mlflow models serve`` of both champions, 4 clients x 300 requests of 1 and
 of 64 images with malformed ones mixed in: 5xx count, p50/p99, throughput), (8) how fast the CLI
 answers (``cli_times.py``: every ``--help``, and a cold ``fmnist predict`` of one PNG with each
-model the memory part registered). Prints a table of
+model the memory part registered), (9) what Ray costs a search on one machine (``ray_search.py``:
+the dense grid and a small CNN search with forked workers and with ``--ray local``; a row saying
+so without ray). Prints a table of
 ratios reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two
 minutes; ratios then compare like with like on the shrunk workloads. Usage:
-``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve,cli]``.
+``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve,cli,ray]``.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import cli_times  # noqa: E402
 import dense_grid  # noqa: E402
+import ray_search  # noqa: E402
 import reference  # noqa: E402
 import serve_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("dense", "cnn", "tracking", "memory", "serve", "cli")
+PARTS = ("dense", "cnn", "tracking", "memory", "serve", "cli", "ray")
 
 
 def machine() -> str:
@@ -282,6 +285,7 @@ def table(results: dict) -> str:
             f"{inf['latency_p50_ms']:.2f} ms | | |"
         )
     lines += serve_load.table_rows(results.get("serve", {}))
+    lines += ray_search.ray_rows(results.get("ray", {}))
     lines += cli_times.table_rows(
         {
             "help": results.get("cli", {}),
@@ -325,6 +329,8 @@ def main(quick: bool, data_dir: str, seeds: int, out: str, parts: str) -> None:
         results["serve"] = bench_serving(data_dir, quick)
     if "cli" in chosen:
         results["cli"] = cli_times.bench_help()
+    if "ray" in chosen:
+        results["ray"] = ray_search.bench_ray(data_dir, quick)
     text = table(results)
     click.echo(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

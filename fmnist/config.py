@@ -44,11 +44,12 @@ class CommonConfig:
 
 @dataclass(frozen=True)
 class SearchOptions:
-    """Where a search's Optuna study lives and how many worker processes train it."""
+    """Where a search's Optuna study lives, how many workers train it and where they run."""
 
     storage: str = ""  # empty: optuna-journal.log next to the tracking store
     study_name: str = ""  # empty: derived from everything that changes what a trial computes
-    n_jobs: int = 0  # 0: one worker process per CPU core
+    n_jobs: int = 0  # 0: one worker per CPU core (with Ray: per CPU, or GPU, of the cluster)
+    ray: str = ""  # empty: forked worker processes; local, auto or HOST:PORT: Ray tasks
 
 
 @dataclass(frozen=True)

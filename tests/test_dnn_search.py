@@ -361,6 +361,19 @@ def test_a_point_queued_twice_trains_once_and_a_dead_workers_point_is_queued_aga
     assert studies.point_statuses(study.trials, [key]) == {key: "held"}
 
 
+def test_a_trial_killed_before_it_named_its_worker_is_released_once_old(tmp_path, monkeypatch):
+    """Optuna marks a trial RUNNING before its worker's first word (its name): a worker killed
+    in between leaves a trial no process claims, released once it is UNNAMED_SECONDS old."""
+    ref = studies.StudyRef(str(tmp_path / "journal.log"), "s")
+    study, _ = studies.open_study(ref, SamplerSpec("grid", choices={"x": (1,)}), False, True)
+    study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: '{"x": 1}'})
+    unnamed = study.ask()
+    assert studies.release_dead(study) == []  # it may be a live worker's, between two writes
+    monkeypatch.setattr(studies, "UNNAMED_SECONDS", -1)
+    assert [t.number for t in studies.release_dead(study)] == [unnamed.number]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == 1
+
+
 def test_invalid_settings_fail_before_any_run(synthetic_data_dir, tracking_store, tmp_path):
     grid = write_grid(tmp_path)
     with pytest.raises(ConfigError, match="epochs"):

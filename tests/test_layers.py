@@ -6,7 +6,8 @@ module, so a checker that silently finds nothing cannot pass.
 The layers, lowest first: config/errors/definitions/published/liveness < data/augment/inputs/
 models < train < tracking/analysis < search < flows < cli. A module may import its own layer and
 the layers below it, never one above, not even inside a function. MLflow is imported by tracking
-and the flows only, Optuna by the search only.
+and the flows only, Optuna by the search only, Ray inside a function of ``fmnist.search.cluster``
+only (a search loads it with ``--ray`` alone).
 The modules of ``fmnist predict`` import nothing that loads torch at module level, followed
 through every module and package an import runs (``TORCH_LOADERS``).
 """
@@ -55,6 +56,7 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("fmnist.__main__", "cli"),
 )
 CLI = ("fmnist.cli", "fmnist.cli.*", "fmnist.__main__")
+RAY_MODULE = "fmnist.search.cluster"  # the only one, and inside its functions
 MLFLOW_ALLOWED = ("fmnist.tracking", "fmnist.tracking.*", "fmnist.flows", "fmnist.flows.*")
 # What ``train``, ``models``, ``data`` and ``augment`` must import without (the GPU scripts run
 # them on a machine without the tracking stack): no module-level import of these, and a
@@ -176,6 +178,12 @@ def optuna_only_in_the_search(module: str, imp: Import) -> str | None:
     return None
 
 
+def ray_only_when_a_search_asks_for_it(module: str, imp: Import) -> str | None:
+    if top(imp.target) == "ray" and (module != RAY_MODULE or imp.module_level):
+        return f"imports {imp.target}: only a function of {RAY_MODULE} may"
+    return None
+
+
 def lean_layers_import_without_the_tracking_stack(module: str, imp: Import) -> str | None:
     if not matches(module, LEAN) or top(imp.target) not in LEAN_FORBIDS:
         return None
@@ -273,6 +281,7 @@ RULES: dict[str, Rule] = {
         nothing_imports_the_cli,
         mlflow_only_in_tracking_and_flows,
         optuna_only_in_the_search,
+        ray_only_when_a_search_asks_for_it,
         lean_layers_import_without_the_tracking_stack,
         the_engine_imports_no_concrete_model,
         analysis_keeps_no_pyplot_state,
@@ -324,6 +333,7 @@ from . import recipes
 def late():
     import optuna
     from sklearn.model_selection import train_test_split
+    import ray
 '''
 
 
@@ -335,6 +345,10 @@ def test_the_checker_catches_each_kind_of_violation():
     assert [v.split(":")[1] for v in check(nothing_imports_the_cli)] == ["5"]
     assert [v.split(":")[1] for v in check(mlflow_only_in_tracking_and_flows)] == ["3"]
     assert [v.split(":")[1] for v in check(optuna_only_in_the_search)] == ["11"]
+    assert [v.split(":")[1] for v in check(ray_only_when_a_search_asks_for_it)] == ["13"]
+    ray_rule = ray_only_when_a_search_asks_for_it
+    assert not check(ray_rule, "def tasks():\n    import ray\n", "fmnist.search.cluster")
+    assert check(ray_rule, "import ray\n", "fmnist.search.cluster")
     lean = check(lean_layers_import_without_the_tracking_stack)
     assert [v.split(":")[1] for v in lean] == ["2", "3", "11", "12"]
     assert "inside a function without a comment" in lean[-1]

@@ -12,7 +12,7 @@ from fmnist.config import CommonConfig, SearchOptions
 
 AUTO = "auto"
 COMMON_KEYS = ("data_dir", "seed", "split_seed", "device", "experiment_name", "quiet")
-SEARCH_KEYS = ("storage", "study_name", "n_jobs")
+SEARCH_KEYS = ("storage", "study_name", "n_jobs", "ray")
 DEVICES = ("auto", "cpu", "cuda")
 NEGATED = "fmnist.negated"  # ctx.meta: the names of the switches a --no-x turned off
 NAME_OR_PATH = "NAME|PATH"  # an experiment definition: a name in experiments/ or a YAML file
@@ -140,7 +140,7 @@ common_options = stack(
 
 
 def search_options(study_name_help: str, n_jobs_help: str):
-    """``--storage``, ``--study-name`` and ``--n-jobs``, shared by the search commands."""
+    """``--storage``, ``--study-name``, ``--n-jobs`` and ``--ray``, shared by the searches."""
     return stack(
         option(
             "storage",
@@ -151,6 +151,14 @@ def search_options(study_name_help: str, n_jobs_help: str):
         ),
         option("study-name", SEARCH.study_name, study_name_help, metavar="NAME"),
         option("n-jobs", SEARCH.n_jobs, n_jobs_help),
+        option(
+            "ray",
+            SEARCH.ray,
+            "Run the workers as Ray tasks: `auto` joins the running cluster, HOST:PORT that one, "
+            "`local` starts Ray on this machine (empty: no Ray). One CPU a task, one GPU with "
+            "--device cuda; share the store and --storage (an RDB) with every node.",
+            metavar="ADDRESS|auto|local",
+        ),
     )
 
 

@@ -37,6 +37,7 @@ def run_search(run, config_class, kwargs: dict) -> None:
     epilog=examples(
         "fmnist dnn-search --grid dnn_quick --epochs 2 --n-jobs 2 --prune",
         "fmnist dnn-search --storage postgresql://host/optuna --study-name grid  # each machine",
+        "fmnist dnn-search --ray auto --storage postgresql://host/optuna  # on a Ray cluster",
     ),
 )
 @option(
@@ -48,7 +49,7 @@ def run_search(run, config_class, kwargs: dict) -> None:
 @auto_option("epochs", int, "Epochs per grid point (auto: the grid's `epochs`, else 30).")
 @search_options(
     study_name_help="Optuna study (empty: derived from grid, epochs, seeds and data digest).",
-    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core).",
+    n_jobs_help="Workers, one torch thread each (0: one per CPU core, with --ray of the cluster).",
 )
 @switch("prune", DNN.prune, "MedianPruner on validation accuracy (off: every point to its end).")
 @switch(
@@ -117,6 +118,7 @@ def cnn(resume: str, **kwargs) -> None:
     epilog=examples(
         "fmnist cnn-search --n-trials 10 --epochs 2 --no-retrain-best",
         "fmnist cnn-search --n-trials 0 --timeout 3600 --device cuda  # an hour of trials",
+        "fmnist cnn-search --ray auto --device cuda --storage postgresql://host/optuna  # GPUs",
     ),
 )
 @option(
@@ -141,7 +143,8 @@ def cnn(resume: str, **kwargs) -> None:
 @search_options(
     study_name_help="Optuna study (empty: derived from space, base recipe, epochs, seeds and "
     "data digest).",
-    n_jobs_help="Worker processes, one torch thread each (0: one per CPU core; one on a GPU).",
+    n_jobs_help="Workers, one torch thread each (0: one per CPU core, one on a GPU; with --ray, "
+    "one per CPU or GPU of the cluster).",
 )
 @switch(
     "retrain-best",

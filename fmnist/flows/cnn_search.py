@@ -23,13 +23,13 @@ import yaml
 from fmnist.config import CnnConfig, CnnSearchConfig
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn import run_cnn
-from fmnist.flows.shared import definition_name, load_data, run_family, seeds
-from fmnist.search.driver import Family, SearchOutcome, check_search_options
+from fmnist.flows.shared import check_search_options, definition_name, load_data, run_family, seeds
+from fmnist.search.driver import Family, SearchOutcome
 from fmnist.search.spaces import CnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
 from fmnist.train.recipes import SpaceFile, load_space
-from fmnist.train.runtime import resolve_device
+from fmnist.train.runtime import resolve_device, search_device
 from fmnist.train.settings import RUN_FIELDS
 
 BEST_RECIPE = "search-best"  # the retrained recipe's file stem: its run is ``cnn-search-best``
@@ -51,6 +51,14 @@ def check_config(cfg: CnnSearchConfig) -> None:
         raise ConfigError("Give the search a budget: --n-trials, --timeout or both.")
     if cfg.retrain_epochs is not None and cfg.retrain_epochs <= 0:
         raise ConfigError(f"--retrain-epochs must be positive, got {cfg.retrain_epochs}.")
+    if cfg.search.ray and cfg.retrain_best:
+        try:  # the trials train on the cluster, the retraining of the best here
+            resolve_device(cfg.common.device)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"{exc} The Ray tasks have GPUs, but the best point's retraining runs in this "
+                "command: run it on a GPU node, or pass --no-retrain-best."
+            ) from None
 
 
 def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dict[str, Any]:
@@ -58,9 +66,11 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
     started = time.perf_counter()
     check_config(cfg)
     space_file, dimensions, base, where = load_space(cfg.search_space)
-    device = str(resolve_device(cfg.common.device))
-    # a GPU is shared badly by several processes: one worker there unless asked otherwise
-    n_jobs = 1 if device.startswith("cuda") and cfg.search.n_jobs == 0 else cfg.search.n_jobs
+    device = search_device(cfg.common.device, elsewhere=bool(cfg.search.ray))
+    # a GPU is shared badly by several processes: one worker there unless asked otherwise (a
+    # Ray task has a GPU of its own)
+    n_jobs = cfg.search.n_jobs
+    n_jobs = 1 if device.startswith("cuda") and not n_jobs and not cfg.search.ray else n_jobs
     data, splits = load_data(cfg.common)
     label = Path(space_file.recipe).stem
     space = CnnSpace(dimensions, base, label, space_file.startup_trials, cfg.common.seed)

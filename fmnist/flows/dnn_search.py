@@ -17,16 +17,23 @@ import mlflow
 
 from fmnist.config import DnnSearchConfig
 from fmnist.data import Split, Splits
-from fmnist.flows.shared import calibrated_test, definition_name, load_data, run_family, seeds
+from fmnist.flows.shared import (
+    calibrated_test,
+    check_search_options,
+    definition_name,
+    load_data,
+    run_family,
+    seeds,
+)
 from fmnist.models import count_parameters
 from fmnist.models.dense import PCABasis, fit_pca, project
-from fmnist.search.driver import Family, SearchOutcome, check_search_options
+from fmnist.search.driver import Family, SearchOutcome
 from fmnist.search.spaces import DnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.registry import log_and_register
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.recipes import DnnGrid, grid_extras, grid_identity, load_grid
-from fmnist.train.runtime import resolve_device
+from fmnist.train.runtime import search_device
 
 TITLE = "Table I: dense-network grid (validation accuracy %, ours beside the study's)"
 SUMMARY_KEYS = tuple(  # what the command reports, in this order
@@ -42,7 +49,7 @@ def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dic
     grid = load_grid(cfg.grid)
     cfg = dataclasses.replace(cfg, epochs=grid.epochs if cfg.epochs is None else cfg.epochs)
     check_search_options(cfg.epochs, cfg.search.n_jobs)
-    device = str(resolve_device(cfg.common.device))
+    device = search_device(cfg.common.device, elsewhere=bool(cfg.search.ray))
     data, splits = load_data(cfg.common)
     basis = fit_pca(splits.train.images, grid.pca_variance)
     family = dense_family(cfg, grid, basis, data.digest, device, splits)

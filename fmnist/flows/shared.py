@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from fmnist.config import CommonConfig
 from fmnist.data import FashionMNIST, Split, Splits, load_fashion_mnist, make_splits
+from fmnist.errors import ConfigError
 from fmnist.search import driver
+from fmnist.search.study import redact_storage
 from fmnist.tracking.eval_logging import calibrated_evaluation
 from fmnist.train.engine import predict_logits
 
@@ -55,4 +58,35 @@ def run_family(family: driver.Family, data, cfg, outer_run_id, started, **option
         outer_run_id=outer_run_id,
         **options,
     )
-    return driver.describe_outcome(outcome, time.perf_counter() - started)
+    return describe_outcome(outcome, time.perf_counter() - started)
+
+
+def check_search_options(epochs: int, n_jobs: int) -> None:
+    """The options every search takes, checked before any store or run exists."""
+    if epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {epochs}.")
+    if n_jobs < 0:
+        raise ConfigError(f"--n-jobs must be 0 (one per CPU core) or more, got {n_jobs}.")
+
+
+def describe_outcome(outcome: driver.SearchOutcome, seconds: float) -> dict[str, Any]:
+    """Everything a search command reports (each family prints its own selection)."""
+    best, final = outcome.summary.best, outcome.final or {}
+    states = [trial.state.name if trial else "MISSING" for _, trial in outcome.summary.rows]
+    return {
+        "run_id": outcome.parent_run_id,
+        "study_name": outcome.ref.study_name,
+        "storage": redact_storage(outcome.ref.storage),
+        "trained_now": len(outcome.trained),
+        "trials": len(states),
+        "pruned": states.count("PRUNED"),
+        "best_trial": best.number if best else None,
+        "best_point": best.point if best else None,
+        "best_val_accuracy": round(best.value, 4) if best else None,
+        "best_params": dict(best.params) if best else None,
+        "retrained_run_id": final.get("retrained_run_id"),
+        "test_accuracy": final.get("test_accuracy"),
+        "model_uri": outcome.finalized,
+        "alias": final.get("alias"),
+        "seconds": round(seconds, 1),
+    }

@@ -27,9 +27,10 @@ class PCAProjection(nn.Module):
         self.register_buffer("components", torch.zeros(n_components, input_size))
 
     def set_basis(self, mean: np.ndarray | torch.Tensor, components: np.ndarray | torch.Tensor):
-        """Load a fitted basis of the layer's shapes."""
-        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.components.copy_(torch.as_tensor(components, dtype=torch.float32))
+        """Load a fitted basis (shapes must match the layer's), copied: a Ray task's arrays are
+        read-only views of its object store."""
+        self.mean.copy_(torch.from_numpy(np.array(mean, dtype=np.float32)))
+        self.components.copy_(torch.from_numpy(np.array(components, dtype=np.float32)))
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

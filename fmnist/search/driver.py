@@ -1,13 +1,9 @@
 """The one search driver of every model family: a parent run per study, a child run per trial.
 
-A family (``Family``: the dense grid, the CNN's TPE search) is its space, the identity that names
-its study, its parent run's params and tags and a finalize callback; ``run_search`` runs it. The
-study records its parent run; each trial trains in a child run with per-epoch metrics
-(``step=epoch``) and its best-epoch weights, so the winner is registered without training again.
-Re-running a command trains only what is missing; commands on several machines share a study in
-an RDB storage: the study's creator makes the parent run, and the command that finds every point
-done and wins the election logs the table and finalizes, once. MLflow is reached through
-``fmnist.tracking`` only.
+A ``Family`` (the dense grid, the CNN's TPE search) is its space, its study's identity, its parent
+run's params and tags and a finalize callback. Each trial trains in a child run with per-epoch
+metrics and its best-epoch weights. Re-running trains only what is missing; commands on several
+machines share a study: its creator makes the parent run, the last one to finish finalizes.
 """
 
 from __future__ import annotations
@@ -24,11 +20,11 @@ import optuna
 
 from fmnist import tracking
 from fmnist.config import SearchOptions
-from fmnist.errors import ConfigError, FmnistError, TrainingDiverged
+from fmnist.errors import FmnistError, TrainingDiverged
 from fmnist.liveness import process_id
 from fmnist.search import study as studies
 from fmnist.search.spec import SearchData, SearchSpec
-from fmnist.search.workers import LocalWorkers, Work, pending_count, wait_for_parent, worker_count
+from fmnist.search.workers import Work, pending_count, start_workers, wait_for_parent
 from fmnist.tracking import search_runs
 from fmnist.train import engine
 from fmnist.train.runtime import seed_everything
@@ -39,7 +35,7 @@ EPOCH_METRICS += ("epoch_seconds", "images_per_second")
 
 
 class SearchIncomplete(FmnistError):
-    """Some points were not trained (a worker failed or was interrupted); re-running resumes."""
+    """Some points were not trained (a worker failed or was interrupted)."""
 
 
 class Pruned(Exception):
@@ -47,13 +43,11 @@ class Pruned(Exception):
 
 
 class SkipPoint(Exception):
-    """A popped trial whose point another trial holds (two processes queued it): not trained."""
+    """A popped trial whose point another trial holds: not trained."""
 
 
 @dataclass
 class SearchOutcome:
-    """What a search run did: the study, its parent run, the points trained now, the summary."""
-
     ref: studies.StudyRef
     parent_run_id: str
     trained: list[str]
@@ -64,8 +58,6 @@ class SearchOutcome:
 
 @dataclass(frozen=True)
 class Family:
-    """What one model family's search is, beside the settings every search has."""
-
     spec: SearchSpec  # the space, sampler, budget and training settings (sent to workers)
     study_prefix: str  # the readable head of the default study name
     identity: Mapping[str, Any]  # all that changes what a trial computes: hashed into the name
@@ -75,16 +67,8 @@ class Family:
     tags: Mapping[str, str]  # the parent run's tags (``optuna_study`` is added)
     digest: str  # the training data, logged as the parent run's dataset
     texts: Mapping[str, str] = field(default_factory=dict)  # parent artifacts: path -> text
-    # Evaluates and registers the winner inside the parent run; returns at least ``model_uri``.
+    # registers the winner in the parent run; returns at least ``model_uri``
     finalize: Callable[[SearchOutcome], Mapping[str, Any]] | None = None
-
-
-def check_search_options(epochs: int, n_jobs: int) -> None:
-    """The options every search takes, checked before any store or run exists."""
-    if epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {epochs}.")
-    if n_jobs < 0:
-        raise ConfigError(f"--n-jobs must be 0 (one per CPU core) or more, got {n_jobs}.")
 
 
 def run_search(
@@ -98,11 +82,8 @@ def run_search(
     finalize_only: bool = False,
 ) -> SearchOutcome:
     """Run (or resume) a family's search in its parent run, log its summary, finalize it once.
-
-    The study is ``options.study_name``, else one named after the family's identity, in
-    ``options.storage`` (default: a journal beside the tracking store). The workers fork before
-    this process opens the tracking store; ``finalize_only`` (``--finalize``) trains nothing.
-    """
+    The workers (``options.ray``: Ray tasks) start before this process opens the tracking store;
+    ``finalize_only`` (``--finalize``) trains nothing."""
     since, spec = datetime.datetime.now(), family.spec  # Optuna stamps naive local times
     storage = studies.resolve_storage(options.storage, tracking.tracking_uri())
     name = options.study_name or studies.derive_study_name(family.study_prefix, family.identity)
@@ -111,25 +92,18 @@ def run_search(
     released = studies.release_dead(study)  # a killed command's trials: queued again
     if not finalize_only:
         studies.queue_points(study, spec.queued())
-    n_workers = 0 if finalize_only else worker_count(n_jobs, pending_count(study, spec))
-    catch = (TrainingDiverged, SkipPoint)
-    job = Work(ref, spec, data, partial(make_objective, spec=spec, data=data), end_dead_run, catch)
-    workers = LocalWorkers(job, n_workers)
+    objective, catch = partial(make_objective, spec=spec, data=data), (TrainingDiverged, SkipPoint)
+    job = Work(ref, spec, data, objective, end_dead_run, catch)
+    pending = 0 if finalize_only else pending_count(study, spec)
+    workers = start_workers(job, options.ray, n_jobs, pending)
     try:
         tracking.configure()
         for trial in released:
             end_dead_run(trial)
         tags = {"entry_point": spec.entry_point, "model_family": spec.family, **family.tags}
         recorded = None if created else wait_for_parent(study)
-        with search_runs.parent_run(
-            recorded,
-            spec.entry_point,
-            spec.family,
-            experiment_name,
-            family.run_name,
-            outer_run_id,
-            {**tags, "optuna_study": name},
-        ) as run:
+        where = (spec.entry_point, spec.family, experiment_name, family.run_name, outer_run_id)
+        with search_runs.parent_run(recorded, *where, {**tags, "optuna_study": name}) as run:
             study.set_user_attr(studies.PARENT_RUN, run.info.run_id)
             setup = {"study_name": name, "storage": studies.redact_storage(storage)}
             search_runs.log_search_setup({**setup, **family.params}, family.texts, family.digest)
@@ -145,35 +119,33 @@ def run_search(
 
 
 def trained_by(study, spec: SearchSpec, ids: list[str], since) -> list[str]:
-    """The points this command's processes trained to the end (others share the study)."""
     return [
         spec.space.point_name(t.params)
         for t in studies.counted(study.get_trials(deepcopy=False))
-        if t.user_attrs.get(studies.WORKER) in ids
-        and t.datetime_start is not None
+        if studies.trial_status(t) == "done"  # so it started
+        and t.user_attrs.get(studies.WORKER) in ids
         and t.datetime_start >= since
-        and studies.trial_status(t) == "done"
     ]
 
 
 def finish(study, family: Family, outcome: SearchOutcome, finalize_only: bool) -> None:
-    """Log the table and finalize when every point is done and this command wins the election;
-    nothing while other machines still train points (the last one to finish does it)."""
+    """Log the table and finalize when every point is done and this command wins the election
+    (while others still train, the last one to finish does it)."""
     spec, summary = family.spec, outcome.summary
     sampled, done = not spec.grid, len(summary.rows)
     outcome.finalized = studies.finalized_model(study, sampled, done, family.finalize is not None)
     if summary.held and not summary.missing and not finalize_only:
         names = ", ".join(spec.space.point_name(p) for p in summary.held)
         print(
-            f"{len(summary.held)} points are still being trained by other workers ({names}); "
-            "the one that finishes last logs the table and registers the winner.",
+            f"{len(summary.held)} points are still being trained by other workers ({names}); the "
+            "one that finishes last logs the table and registers the winner.",
             file=sys.stderr,
         )
     elif summary.missing and spec.grid:
+        names = ", ".join(spec.space.point_name(p) for p in summary.missing)
         raise SearchIncomplete(
-            f"{len(summary.missing)} of {len(spec.grid)} points are not done ("
-            + ", ".join(spec.space.point_name(p) for p in summary.missing)
-            + "). Run the same command again to train only those."
+            f"{len(summary.missing)} of {len(spec.grid)} points are not done ({names}). Run the "
+            "same command again to train only those."
         )
     elif outcome.finalized is None:
         round_name = f"-{done}" + ("-model" if family.finalize else "") if sampled else ""
@@ -182,26 +154,19 @@ def finish(study, family: Family, outcome: SearchOutcome, finalize_only: bool) -
             studies.record_finalized(study, outcome.finalized, sampled, done)
     outcome.finalized = outcome.finalized or None  # "": finalized without a model
     # a re-run that finalizes nothing reports what the earlier finalization registered
-    outcome.final = outcome.final or search_runs.earlier_result(
-        outcome.parent_run_id, outcome.finalized
-    )
+    earlier = search_runs.earlier_result(outcome.parent_run_id, outcome.finalized)
+    outcome.final = outcome.final or earlier
 
 
 def finalize(study, family: Family, outcome: SearchOutcome) -> None:
-    """The table, Optuna's figures and the best trial on the parent run; the winner
-    evaluated and registered by the family."""
+    """The table, figures and best trial on the parent run; the family registers the winner."""
     space, summary = family.spec.space, outcome.summary
     if summary.best is not None:
         summary.best = replace(summary.best, point=space.point_name(summary.best.params))
     if summary.rows:
         rows = [
-            {
-                **space.table_row(params),
-                **studies.trial_columns(trial),
-                "run_name": space.point_name(params),
-                "run_id": trial.user_attrs.get(studies.RUN_ID) if trial else None,
-            }
-            for params, trial in summary.rows
+            {**space.table_row(p), **studies.trial_columns(t, space.point_name(p))}
+            for p, t in summary.rows
         ]
         figures = studies.study_figures(study)
         search_runs.log_search_summary(rows, family.title, figures, summary.best)
@@ -210,43 +175,15 @@ def finalize(study, family: Family, outcome: SearchOutcome) -> None:
         outcome.finalized = outcome.final.get("model_uri")
 
 
-def describe_outcome(outcome: SearchOutcome, seconds: float) -> dict[str, Any]:
-    """Everything a search command reports (each family prints its own selection)."""
-    best, final = outcome.summary.best, outcome.final or {}
-    states = [trial.state.name if trial else "MISSING" for _, trial in outcome.summary.rows]
-    return {
-        "run_id": outcome.parent_run_id,
-        "study_name": outcome.ref.study_name,
-        "storage": studies.redact_storage(outcome.ref.storage),
-        "trained_now": len(outcome.trained),
-        "trials": len(states),
-        "pruned": states.count("PRUNED"),
-        "best_trial": best.number if best else None,
-        "best_point": best.point if best else None,
-        "best_val_accuracy": round(best.value, 4) if best else None,
-        "best_params": dict(best.params) if best else None,
-        "retrained_run_id": final.get("retrained_run_id"),
-        "test_accuracy": final.get("test_accuracy"),
-        "model_uri": outcome.finalized,
-        "alias": final.get("alias"),
-        "seconds": round(seconds, 1),
-    }
-
-
-# --- one trial -------------------------------------------------------------------------------
-
-
 def make_objective(study, parent_run_id: str, spec: SearchSpec, data: SearchData):
-    """What ``study.optimize`` calls in a worker: one trial in a child of ``parent_run_id``."""
     return partial(run_trial, study=study, spec=spec, data=data, parent_run_id=parent_run_id)
 
 
 def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: str) -> float:
-    """Train one point in a child run; its best validation accuracy is the trial's value.
-
-    A diverged loss fails the trial for good (re-running would diverge again) and the worker
-    goes on; an interruption or any other error fails it for a retry and propagates."""
+    """Train one point in a child run; its best validation accuracy is the trial's value. A
+    diverged loss fails it for good (the worker goes on), any other error for a retry."""
     started = time.perf_counter()
+    trial.set_user_attr(studies.WORKER, process_id())  # first: a kill leaves a trial named
     params = spec.space.suggest(trial)
     key = studies.point_key(params)
     if spec.grid and (
@@ -256,7 +193,6 @@ def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: s
         trial.set_user_attr(studies.SKIPPED, True)
         raise SkipPoint(f"point {key} is held by another trial")
     trial.set_user_attr(studies.POINT, key)
-    trial.set_user_attr(studies.WORKER, process_id())
     name = spec.space.point_name(params)
     tags = {"optuna_study": study.study_name, "optuna_trial": str(trial.number)}
     try:
@@ -285,7 +221,6 @@ def run_trial(trial, study, spec: SearchSpec, data: SearchData, parent_run_id: s
 
 
 def train_point(trial, spec: SearchSpec, data: SearchData, params) -> engine.FitResult | None:
-    """Fit the point in its (active) child run; None when the pruner stopped it."""
     seed_everything(spec.seed)  # initial weights depend on the seed alone
     built = spec.space.build(params, data.context)
     cfg = built.train.replace(epochs=spec.epochs, seed=spec.seed, device=spec.device)
@@ -303,14 +238,8 @@ def train_point(trial, spec: SearchSpec, data: SearchData, params) -> engine.Fit
 
     cpu_started = time.process_time()
     try:
-        result = engine.fit(
-            built.trainable,
-            data.train,
-            data.val,
-            cfg,
-            on_epoch_end=on_epoch_end,
-            epoch_runner=built.epoch_runner,
-        )
+        run_epoch = {"on_epoch_end": on_epoch_end, "epoch_runner": built.epoch_runner}
+        result = engine.fit(built.trainable, data.train, data.val, cfg, **run_epoch)
     except Pruned:
         log_epoch.flush()
         search_runs.set_tags({"optuna_state": "PRUNED"})  # MLflow has no pruned status
@@ -325,15 +254,10 @@ def train_point(trial, spec: SearchSpec, data: SearchData, params) -> engine.Fit
 
 
 def end_dead_run(trial) -> None:
-    """End FAILED the child run of a trial whose worker died (it never will), with the reason
-    recorded; its point is trained again."""
+    """End FAILED, with the reason, the child run of a trial whose worker died."""
     worker = trial.user_attrs.get(studies.WORKER, "an unknown worker")
-    print(
-        f"trial {trial.number}: its worker {worker} stopped beating or died; released, its "
-        "point is trained again.",
-        file=sys.stderr,
-        flush=True,
-    )
+    line = f"trial {trial.number}: its worker {worker} stopped beating or died; released, its "
+    print(line + "point is trained again.", file=sys.stderr, flush=True)
     tracking.configure()
     reason = f"worker {worker} stopped; released by {process_id()}"
     run_id = trial.user_attrs.get(studies.RUN_ID)

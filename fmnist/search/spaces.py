@@ -1,11 +1,10 @@
 """The two search spaces: the study's dense grid and the CNN's sampled recipe settings.
 
 A space turns a trial into plain params (``suggest``: the only place a trial's values are
-read), names a point's run, builds what a trial trains and gives its leading columns in the
-search table. ``DnnSpace`` is a grid file's points (hidden layers x optimizer x batch size), the
-MLP trained on PCA features in the numpy epoch unless the grid augments images; ``CnnSpace`` a
-search-space file's keys on its base recipe, built exactly as ``fmnist cnn`` builds a recipe.
-Both pickle: workers are processes.
+read), names a point's run, builds what a trial trains and gives its table columns. ``DnnSpace``:
+a grid file's points (hidden layers x optimizer x batch size), the MLP on PCA features in the
+numpy epoch unless the grid augments images; ``CnnSpace``: a space file's keys on its base recipe,
+built as ``fmnist cnn`` builds a recipe. Both pickle: workers are processes or Ray tasks.
 """
 
 from __future__ import annotations
@@ -17,19 +16,8 @@ from typing import Any
 from fmnist.models.dense import build_dense, dense_spec
 from fmnist.published import TABLE_I
 from fmnist.search.spec import Built, SamplerSpec
+from fmnist.train import recipes
 from fmnist.train.dense_loop import numpy_epoch
-from fmnist.train.recipes import (
-    AUGMENT,
-    CnnRecipe,
-    Dimension,
-    DnnGrid,
-    apply_params,
-    base_value,
-    build_classifier,
-    key_types,
-    model_spec,
-    point_config,
-)
 from fmnist.train.settings import train_config
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
@@ -52,7 +40,7 @@ def parse_hidden(key: str) -> list[int]:
 class DnnSpace:
     """A dense grid's points; the data's context is the PCA basis fitted on the train split."""
 
-    grid: DnnGrid
+    grid: recipes.DnnGrid
     pca_components: int
     seed: int = 0
 
@@ -95,7 +83,7 @@ class DnnSpace:
             model=model,
             trainable=model if on_images else model.mlp,
             spec=dense_spec(context.n_components, hidden, grid.dropout),
-            train=point_config(grid, params["optimizer"], int(params["batch_size"])),
+            train=recipes.point_config(grid, params["optimizer"], int(params["batch_size"])),
             epoch_runner=None if on_images or grid.dropout else numpy_epoch,
         )
 
@@ -117,8 +105,8 @@ class DnnSpace:
 class CnnSpace:
     """A CNN search space's keys on its base recipe; the data's context: the train images."""
 
-    dimensions: tuple[Dimension, ...]
-    base: CnnRecipe
+    dimensions: tuple[recipes.Dimension, ...]
+    base: recipes.CnnRecipe
     base_name: str
     startup_trials: int  # the space file's
     seed: int = 0
@@ -128,9 +116,9 @@ class CnnSpace:
 
     def baseline(self) -> dict[str, Any]:
         """The base recipe's own point: its value of every key the space contains."""
-        types, point = key_types(self.base), {}
+        types, point = recipes.key_types(self.base), {}
         for dimension in self.dimensions:
-            value = base_value(self.base, dimension.key, types[dimension.key][0])
+            value = recipes.base_value(self.base, dimension.key, types[dimension.key][0])
             if dimension.contains(value):
                 point[dimension.key] = value
         return point
@@ -138,13 +126,13 @@ class CnnSpace:
     def suggest(self, trial) -> dict[str, Any]:
         return {dimension.key: dimension.suggest(trial) for dimension in self.dimensions}
 
-    def recipe_for(self, params, epochs: int | None = None) -> CnnRecipe:
-        return apply_params(self.base, params, epochs)
+    def recipe_for(self, params, epochs: int | None = None) -> recipes.CnnRecipe:
+        return recipes.apply_params(self.base, params, epochs)
 
     def point_name(self, params) -> str:
         parts = []
         for key, value in params.items():
-            if key == AUGMENT:
+            if key == recipes.AUGMENT:
                 parts.append("aug" if value else "noaug")
             elif isinstance(value, str):
                 parts.append(value)
@@ -155,8 +143,8 @@ class CnnSpace:
 
     def build(self, params, context) -> Built:
         recipe = self.recipe_for(params)
-        model = build_classifier(recipe, context)  # the whitened arch fits to the images
-        return Built(model, model, model_spec(recipe), train_config(recipe))
+        model = recipes.build_classifier(recipe, context)  # the whitened arch fits to the images
+        return Built(model, model, recipes.model_spec(recipe), train_config(recipe))
 
     def table_row(self, params) -> dict[str, Any]:
         row = {

@@ -18,8 +18,7 @@ from fmnist.train.settings import TrainConfig
 
 @dataclass(frozen=True)
 class Built:
-    """One trial's model: what is logged, what the engine trains, how to rebuild it, how to fit
-    (``train``: before the search's epochs, seed, device and quiet are set on it)."""
+    """One trial's model: what is logged, what the engine trains, how to rebuild it and fit it."""
 
     model: nn.Module  # raw (N, 28, 28) images in, logits out: the weights that are logged
     trainable: nn.Module  # the module ``fit`` trains (the model, or its head on features)
@@ -42,11 +41,8 @@ class SearchSpace(Protocol):
     """The family-specific half of a search (``fmnist.search.spaces``); it pickles."""
 
     def suggest(self, trial: Any) -> dict[str, Any]: ...  # a trial's values, as plain params
-
     def point_name(self, params: Mapping[str, Any]) -> str: ...  # its run's name
-
     def build(self, params: Mapping[str, Any], context: Any) -> Built: ...
-
     def table_row(self, params: Mapping[str, Any]) -> dict[str, Any]: ...
 
 
@@ -69,12 +65,10 @@ class SearchSpec:
     sampler: SamplerSpec
     epochs: int  # of every trial
     grid: tuple[dict[str, Any], ...] = ()  # every point of an exhaustive search, in table order
-    # A point's relative cost: costlier points are queued first so parallel workers end together.
-    cost: Callable[[Mapping[str, Any]], float] | None = None
+    cost: Callable[[Mapping[str, Any]], float] | None = None  # costlier points queued first
     n_trials: int | None = None  # budget of a sampled search (ignored for a grid)
     timeout: float | None = None  # seconds, for a sampled search
-    # Points a sampled search trains first (a known-good recipe), queued by the study's creator.
-    first: tuple[dict[str, Any], ...] = ()
+    first: tuple[dict[str, Any], ...] = ()  # a sampled search's first points (a known recipe)
     seed: int = 0
     prune: bool = False
     device: str = "cpu"
@@ -82,7 +76,5 @@ class SearchSpec:
 
     def queued(self) -> list[dict[str, Any]]:
         """The points to queue: the grid costliest first, or a sampled search's first ones."""
-        if not self.grid:
-            return list(self.first)
         cost = self.cost or (lambda point: 0.0)
-        return sorted(self.grid, key=lambda point: -cost(point))
+        return sorted(self.grid, key=lambda point: -cost(point)) if self.grid else list(self.first)

@@ -1,15 +1,14 @@
 """A search's Optuna study: storage, sampler, the queue of points, dead workers, the summary.
 
-The study lives in a journal file beside the tracking store by default (one machine), or in an
-RDB (PostgreSQL) that several machines share, opened with Optuna's heartbeat: Optuna fails the
-trial of a silent worker and ``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go
-through Optuna's queue (``enqueue_trial``). A trial's point is known by its key, its params as
-canonical JSON (the study's identity of the point), apart from the name its run shows. With
-``workers`` and ``driver``, the only code of the project that imports Optuna.
+The study lives in a journal file beside the tracking store (one machine), or in an RDB that
+machines share, opened with Optuna's heartbeat: Optuna fails a silent worker's trial and
+``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go through Optuna's queue; a
+point is known by its key, its params as canonical JSON, apart from its run's name.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -48,15 +47,14 @@ FINALIZED_ROUND = "finalized_round"  # a sampled search's last: {"trials": n, "m
 JOURNAL_FILE = "optuna-journal.log"
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
+UNNAMED_SECONDS = 60  # a running trial that names no worker this long after its start is dead
 MAX_RETRY = 3  # how often a dead worker's trial is queued again before its point stays missing
 StaleHook = Callable[[FrozenTrial], None]  # told of a trial failed because its worker died
 
 
 @dataclass(frozen=True)
 class StudyRef:
-    """Where a study lives: an Optuna storage URL or a journal file path, and its name."""
-
-    storage: str
+    storage: str  # an Optuna storage URL or a journal file's path
     study_name: str
 
 
@@ -67,25 +65,18 @@ class Liveness:
 
 
 def liveness() -> Liveness:
-    """An RDB worker's heartbeat period and the silence after which its trial is failed, from
-    ``FMNIST_HEARTBEAT_SECONDS`` / ``FMNIST_GRACE_SECONDS`` (the same on every worker)."""
-    values = {}
+    """An RDB worker's heartbeat period and the silence that fails its trial (the env's)."""
+    values = []
     for key, default in ((HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS), (GRACE_ENV, 0)):
         text = os.environ.get(key, "").strip()
-        values[key] = int(text) if text.isdigit() else (default if not text else -1)
-        if values[key] < 0 or (key == HEARTBEAT_ENV and values[key] == 0):
+        values.append(int(text) if text.isdigit() else (default if not text else -1))
+        if values[-1] < 0 or (key == HEARTBEAT_ENV and values[-1] == 0):
             raise FmnistError(f"{key}={text!r}: expected a whole number of seconds above 0.")
-    beat = values[HEARTBEAT_ENV]
-    grace = values[GRACE_ENV] or max(DEFAULT_GRACE_SECONDS, 4 * beat)
+    beat, grace = values[0], values[1] or max(DEFAULT_GRACE_SECONDS, 4 * values[0])
     if grace <= beat:
-        raise FmnistError(
-            f"{GRACE_ENV}={grace} must exceed {HEARTBEAT_ENV}={beat}: a worker that beats "
-            "on time would lose its trial."
-        )
+        why = "a worker that beats on time would lose its trial"
+        raise FmnistError(f"{GRACE_ENV}={grace} must exceed {HEARTBEAT_ENV}={beat}: {why}.")
     return Liveness(beat, grace)
-
-
-# --- storage, sampler, study -------------------------------------------------------------------
 
 
 def resolve_storage(storage: str, tracking_uri: str) -> str:
@@ -101,7 +92,7 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
 
 
 def redact_storage(location: str) -> str:
-    """What may be logged of a storage: a URL without its password, a journal's file name."""
+    """A URL without its password, a journal's file name."""
     return redact_uri(location) if "://" in location else Path(location).name
 
 
@@ -114,8 +105,7 @@ def sqlalchemy_url(url: str) -> str:
 
 
 class Requeue:
-    """When a worker died: tell ``on_stale`` (the driver ends its run), then queue its point
-    again with Optuna's ``RetryHeartbeatStaleTrialCallback`` (``MAX_RETRY`` times)."""
+    """A worker died: tell ``on_stale`` (which ends its run), then queue its point again."""
 
     def __init__(self, on_stale: StaleHook | None = None) -> None:
         self.on_stale = on_stale
@@ -124,17 +114,15 @@ class Requeue:
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.user_attrs.get(SKIPPED):
-            return
-        if self.on_stale is not None:
-            self.on_stale(trial)
-        self.retry(study, trial)
+        if not trial.user_attrs.get(SKIPPED):
+            if self.on_stale is not None:
+                self.on_stale(trial)
+            self.retry(study, trial)
 
 
 def make_storage(location: str, on_stale: StaleHook | None = None) -> optuna.storages.BaseStorage:
-    """An RDB storage with Optuna's heartbeat for a URL, else a journal file (made if missing).
-    Machines creating an RDB's tables at once make one fail with a duplicate table: tried
-    again (the lock only serialises the processes of one machine)."""
+    """An RDB storage with Optuna's heartbeat for a URL, else a journal file. Machines creating
+    an RDB's tables at once fail with a duplicate table: tried again."""
     if "://" not in location:
         Path(location).parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(location))
@@ -161,9 +149,8 @@ def make_storage(location: str, on_stale: StaleHook | None = None) -> optuna.sto
 
 
 def make_sampler(spec: SamplerSpec, worker_seed: int = 0) -> optuna.samplers.BaseSampler:
-    """A grid (its points come through the queue), or TPE with constant liar (parallel workers
-    spread out) seeded with ``worker_seed`` mixed in (the worker and the trials done when it
-    starts): a second worker or a resumed search draws new points."""
+    """A grid (points come through the queue), or TPE with constant liar, ``worker_seed`` mixed
+    into its seed: a second worker or a resumed search draws new points."""
     if spec.kind == "grid":
         choices = {key: list(values) for key, values in (spec.choices or {}).items()}
         return optuna.samplers.GridSampler(choices, seed=spec.seed)
@@ -174,7 +161,6 @@ def make_sampler(spec: SamplerSpec, worker_seed: int = 0) -> optuna.samplers.Bas
 
 
 def derive_study_name(prefix: str, identity: Mapping[str, Any]) -> str:
-    """``prefix-<hash>``: the hash covers every setting that changes what a trial computes."""
     text = json.dumps(identity, sort_keys=True, default=str)
     return f"{prefix}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
 
@@ -182,14 +168,10 @@ def derive_study_name(prefix: str, identity: Mapping[str, Any]) -> str:
 def open_study(
     ref: StudyRef, sampler: SamplerSpec, prune: bool, create=False, worker_seed=0, on_stale=None
 ) -> tuple[optuna.Study, bool]:
-    """Load the study, creating it first when ``create``; returns (study, created here)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own lines say how trials end
     pruner = optuna.pruners.MedianPruner(2, 2) if prune else optuna.pruners.NopPruner()
-    settings = {
-        "storage": make_storage(ref.storage, on_stale),
-        "sampler": make_sampler(sampler, worker_seed),
-        "pruner": pruner,
-    }
+    storage, sampler_ = make_storage(ref.storage, on_stale), make_sampler(sampler, worker_seed)
+    settings = {"storage": storage, "sampler": sampler_, "pruner": pruner}
     if create:
         try:
             study = optuna.create_study(
@@ -202,15 +184,13 @@ def open_study(
     try:
         return optuna.load_study(study_name=ref.study_name, **settings), False
     except KeyError:
-        where = redact_storage(ref.storage)
-        raise FmnistError(
-            f"No study {ref.study_name!r} in {where}: run the search first."
-        ) from None
+        where = f"{ref.study_name!r} in {redact_storage(ref.storage)}"
+        raise FmnistError(f"No study {where}: run the search first.") from None
 
 
 def elect(ref: StudyRef, name: str, force: bool = False) -> bool:
-    """True for exactly one caller: the one whose creation of study ``name`` succeeds (atomic in
-    every Optuna storage). A holder gone from this machine, or ``force``, loses its lock."""
+    """True for exactly one caller: whose creation of study ``name`` succeeds. A holder gone
+    from this machine, or ``force``, loses the lock."""
     storage = make_storage(ref.storage)
     for _ in range(2):
         try:
@@ -229,11 +209,7 @@ def elect(ref: StudyRef, name: str, force: bool = False) -> bool:
     return False
 
 
-# --- points and trials ---------------------------------------------------------------------------
-
-
 def point_key(params: Mapping[str, Any]) -> str:
-    """A point's identity in the study: its params as canonical JSON."""
     return json.dumps(dict(params), sort_keys=True, default=str)
 
 
@@ -242,7 +218,7 @@ def counted(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def trial_status(trial: FrozenTrial) -> str:
-    """``done``, ``held`` (queued or running) or ``missing`` (interrupted: train it again)."""
+    """``done``, ``held`` (queued or running) or ``missing`` (to train again)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return "done"
     if trial.state == TrialState.FAIL:
@@ -251,7 +227,6 @@ def trial_status(trial: FrozenTrial) -> str:
 
 
 def point_statuses(trials: Sequence[FrozenTrial], keys: Sequence[str]) -> dict[str, str]:
-    """Each point's status over all its trials (done beats held beats missing)."""
     rank = {"missing": 0, "held": 1, "done": 2}
     statuses = dict.fromkeys(keys, "missing")
     for trial in counted(trials):
@@ -261,19 +236,16 @@ def point_statuses(trials: Sequence[FrozenTrial], keys: Sequence[str]) -> dict[s
     return statuses
 
 
-def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Enqueue, in order, the points that no trial has done or holds; return their keys."""
+def queue_points(study: optuna.Study, points: Sequence[Mapping[str, Any]]) -> None:
     keys = [point_key(p) for p in points]
     statuses = point_statuses(study.get_trials(deepcopy=False), keys)
-    missing = [(k, p) for k, p in zip(keys, points, strict=True) if statuses[k] == "missing"]
-    for key, params in missing:
-        study.enqueue_trial(dict(params), user_attrs={POINT: key})
-    return [key for key, _ in missing]
+    for key, params in zip(keys, points, strict=True):
+        if statuses[key] == "missing":
+            study.enqueue_trial(dict(params), user_attrs={POINT: key})
 
 
 def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
-    """Whether another trial has point ``key``: done, or held and older (two processes queued
-    it); the younger gives up."""
+    """Another trial has point ``key``: done, or held and older (the younger gives up)."""
     return any(
         other.number != number
         and other.user_attrs.get(POINT) == key
@@ -286,11 +258,12 @@ def held_elsewhere(study: optuna.Study, number: int, key: str) -> bool:
 
 
 def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list[FrozenTrial]:
-    """Fail the running trials of this machine's processes that are gone, and queue their points
-    again: what Optuna's heartbeat does on an RDB storage, which a journal lacks."""
-    released = []
+    """Fail the running trials of this machine's gone processes; queue their points again."""
+    released, now = [], datetime.datetime.now()  # Optuna's times are naive local ones
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_gone(str(trial.user_attrs.get(WORKER, ""))):
+        worker = str(trial.user_attrs.get(WORKER, ""))  # none: killed before its first word
+        unnamed = not worker and (now - trial.datetime_start).total_seconds() > UNNAMED_SECONDS
+        if not (unnamed or is_gone(worker)):
             continue
         try:
             study.tell(trial.number, state=TrialState.FAIL)
@@ -302,13 +275,9 @@ def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list
 
 
 def fail_stale(study: optuna.Study) -> None:
-    """Optuna's own release of silent workers' trials (a no-op without a heartbeat)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-
-
-# --- the summary -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -323,8 +292,6 @@ class BestTrial:
 
 @dataclass
 class Summary:
-    """The study as a table (a row per point, or per done trial), its best trial, what is left."""
-
     rows: list[tuple[Mapping[str, Any], FrozenTrial | None]]
     best: BestTrial | None
     missing: list[dict[str, Any]] = field(default_factory=list)
@@ -332,8 +299,7 @@ class Summary:
 
 
 def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary:
-    """A grid: a row per point (the trial that decided it); a sampled search: a row per done
-    trial. Running trials are ``held``: the worker that ends the last one finalizes."""
+    """A row per grid point (its deciding trial), or per done trial of a sampled search."""
     trials = counted(study.get_trials(deepcopy=False))
     if grid:
         keys = [point_key(p) for p in grid]
@@ -353,29 +319,28 @@ def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     if best is not None:
-        run_id, epoch = (
-            str(best.user_attrs.get(RUN_ID, "")),
-            int(best.user_attrs.get(BEST_EPOCH, 0)),
+        run_id, epoch = best.user_attrs.get(RUN_ID, ""), best.user_attrs.get(BEST_EPOCH, 0)
+        best = BestTrial(
+            best.number, float(best.value), dict(best.params), str(run_id), int(epoch)
         )
-        best = BestTrial(best.number, float(best.value), dict(best.params), run_id, epoch)
     return Summary(rows, best, left["missing"], left["held"])
 
 
-def trial_columns(trial: FrozenTrial | None) -> dict[str, Any]:
-    """The study's columns of a table row."""
+def trial_columns(trial: FrozenTrial | None, run_name: str) -> dict[str, Any]:
     value = trial.value if trial is not None and trial.state == TrialState.COMPLETE else None
     return {
         "val_accuracy": round(100 * value, 2) if value is not None else None,
         "best_epoch": trial.user_attrs.get(BEST_EPOCH) if trial else None,
         "state": trial.state.name if trial else "MISSING",
         "trial": trial.number if trial else None,
+        "run_name": run_name,
+        "run_id": trial.user_attrs.get(RUN_ID) if trial else None,
     }
 
 
 def finalized_model(study: optuna.Study, sampled: bool, done: int, wants_model: bool):
-    """What an earlier finalization registered while it still describes the study: its model
-    URI, "" for one without a model, None when (again) to finalize. A grid is finalized once; a
-    sampled search per number of done trials (and again when a model is now wanted)."""
+    """An earlier finalization's model URI ("" without a model), None when (again) to finalize:
+    a grid once, a sampled search per number of done trials (and when a model is now wanted)."""
     if not sampled:
         return study.user_attrs.get(FINALIZED)
     last = study.user_attrs.get(FINALIZED_ROUND) or {}
@@ -392,8 +357,7 @@ def record_finalized(study: optuna.Study, model_uri: str | None, sampled: bool, 
 
 
 def study_figures(study: optuna.Study) -> Iterator[tuple[str, Any, str]]:
-    """Optuna's plots: ``(file name, figure, "")``, or ``(file name, None, why not drawn)``;
-    each figure is closed once the caller has taken it."""
+    """Optuna's plots: ``(file name, figure, "")`` or ``(file name, None, why not drawn)``."""
     import matplotlib  # local: only a finalizing process draws
 
     matplotlib.use("Agg")  # files only: never a window, whatever the environment asks for
@@ -408,9 +372,8 @@ def study_figures(study: optuna.Study) -> Iterator[tuple[str, Any, str]]:
             except Exception as exc:  # noqa: BLE001 - importances need two different trials
                 yield f"{name}.png", None, str(exc)
                 continue
-            panels = 1 if hasattr(axes, "figure") else np.size(axes)  # a slice panel per param
-            figure = axes.figure if hasattr(axes, "figure") else np.ravel(axes)[0].figure
-            figure.set_size_inches(max(8, 3.2 * panels), 5)
+            figure = np.ravel(axes)[0].figure  # a slice plot has a panel (axes) per param
+            figure.set_size_inches(max(8, 3.2 * np.size(axes)), 5)
             figure.tight_layout()
             try:
                 yield f"{name}.png", figure, ""

@@ -1,14 +1,12 @@
 """Search workers: processes that take trials from the study and train them while it has work.
 
-A worker runs Optuna's ``study.optimize`` one trial at a time while the study has work for it (a
-queued grid point, or a sampled search's budget), so a trial gets Optuna's own bookkeeping: its
-state, its pruning, its heartbeat on an RDB storage. Several workers of one command are processes
-forked from it, as torch's DataLoader forks its workers, before it opens the tracking store: each
-starts at once with the data and the imports in memory and opens its own store and storage (a
-Ray task runs the same ``work``). Dead workers: on an RDB storage, Optuna's heartbeat fails a
-silent worker's trial and queues it again, and a worker waits while other machines train, to take
-such a trial back; on this machine, the launcher sees a worker process end badly, fails its trial
-(``release_dead``) and trains what is left itself.
+A worker runs Optuna's ``study.optimize`` one trial at a time while the study has work (a queued
+grid point, or a sampled search's budget), so a trial gets Optuna's bookkeeping: state, pruning,
+heartbeat on an RDB storage. A command's workers are processes forked from it before it opens the
+tracking store, or Ray tasks (``cluster``, with ``--ray``) running the same ``work``. Dead
+workers: on an RDB storage Optuna's heartbeat fails a silent worker's trial and queues it again,
+and a worker waits while others train, to take it back; on this machine the launcher sees a
+worker end badly, fails its trial (``release_dead``) and trains what is left itself.
 """
 
 from __future__ import annotations
@@ -32,27 +30,33 @@ from fmnist.liveness import process_id
 from fmnist.search import study as studies
 from fmnist.search.spec import SearchData, SearchSpec
 
-Objective = Callable[[optuna.Trial], float]
 POLL_SECONDS = 2.0  # how often a waiting worker looks at the other machines' trials
 PARENT_WAIT_SECONDS = 60.0  # how long a worker waits for the parent run of the study's creator
 
 
 @dataclass(frozen=True)
 class Work:
-    """What every worker of a search gets (it pickles, for a Ray task): where the study is, the
-    search, the data, and ``make_objective(study, parent_run_id)``, which builds the function
-    that trains one trial; ``catch`` are the errors after which a worker goes on."""
+    """What every worker gets (it pickles, for Ray); ``catch``: errors after which it goes on."""
 
     ref: studies.StudyRef
     spec: SearchSpec
     data: SearchData
-    make_objective: Callable[[optuna.Study, str], Objective]
+    make_objective: Callable[[optuna.Study, str], Callable[[optuna.Trial], float]]
     on_stale: studies.StaleHook | None = None
     catch: tuple[type[Exception], ...] = ()
 
 
+def start_workers(job: Work, ray_address: str, n_jobs: int, pending: int):
+    """Ray tasks with ``--ray`` (Ray is imported only then), else forked processes."""
+    if ray_address:
+        from fmnist.search.cluster import RayWorkers
+
+        return RayWorkers(job, ray_address, n_jobs, pending)
+    return LocalWorkers(job, worker_count(n_jobs, pending))
+
+
 def worker_count(n_jobs: int, pending: int) -> int:
-    """``n_jobs`` processes (0: one per usable CPU core), never more than the pending trials."""
+    """``n_jobs`` workers (0: one per usable CPU core), never more than the pending trials."""
     if n_jobs <= 0:
         n_jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
     return max(1, min(n_jobs, pending)) if pending else 0
@@ -63,35 +67,25 @@ def count_trials(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 
 def has_work(study: optuna.Study, spec: SearchSpec, deadline: float | None, now: float) -> bool:
-    """A queued grid point; or a sampled search's budget: trials done or running below
-    ``n_trials``, and time before ``deadline``."""
+    """A queued grid point, or a sampled search's budget and time left."""
     if spec.grid:
         return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
-    if deadline is not None and now >= deadline:
-        return False
-    return pending_count(study, spec) > 0
+    return (deadline is None or now < deadline) and pending_count(study, spec) > 0
 
 
 def pending_count(study: optuna.Study, spec: SearchSpec) -> int:
-    """How many trials a command could start now: queued points, or what is left of a sampled
-    search's budget (trials done or running count; queued ones are handed out first)."""
+    """Trials a command could start now: queued points, or a sampled search's budget left."""
     if spec.grid:
         return count_trials(study, (TrialState.WAITING,))
     if spec.n_trials is None:
         return 1 << 30
-    used = [
-        t
-        for t in studies.counted(study.get_trials(deepcopy=False))
-        if studies.trial_status(t) == "done" or t.state == TrialState.RUNNING
-    ]
-    return max(0, spec.n_trials - len(used))
+    trials = studies.counted(study.get_trials(deepcopy=False))
+    used = sum(studies.trial_status(t) == "done" or t.state == TrialState.RUNNING for t in trials)
+    return max(0, spec.n_trials - used)
 
 
-def wait_for_parent(
-    study: optuna.Study, clock=time.monotonic, sleep=time.sleep, timeout=PARENT_WAIT_SECONDS
-) -> str | None:
-    """The study's parent run, once its creator has recorded it; None when it did not in time
-    or is gone from this machine without it (the caller then makes one)."""
+def wait_for_parent(study, clock=time.monotonic, sleep=time.sleep, timeout=PARENT_WAIT_SECONDS):
+    """The study's parent run once its creator recorded it; None if not in time or it is gone."""
     started = clock()
     while studies.PARENT_RUN not in (attrs := study.user_attrs):
         creator = attrs.get(studies.CREATOR, "")
@@ -102,18 +96,11 @@ def wait_for_parent(
 
 
 def work(
-    job: Work,
-    worker: int = 0,
-    parent_run_id: str | None = None,
-    clock=time.monotonic,
-    sleep=time.sleep,
+    job: Work, worker: int = 0, parent_run_id=None, clock=time.monotonic, sleep=time.sleep
 ) -> int:
-    """Train trials while the study has work for this worker; return how many it ran.
-
-    With nothing left to start, a worker of an RDB storage waits while other workers train: one
-    that stops beating has its trial failed by Optuna after the grace period and queued again,
-    and this worker trains it. On a journal (one machine) it returns: the launcher watches its
-    own workers."""
+    """Train trials while the study has work; return how many ran. With nothing left to start,
+    a worker of an RDB storage waits while others train, to take back the trial of one that
+    stops beating; on a journal it returns (the launcher watches its workers)."""
     spec = job.spec
     storage = studies.make_storage(job.ref.storage, job.on_stale)
     done = len(storage.get_all_trials(storage.get_study_id_from_name(job.ref.study_name)))
@@ -122,9 +109,8 @@ def work(
     )
     parent = parent_run_id or wait_for_parent(study, clock, sleep)
     if parent is None:
-        raise FmnistError(
-            f"Study {job.ref.study_name} has no parent run: its creator did not record one."
-        )
+        why = "its creator did not record one"
+        raise FmnistError(f"Study {job.ref.study_name} has no parent run: {why}.")
     objective = job.make_objective(study, parent)
     deadline = None if spec.timeout is None else clock() + spec.timeout
     ran = 0
@@ -144,7 +130,7 @@ def work(
 
 @contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """One worker, one thread: parallelism comes from processes, not from intra-op threads."""
+    """One worker, one thread: parallelism comes from processes."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -154,8 +140,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def worker_main(job: Work, worker: int) -> None:
-    """A forked worker: one torch thread; SIGTERM (the launcher stopping it) and Ctrl-C are an
-    interruption, once (a second signal must not break the cleanup that records it)."""
+    """A forked worker, one torch thread; SIGTERM and Ctrl-C interrupt it, once."""
     signal.signal(signal.SIGTERM, interrupt_once)
     signal.signal(signal.SIGINT, interrupt_once)
     torch.set_num_threads(1)
@@ -177,16 +162,14 @@ class LocalWorkers:
 
     def __init__(self, job: Work, n: int) -> None:
         self.job, self.n, self.processes, self.ids = job, n, [], [process_id()]
-        # Every trial builds a torch optimizer, and the first one of a process imports torch's
-        # compiler stack (2 s on 2 cores): built here, before the fork, it is imported once
-        # for all the workers and for the winner's export.
+        # the first torch optimizer of a process imports torch's compiler stack (2 s on 2 cores):
+        # built before the fork, it is imported once for every worker and the winner's export
         torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         if n > 1:
             context = multiprocessing.get_context("fork")
             for worker in range(n):
-                process = context.Process(
-                    target=worker_main, args=(job, worker), name=f"search-worker-{worker}"
-                )
+                name = f"search-worker-{worker}"
+                process = context.Process(target=worker_main, args=(job, worker), name=name)
                 process.start()
                 self.processes.append(process)
                 self.ids.append(process_id(process.pid))  # whose trials this command trained
@@ -205,8 +188,7 @@ class LocalWorkers:
                 work(self.job, parent_run_id=parent_run_id)  # alone, or a dead worker's points
 
     def stop(self) -> None:
-        """Ctrl-C reaches every worker (same process group), a SIGTERM only this process:
-        pass it on, then give them time to record the interruption."""
+        """Pass a SIGTERM on (Ctrl-C reaches the whole group); give them time to record it."""
         for process in self.processes:
             if process.is_alive():
                 process.terminate()

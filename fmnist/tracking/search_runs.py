@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 
 from fmnist.analysis.report import markdown_table
 from fmnist.tracking.artifacts import load_run_model, log_model_files
+from fmnist.tracking.heartbeat import ENDED_TAG
 from fmnist.tracking.runs import reopen_run, start_run
 from fmnist.tracking.values import (
     log_changing_params,
@@ -152,10 +153,12 @@ def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
 
 
 def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:
-    """End run ``run_id`` FAILED with ``tags`` if it is still RUNNING (its process is gone)."""
+    """End run ``run_id`` FAILED with ``tags`` if it is still RUNNING (its process is gone), or
+    if the cleaner found it so first (``end_dead_runs`` ended it KILLED)."""
     client = mlflow.MlflowClient()
     try:
-        if not run_id or client.get_run(run_id).info.status != "RUNNING":
+        run = client.get_run(run_id) if run_id else None
+        if run is None or not (run.info.status == "RUNNING" or ENDED_TAG in run.data.tags):
             return
         for key, value in tags.items():
             client.set_tag(run_id, key, value)

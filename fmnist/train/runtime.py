@@ -28,3 +28,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     if choice not in {"cpu", "cuda"}:
         raise ConfigError(f"Unknown device {device!r}: use auto, cpu or cuda.")
     return torch.device(choice)
+
+
+def search_device(device: str, elsewhere: bool) -> str:
+    """The device of a search's trials: ``resolve_device`` here, or for workers on other machines
+    (Ray tasks) ``cuda`` when asked for (each task asks Ray for a GPU), else the CPU: this
+    machine's hardware says nothing of theirs."""
+    if elsewhere:
+        return "cuda" if (device or "").lower() == "cuda" else "cpu"
+    return str(resolve_device(device))
