@@ -1,10 +1,5 @@
-"""The CLI layer, click only: the ``fmnist`` group with its errors and exit codes here, shared
-options in ``options``, the commands in ``training`` and ``inspection``. Nothing else imports this
-layer, and at module level it imports only click, ``fmnist.config`` and ``fmnist.errors``: a
-command imports its flow when it runs, so every ``--help`` answers without torch or mlflow.
-Exit codes follow the shell: 0 done, 1 an unexpected error (its trace in a file), 2 a usage,
-data or config error (one paragraph; under ``mlflow run`` the run ends FAILED with it), 128 + N
-once signal N interrupted the command (130, 143: KeyboardInterrupt, so its runs end KILLED).
+"""The ``fmnist`` click group, its errors and exit codes; the commands (``training``,
+``inspection``) import their flow only when they run, so ``--help`` needs no torch or mlflow.
 """
 
 from __future__ import annotations
@@ -73,7 +68,7 @@ class LazyGroup(click.Group):
             fail_mlflow_run(exc.format_message())
             raise  # a usage error: click prints it with the usage line and exits 2
         except KeyboardInterrupt:
-            code = interrupted_code()
+            code = exit_code(SIGNAL_EXIT_BASE + signal.SIGINT)  # SIGINT: raised some other way
             click.echo(f"Interrupted ({signal.Signals(code - SIGNAL_EXIT_BASE).name}).", err=True)
             ctx.exit(code)
         except FmnistError as exc:
@@ -118,8 +113,7 @@ def unreachable_server(exc: Exception) -> FmnistError | None:
 
 
 def locked_store(exc: Exception) -> FmnistError | None:
-    """A SQLite store that stayed locked past MLflow's busy timeout, as the message naming the
-    fix (a tracking server); None for any other error."""
+    """A SQLite store locked past its busy timeout, as the message naming the fix; else None."""
     if "database is locked" not in "".join(traceback.format_exception(exc)):
         return None
     # only on this path, where the failed write has imported mlflow already
@@ -146,8 +140,7 @@ def report(message: str) -> None:
 
 
 def report_unexpected(exc: Exception, debug: bool) -> None:
-    """One paragraph for an error the project did not foresee; the trace goes to a file (or,
-    with --debug / FMNIST_DEBUG=1, to stderr)."""
+    """One paragraph for an unforeseen error; its trace goes to a file (--debug: to stderr)."""
     trace = "".join(traceback.format_exception(exc))
     first_line = (str(exc).strip().splitlines() or [""])[0][:500]
     what = f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
@@ -159,11 +152,10 @@ def report_unexpected(exc: Exception, debug: bool) -> None:
         with os.fdopen(handle, "w") as file:
             file.write(trace)
         where = f"in {path} (run again with --debug, or FMNIST_DEBUG=1, to print it)"
-    message = (
+    report(
         f"The command failed unexpectedly with {what}. This is a bug or an unforeseen "
         f"condition, not a problem with your options; the full trace is {where}."
     )
-    report(message)
 
 
 def fail_mlflow_run(message: str) -> None:
@@ -199,24 +191,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def raise_interrupt(signum: int, frame) -> None:
-    """SIGINT and SIGTERM both raise KeyboardInterrupt in the command (open runs end KILLED);
-    the first one received decides the exit code."""
-    if RECEIVED["signal"] is None:
-        RECEIVED["signal"] = signum
+    """SIGINT and SIGTERM raise KeyboardInterrupt (open runs end KILLED); the first decides."""
+    RECEIVED["signal"] = RECEIVED["signal"] or signum
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupted_code() -> int:
-    """128 + the number of the signal that interrupted the command (SIGINT when none was seen:
-    a KeyboardInterrupt raised some other way, e.g. under a test runner)."""
-    return SIGNAL_EXIT_BASE + (RECEIVED["signal"] or signal.SIGINT)
-
-
 def exit_code(code: int | str | None) -> int:
-    """The process's exit status: ``interrupted_code()`` once a signal interrupted it, else the
-    command's (a message given to ``sys.exit`` is 1, as Python makes it)."""
+    """128 + the interrupting signal once one came, else the command's (a message is 1)."""
     if RECEIVED["signal"] is not None:
-        return interrupted_code()
+        return SIGNAL_EXIT_BASE + RECEIVED["signal"]
     return code if isinstance(code, int) else int(bool(code))
 
 
@@ -235,8 +218,7 @@ def main() -> None:
 
 
 def end_without_teardown() -> None:
-    """The last exit handler: flush what was printed and end with the command's exit code (or
-    the interrupted code, should a signal have come in during the other exit handlers)."""
+    """The last exit handler: flush the output and end with the command's (or signal's) code."""
     code = exit_code(EXIT["code"])
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -1,6 +1,5 @@
-"""The commands that look at the data or at trained models without training: ``info``, ``eda``,
-``evaluate``, ``compare``, ``predict`` and ``runs``. Each calls its flow, imported only when it
-runs; nothing here loads torch at import (``predict`` of an ONNX model never does).
+"""The commands that look at the data or at trained models without training; each imports its
+flow only when it runs, so nothing here loads torch at import (``predict`` of ONNX never does).
 """
 
 from __future__ import annotations
@@ -120,21 +119,13 @@ def compare(**kwargs) -> None:
         "fmnist predict --model models:/fmnist-dnn@champion --format json batch.npy",
     )
 )
-@click.option(
-    "--model",
-    "model_uri",
-    default=PREDICT.model_uri,
-    show_default=True,
-    metavar="URI|DIR",
-    help=MODEL_HELP,
-)
-@click.option(
-    "--format",
+@option("model", PREDICT.model_uri, MODEL_HELP, "model_uri", metavar="URI|DIR")
+@option(
+    "format",
+    PREDICT.fmt,
+    "table: aligned columns; json: a list of objects with the top 3; csv: one row an image.",
     "fmt",
     type=click.Choice(PREDICT_FORMATS),
-    default=PREDICT.fmt,
-    show_default=True,
-    help="table: aligned columns; json: a list of objects with the top 3; csv: one row an image.",
 )
 @click.option(
     "--invert/--no-invert",

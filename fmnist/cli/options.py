@@ -1,7 +1,5 @@
-"""The options several commands share, and two kinds click lacks: ``Switch`` (a boolean:
-``--x`` true, ``--no-x`` false, ``--x=true|false`` the MLproject's form) and ``AutoNumber`` (a
-number, or ``auto``, None: the recipe's or the grid's value). Defaults come from
-``fmnist.config``; only click and the config are imported, so ``--help`` stays instant.
+"""The options several commands share (defaults from ``fmnist.config``), and two kinds click
+lacks: ``Switch`` (``--x``, ``--no-x``, ``--x=true|false``) and ``AutoNumber`` (number|auto).
 """
 
 from __future__ import annotations
@@ -19,8 +17,7 @@ NAME_OR_PATH = "NAME|PATH"  # an experiment definition: a name in experiments/ o
 
 
 class Switch(click.Option):
-    """A boolean ``--x``: alone true, ``--x true|false`` (or ``--x=false``) a value; ``--no-x``
-    (a hidden eager flag, so it is seen first) false. Its help shows ``--x / --no-x``."""
+    """``--x`` alone true, ``--x true|false`` a value, ``--no-x`` (hidden, eager) false."""
 
     def __init__(self, param_decls, **attrs) -> None:
         attrs.update(type=click.BOOL, is_flag=False, flag_value=True, callback=unless_negated)
@@ -82,10 +79,9 @@ class AutoNumber(click.ParamType):
         return self.kind(number)
 
 
-def option(name: str, default, help: str, **attrs):
-    """``--name`` with its default (shown in --help); the type is the default's unless
-    ``attrs`` name one."""
-    return click.option(f"--{name}", default=default, show_default=True, help=help, **attrs)
+def option(name: str, default, help: str, *dest: str, **attrs):
+    """``--name`` (``dest``: its parameter's name) with its default, shown in --help."""
+    return click.option(f"--{name}", *dest, default=default, show_default=True, help=help, **attrs)
 
 
 def auto_option(name: str, kind: type, help: str):

@@ -1,6 +1,5 @@
-"""The commands that train and register models: ``dnn-search``, ``cnn``, ``cnn-search`` and
-``pipeline`` (MLproject ``dnn_search``, ``cnn``, ``cnn_search``, ``main``). Each turns its options
-into the entry point's config and calls the flow of the same name, imported only when it runs.
+"""The commands that train and register models (MLproject ``dnn_search``, ``cnn``, ``cnn_search``,
+``main``): each calls the flow of the same name, imported only when it runs.
 """
 
 from __future__ import annotations

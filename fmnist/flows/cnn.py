@@ -1,11 +1,5 @@
-"""The ``cnn`` entry point: train a recipe from ``experiments/cnn/``, evaluate it, register it.
-
-``run_cnn`` trains with the shared engine and logs the raw options, every resolved setting
-(under ``cfg.*``, so ``mlflow run``'s own params are never re-logged with another value) and
-each epoch at ``step=epoch``; it fits a temperature on the validation split, scores the test set
-exactly as the registered model will and registers ``fmnist-cnn`` (champion/challenger).
-``quick`` trains two epochs on a subset. A checkpoint is logged every ``checkpoint_every``
-epochs; ``resume`` (a run id) goes on from it, in that run or in the one ``mlflow run`` created.
+"""The ``cnn`` entry point: train a recipe from ``experiments/cnn/`` (or go on from a run's last
+checkpoint), calibrate and test it as the registered model will run, register ``fmnist-cnn``.
 """
 
 from __future__ import annotations
@@ -89,7 +83,7 @@ def make_subsets(splits: Splits, quick: bool) -> tuple[Split, Split, Split]:
 
 
 def resolved_params(cfg: CnnConfig, recipe: CnnRecipe, device: torch.device) -> dict[str, Any]:
-    """Every resolved setting under ``cfg.*`` (the raw options keep their own names)."""
+    """Every resolved setting under ``cfg.*``: ``mlflow run``'s raw params keep their values."""
     values = {
         f"cfg.{f.name}": getattr(recipe, f.name)
         for f in dataclasses.fields(recipe)
@@ -116,8 +110,7 @@ def raw_params(cfg: CnnConfig) -> dict[str, Any]:
 
 
 def run_cnn(cfg: CnnConfig, parent_run_id: str | None = None) -> dict[str, Any]:
-    """Train (or, with ``cfg.resume``, go on training), evaluate and register one recipe;
-    returns the headline numbers and the model URI."""
+    """Train (or resume), evaluate and register one recipe; its headline numbers and URI."""
     point = load_resume_point(cfg) if cfg.resume else None
     cfg, recipe = (point.config, point.recipe) if point else (cfg, resolve_recipe(cfg))
     device = resolve_device(cfg.common.device)
@@ -180,8 +173,7 @@ def log_setup(cfg, recipe, device, digest, model, splits, point) -> None:
 
 
 def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, point) -> FitResult:
-    """Fit with the engine: each epoch's metrics at ``step=epoch``, checkpoints as asked. An
-    epoch a resumed run logged before it was stopped is not logged twice."""
+    """Fit, logging each epoch at ``step=epoch`` (a resumed run's never twice) and checkpoints."""
     settings = train_config(
         recipe,
         device=str(device),
@@ -190,21 +182,19 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
         checkpoint_every=cfg.checkpoint_every,
         label=f"cnn {Path(cfg.recipe).stem}",
     )
-    log_checkpoint = None
-    if cfg.checkpoint_every > 0:
-        log_checkpoint = CheckpointLogger(checkpoint_settings(cfg, recipe, digest))
     run_id = mlflow.active_run().info.run_id
     logged = tracking.logged_steps(run_id, "val_accuracy") if point is not None else set()
-    log_epoch = tracking.EpochLogger(interval=0.0, skip=frozenset(logged))
-    loggers = [log_epoch] + ([log_checkpoint] if log_checkpoint is not None else [])
+    loggers = [tracking.EpochLogger(interval=0.0, skip=frozenset(logged))]
+    if cfg.checkpoint_every > 0:
+        loggers.append(CheckpointLogger(checkpoint_settings(cfg, recipe, digest)))
     try:
         result = fit(
             model,
             splits[0],
             splits[1],
             settings,
-            on_epoch_end=log_epoch,
-            on_checkpoint=log_checkpoint,
+            on_epoch_end=loggers[0],
+            on_checkpoint=loggers[1] if len(loggers) > 1 else None,
             resume=point.state if point is not None else None,
         )
     except BaseException:
@@ -219,8 +209,7 @@ def train(model, splits, recipe: CnnRecipe, cfg: CnnConfig, device, digest, poin
 def evaluate_test(
     model, val: Split, test: Split, recipe: CnnRecipe, device, result: FitResult
 ) -> tuple[dict, float]:
-    """Fit the temperature on the validation split, score the test set as the registered model
-    will and log it all; returns the metrics and the temperature."""
+    """Calibrate on the validation split, score and log the test set; metrics, temperature."""
     start = time.perf_counter()
     predict = {"batch_size": 1024, "device": device, "bf16": False, "tta_flip": recipe.tta_flip}
     metrics, temperature = calibrated_test(model, val, test, result.history, **predict)
@@ -234,9 +223,8 @@ def evaluate_test(
 def open_cnn_run(
     cfg: CnnConfig, recipe_name: str, parent_run_id: str | None, point: ResumePoint | None
 ) -> Iterator[tuple[Any, bool]]:
-    """The run to train in, and whether it is the resumed run itself: resuming directly reopens
-    it; under ``mlflow run`` (an entry point cannot switch runs) the new run, tagged
-    ``resumed_from``."""
+    """The run to train in, and whether it is the resumed run itself (reopened, except under
+    ``mlflow run``, which cannot switch runs: there the new run, tagged ``resumed_from``)."""
     tags = {"recipe": recipe_name, "quick": str(cfg.quick).lower()}
     if point is not None and (parent_run_id is not None or not tracking.under_mlflow_run()):
         with tracking.reopen_run(point.run_id, tags, system_metrics=True) as run:
@@ -288,11 +276,6 @@ def load_resume_point(cfg: CnnConfig) -> ResumePoint:
             file=sys.stderr,
         )
     common = dataclasses.replace(cfg.common, **{k: settings[k] for k in ("seed", "split_seed")})
-    config = dataclasses.replace(
-        cfg,
-        common=common,
-        recipe=name,
-        quick=settings["quick"],
-        registered_name=settings["registered_name"],
-    )
+    kept = {key: settings[key] for key in ("quick", "registered_name")}
+    config = dataclasses.replace(cfg, common=common, recipe=name, **kept)
     return ResumePoint(cfg.resume, state, recipe, config, settings["digest"])

@@ -1,10 +1,5 @@
-"""``fmnist cnn-search``: TPE over a CNN space from ``experiments/``, then the best retrained.
-
-The space file and its base recipe are validated before any run exists; the base recipe's own
-point is queued as trial 0 (the best is never worse than the starting recipe), the TPE sampler
-is seeded and the MedianPruner reads each epoch's validation accuracy. ``--retrain-best`` trains
-the best point for the full epoch count with ``run_cnn`` as a child of the search's parent run,
-which tests it and registers it as ``fmnist-cnn``.
+"""``fmnist cnn-search``: seeded TPE with median pruning over a CNN space from ``experiments/``,
+the base recipe queued first (the best is never worse), then the best retrained with ``run_cnn``.
 """
 
 from __future__ import annotations
@@ -83,9 +78,8 @@ def run_cnn_search(cfg: CnnSearchConfig, outer_run_id: str | None = None) -> dic
 def cnn_family(
     cfg: CnnSearchConfig, space_file: SpaceFile, space: CnnSpace, where: Path, digest, device
 ) -> Family:
-    """The CNN search as the driver runs it. The study's name hashes all that changes what a
-    trial computes (not the budget: a larger ``--n-trials`` continues the same study); the
-    budget, which a resumed run may change, is a tag."""
+    """The CNN search as the driver runs it; the budget is a tag, not part of the study's
+    identity, so a larger ``--n-trials`` continues the same study."""
     label, logged_name = definition_name(cfg.search_space)
     base = {"epochs": cfg.epochs, **seeds(cfg.common)}
     identity = {
@@ -140,8 +134,7 @@ def cnn_family(
 
 
 def retrain_best(outcome: SearchOutcome, cfg: CnnSearchConfig, space: CnnSpace) -> dict[str, Any]:
-    """Train the best trial's recipe for the full epoch count with ``run_cnn``, as a child of
-    the parent run, and link the two runs."""
+    """Retrain the best trial's recipe with ``run_cnn`` under the parent run; link the runs."""
     best = outcome.summary.best
     recipe = dataclasses.replace(
         space.recipe_for(best.params, cfg.retrain_epochs or space.base.epochs),

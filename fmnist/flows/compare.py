@@ -1,8 +1,5 @@
-"""The ``compare`` entry point: the study's results section regenerated from the tracked runs.
-
-Runs are found by their tags (``entry_point``, ``model_family``) in every experiment, wherever
-``mlflow run`` put them (``Default`` without ``--experiment-name``); each registered model is
-timed through its pyfunc and joined with its latest ``evaluate`` run (robustness).
+"""The ``compare`` entry point: the study's results regenerated from the runs found by their tags
+in every experiment (wherever ``mlflow run`` put them), each model timed through its pyfunc.
 """
 
 from __future__ import annotations
@@ -54,8 +51,7 @@ def select_candidates(runs: list) -> list[Candidate]:
     def candidate(run, recipe: str) -> Candidate:
         info, data = run.info, run.data
         name = info.run_name or info.run_id[:8]
-        family = data.tags["model_family"]
-        return Candidate(info.run_id, name, family, recipe, dict(data.metrics))
+        return Candidate(info.run_id, name, data.tags["model_family"], recipe, dict(data.metrics))
 
     def score(run) -> tuple:
         return comparison.validation_accuracy(run.data.metrics) or 0.0, run.info.start_time
@@ -70,8 +66,7 @@ def select_candidates(runs: list) -> list[Candidate]:
 
 
 def evaluation_metrics(evaluations: list, run_id: str, model_uri: str | None) -> dict:
-    """The metrics of the latest ``evaluate`` run of the model trained by ``run_id`` (linked by
-    its source run or its registered version), or {} when there is none."""
+    """The metrics of the latest ``evaluate`` run of the model trained by ``run_id``, or {}."""
     version = None
     if model_uri and model_uri.startswith("models:/"):
         version = tuple(model_uri.removeprefix("models:/").split("/", 1))

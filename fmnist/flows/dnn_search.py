@@ -1,9 +1,5 @@
-"""``fmnist dnn-search``: the study's dense grid, then its winner tested and registered.
-
-PCA is fitted once on the training split and train/val projected on it (the search trains only
-the MLPs on those features); the dense family (``fmnist.search.spaces.DnnSpace``) goes to the
-search driver. The winner's logged weights are calibrated on the validation split, tested and
-registered as ``fmnist-dnn`` in the search's parent run, once per study (``finalize_winner``).
+"""``fmnist dnn-search``: the study's dense grid on PCA features fitted once on the training
+split, then its winner calibrated, tested and registered as ``fmnist-dnn``, once per study.
 """
 
 from __future__ import annotations
@@ -43,8 +39,7 @@ SUMMARY_KEYS = tuple(  # what the command reports, in this order
 
 
 def run_dnn_search(cfg: DnnSearchConfig, outer_run_id: str | None = None) -> dict[str, Any]:
-    """Run or resume the grid search, then test and register its winner once;
-    ``outer_run_id`` nests the search's parent run under another run (the pipeline's)."""
+    """Run or resume the grid, then register its winner (under ``outer_run_id``, if given)."""
     started = time.perf_counter()
     grid = load_grid(cfg.grid)
     cfg = dataclasses.replace(cfg, epochs=grid.epochs if cfg.epochs is None else cfg.epochs)
@@ -72,8 +67,7 @@ def features(grid: DnnGrid, splits: Splits, basis: PCABasis) -> SearchData:
 def dense_family(
     cfg: DnnSearchConfig, grid: DnnGrid, basis: PCABasis, digest: str, device: str, splits
 ) -> Family:
-    """The dense grid as the driver runs it. The study's name hashes all that changes what a
-    trial computes, so a search with other settings never resumes this one by accident."""
+    """The dense grid as the driver runs it; its identity is all that changes a trial's result."""
     space = DnnSpace(grid, basis.n_components, cfg.common.seed)
     label, logged_name = definition_name(cfg.grid)
     base = {"epochs": cfg.epochs, **seeds(cfg.common), "prune": cfg.prune}
@@ -116,8 +110,7 @@ def dense_family(
 def finalize_winner(
     outcome: SearchOutcome, cfg: DnnSearchConfig, splits: Splits, digest: str
 ) -> dict[str, Any]:
-    """Calibrate the best trial's logged weights on the validation split, test them and register
-    them (the temperature folded into the logged model)."""
+    """Calibrate, test and register the best trial's logged weights (temperature folded in)."""
     best = outcome.summary.best
     model, spec, history = load_trial_model(best.run_id)
     metrics, temperature = calibrated_test(model, splits.val, splits.test, history)

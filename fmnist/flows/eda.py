@@ -1,6 +1,5 @@
-"""The ``eda`` entry point: the study's exploratory analysis (Figs. 2-6) in one run tagged
-``entry_point=eda``: class counts, images, PCA fitted on the training split, t-SNE scored against
-PCA, and ``eda_summary.md`` (``fmnist.analysis.eda_stats`` computes, ``eda_figures`` draws).
+"""The ``eda`` entry point: the study's exploratory analysis (Figs. 2-6: class counts, images,
+PCA fitted on the training split, t-SNE scored against PCA) and its summary, in one run.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The ``evaluate`` entry point: any logged or registered model on the test set, beyond accuracy.
-
-The model a URI names is scored through its pyfunc in one run linked to it (``model_uri``,
-``registered_model_name``/``_version``, ``source_run_id``): test metrics and figures, calibration
-after and before its temperature, and the robustness suite on a seeded, class-stratified subset.
+"""The ``evaluate`` entry point: any logged or registered model's test metrics, figures,
+calibration (after and before its temperature) and robustness, in one run linked to it.
 """
 
 from __future__ import annotations
@@ -19,8 +16,7 @@ from fmnist.analysis import robustness as rob
 from fmnist.analysis.calibration import untempered
 from fmnist.config import EvaluateConfig
 from fmnist.data import load_fashion_mnist, scale_pixels
-from fmnist.errors import FmnistError
-from fmnist.flows.predict import predict_batch
+from fmnist.flows.predict import loading, predict_batch
 from fmnist.tracking.artifacts import SPEC_FILE
 from fmnist.tracking.eval_logging import evaluate_and_log, log_calibration, log_robustness
 from fmnist.tracking.registry import (
@@ -65,16 +61,11 @@ def resolve_links(model_uri: str) -> dict[str, str]:
 
 
 def open_model(model_uri: str) -> tuple[Any, float, dict[str, str]]:
-    """The pyfunc model, its temperature and the tags that link it to its origin (with its
-    ``model_family`` always); a URI that does not resolve is a user error."""
-    tracking.configure()
-    try:
+    """The pyfunc model, its temperature and the tags linking it to its origin and family."""
+    with loading(model_uri):
         folder = local_model_dir(model_uri)
         model = load_pyfunc(str(folder))
         links = resolve_links(model_uri)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FmnistError(f"Could not load model {model_uri!r}: {message}") from None
     spec = folder / EXTRA_DIR / SPEC_FILE
     spec_family = json.loads(spec.read_text()).get("family") if spec.is_file() else None
     family = links.get("model_family") or spec_family or "none"
@@ -111,24 +102,22 @@ def run_evaluate(cfg: EvaluateConfig, parent_run_id: str | None = None) -> dict[
         tags={"model_uri": cfg.model, **links},
         parent_run_id=parent_run_id,
     ) as run:
-        tracking.log_params_safe(
-            {
-                "model": cfg.model,
-                "robustness": cfg.robustness,
-                "robustness_images": cfg.robustness_images,
-                "robustness_subset": "seeded, class-stratified sample of the test set",
-                "seed": cfg.common.seed,
-                "data_dir": cfg.common.data_dir,
-            }
-        )
+        params = {
+            "model": cfg.model,
+            "robustness": cfg.robustness,
+            "robustness_images": cfg.robustness_images,
+            "robustness_subset": "seeded, class-stratified sample of the test set",
+            "seed": cfg.common.seed,
+            "data_dir": cfg.common.data_dir,
+        }
+        tracking.log_params_safe(params)
         tracking.log_dataset(data.digest, context="test")
         start = time.perf_counter()
         probabilities = predict(images)
-        predict_seconds = time.perf_counter() - start
+        timing = {"predict_seconds": time.perf_counter() - start}
         metrics = evaluate_and_log(probabilities, labels, images, None)
         before = untempered(probabilities, temperature)
         metrics.update(log_calibration(probabilities, before, labels, temperature))
-        timing = {"predict_seconds": predict_seconds}
         if cfg.robustness:
             metrics.update(score_robustness(predict, images, labels, cfg))
             timing["robustness_seconds"] = metrics["robustness_seconds"]

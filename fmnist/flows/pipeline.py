@@ -1,9 +1,5 @@
-"""The ``main`` pipeline: every step of the study run in-process as children of one pipeline run.
-
-Each step turns the pipeline's config into its entry point's (``quick`` shrinks every step to
-finish in minutes), calls that flow with the pipeline run as parent and returns the headline
-numbers printed at the end. The full pipeline also evaluates the two models it registered, so
-``compare`` shows their calibration and robustness; ``quick`` skips that step.
+"""The ``main`` pipeline: every step of the study run in-process as a child of one pipeline run,
+each turning the pipeline's config into its flow's (``quick`` shrinks every step to minutes).
 """
 
 from __future__ import annotations
@@ -20,9 +16,7 @@ import mlflow
 
 from fmnist import tracking
 from fmnist.config import (
-    DEFAULT_GRID,
     QUICK_GRID,
-    STUDY_TSNE_SAMPLES,
     CnnConfig,
     CompareConfig,
     DnnSearchConfig,
@@ -67,24 +61,20 @@ def run_data_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 def run_eda_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The eda step; ``quick`` shrinks t-SNE and the scatters."""
-    eda_cfg = EdaConfig(common=cfg.common, tsne_samples=STUDY_TSNE_SAMPLES)
-    if cfg.quick:
-        eda_cfg = dataclasses.replace(eda_cfg, tsne_samples=1000, scatter_samples=3000)
-    result = run_eda(eda_cfg, parent_run_id=parent_run_id)
+    quick = {"tsne_samples": 1000, "scatter_samples": 3000} if cfg.quick else {}
+    result = run_eda(EdaConfig(common=cfg.common, **quick), parent_run_id=parent_run_id)
     return {key: round(float(result[key]), 4) for key in EDA_SUMMARY_KEYS}
 
 
 def run_dnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """The dense grid, or with ``quick`` two points for two epochs."""
-    dnn_cfg = DnnSearchConfig(common=cfg.common, grid=DEFAULT_GRID, quick=cfg.quick)
-    if cfg.quick:
-        dnn_cfg = dataclasses.replace(dnn_cfg, grid=QUICK_GRID, epochs=2)
+    quick = {"grid": QUICK_GRID, "epochs": 2} if cfg.quick else {}
+    dnn_cfg = DnnSearchConfig(common=cfg.common, quick=cfg.quick, **quick)
     return run_dnn_search(dnn_cfg, outer_run_id=parent_run_id)
 
 
 def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
-    """The pipeline's recipe as a child run; a killed attempt of it goes on from its last
-    checkpoint, in its own run."""
+    """The recipe as a child run; a killed attempt of it goes on from its last checkpoint."""
     config = CnnConfig(common=cfg.common, recipe=cfg.recipe, quick=cfg.quick)
     earlier = resume.resumable_step_run(resume.CHILD_TAGS[parent_run_id][resume.STEP_KEY])
     if earlier is not None:
@@ -93,7 +83,7 @@ def run_cnn_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 
 def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
-    """Evaluate the dense and the CNN model this pipeline registered (not when quick)."""
+    """Evaluate the two models this pipeline registered, for ``compare`` (not when quick)."""
     if cfg.quick:
         return {}
     results = resume.step_results(mlflow.get_run(parent_run_id))
@@ -107,13 +97,11 @@ def run_evaluate_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
 
 def run_compare_step(cfg: PipelineConfig, parent_run_id: str) -> dict:
     """Compare what this experiment holds (quick runs only in a quick pipeline)."""
-    compare_cfg = CompareConfig(common=cfg.common, include_quick=cfg.quick)
-    if cfg.quick:
-        compare_cfg = dataclasses.replace(compare_cfg, inference_images=1000)
+    quick = {"inference_images": 1000} if cfg.quick else {}
+    compare_cfg = CompareConfig(common=cfg.common, include_quick=cfg.quick, **quick)
     return run_compare(compare_cfg, parent_run_id)
 
 
-# (step name, step), in run order.
 STEPS: list[tuple[str, Callable[[PipelineConfig, str], dict]]] = [
     ("data", run_data_step),
     ("eda", run_eda_step),
@@ -128,8 +116,7 @@ NOT_INPUTS = ("data_dir", "experiment_name", "quiet")  # where from and to, not 
 
 
 def pipeline_key(cfg: PipelineConfig) -> str:
-    """What a pipeline's results depend on: its options (not where it logs or prints) and the
-    data's digest; the same key means the same inputs, so a killed run's steps are reused."""
+    """A hash of the options and the data digest: a killed run of the same key is reused."""
     options = dataclasses.asdict(cfg)
     options["common"] = {k: v for k, v in options["common"].items() if k not in NOT_INPUTS}
     options.pop("fresh", None)
@@ -140,9 +127,8 @@ def pipeline_key(cfg: PipelineConfig) -> str:
 
 @contextmanager
 def pipeline_run(cfg: PipelineConfig) -> Iterator[tuple[Any, str, Any]]:
-    """The pipeline's run, its inputs' key and the killed run of the same inputs it goes on from
-    (None with ``fresh``). Under ``mlflow run`` the run exists before the data is read (a data
-    error ends it FAILED) and the killed run's steps are moved under it."""
+    """The pipeline's run, its key and the killed run it goes on from (None with ``fresh``); under
+    ``mlflow run`` it exists before the data is read (a data error ends it FAILED)."""
     tags = {"quick": str(cfg.quick).lower()}
     name = "pipeline-quick" if cfg.quick else "pipeline"
     if tracking.under_mlflow_run():
@@ -166,11 +152,7 @@ def pipeline_run(cfg: PipelineConfig) -> Iterator[tuple[Any, str, Any]]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, dict]:
-    """Run every step as a child of one ``pipeline`` run; return each step's summary.
-
-    Run again with the same inputs after it was killed, it goes on where it stopped: a finished
-    step is not run again, the search resumes its study and the CNN its last checkpoint.
-    ``fresh`` starts over."""
+    """Run each step a killed run of the same inputs did not finish; each step's summary."""
     tracking.configure()
     with pipeline_run(cfg) as (run, key, earlier):
         parent = run.info.run_id

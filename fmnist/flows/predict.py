@@ -1,7 +1,5 @@
-"""The ``predict`` flow: classify image files (``fmnist.inputs``: photos, ``.npy``, IDX) with
-any logged or registered model. An unreadable input is one message while the others are still
-predicted. A model with an ONNX copy runs on onnxruntime and torch is never imported (seconds of
-a cold one-image prediction); an older model loads with torch.
+"""The ``predict`` flow: classify image files with any logged or registered model, on onnxruntime
+where it has an ONNX copy (torch, seconds of a cold one-image prediction, is then never loaded).
 """
 
 from __future__ import annotations
@@ -9,6 +7,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,24 +29,26 @@ class Prediction:
     top3: tuple[tuple[str, float], ...]
 
 
-def load_model(model_uri: str):
-    """The model's ONNX copy where it has one, else the torch model; a URI that does not
-    resolve is a user error, not a traceback."""
+@contextmanager
+def loading(model_uri: str) -> Iterator[None]:
+    """Configure tracking; a model URI that does not resolve is a user error, not a traceback."""
     tracking.configure()
     try:
-        return load_onnx_model(model_uri) or load_torch_model(model_uri)
+        yield
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FmnistError(f"Could not load model {model_uri!r}: {message}") from None
 
 
-def load_torch_model(model_uri: str):
-    """The model as an eager probability module where its files allow (faster to load than its
-    pt2 graph), else as a pyfunc model."""
-    # torch loads only for a model without an ONNX copy
-    from fmnist.tracking.registry import load_probability_module, load_pyfunc
+def load_model(model_uri: str):
+    """The ONNX copy, else an eager probability module (faster than the pt2 graph), else pyfunc."""
+    with loading(model_uri):
+        model = load_onnx_model(model_uri)
+        if model is None:  # torch loads only for a model without an ONNX copy
+            from fmnist.tracking.registry import load_probability_module, load_pyfunc
 
-    return load_probability_module(model_uri) or load_pyfunc(model_uri)
+            model = load_probability_module(model_uri) or load_pyfunc(model_uri)
+    return model
 
 
 def predict_batch(model, batch: np.ndarray) -> np.ndarray:
@@ -75,18 +77,16 @@ def to_predictions(sources: list[str], probabilities: np.ndarray) -> list[Predic
 def format_predictions(predictions: list[Prediction], fmt: str = "table") -> str:
     """Predictions as an aligned table, a JSON list or CSV."""
     if fmt == "json":
-        return json.dumps(
-            [
-                {
-                    "source": p.source,
-                    "label": p.label,
-                    "probability": round(p.probability, 6),
-                    "top3": [{"label": n, "probability": round(v, 6)} for n, v in p.top3],
-                }
-                for p in predictions
-            ],
-            indent=2,
-        )
+        rows = [
+            {
+                "source": p.source,
+                "label": p.label,
+                "probability": round(p.probability, 6),
+                "top3": [{"label": n, "probability": round(v, 6)} for n, v in p.top3],
+            }
+            for p in predictions
+        ]
+        return json.dumps(rows, indent=2)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

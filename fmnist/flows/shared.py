@@ -1,13 +1,11 @@
-"""What several flows share: the data as a flow loads it, the name a definition file is logged
-under, the calibrated test evaluation of a trained model and the run of a search family. Helpers
-only: none of them opens a run of its own.
+"""What several flows share: loading the data, naming a definition file, the calibrated test of
+a trained model and the run of a search family; none of them opens a run of its own.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 from fmnist.config import CommonConfig
 from fmnist.data import FashionMNIST, Split, Splits, load_fashion_mnist, make_splits
@@ -29,15 +27,13 @@ def seeds(common: CommonConfig) -> dict[str, int]:
 
 
 def definition_name(name: str) -> tuple[str, str]:
-    """A definition's label (``dnn_grid`` for that name or for ``.../dnn_grid.yaml``) and the
-    value logged for it (the name, or for a path the file's name)."""
+    """A definition's label (``dnn_grid`` for it or ``.../dnn_grid.yaml``) and its logged value."""
     label = Path(name.replace("\\", "/")).name.removesuffix(".yaml")
     return label, name if label == name else f"{label}.yaml"
 
 
 def calibrated_test(model, val: Split, test: Split, history, **predict) -> tuple[dict, float]:
-    """Fit a temperature on the validation logits, then score and log the tempered test set
-    (``calibrated_evaluation``); ``predict`` goes to ``predict_logits``."""
+    """Calibrate on the validation logits, score and log the test set (``predict_logits`` args)."""
     val_scores, test_scores = (
         predict_logits(model, part.images, **predict).cpu().numpy() for part in (val, test)
     )
@@ -48,8 +44,7 @@ def calibrated_test(model, val: Split, test: Split, history, **predict) -> tuple
 
 
 def run_family(family: driver.Family, data, cfg, outer_run_id, started, **options) -> dict:
-    """Run or resume ``family``'s search (``driver.run_search``, ``options`` included); all a
-    search command may report, ``started`` (``perf_counter``) counted in its seconds."""
+    """Run or resume ``family``'s search; all its command may report, timed from ``started``."""
     outcome = driver.run_search(
         family,
         data,
@@ -58,19 +53,6 @@ def run_family(family: driver.Family, data, cfg, outer_run_id, started, **option
         outer_run_id=outer_run_id,
         **options,
     )
-    return describe_outcome(outcome, time.perf_counter() - started)
-
-
-def check_search_options(epochs: int, n_jobs: int) -> None:
-    """The options every search takes, checked before any store or run exists."""
-    if epochs <= 0:
-        raise ConfigError(f"--epochs must be positive, got {epochs}.")
-    if n_jobs < 0:
-        raise ConfigError(f"--n-jobs must be 0 (one per CPU core) or more, got {n_jobs}.")
-
-
-def describe_outcome(outcome: driver.SearchOutcome, seconds: float) -> dict[str, Any]:
-    """Everything a search command reports (each family prints its own selection)."""
     best, final = outcome.summary.best, outcome.final or {}
     states = [trial.state.name if trial else "MISSING" for _, trial in outcome.summary.rows]
     return {
@@ -88,5 +70,13 @@ def describe_outcome(outcome: driver.SearchOutcome, seconds: float) -> dict[str,
         "test_accuracy": final.get("test_accuracy"),
         "model_uri": outcome.finalized,
         "alias": final.get("alias"),
-        "seconds": round(seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def check_search_options(epochs: int, n_jobs: int) -> None:
+    """The options every search takes, checked before any store or run exists."""
+    if epochs <= 0:
+        raise ConfigError(f"--epochs must be positive, got {epochs}.")
+    if n_jobs < 0:
+        raise ConfigError(f"--n-jobs must be 0 (one per CPU core) or more, got {n_jobs}.")
