@@ -1,7 +1,5 @@
-"""Batched image augmentation in pure torch ops (translation, flip, random erasing) and test-time
-flip averaging. Randomness is drawn per image on the batch's device, so a GPU step stays
-asynchronous: from ``generator`` when given, else from torch's global one, which the engine
-seeds.
+"""Batched image augmentation in torch ops (translation, flip, random erasing) drawn on the batch's
+device, so a GPU step stays asynchronous, and test-time flip averaging.
 """
 
 from __future__ import annotations
@@ -12,50 +10,49 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-Rng = torch.Generator | None
-Augment = Callable[[torch.Tensor, Rng], torch.Tensor]
+Augment = Callable[[torch.Tensor], torch.Tensor]
 ERASED_AREA, ERASED_ASPECT = (0.02, 0.33), (0.3, 3.3)  # torchvision's RandomErasing defaults
 
 
-def uniform(n: int, images: torch.Tensor, generator: Rng) -> torch.Tensor:
-    return torch.rand(n, device=images.device, generator=generator)
+def uniform(n: int, images: torch.Tensor) -> torch.Tensor:
+    return torch.rand(n, device=images.device)
 
 
-def random_crop(images: torch.Tensor, padding: int, generator: Rng = None) -> torch.Tensor:
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
     """Shift each image by up to ``padding`` pixels each way, filling with zeros (black)."""
     if padding <= 0:
         return images
     batch, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     span = 2 * padding + 1
-    dy, dx = ((uniform(batch, images, generator) * span).long().clamp_max(span - 1) for _ in "yx")
+    dy, dx = ((uniform(batch, images) * span).long().clamp_max(span - 1) for _ in "yx")
     rows = dy[:, None] + torch.arange(height, device=images.device)  # (B, H)
     cols = dx[:, None] + torch.arange(width, device=images.device)  # (B, W)
     index = torch.arange(batch, device=images.device)[:, None, None]
     return padded[index, rows[:, :, None], cols[:, None, :]]
 
 
-def random_flip(images: torch.Tensor, p: float = 0.5, generator: Rng = None) -> torch.Tensor:
+def random_flip(images: torch.Tensor, p: float = 0.5) -> torch.Tensor:
     """Mirror each image left-right with probability ``p``."""
     if p <= 0:
         return images
-    flip = uniform(images.shape[0], images, generator) < p
+    flip = uniform(images.shape[0], images) < p
     return torch.where(flip[:, None, None], images.flip(-1), images)
 
 
-def random_erasing(images: torch.Tensor, p: float, generator: Rng = None) -> torch.Tensor:
+def random_erasing(images: torch.Tensor, p: float) -> torch.Tensor:
     """Zero one rectangle per image with probability ``p``, as torchvision's RandomErasing."""
     if p <= 0:
         return images
     (batch, height, width), (low, high) = images.shape, ERASED_AREA
-    area = height * width * (low + (high - low) * uniform(batch, images, generator))
+    area = height * width * (low + (high - low) * uniform(batch, images))
     log_lo, log_hi = (math.log(ratio) for ratio in ERASED_ASPECT)
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(batch, images, generator))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniform(batch, images))
     h = torch.sqrt(area * aspect).round().clamp(1, height)
     w = torch.sqrt(area / aspect).round().clamp(1, width)
-    top = (uniform(batch, images, generator) * (height - h + 1)).floor()
-    left = (uniform(batch, images, generator) * (width - w + 1)).floor()
-    apply = uniform(batch, images, generator) < p
+    top = (uniform(batch, images) * (height - h + 1)).floor()
+    left = (uniform(batch, images) * (width - w + 1)).floor()
+    apply = uniform(batch, images) < p
     ys = torch.arange(height, device=images.device)[None, :, None]
     xs = torch.arange(width, device=images.device)[None, None, :]
     top, left, h, w = (t[:, None, None] for t in (top, left, h, w))
@@ -70,10 +67,10 @@ def make_augment(
     if crop_padding <= 0 and not flip and erasing <= 0:
         return None
 
-    def augment(images: torch.Tensor, generator: Rng = None) -> torch.Tensor:
-        images = random_crop(images, crop_padding, generator)
-        images = random_flip(images, 0.5 if flip else 0.0, generator)
-        return random_erasing(images, erasing, generator)
+    def augment(images: torch.Tensor) -> torch.Tensor:
+        images = random_crop(images, crop_padding)
+        images = random_flip(images, 0.5 if flip else 0.0)
+        return random_erasing(images, erasing)
 
     return augment
 

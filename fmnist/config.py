@@ -1,6 +1,5 @@
 """Every entry point's typed config, the one place each default is defined (the CLI and the
-MLproject take theirs from here). Imports nothing heavier than dataclasses, so ``fmnist --help``
-stays instant; a value that ``auto`` leaves to a recipe is ``None``.
+MLproject take theirs from here); it imports nothing heavy, so ``fmnist --help`` stays instant.
 """
 
 from __future__ import annotations
@@ -65,12 +64,12 @@ class EdaConfig:
     grid_columns: int = 10
     run_name: str = "eda"
 
-    def validate(self, min_tsne_samples: int = MIN_TSNE_SAMPLES) -> None:
+    def validate(self) -> None:
         if not 0.0 < self.pca_variance < 1.0:
             raise ConfigError(f"pca_variance must lie in (0, 1), got {self.pca_variance}.")
-        if self.tsne_samples < min_tsne_samples:
+        if self.tsne_samples < MIN_TSNE_SAMPLES:
             raise ConfigError(
-                f"tsne_samples must be at least {min_tsne_samples} (t-SNE and the 5-fold 5-NN "
+                f"tsne_samples must be at least {MIN_TSNE_SAMPLES} (t-SNE and the 5-fold 5-NN "
                 f"score need them), got {self.tsne_samples}."
             )
         if self.tsne_pca_dims < 2 or self.scatter_samples < 1 or self.grid_columns < 1:

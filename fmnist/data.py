@@ -1,7 +1,5 @@
 """Fashion-MNIST: locate, validate and load the IDX files (torchvision's ``FashionMNIST/raw``
-layout, downloaded only when missing and allowed), split them as the study did. Each header is
-checked against its file's size before it is read; the dataset is held as uint8 tensors, batches
-are index slices scaled to [0, 1] on demand.
+layout, downloaded when missing and allowed) as uint8 tensors; split and batch them as the study.
 """
 
 from __future__ import annotations
@@ -22,7 +20,6 @@ from fmnist.dataset_format import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, read_idx
 from fmnist.errors import DataError
 
 T = TypeVar("T", torch.Tensor, np.ndarray)
-
 
 # file name -> (IDX magic number, number of dimensions)
 RAW_FILES: dict[str, tuple[int, int]] = {
@@ -58,13 +55,11 @@ class Split:
 
 @dataclass(frozen=True)
 class Splits:
-    """The study's train / validation / test splits and the indices that define them."""
+    """The study's train / validation / test splits and the digest of the data they come from."""
 
     train: Split
     val: Split
     test: Split
-    train_indices: np.ndarray
-    val_indices: np.ndarray
     digest: str
 
 
@@ -83,7 +78,7 @@ def missing_data_message(root: Path, reason: str) -> str:
         f"({reason}). Expected the four uncompressed IDX files {files} in that folder "
         "(the layout torchvision.datasets.FashionMNIST uses). Point the project at a folder that "
         "holds them with --data-dir or the FMNIST_DATA_DIR environment variable "
-        "(for example FMNIST_DATA_DIR=../shared/data), or run once with network access so they "
+        "(for example FMNIST_DATA_DIR=/path/to/data), or run once with network access so they "
         "can be downloaded."
     )
 
@@ -121,22 +116,18 @@ def ensure_files(root: Path, download: bool | None = None) -> None:
         raise DataError(missing_data_message(root, "the download left files missing"))
 
 
-def validate_arrays(images: torch.Tensor, labels: torch.Tensor, name: str) -> None:
-    if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(f"{name}: images must be uint8 28x28, got {images.dtype} {images.shape}.")
-    if (n := images.shape[0]) != labels.shape[0]:
-        raise DataError(f"{name}: {n} images but {labels.shape[0]} labels; counts must match.")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= NUM_CLASSES):
-        raise DataError(
-            f"{name}: labels must lie in 0..9, found {int(labels.min())}..{int(labels.max())}."
-        )
+def validate_arrays(images: np.ndarray, labels: np.ndarray, name: str) -> None:
+    """Check what the headers cannot: equal counts, (uint8) labels below 10."""
+    if (n := len(images)) != len(labels):
+        raise DataError(f"{name}: {n} images but {len(labels)} labels; counts must match.")
+    if labels.size and labels.max() >= NUM_CLASSES:
+        raise DataError(f"{name}: labels must lie in 0..9, found {labels.min()}..{labels.max()}.")
 
 
 def load_fashion_mnist(
     data_dir: str | os.PathLike | None = None, download: bool | None = None
 ) -> FashionMNIST:
-    """Load and validate both splits of the dataset from ``data_dir``, else ``FMNIST_DATA_DIR``,
-    else ``./data``."""
+    """Both splits, validated, from ``data_dir``, else ``FMNIST_DATA_DIR``, else ``./data``."""
     root = Path(data_dir or os.environ.get("FMNIST_DATA_DIR") or "data").expanduser()
     ensure_files(root, download)
     folder = raw_dir(root)
@@ -144,11 +135,10 @@ def load_fashion_mnist(
         check_idx_file(folder / name, magic, ndim)
     arrays = []  # train images, train labels, test images, test labels
     for prefix in ("train", "t10k"):
-        images = read_idx(folder / f"{prefix}-images-idx3-ubyte").copy()
-        labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte").astype(np.int64)
-        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        images = read_idx(folder / f"{prefix}-images-idx3-ubyte")
+        labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte")
         validate_arrays(images, labels, f"{folder} ({prefix})")
-        arrays += [images, labels]
+        arrays += [torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))]
     digest = hashlib.sha256()  # a short hash of the arrays' bytes names the exact data a run used
     for array in arrays:
         digest.update(array.contiguous().numpy().tobytes())
@@ -166,15 +156,9 @@ def split_indices(labels: np.ndarray, split_seed: int = 42) -> tuple[np.ndarray,
 
 
 def make_splits(data: FashionMNIST, split_seed: int = 42) -> Splits:
-    train_idx, val_idx = split_indices(data.train_labels.numpy(), split_seed)
-    train, val = (torch.from_numpy(i) for i in (train_idx, val_idx))
-    parts = [Split(data.train_images[i], data.train_labels[i]) for i in (train, val)]
-    test = Split(data.test_images, data.test_labels)
-    return Splits(*parts, test, train_idx, val_idx, data.digest)
-
-
-def load_splits(data_dir: str | os.PathLike | None = None, split_seed: int = 42) -> Splits:
-    return make_splits(load_fashion_mnist(data_dir), split_seed)
+    indices = map(torch.from_numpy, split_indices(data.train_labels.numpy(), split_seed))
+    parts = [Split(data.train_images[i], data.train_labels[i]) for i in indices]
+    return Splits(*parts, Split(data.test_images, data.test_labels), data.digest)
 
 
 def scale_pixels(images: T) -> T:
@@ -185,30 +169,21 @@ def scale_pixels(images: T) -> T:
 
 
 def iterate_batches(
-    n: int,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-    device: torch.device | str | None = None,
+    n: int, batch_size: int, rng: torch.Generator | None = None, device: torch.device | str = "cpu"
 ) -> Iterator[torch.Tensor]:
-    """Yield index tensors covering ``range(n)`` in batches, shuffled with a seeded generator."""
+    """Yield index tensors covering ``range(n)`` in batches, shuffled by ``rng`` when given."""
     if batch_size <= 0:
         raise ValueError("batch_size must be positive")
-    if shuffle:
-        order = shuffled_order(n, generator, device)
-    else:
-        order = torch.arange(n, device=device or "cpu")
-    stop = n - (n % batch_size) if drop_last else n
-    for start in range(0, stop, batch_size):
+    order = torch.arange(n, device=device) if rng is None else shuffled_order(n, rng, device)
+    for start in range(0, n, batch_size):
         yield order[start : start + batch_size]
 
 
 def shuffled_order(
-    n: int, generator: torch.Generator | None, device: torch.device | str | None = None
+    n: int, generator: torch.Generator | None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """A seeded permutation of ``range(n)``, drawn on the CPU: every device gets the same."""
-    return torch.randperm(n, generator=generator, device="cpu").to(device or "cpu")
+    return torch.randperm(n, generator=generator, device="cpu").to(device)
 
 
 def class_counts(labels: torch.Tensor | np.ndarray) -> np.ndarray:

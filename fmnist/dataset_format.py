@@ -1,6 +1,5 @@
 """The Fashion-MNIST format without torch (class names, image size, IDX files, pixel scaling):
-what ``fmnist predict`` needs, with no seconds of ``import torch``; ``fmnist.data`` imports it
-and scales tensors the same way.
+what ``fmnist predict`` needs, with no seconds of ``import torch``.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ def scale_array(images: np.ndarray) -> np.ndarray:
 def read_idx(path: Path) -> np.ndarray:
     """An uncompressed uint8 IDX file (images or labels) as an array; a header that claims more
     or less than the file holds is a ``DataError``, never an allocation."""
-    path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(4)

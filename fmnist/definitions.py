@@ -1,7 +1,5 @@
-"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses. Every key
-is validated on load (a ``ConfigError`` names the file and the key), after ``read_yaml`` refuses a
-file too large, too deep or with aliases. The folder is ``FMNIST_EXPERIMENTS_DIR``, the one next
-to the package, or the working directory's.
+"""Experiment definitions: YAML files in ``experiments/`` loaded into frozen dataclasses, every key
+validated on load (a ``ConfigError`` names the file and the key).
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ T = TypeVar("T")
 
 
 def experiments_dir() -> Path:
-    """The folder holding the experiment definitions."""
+    """``FMNIST_EXPERIMENTS_DIR``, else the ``experiments/`` next to the package or in the cwd."""
     env = os.environ.get("FMNIST_EXPERIMENTS_DIR")
     here = Path(__file__).resolve().parent.parent
     candidates = [*([Path(env)] if env else []), here / "experiments", Path.cwd() / "experiments"]
@@ -72,18 +70,13 @@ class DefinitionLoader(yaml.SafeLoader):
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A definition file's top-level mapping, read safely."""
-    path = Path(path)
+    """A definition file's top-level mapping; refuses one too large, too deep or with aliases."""
     if (size := path.stat().st_size) > MAX_DEFINITION_BYTES:
         raise ConfigError(
             f"{path}: {size} bytes; a definition holds at most {MAX_DEFINITION_BYTES}."
         )
     try:
-        loader = DefinitionLoader(path.read_bytes().decode("utf-8"))
-        try:
-            content = loader.get_single_data()
-        finally:
-            loader.dispose()
+        content = yaml.load(path.read_bytes().decode("utf-8"), Loader=DefinitionLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     except (yaml.YAMLError, RecursionError, ValueError, OverflowError) as exc:

@@ -1,7 +1,5 @@
-"""The files a user hands to ``fmnist predict`` (photos, ``.npy`` arrays, IDX files) as float32
-(N, 28, 28) images in [0, 1], light item on dark as in Fashion-MNIST; a dark-on-light photo is
-inverted. Every reader checks what a file claims (format, dimensions, header) before it
-allocates for it, so a hostile file is a ``DataError`` naming it. Nothing here imports torch.
+"""The files ``fmnist predict`` reads (photos, ``.npy`` arrays, IDX files) as float32 images in
+[0, 1], without torch; each is checked before anything is allocated for it.
 """
 
 from __future__ import annotations

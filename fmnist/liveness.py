@@ -1,6 +1,5 @@
 """Which process does the work and whether it lives: ``host:pid:start`` ids (the start time tells
-a dead process or a reused pid from a live one on this machine; another machine's is never
-judged here) and a machine lock. Standard library only.
+a reused pid from a live one; another machine's is never judged here) and a machine lock.
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
-"""The study's published numbers (Saraswat, Challur, Pitta; ``../shared/reference``) as data:
-Table I, headline accuracies, per-class F1, confusion matrices and where its text disagrees with
-its numbers or notebook. Reports cite them beside our measurements, never in place of one.
+"""The study's published numbers (Saraswat, Challur, Pitta) as data: Table I, headline accuracies,
+per-class F1 and where its text disagrees with its numbers or notebook.
 """
 
 from __future__ import annotations

@@ -120,9 +120,9 @@ def test_augmentations_are_batched_and_keep_shapes():
     assert make_augment() is None
     augment = make_augment(crop_padding=2, flip=True, erasing=0.5)
     torch.manual_seed(1)
-    first = augment(images, None)
+    first = augment(images)
     torch.manual_seed(1)
-    assert torch.equal(first, augment(images, None))
+    assert torch.equal(first, augment(images))
 
 
 def run_through_mlflow_run(recipe: str, data_dir, uri: str) -> dict:
@@ -144,11 +144,11 @@ def run_through_mlflow_run(recipe: str, data_dir, uri: str) -> dict:
 
 def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
     """bf16 autocast (native-bf16 CPUs; float32 elsewhere) plus augmentation still learns."""
-    from fmnist.data import load_splits
+    from fmnist.data import make_splits
     from fmnist.train.engine import fit
     from fmnist.train.settings import TrainConfig
 
-    splits = load_splits(synthetic_data_dir)
+    splits = make_splits(load_fashion_mnist(synthetic_data_dir))
     torch.manual_seed(0)
     model = build_cnn(arch="resnet", width=8, blocks=0, stem_pool=True)
     model = model.to(memory_format=torch.channels_last)

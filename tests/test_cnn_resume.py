@@ -83,12 +83,12 @@ def run_interrupted(monkeypatch, cfg: CnnConfig, epoch: int):
 
 
 def test_resumed_fit_ends_where_an_uninterrupted_fit_does(synthetic_data_dir):
-    from fmnist.data import load_splits
+    from fmnist.data import load_fashion_mnist, make_splits
     from fmnist.models.convnets import build_cnn
     from fmnist.train.engine import fit
     from fmnist.train.settings import TrainConfig
 
-    splits = load_splits(synthetic_data_dir)
+    splits = make_splits(load_fashion_mnist(synthetic_data_dir))
     settings = TrainConfig(
         optimizer="adamw",
         lr=0.01,

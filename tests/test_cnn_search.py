@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from fmnist.cli import cli
 from fmnist.config import CnnSearchConfig, CommonConfig, SearchOptions
-from fmnist.data import load_splits
+from fmnist.data import load_fashion_mnist, make_splits
 from fmnist.errors import ConfigError
 from fmnist.flows.cnn_search import run_cnn_search
 from fmnist.search.spaces import CnnSpace
@@ -335,7 +335,7 @@ def test_a_trial_builds_what_fmnist_cnn_builds_for_every_architecture(
     ``whitened`` arch's whitening fitted to the training images included) and the training
     settings that ``fmnist cnn`` builds for the same recipe and seed."""
     recipe = load_recipe(recipe_name)
-    images = load_splits(synthetic_data_dir).train.images
+    images = make_splits(load_fashion_mnist(synthetic_data_dir)).train.images
     lr = Dimension("lr", "categorical", choices=(recipe.lr, recipe.lr * 2))
     space = CnnSpace((lr,), recipe, recipe_name, 5)
     seed_everything(7)

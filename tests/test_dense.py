@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.decomposition import PCA
 
-from fmnist.data import Split, load_splits
+from fmnist.data import Split, load_fashion_mnist, make_splits
 from fmnist.models import build_model
 from fmnist.models.dense import PCAProjection, build_dense, build_mlp, dense_spec, fit_pca, project
 from fmnist.train import engine
@@ -27,7 +27,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def splits(synthetic_data_dir):
-    return load_splits(synthetic_data_dir)
+    return make_splits(load_fashion_mnist(synthetic_data_dir))
 
 
 def as_float64(images: torch.Tensor) -> np.ndarray:

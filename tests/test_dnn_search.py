@@ -23,7 +23,7 @@ import torch
 from optuna.trial import TrialState
 
 from fmnist.config import CommonConfig, DnnSearchConfig, SearchOptions
-from fmnist.data import load_splits, scale_pixels
+from fmnist.data import load_fashion_mnist, make_splits, scale_pixels
 from fmnist.errors import ConfigError, TrainingDiverged
 from fmnist.flows.dnn_search import run_dnn_search
 from fmnist.search import study as studies
@@ -499,7 +499,7 @@ def test_a_grid_beyond_the_study_trains_on_images_and_its_winner_reproduces_its_
     # ... and the registered model gives its probabilities (with the registered temperature)
     version = mlflow.MlflowClient().get_model_version_by_alias("fmnist-dnn", "champion")
     temperature = float(version.tags.get("temperature", "1"))
-    test = load_splits(synthetic_data_dir).test
+    test = make_splits(load_fashion_mnist(synthetic_data_dir)).test
     images = scale_pixels(test.images)
     with torch.no_grad():
         expected = torch.softmax(model(images) / temperature, dim=-1).numpy()

@@ -1,7 +1,5 @@
 """Models: architectures map float32 (N, 28, 28) images in [0, 1] to (N, 10) logits, and
-``build_model`` rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec. The rule of
-this layer: torch and numpy only (scikit-learn just inside ``dense.fit_pca``), no training, no
-tracking.
+``build_model`` rebuilds one exactly from its ``{"family": "dnn" | "cnn", ...}`` spec.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""Convolutional classifiers, (N, 28, 28) images to (N, 10) logits: ``paper`` (the study's notebook
-network layer for layer), ``resnet`` (a residual family whose plain-number options a search
-samples) and ``whitened`` (the ``fast`` recipe's, after Keller Jordan's airbench: frozen 2x2
-patch whitening, conv blocks, global max pooling).
+"""Convolutional classifiers: ``paper`` (the study's notebook network), ``resnet`` (a residual
+family a search samples) and ``whitened`` (the ``fast`` recipe's, after Keller Jordan's airbench).
 """
 
 from __future__ import annotations
@@ -83,8 +81,7 @@ class ResNet(nn.Module):
 
 
 class WhitenedCNN(nn.Module):
-    """airbench's network for 28x28 grayscale: whitening, ``stages`` conv blocks, max-pool
-    (sizes with 3 stages: 28 -> 27 -> 13 -> 6 -> 3)."""
+    """airbench's: whitening, ``stages`` conv blocks, max-pool (28 -> 27 -> 13 -> 6 -> 3)."""
 
     def __init__(self, width: int = 32, stages: int = 3) -> None:
         if int(width) < 1 or not 1 <= int(stages) <= 3:

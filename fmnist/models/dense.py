@@ -1,6 +1,5 @@
 """The study's dense network: a PCA projection layer (its basis in buffers, so a logged model
-takes raw images), then a ReLU MLP. A search trains ``DenseNet.mlp`` alone on features projected
-once per split (projecting every batch costs more than the MLP), unless it augments images.
+takes raw images), then a ReLU MLP; a search trains it on features projected once, not per batch.
 """
 
 from __future__ import annotations
@@ -27,8 +26,7 @@ class PCAProjection(nn.Module):
         self.register_buffer("components", torch.zeros(n_components, input_size))
 
     def set_basis(self, mean: np.ndarray | torch.Tensor, components: np.ndarray | torch.Tensor):
-        """Load a fitted basis (shapes must match the layer's), copied: a Ray task's arrays are
-        read-only views of its object store."""
+        """Load a fitted basis, copied: a Ray task's arrays are read-only views of its store."""
         self.mean.copy_(torch.from_numpy(np.array(mean, dtype=np.float32)))
         self.components.copy_(torch.from_numpy(np.array(components, dtype=np.float32)))
         return self
@@ -41,11 +39,9 @@ class PCAProjection(nn.Module):
 class DenseNet(nn.Module):
     """Images (N, 28, 28) in [0, 1] -> PCA projection -> MLP -> (N, 10) logits."""
 
-    def __init__(
-        self, pca_components: int, hidden: Sequence[int], input_size: int, dropout: float = 0.0
-    ) -> None:
+    def __init__(self, pca_components: int, hidden: Sequence[int], dropout: float = 0.0) -> None:
         super().__init__()
-        self.pca = PCAProjection(pca_components, input_size)
+        self.pca = PCAProjection(pca_components)
         self.mlp = build_mlp(pca_components, hidden, dropout=dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -78,15 +74,13 @@ class MLP(nn.Module):
 build_mlp = MLP  # the name the search and the benchmarks build it by
 
 
-def build_dense(
-    pca_components: int, hidden: Sequence[int], input_size: int = INPUT_SIZE, dropout: float = 0.0
-) -> DenseNet:
+def build_dense(pca_components: int, hidden: Sequence[int], dropout: float = 0.0) -> DenseNet:
     """The model of a ``{"family": "dnn", "pca_components": k, "hidden": [...]}`` spec."""
     if pca_components <= 0 or any(int(h) <= 0 for h in hidden):
         raise ValueError(f"invalid dense spec: pca_components={pca_components}, hidden={hidden}")
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"invalid dense spec: dropout={dropout} must lie in [0, 1)")
-    return DenseNet(int(pca_components), [int(h) for h in hidden], int(input_size), float(dropout))
+    return DenseNet(int(pca_components), [int(h) for h in hidden], float(dropout))
 
 
 def dense_spec(pca_components: int, hidden: Sequence[int], dropout: float = 0.0) -> dict:

@@ -1,7 +1,5 @@
-"""The dense network's numpy epoch: a ReLU MLP trained without autograd (whose dispatch costs more
-than the arithmetic at this size) for plain Adam, AdamW or RMSprop on the CPU, no schedule or a
-``LambdaLR``. Weights and optimizer state are written back after the epoch, also when it is
-interrupted, bit for bit what ``torch.optim`` gives (``tests/test_dense.py``).
+"""The dense network's numpy epoch: a ReLU MLP trained on the CPU without autograd (whose dispatch
+costs more than the arithmetic at this size), bit for bit what ``torch.optim`` gives.
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ def cross_entropy_sum(logits: np.ndarray, targets: np.ndarray) -> float:
 def backpropagate(
     weights: Sequence[np.ndarray], features: np.ndarray, one_hot: np.ndarray, grads: Sequence
 ) -> np.ndarray:
-    """Forward pass and mean cross-entropy gradients into ``grads``; returns the logits less
-    their row maximum."""
+    """Forward pass and mean cross-entropy gradients into ``grads``; returns the shifted logits."""
     activations = [features]
     n_layers = len(weights) // 2
     for index in range(n_layers - 1):
@@ -107,9 +104,13 @@ class NumpyEpoch:
 
     def __init__(self, optimizer, scheduler, params: list[torch.Tensor]) -> None:
         self.optimizer, self.scheduler, self.params = optimizer, scheduler, params
-        self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
+        self.rmsprop, group = isinstance(optimizer, torch.optim.RMSprop), optimizer.param_groups[0]
         self.keys = ("square_avg",) if self.rmsprop else ("exp_avg", "exp_avg_sq")
         self.sizes = [p.numel() for p in params]
+        self.decay, self.eps = group["weight_decay"], group["eps"]
+        adamw = isinstance(optimizer, torch.optim.AdamW)
+        self.decoupled = adamw or bool(group.get("decoupled_weight_decay"))
+        self.betas = (0.0, group["alpha"]) if self.rmsprop else tuple(group["betas"])
 
     def state(self) -> list[dict[str, torch.Tensor]]:
         """Each parameter's optimizer state, created as the optimizer would."""
@@ -137,11 +138,10 @@ class NumpyEpoch:
         step = float(states[0]["step"])
         features, order_ = inputs.numpy(), order.numpy()
         targets = labels.numpy()[order_]
-        views, grads = self.views(weights), np.zeros_like(weights)
-        grad_views = self.views(grads)
+        grads, scratch = np.zeros_like(weights), np.empty_like(weights)
+        views, grad_views = self.views(weights), self.views(grads)
         one_hot = scaled_one_hot(targets, self.params[-1].shape[0], batch_size)
         logits = np.empty(one_hot.shape, np.float32)
-        update = Update(self.optimizer, weights, grads, moments)
         rates = self.rates(-(-len(order_) // batch_size))
         steps = 0
         try:
@@ -150,7 +150,7 @@ class NumpyEpoch:
                     rows = slice(start, start + batch_size)
                     batch = scale_pixels(features[order_[rows]])
                     logits[rows] = backpropagate(views, batch, one_hot[rows], grad_views)
-                    update(step + steps + 1, rates[steps])
+                    self.update(weights, grads, moments, scratch, step + steps + 1, rates[steps])
                     steps += 1
         finally:
             self.write_back(weights, moments, states, step + steps)
@@ -178,28 +178,14 @@ class NumpyEpoch:
             for state in states:
                 state["step"].fill_(step)
 
-
-class Update:
-    """The optimizer's step on the flat buffers: Adam's, AdamW's or RMSprop's, as torch's."""
-
-    def __init__(self, optimizer, weights, grads, moments) -> None:
-        group = optimizer.param_groups[0]
-        self.weights, self.grads, self.moments = weights, grads, moments
-        self.decay, self.eps = group["weight_decay"], group["eps"]
-        self.rmsprop = isinstance(optimizer, torch.optim.RMSprop)
-        adamw = isinstance(optimizer, torch.optim.AdamW)
-        self.decoupled = adamw or bool(group.get("decoupled_weight_decay"))
-        self.betas = (0.0, group["alpha"]) if self.rmsprop else tuple(group["betas"])
-        self.scratch = np.empty_like(weights)
-
-    def __call__(self, step: float, lr: float) -> None:
-        weights, grads, scratch = self.weights, self.grads, self.scratch
+    def update(self, weights, grads, moments, scratch, step: float, lr: float) -> None:
+        """The optimizer's step on the flat buffers: Adam's, AdamW's or RMSprop's, as torch's."""
         beta1, beta2 = self.betas
         if self.decay and self.decoupled:
             weights *= np.float32(1.0 - lr * self.decay)
         elif self.decay:
             grads += np.float32(self.decay) * weights
-        average, square = self.moments[0], self.moments[-1]  # RMSprop has no average
+        average, square = moments[0], moments[-1]  # RMSprop has no average
         if not self.rmsprop:
             np.subtract(grads, average, out=scratch)  # a lerp towards the gradient, as torch's
             scratch *= np.float32(1.0 - beta1)

@@ -1,7 +1,5 @@
 """The one training engine: ``fit`` trains any model from a ``TrainConfig`` and hands each epoch's
-metrics to ``on_epoch_end`` (logging, pruning: the engine imports neither, nor a concrete model),
-``evaluate`` scores. Metrics are read from the device once per epoch; the best epoch is restored;
-a NaN loss raises ``TrainingDiverged``. Progress: a tqdm bar in a terminal, else a line an epoch.
+metrics to ``on_epoch_end`` (logging, pruning: the engine imports neither); ``evaluate`` scores.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,19 +50,16 @@ class FitResult:
     best_val_accuracy: float
     best_state: dict[str, torch.Tensor]
     seconds: float
-    stopped_early: bool = False
 
 
 @dataclass
 class EvalResult:
     loss: float
     accuracy: float
-    predictions: np.ndarray
-    probabilities: np.ndarray
 
 
 def make_runner(
-    model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner=None
+    model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner
 ) -> EpochRunner | None:
     """``epoch_runner``'s runner when the settings allow one, else None (autograd)."""
     fancy = (trainer.ema, cfg.label_smoothing, cfg.bf16, cfg.compile)
@@ -97,10 +91,10 @@ def train_one_epoch(
     # (loss, predictions, indices) of each step, reduced once per epoch: fewer ops per step, no
     # host synchronisation on a GPU
     steps = []
-    for index in iterate_batches(n, cfg.batch_size, True, trainer.generator, device=device):
+    for index in iterate_batches(n, cfg.batch_size, trainer.generator, device):
         inputs, targets = scale_pixels(split.images[index]), split.labels[index]
         if augment is not None:
-            inputs = augment(inputs, None)
+            inputs = augment(inputs)
         with autocast_for(device, cfg.bf16):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
@@ -144,15 +138,14 @@ def predict_logits(
 
 
 def evaluate(model: nn.Module, split: Split, *options: Any, **named: Any) -> EvalResult:
-    """Loss, accuracy, predicted labels and probabilities on ``split``; ``predict_logits``'s
-    options (batch size, device, bf16, flip averaging)."""
+    """Loss and accuracy on ``split``; the options are ``predict_logits``'s."""
     logits = predict_logits(model, split.images, *options, **named)
+    if not len(split):
+        return EvalResult(float("nan"), float("nan"))
     labels = split.labels.to(logits.device)
-    loss = float(F.cross_entropy(logits, labels)) if len(split) else float("nan")
-    probabilities = logits.softmax(dim=-1)
-    predictions = probabilities.argmax(dim=-1)
-    accuracy = float((predictions == labels).float().mean()) if len(split) else float("nan")
-    return EvalResult(loss, accuracy, predictions.cpu().numpy(), probabilities.cpu().numpy())
+    predictions = logits.softmax(dim=-1).argmax(dim=-1)
+    accuracy = float((predictions == labels).float().mean())
+    return EvalResult(float(F.cross_entropy(logits, labels)), accuracy)
 
 
 def make_trainer(model: nn.Module, cfg: TrainConfig, steps_per_epoch: int) -> Trainer:
@@ -177,9 +170,8 @@ def fit(
     resume: dict[str, Any] | None = None,
     epoch_runner: Callable[..., EpochRunner | None] | None = None,
 ) -> FitResult:
-    """Train ``model`` as ``cfg`` says and restore its best epoch by validation accuracy (of the
-    weight average with ``ema_decay``). ``on_epoch_end`` may raise to stop (pruning); a state
-    from ``on_checkpoint`` resumed with the same settings ends exactly as an unbroken run."""
+    """Train ``model`` and restore its best epoch by validation accuracy; ``on_epoch_end`` may
+    raise to stop, and a resumed ``on_checkpoint`` state ends exactly as an unbroken run."""
     cfg.check()
     device = torch.device(cfg.device)
     model.to(device)
@@ -226,7 +218,7 @@ def fit(
             on_checkpoint(epoch, state)
     model.load_state_dict(best.state)
     elapsed = seconds_before + time.perf_counter() - started
-    return FitResult(history, best.epoch, best.val_accuracy, best.state, elapsed, stopped_early)
+    return FitResult(history, best.epoch, best.val_accuracy, best.state, elapsed)
 
 
 def epoch_bar(steps: int, epoch: int, epochs: int, quiet: bool):

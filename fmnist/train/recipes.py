@@ -1,6 +1,5 @@
 """What to train, as ``experiments/`` says: a CNN recipe or a dense grid is a ``TrainConfig`` plus
-an architecture or a grid of values; a CNN search space names a base recipe and the keys it
-samples, typed by their declarations. Every file is validated on load, naming the file and key.
+an architecture or a grid of values; a search space names a base recipe and the keys it samples.
 """
 
 from __future__ import annotations
@@ -155,15 +154,6 @@ def point_config(grid: DnnGrid, optimizer: str, batch_size: int) -> TrainConfig:
     """The training settings of one grid point."""
     lr = float(grid.learning_rates.get(optimizer, 0.0))
     return train_config(grid).replace(optimizer=optimizer, lr=lr, batch_size=int(batch_size))
-
-
-def hidden_key(hidden) -> str:
-    """Hidden widths as an Optuna-friendly categorical value: [64, 32] -> "64-32"."""
-    return "-".join(str(int(width)) for width in hidden)
-
-
-def parse_hidden(key: str) -> list[int]:
-    return [int(width) for width in str(key).split("-")]
 
 
 RANGE_FIELDS = frozenset({"low", "high", "log", "step"})

@@ -10,12 +10,11 @@ import torch
 from fmnist.errors import ConfigError
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a torch Generator seeded the same way."""
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -31,9 +30,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def search_device(device: str, elsewhere: bool) -> str:
-    """The device of a search's trials: ``resolve_device`` here, or for workers on other machines
-    (Ray tasks) ``cuda`` when asked for (each task asks Ray for a GPU), else the CPU: this
-    machine's hardware says nothing of theirs."""
+    """The device of a search's trials: ``resolve_device`` here; for workers on other machines
+    (Ray tasks: this machine's hardware says nothing of theirs) ``cuda`` if asked for, else CPU."""
     if elsewhere:
         return "cuda" if (device or "").lower() == "cuda" else "cpu"
     return str(resolve_device(device))

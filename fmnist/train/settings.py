@@ -1,6 +1,5 @@
-"""``TrainConfig``: every setting of one ``fit`` call as plain values in a frozen dataclass.
-Recipes and grids extend it, every list of training settings derives from its fields, and
-``RULES`` defines each one's valid values.
+"""``TrainConfig``: every setting of one ``fit`` call as plain values in a frozen dataclass that
+recipes and grids extend; ``RULES`` defines each one's valid values.
 """
 
 from __future__ import annotations
@@ -69,7 +68,6 @@ RULES = {
     "val_batch_size": (lambda v: v > 0, "must be positive"),
     "checkpoint_every": (lambda v: v >= 0, "must not be negative"),
 }
-# where and how to run, not what is trained
 RUN_FIELDS = ("device", "seed", "quiet", "label", "checkpoint_every")
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 HYPERPARAMETERS = tuple(name for name in FIELDS if name not in RUN_FIELDS)
