@@ -1,9 +1,7 @@
-"""Calibration: NLL, Brier, ECE, the reliability diagram and temperature scaling.
-
-Temperature scaling is ``softmax(log p / T)``, ``T`` fitted on the validation split; ``log p`` is
-a net's logits up to a per-row constant or a flip-averaged model's log-probabilities, mapped
-monotonically row by row, so no prediction changes. The logged model folds in the same map.
-"""
+"""Calibration: NLL, Brier, ECE, the reliability diagram and temperature scaling,
+``softmax(log p / T)`` with ``T`` fitted on the validation split: ``log p`` (a net's logits up to
+a per-row constant, or a flip-averaged model's log-probabilities) is mapped monotonically row by
+row, so no prediction changes. The logged model folds in the same map."""
 
 from __future__ import annotations
 
@@ -128,9 +126,8 @@ def calibration_metrics(
 def calibration_artifacts(
     calibrated: np.ndarray, uncalibrated: np.ndarray, labels: np.ndarray, metrics: dict
 ) -> dict[str, Any]:
-    """The reliability diagram (accuracy against confidence per bin before temperature scaling as
-    points, after as bars, over the bin counts) and the bins after with ``metrics`` as JSON, by
-    path in ``evaluation/``."""
+    """The reliability diagram (per-bin accuracy against confidence before scaling as points, after
+    as bars, over the bin counts) and the bins after with ``metrics`` as JSON, by path."""
     labels, temperature = np.asarray(labels).reshape(-1), metrics["temperature"]
     before, after = (reliability_bins(p, labels) for p in (uncalibrated, calibrated))
     table = {**metrics, "bins": ECE_BINS, "bin_counts": after.counts.astype(int).tolist()}

@@ -113,8 +113,7 @@ def summary_columns(rows: Sequence[Mapping[str, Any]]) -> dict[str, list]:
 
 
 def model_table(rows: Sequence[Mapping], columns: Mapping[str, tuple], extra=()) -> str:
-    """Each row's model, family:recipe and ``columns`` (column -> (row key, format)), then the
-    ``extra`` rows, as a markdown table."""
+    """The rows' model, family:recipe and ``columns`` (name -> (key, format)), then ``extra``."""
     table = [
         {"model": r["model"], "family": f"{r['family']}:{r['recipe']}"}
         | {column: r.get(key) for column, (key, _) in columns.items()}

@@ -105,7 +105,6 @@ def components_for_variance(cumulative: np.ndarray, threshold: float) -> int:
 
 
 def reconstruct(pca: PCA, features: np.ndarray, n_components: int) -> np.ndarray:
-    """Project onto the first ``n_components`` components and back to pixel space."""
     basis = pca.components_[:n_components]
     return (features - pca.mean_) @ basis.T @ basis + pca.mean_
 
@@ -172,8 +171,7 @@ def separation_scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> d
 def score_embeddings(
     embedding: np.ndarray, projected: np.ndarray, pixels: np.ndarray, labels: np.ndarray, seed: int
 ) -> tuple[dict, dict[str, float]]:
-    """Separation scores of t-SNE and the 2-D PCA of the same images, their metrics (with the raw
-    pixels' 5-NN accuracy as the yardstick)."""
+    """Separation of t-SNE and 2-D PCA, and metrics with the pixels' 5-NN accuracy as yardstick."""
     tsne, pca = (separation_scores(xy, labels, seed) for xy in (embedding, projected[:, :2]))
     scores = {"tsne": tsne, "pca": pca}
     metrics = {"cv_folds": cv_folds(labels)}
@@ -187,7 +185,6 @@ def table(rows: list[dict], formats: Mapping[str, str] | None = None) -> str:
 
 
 def worst_classes(per_class: Mapping[str, float], count: int = 3) -> str:
-    """The ``count`` classes with the lowest silhouette, with their values."""
     ranked = sorted(per_class.items(), key=lambda item: item[1])[:count]
     return ", ".join(f"{name} ({value:.3f})" for name, value in ranked)
 

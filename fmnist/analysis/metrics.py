@@ -16,10 +16,9 @@ from sklearn import metrics as skm
 from sklearn.preprocessing import normalize
 
 from fmnist.analysis.calibration import nll
-from fmnist.data import CLASS_NAMES
+from fmnist.data import CLASS_NAMES, NUM_CLASSES
 
 ARTIFACT_DIR = "evaluation"
-NUM_CLASSES = len(CLASS_NAMES)
 CLASSES = list(range(NUM_CLASSES))
 REPORT_ARGS = dict(labels=CLASSES, target_names=list(CLASS_NAMES), zero_division=0, digits=4)
 RANKINGS = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score}

@@ -223,9 +223,8 @@ def robustness_metrics(result: RobustnessResult) -> dict[str, float]:
 
 
 def robustness_artifacts(result: RobustnessResult) -> dict[str, Any]:
-    """The grid as JSON, as a heat-map of accuracy per corruption (rows) and severity (columns)
-    with the row means, and the samples (one row per corruption: clean, then severities 1-3), by
-    path under ``evaluation/``."""
+    """The grid as JSON and as a heat-map (corruptions by severities, with row means), and the
+    samples (a row per corruption: clean, then severities 1-3), by path under ``evaluation/``."""
     table = {"images": result.images, "seed": result.seed}
     table["subset"] = "class-stratified, seeded sample of the test set"
     table |= {"clean_accuracy": result.clean_accuracy, "mean_accuracy": result.mean_accuracy}

@@ -1,10 +1,6 @@
-"""Tracking: MLflow runs, the model registry, training checkpoints and the model artifact format.
-
-The rule of this layer: it is, with the flows, the only code that imports mlflow; it knows
-nothing of training or of a model family beyond the plain spec dict that rebuilds a model.
-``fmnist.tracking`` re-exports what every flow uses (``runs``, ``values``, ``ui``; the
-``x as x`` form marks a re-export); the other modules are imported by name.
-"""
+"""Tracking: MLflow runs, the model registry, training checkpoints and the model artifact format;
+with the flows, the only code that imports mlflow, knowing nothing of training or model families
+beyond the spec dict that rebuilds a model. It re-exports (``x as x``) what every flow uses."""
 
 from fmnist.tracking.outage import tracking_uri as tracking_uri
 from fmnist.tracking.runs import configure as configure

@@ -1,11 +1,8 @@
-"""Training checkpoints in a run, logged as it goes and read to resume, never half trusted.
-
-``CheckpointLogger`` (the engine's ``on_checkpoint``) saves the training state and settings,
-uploads them into the slot (``checkpoints/a.pt`` or ``b.pt``) the ``checkpoint`` tag does not
-name, then tags it (slot, SHA-256, epoch): a kill mid-upload leaves a half file nothing reads.
-While the server is away the newest one waits on disk. ``read_checkpoint`` checks the digest,
-``load_checkpoint_file`` the size, tensors only and every key: a bad file is a ``ConfigError``.
-"""
+"""Training checkpoints in a run, logged as it goes and read to resume, never half trusted:
+each is uploaded into the slot (``checkpoints/a.pt`` or ``b.pt``) the ``checkpoint`` tag does not
+name, then tagged (slot, SHA-256, epoch), so a kill mid-upload leaves a half file nothing reads;
+the newest waits on disk while the server is away. A resume checks the digest, the size, tensors
+only and every key: a bad file is a ``ConfigError``."""
 
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ import hashlib
 import numbers
 import shutil
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from fmnist.config import redact_uri
 from fmnist.errors import ConfigError, NoSpace
 from fmnist.tracking.outage import OUTAGE, error_chain, tracking_uri
 from fmnist.tracking.runs import configure
-from fmnist.tracking.values import log_metrics_finite
+from fmnist.tracking.values import log_metrics_finite, try_quietly
 
 CHECKPOINT_DIR = "checkpoints"
 SLOTS = ("a.pt", "b.pt")
@@ -101,13 +97,7 @@ class CheckpointLogger:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def flush_quietly(self) -> None:
-        """One try while another error is on its way, never replacing it."""
-        try:
-            self.upload()
-        except Exception as exc:  # noqa: BLE001 - the error in flight matters more
-            warnings.warn(
-                f"checkpoint of epoch {self.pending} not logged: {exc}", RuntimeWarning, 2
-            )
+        try_quietly(self.upload, lambda: f"checkpoint of epoch {self.pending}")
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

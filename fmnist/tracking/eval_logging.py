@@ -19,8 +19,9 @@ from fmnist.analysis.metrics import ARTIFACT_DIR, build_artifacts, compute_metri
 from fmnist.tracking.values import log_metrics_finite
 
 
-def log_artifacts(artifacts: Mapping[str, Any]) -> None:
-    """Texts, dicts (JSON) and figures into the active run, by their paths in ``evaluation/``."""
+def log_results(metrics: dict[str, float], artifacts: Mapping[str, Any]) -> dict[str, float]:
+    """Log ``metrics``, then texts, dicts (JSON) and figures by their paths in ``evaluation/``."""
+    log_metrics_finite(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         for relative, value in artifacts.items():
             path = Path(tmp) / relative
@@ -32,6 +33,7 @@ def log_artifacts(artifacts: Mapping[str, Any]) -> None:
             else:
                 path.write_text(json.dumps(value, indent=2, default=float))
         mlflow.log_artifacts(tmp, ARTIFACT_DIR)
+    return metrics
 
 
 def evaluate_and_log(
@@ -43,9 +45,7 @@ def evaluate_and_log(
 ) -> dict[str, float]:
     """Compute the test metrics, log them and every evaluation artifact; return them."""
     metrics = compute_metrics(probabilities, labels, loss)
-    log_metrics_finite(metrics)
-    log_artifacts(build_artifacts(probabilities, labels, images, metrics, history))
-    return metrics
+    return log_results(metrics, build_artifacts(probabilities, labels, images, metrics, history))
 
 
 def log_calibration(
@@ -53,9 +53,8 @@ def log_calibration(
 ) -> dict[str, float]:
     """Log the calibration metrics and the reliability diagram; return the metrics."""
     metrics = cal.calibration_metrics(calibrated, uncalibrated, labels, temperature)
-    log_metrics_finite(metrics)
-    log_artifacts(cal.calibration_artifacts(calibrated, uncalibrated, labels, metrics))
-    return metrics
+    artifacts = cal.calibration_artifacts(calibrated, uncalibrated, labels, metrics)
+    return log_results(metrics, artifacts)
 
 
 def calibrated_evaluation(
@@ -79,6 +78,4 @@ def calibrated_evaluation(
 def log_robustness(result: rob.RobustnessResult) -> dict[str, float]:
     """The suite's metrics, its grid (JSON) and two figures under ``evaluation/robustness/``."""
     metrics = rob.robustness_metrics(result)
-    log_metrics_finite(metrics)
-    log_artifacts(rob.robustness_artifacts(result))
-    return metrics
+    return log_results(metrics, rob.robustness_artifacts(result))

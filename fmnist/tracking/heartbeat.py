@@ -1,12 +1,8 @@
-"""Runs whose process is gone do not stay RUNNING: process tags, a slow beat, and a cleaner.
-
-MLflow has no run heartbeat: a run whose process was killed (SIGKILL, the OOM killer, a lost
-machine) stays RUNNING. Each run is tagged with its process (``fmnist.process``: host:pid:start)
-and beats (``fmnist.alive``, rewritten every ``BEAT_SECONDS``). ``end_dead_runs``, run when a
-command opens the store and by ``fmnist runs --clean``, ends KILLED the RUNNING runs whose
-process is gone from this machine or whose beat (or start) is older than
-``FMNIST_RUN_GRACE_SECONDS``, tagging when and how.
-"""
+"""Runs whose process was killed do not stay RUNNING (MLflow has no run heartbeat): each run is
+tagged with its process (``fmnist.process``: host:pid:start) and beats (``fmnist.alive``, every
+``BEAT_SECONDS``); ``end_dead_runs``, run when a command opens the store and by ``fmnist runs
+--clean``, ends KILLED the RUNNING runs whose process is gone from this machine or whose beat (or
+start) is older than ``FMNIST_RUN_GRACE_SECONDS``, tagging when and how."""
 
 from __future__ import annotations
 
@@ -14,6 +10,7 @@ import functools
 import os
 import threading
 import time
+from contextlib import suppress
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -63,10 +60,8 @@ class Beat:
             with self.lock:
                 runs = list(self.runs)
             for run_id in runs:
-                try:
+                with suppress(Exception):  # a missed beat must never fail the command
                     mlflow.MlflowClient().set_tag(run_id, ALIVE_TAG, f"{time.time():.0f}")
-                except Exception:  # noqa: BLE001 - a missed beat must never fail the command
-                    pass
 
 
 BEAT = Beat()
@@ -74,12 +69,9 @@ BEAT = Beat()
 
 @functools.cache  # once per store and process
 def clean_once(uri: str) -> None:
-    """``end_dead_runs`` on the store ``uri``; a failure is left to the command's own first call
-    to report."""
-    try:
+    """``end_dead_runs`` on the store ``uri``; the command's own first call reports a failure."""
+    with suppress(Exception):  # cleaning must never stop a command
         end_dead_runs()
-    except Exception:  # noqa: BLE001 - cleaning must never stop a command
-        pass
 
 
 def dead_reason(tags: dict[str, str], start_ms: int, now: float, grace: float) -> str | None:

@@ -1,10 +1,6 @@
-"""The ONNX copy of a logged model, read without torch: find it, fetch it alone, run it.
-
-A logged model carries ``extra_files/model.onnx``, the same probability function as its pt2
-graph. ``load_onnx_model`` downloads that one file of any model URI (or local model folder) and
-opens it with onnxruntime; None for an older model without it (the caller falls back to torch).
-Nothing here imports torch: seconds of a cold one-image ``fmnist predict``.
-"""
+"""The ONNX copy of a logged model (``extra_files/model.onnx``, the same probability function as
+its pt2 graph), fetched alone and run with onnxruntime; an older model has none (the caller falls
+back to torch). Nothing here imports torch: seconds of a cold one-image ``fmnist predict``."""
 
 from __future__ import annotations
 
@@ -43,8 +39,7 @@ class OnnxModel:
 
 
 def load_onnx_model(model_uri: str) -> OnnxModel | None:
-    """The model's ONNX copy opened with onnxruntime; None when the model has none. A URI that
-    does not resolve raises MLflow's error (the caller words it for the user)."""
+    """The model's ONNX copy in onnxruntime (None: none); a bad URI raises MLflow's error."""
     model_bytes = fetch_onnx_bytes(model_uri)
     return OnnxModel(model_bytes) if model_bytes is not None else None
 

@@ -1,12 +1,8 @@
-"""Riding out a tracking server that went away: the state of one outage and its retries.
-
-Once a run is open, ``OUTAGE.attempt`` tries a write that can wait (an epoch's metrics, a
-checkpoint) and keeps it when the server is away, so training goes on; ``OUTAGE.ride_out``
-retries a call that must land (a run's end, a trial's start, a flush). Tries back off up to
-``MAX_RETRY_DELAY``; an outage longer than ``FMNIST_TRACKING_OUTAGE_SECONDS`` (300) raises
-``TrackingUnavailable``. Only connection errors count: a refusal is raised at once, and a
-request that may have arrived is not sent again where that would write twice (a run's creation).
-"""
+"""Riding out a tracking server that went away: ``OUTAGE.attempt`` tries a write that can wait
+(an epoch's metrics, a checkpoint), kept while the server is away so training goes on;
+``OUTAGE.ride_out`` retries, backing off, a call that must land (a run's end, a flush); an outage
+past ``FMNIST_TRACKING_OUTAGE_SECONDS`` (300) raises ``TrackingUnavailable``. Only connection
+errors count, and a request that may have arrived is not sent again where it would write twice."""
 
 from __future__ import annotations
 
@@ -55,10 +51,6 @@ def env_seconds(name: str, default: float, least: float = 0.0) -> float:
         return default
 
 
-def outage_seconds() -> float:
-    return env_seconds(OUTAGE_ENV, DEFAULT_OUTAGE_SECONDS)
-
-
 def server_unreachable(exc: BaseException, resend_safe: bool = True) -> bool:
     """Whether ``exc`` says the tracking server could not be reached (not that it refused)."""
     text = f"{type(exc).__name__}: {exc}"
@@ -92,7 +84,7 @@ class Outage:
         """Note a failed call; re-raise ``exc`` unless it is an outage still within its time."""
         if not server_unreachable(exc, resend_safe):
             raise exc
-        now = self.clock()
+        now, limit = self.clock(), env_seconds(OUTAGE_ENV, DEFAULT_OUTAGE_SECONDS)
         if self.since is None:
             self.since, self.delay = now, 1.0
             self.reason = next(
@@ -101,7 +93,7 @@ class Outage:
             print(
                 f"The MLflow tracking server at {redact_uri(tracking_uri())} went away "
                 f"({self.reason}). What the command logs meanwhile is kept and written when the "
-                f"server answers again (waiting up to {outage_seconds():.0f} s, "
+                f"server answers again (waiting up to {limit:.0f} s, "
                 f"{OUTAGE_ENV}).",
                 file=sys.stderr,
                 flush=True,
@@ -109,10 +101,10 @@ class Outage:
         else:
             self.delay = min(self.delay * 2, MAX_RETRY_DELAY)
         waited = now - self.since
-        if waited > outage_seconds():
+        if waited > limit:
             raise TrackingUnavailable(
                 f"The MLflow tracking server at {redact_uri(tracking_uri())} has not answered "
-                f"for {waited:.0f} s ({self.reason}; {OUTAGE_ENV}={outage_seconds():.0f}). "
+                f"for {waited:.0f} s ({self.reason}; {OUTAGE_ENV}={limit:.0f}). "
                 "What was logged before it went away is kept there; the open runs stay RUNNING "
                 "until the server is back and the command runs again: `fmnist cnn --resume "
                 "RUN_ID` goes on from the run's last checkpoint, a search run again trains only "
@@ -121,8 +113,7 @@ class Outage:
         self.next_try = now + self.delay
 
     def call(self, action, resend_safe: bool, retries: bool) -> tuple[bool, object]:
-        """One try of ``action`` (with MLflow's own HTTP retries or not): (True, its result), or
-        (False, None) when the server is away."""
+        """One try of ``action``: (True, its result), or (False, None) when the server is away."""
         try:
             with nullcontext() if retries else no_http_retries():
                 result = action()
@@ -140,8 +131,7 @@ class Outage:
         return True, result
 
     def attempt(self, action, resend_safe: bool = True) -> bool:
-        """Call ``action`` unless backing off, without MLflow's retries (training goes on);
-        False when the server is away (the caller keeps what it wrote for later)."""
+        """Call ``action`` unless backing off, no MLflow retries; False when the server is away."""
         return self.may_try() and self.call(action, resend_safe, retries=False)[0]
 
     def ride_out(self, action, resend_safe: bool = True):

@@ -1,12 +1,8 @@
-"""Model registry: log a classifier as a pt2 MLflow model, register it, set its alias, load it.
-
-``log_and_register`` logs ``ProbabilityModel(classifier)`` (flip averaging and temperature in
-the graph) with ``torch.export`` (MLflow's ``pt2`` format, no pickle): float32 (N, 28, 28) ->
-(N, 10), dynamic batch. Its ``extra_files/`` hold what rebuilds an ``nn.Module``
-(``load_module``), ``calibration.json`` and an ONNX copy for ``fmnist predict`` without torch
-(left out, warned, when export fails: the pt2 graph is the contract). The alias rule picks
-``champion`` or ``challenger``.
-"""
+"""Model registry: log ``ProbabilityModel(classifier)`` (flip averaging and temperature in the
+graph) as a ``torch.export`` pt2 MLflow model (no pickle; float32 (N, 28, 28) -> (N, 10)), its
+``extra_files/`` holding what rebuilds the ``nn.Module``, ``calibration.json`` and an ONNX copy
+(left out, warned, when export fails: the pt2 graph is the contract); register it, set its alias
+(``champion`` or ``challenger``), load it."""
 
 from __future__ import annotations
 
@@ -30,7 +26,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 from torch import nn
 
-from fmnist.data import scale_pixels
+from fmnist.data import IMAGE_SIZE, NUM_CLASSES, scale_pixels
 from fmnist.models import ProbabilityModel
 from fmnist.tracking.artifacts import read_model_files, write_model_files
 from fmnist.tracking.onnx_export import write_onnx_model
@@ -40,8 +36,7 @@ from fmnist.tracking.values import finite_metrics
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME = "model"  # a logged model's name when the caller gives none (runs:/<run_id>/model)
-IMAGE_SHAPE = (28, 28)
-NUM_CLASSES = 10
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 EXAMPLE_BATCH = 4  # > 1, otherwise torch.export specialises the batch dimension to 1
 CALIBRATION_FILE = "calibration.json"  # beside the rebuild files; absent before calibration
 MODEL_DESCRIPTION = (  # a registered model's, set once (never overwriting one a person wrote)
@@ -78,9 +73,8 @@ class Candidate:
 
 
 def choose_alias(new: Candidate, champion: Candidate | None) -> tuple[str, str]:
-    """The alias rule, (alias, why): ``champion`` moves only to a model trained on the same data
-    whose validation accuracy beats the champion's; a quick model never takes it from a full
-    one, and a full one takes it from a quick one (not a fair bar)."""
+    """(alias, why): ``champion`` moves only to a model on the same data with a better validation
+    accuracy; a quick model never takes it from a full one, a full one always from a quick one."""
     if champion is None:
         return CHAMPION, "first registered version"
     if new.quick and not champion.quick:
@@ -190,12 +184,11 @@ def log_and_register(
         mlflow.log_metrics(missing, run_id=run_id, model_id=info.model_id)
     version = str(info.registered_model_version)
     test = f"{test_accuracy:.2%}" if test_accuracy is not None else "n/a"
-    quick_note = " Quick (demo) run." if candidate.quick else ""
     description = (
         f"Fashion-MNIST {spec.get('family', '?')} classifier: validation accuracy "
         f"{candidate.val_accuracy:.2%}, test accuracy {test}. Run {run_id}, dataset digest "
-        f"{candidate.data_digest}.{quick_note} Input float32 (N, 28, 28) in [0, 1], output "
-        "(N, 10) class probabilities."
+        f"{candidate.data_digest}.{' Quick (demo) run.' if quick else ''} Input float32 "
+        "(N, 28, 28) in [0, 1], output (N, 10) class probabilities."
     )
     client.update_model_version(registered_name, version, description=description)
     if not client.get_registered_model(registered_name).description:  # never overwrite one
@@ -265,8 +258,7 @@ def log_pt2_model(
 
 
 def link_evaluation(model_uri: str, metrics: Mapping[str, float]) -> None:
-    """Log ``metrics`` in the active run against the Logged Model ``model_uri`` names (its page
-    then lists them beside training's); a local model folder has none."""
+    """Log ``metrics`` against the Logged Model of ``model_uri`` (a local folder has none)."""
     try:
         model_id = mlflow.models.get_model_info(model_uri).model_id
     except Exception:  # noqa: BLE001 - a folder without an MLflow model id links nothing
@@ -284,8 +276,7 @@ def local_model_dir(model_uri: str) -> Path:
 
 
 def load_module(model_uri: str) -> nn.Module:
-    """The logged logits classifier as an ordinary, trainable ``nn.Module`` (eval mode, CPU),
-    from any model URI or a local model folder."""
+    """The logged logits classifier as a trainable ``nn.Module`` (eval mode, CPU)."""
     return read_model_files(local_model_dir(model_uri) / EXTRA_DIR)[0]
 
 

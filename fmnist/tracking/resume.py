@@ -1,11 +1,8 @@
-"""What a pipeline run again after a kill reuses: its unfinished run and its finished steps.
-
-A pipeline run is tagged with the key of its inputs (``fmnist.pipeline_key``: options and data
-digest), each step's runs with the step's key (``fmnist.step_key``, through ``child_tags``) and,
-once a step returns, the pipeline run with its result (``fmnist.step.<name>``). Running the same
-pipeline again reopens the unfinished run with the same key (``unfinished_pipeline``; under
-``mlflow run``, ``adopt`` moves its step runs under the new run) and skips the finished steps.
-"""
+"""What a pipeline run again after a kill reuses: the pipeline run is tagged with the key of its
+inputs (``fmnist.pipeline_key``: options and data digest) and, as each step returns, its result
+(``fmnist.step.<name>``), each step's runs with the step's key (``fmnist.step_key``). The same
+pipeline again reopens the unfinished run with that key (under ``mlflow run``, ``adopt`` moves
+its step runs under the new run) and skips the finished steps."""
 
 from __future__ import annotations
 
@@ -39,13 +36,11 @@ def search_store(filter_string: str, **kwargs) -> list:
 
 
 def runs_tagged(key: str, value: str) -> list:
-    """Every run of the store with tag ``key`` = ``value``, newest first."""
     return search_store(f"tags.`{key}` = '{value}'", order_by=["attributes.start_time DESC"])
 
 
 def unfinished_pipeline(key: str) -> Any | None:
-    """The newest ended pipeline run with these inputs if it was killed or failed (a RUNNING one
-    may have a live process), else None."""
+    """The newest ended pipeline run with these inputs if killed or failed (not FINISHED)."""
     for run in runs_tagged(PIPELINE_KEY, key):
         # a finished pipeline is not resumed: the same command runs it again
         if run.info.status in ("KILLED", "FAILED", "FINISHED"):
@@ -67,8 +62,7 @@ def record_step(run_id: str, name: str, result: Mapping[str, Any]) -> None:
 
 
 def adopt(old_run_id: str, new_run_id: str) -> None:
-    """Move the step runs of ``old_run_id`` under ``new_run_id`` (the run ``mlflow run`` made
-    for the pipeline run again), linked by a tag."""
+    """Move ``old_run_id``'s step runs under ``new_run_id`` (``mlflow run``'s), linked by a tag."""
     client = mlflow.MlflowClient()
     client.set_tag(new_run_id, "fmnist.resumed_from", old_run_id)
     for run in runs_tagged("mlflow.parentRunId", old_run_id):

@@ -1,11 +1,8 @@
-"""MLflow runs: one way for every command to open, tag and close its runs.
-
-The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory.
-Under ``mlflow run`` the first run a command opens resumes the one it made (``MLFLOW_RUN_ID``);
-called directly, a command creates its run in ``--experiment-name``. A run that raises ends
-FAILED (KILLED on Ctrl-C) with the error recorded. A server that goes away once a run is open is
-ridden out (``outage``); the first contact fails fast.
-"""
+"""MLflow runs: one way for every command to open, tag and close its runs in the store
+``MLFLOW_TRACKING_URI`` (else ``sqlite:///mlflow.db``). Under ``mlflow run`` a command's first run
+resumes the one it made (``MLFLOW_RUN_ID``), else it is created in ``--experiment-name``. A run
+that raises ends FAILED (KILLED on Ctrl-C), the error recorded. A server that goes away once a
+run is open is ridden out (``outage``); the first contact fails fast."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import mlflow
@@ -53,14 +50,12 @@ def fail_pending_run(message: str) -> None:
     """Under ``mlflow run``, record ``message`` on the run it created and end it FAILED."""
     if not under_mlflow_run():
         return
-    try:
+    with suppress(Exception):  # the store itself may be the problem; the message still prints
         configure()
         client, run_id, message = MlflowClient(), os.environ["MLFLOW_RUN_ID"], safe_text(message)
         client.set_tag(run_id, "error", message[:5000])
         client.set_tag(run_id, "mlflow.note.content", f"Failed: {message}")
         client.set_terminated(run_id, status="FAILED")
-    except Exception:  # noqa: BLE001 - the store itself may be the problem; the message still prints
-        pass
 
 
 @contextmanager
@@ -74,16 +69,13 @@ def start_run(
     nested: bool = False,
     system_metrics: bool = False,
 ) -> Iterator[Any]:
-    """Open a run tagged with entry point and model family, ended FINISHED, FAILED (error tag) or
-    KILLED (Ctrl-C). The outermost run of a process resumes ``MLFLOW_RUN_ID`` when set (renamed
-    if MLflow named it at random); runs opened in another active run, or with ``parent_run_id``,
-    are children, which wait for a server that went away. ``system_metrics``: MLflow's CPU,
-    memory (and GPU) sampling."""
+    """Open a run tagged with entry point and model family, ended by ``ending_run``. A process's
+    outermost run resumes ``MLFLOW_RUN_ID`` when set; runs opened in another active run, or with
+    ``parent_run_id``, are children, which wait for a server that went away."""
     configure()
     active = mlflow.active_run()
     all_tags = {"entry_point": entry_point, "model_family": model_family, **(tags or {})}
-    all_tags.update(BEAT.tags())
-    all_tags.update(CHILD_TAGS.get(parent_run_id or "", {}))
+    all_tags |= BEAT.tags() | CHILD_TAGS.get(parent_run_id or "", {})
     sampled = system_metrics and importlib.util.find_spec("psutil") is not None
     if nested or parent_run_id is not None or active is not None:
         # created explicitly: mlflow.start_run() would resume MLFLOW_RUN_ID under `mlflow run`,
@@ -141,10 +133,8 @@ def ending_run(run_id: str, clear_error: bool = False) -> Iterator[None]:
         interrupted = isinstance(exc, KeyboardInterrupt)
         # messages may quote URIs and paths
         text = safe_text("interrupted" if interrupted else f"{type(exc).__name__}: {exc}")
-        try:
+        with suppress(Exception):  # never hide the original error behind a logging error
             OUTAGE.ride_out(lambda: mlflow.set_tag("error", text[:5000]))
-        except Exception:  # noqa: BLE001 - never hide the original error behind a logging error
-            pass
         end_active_run(run_id, "KILLED" if interrupted else "FAILED", quietly=True)
         raise
     else:

@@ -1,16 +1,15 @@
-"""What a search records in MLflow: its parent run, each trial's child run, the summary.
-
-A trial's run holds its epochs, best-epoch weights (``checkpoint/``) and history, which
-``load_trial_model`` reads back; the parent run the table (``search/table.json`` and ``.md``),
-Optuna's figures and the best trial as ``best_*``. It gets plain values: nothing here knows Optuna.
-"""
+"""What a search records in MLflow: each trial's child run (epochs, best-epoch weights in
+``checkpoint/``, history) and the parent run (the table in ``search/``, Optuna's figures, the best
+trial as ``best_*``). It gets plain values: nothing here knows Optuna."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
@@ -22,7 +21,7 @@ import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 from mlflow.exceptions import MlflowException
 
 from fmnist.analysis.report import markdown_table
-from fmnist.tracking.artifacts import load_run_model, log_model_files
+from fmnist.tracking.artifacts import read_model_files, write_model_files
 from fmnist.tracking.heartbeat import ENDED_TAG
 from fmnist.tracking.runs import reopen_run, start_run
 from fmnist.tracking.values import (
@@ -43,8 +42,7 @@ HISTORY_FILE = "history.json"
 
 @contextmanager
 def trial_run(spec, parent_run_id: str, name: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """A search trial's child run under ``parent_run_id`` (``spec``: its entry point and model
-    family), ended as ``start_run`` ends runs and tagged with the trial's Optuna state."""
+    """A trial's child run (``spec``: entry point and family), tagged with its Optuna state."""
     tags = {**tags, "optuna_state": "RUNNING"}
     with start_run(
         spec.entry_point, spec.family, run_name=name, parent_run_id=parent_run_id, tags=tags
@@ -61,14 +59,19 @@ def log_trial_result(result, spec, model, cpu_seconds: float) -> None:
     best = {"best_val_accuracy": result.best_val_accuracy, "best_epoch": result.best_epoch}
     # CPU time, unlike wall time, does not grow when other processes share the cores
     log_metrics_finite({**best, "fit_seconds": result.seconds, "fit_cpu_seconds": cpu_seconds})
-    log_model_files(spec, model, CHECKPOINT_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model_files(Path(tmp), spec, model)
+        mlflow.log_artifacts(tmp, CHECKPOINT_DIR)
     mlflow.log_dict({"history": result.history}, HISTORY_FILE)
     mlflow.set_tag("optuna_state", "COMPLETE")
 
 
 def load_trial_model(run_id: str):
     """A trial's best-epoch model (eval mode), its spec and its per-epoch history."""
-    model, spec = load_run_model(run_id, CHECKPOINT_DIR)
+    # a progress bar per downloaded file would only clutter the command's output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    folder = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_DIR)
+    model, spec = read_model_files(Path(folder))
     history = mlflow.artifacts.load_dict(f"runs:/{run_id}/{HISTORY_FILE}")["history"]
     return model, spec, history
 
@@ -79,9 +82,8 @@ def set_tags(tags: Mapping[str, str]) -> None:
 
 @contextmanager
 def parent_run(recorded, entry_point, family, experiment_name, run_name, outer_run_id, tags):
-    """A search's parent run: ``recorded`` (the study's, resumed or another machine's) while it
-    exists, else a new one. Under ``mlflow run`` the run it made for a resumed search is linked
-    to the recorded parent by a tag; the trials keep going to the parent."""
+    """A search's parent run: ``recorded`` (the study's) while it exists, else a new one; under
+    ``mlflow run`` the run it made for a resumed search is tagged with the recorded parent."""
     own = os.environ.get("MLFLOW_RUN_ID")
     if recorded and recorded != own and run_exists(recorded):
         if own and outer_run_id is None:
@@ -139,8 +141,7 @@ def run_exists(run_id: str) -> bool:
 
 
 def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
-    """A finished search's test accuracy, alias and retrained run, read back from its parent run
-    when a re-run trains nothing."""
+    """A finished search's test accuracy, alias and retrained run, from its parent run."""
     if not model_uri:
         return {}
     parent = mlflow.MlflowClient().get_run(parent_run_id)
@@ -156,12 +157,10 @@ def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:
     """End run ``run_id`` FAILED with ``tags`` if it is still RUNNING (its process is gone), or
     if the cleaner found it so first (``end_dead_runs`` ended it KILLED)."""
     client = mlflow.MlflowClient()
-    try:
+    with suppress(MlflowException):  # a run deleted meanwhile: nothing left to end
         run = client.get_run(run_id) if run_id else None
         if run is None or not (run.info.status == "RUNNING" or ENDED_TAG in run.data.tags):
             return
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         client.set_terminated(run_id, status="FAILED")
-    except MlflowException:
-        pass  # a run deleted meanwhile: nothing left to end

@@ -1,10 +1,7 @@
-"""The embedded SQLite store shared by the processes of one machine: created once, clear limits.
-
-Processes that find a store without tables all run MLflow's migrations and break each other:
-the first one creates it under a machine lock (``prepare_store``), copying an empty store
-migrated once per MLflow version (1.4 s). SQLite lets one writer in at a time, others wait 20 s;
-a store locked longer gets one message naming the fix (``locked_store_message``).
-"""
+"""The embedded SQLite store shared by one machine's processes. Processes that find a store
+without tables all run MLflow's migrations and break each other: the first creates it under a
+machine lock, copying an empty store migrated once per MLflow version (1.4 s). SQLite lets one
+writer in at a time, others wait 20 s; a store locked longer gets one message naming the fix."""
 
 from __future__ import annotations
 
@@ -54,9 +51,8 @@ def prepare_store(uri: str) -> None:
 
 
 def template_path() -> Path:
-    """The empty store of this MLflow version and migration chain (its file names hashed: a
-    build with other migrations under the same version string gets its own template), in
-    ``FMNIST_CACHE_DIR``, else ``$XDG_CACHE_HOME/fmnist``, else ``~/.cache/fmnist``."""
+    """The empty store of this MLflow version and migration chain (its file names hashed: other
+    migrations under one version string get their own), in ``FMNIST_CACHE_DIR`` or user cache."""
     versions = Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions"
     names = sorted(p.name for p in versions.glob("*.py")) if versions.is_dir() else []
     chain = hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
@@ -67,9 +63,8 @@ def template_path() -> Path:
 
 
 def copy_empty_store(path: Path) -> None:
-    """Start the SQLite store ``path`` as a copy of the empty template (made on first use),
-    written under another name and renamed: an interrupted copy leaves no half a store. Any
-    failure leaves ``path`` to MLflow's own creation."""
+    """Start the SQLite store ``path`` as a copy of the empty template, renamed into place (no
+    half a store); any failure leaves ``path`` to MLflow's own creation."""
     template = template_path()
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
@@ -91,8 +86,7 @@ def copy_empty_store(path: Path) -> None:
 
 
 def locked_store_message(exc: BaseException, uri: str) -> str | None:
-    """One paragraph for a SQLite store that stayed locked past MLflow's busy timeout, or None
-    when ``exc`` (or an exception it came from) says something else."""
+    """One paragraph for a SQLite store locked past MLflow's busy timeout, else None."""
     if not any(LOCKED_MARKER in str(error) for error in error_chain(exc)):
         return None
     return (

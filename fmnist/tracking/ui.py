@@ -1,10 +1,6 @@
-"""What the MLflow UI shows of the project: its experiments, its run names, the pipeline's row.
-
-MLflow 3 opens an experiment on its GenAI overview unless the URL asks for the Runs view
-(``ui_url``); the ``mlflow.experimentKind`` tag stops it asking which kind of experiment it is.
-Runs that ``mlflow run`` created get our names instead of MLflow's random ones, and a pipeline
-run carries its models' headline metrics and links to them (``log_headline``).
-"""
+"""What the MLflow UI shows of the project: the Runs view (``ui_url``; MLflow 3 opens its GenAI
+overview otherwise), experiments tagged so it asks no "which kind" question, our run names for
+those ``mlflow run`` created, and the pipeline run's headline metrics and model links."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""What a run holds: params logged once, finite metrics, epochs at their steps, data, tables.
-
-A param ``mlflow run`` logged first keeps its value (a second one goes under ``cfg.<key>``);
-only finite metrics are logged (NaN breaks charts); ``EpochLogger`` writes epochs in batches and
-keeps them while the server is away. No value logged carries a password or a home path.
-"""
+"""What a run holds: params logged once (a second value goes under ``cfg.<key>``), finite
+metrics only (NaN breaks charts), epochs in batches kept while the server is away, data, tables;
+no value logged carries a password or a home path."""
 
 from __future__ import annotations
 
@@ -13,7 +10,7 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +127,16 @@ class EpochLogger:
         self.written = time.monotonic()
 
     def flush_quietly(self) -> None:
-        """``flush`` while another error is on its way: one try, never replacing that error."""
-        try:
-            self.write()
-        except Exception as exc:  # noqa: BLE001 - the error in flight matters more
-            warnings.warn(
-                f"{len(self.pending)} epoch metrics not logged: {exc}", RuntimeWarning, 2
-            )
+        try_quietly(self.write, lambda: f"{len(self.pending)} epoch metrics")
+
+
+def try_quietly(action: Callable[[], Any], what: Callable[[], str]) -> None:
+    """One try of ``action`` while another error is on its way: a failure only warns that
+    ``what()`` was not logged, never replacing that error."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - the error in flight matters more
+        warnings.warn(f"{what()} not logged: {exc}", RuntimeWarning, 3)
 
 
 def log_dataset(digest: str, context: str, name: str = "fashion-mnist") -> None:
