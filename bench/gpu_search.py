@@ -65,11 +65,13 @@ def run_search(space, data, args, device) -> tuple[dict, list[dict]]:
     """The TPE study with the base point first; returns the best params and one row per trial."""
     import optuna
 
-    from fmnist.search.study import make_pruner, make_sampler
+    from fmnist.search.study import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        direction="maximize", sampler=make_sampler(space.sampler_spec()), pruner=make_pruner(True)
+        direction="maximize",
+        sampler=make_sampler(space.sampler_spec()),
+        pruner=optuna.pruners.MedianPruner(2, 2),
     )
     study.enqueue_trial(space.baseline())
     search_data = (data[0], data[1], None)

@@ -169,3 +169,12 @@ def write_synthetic_dataset(
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
     return Path(root)
+
+
+# What an evaluated model's run holds, as users find it (under evaluation/test/ and evaluation/).
+SPLIT_ARTIFACTS = (
+    "metrics.json classification_report.txt classification_report.json confusion_matrix.json "
+    "confusion_matrix.csv confusion_matrix.png confusion_matrix_normalized.png roc_curves.png "
+    "precision_recall_curves.png misclassified.png misclassified.json"
+).split()
+HISTORY_ARTIFACTS = ("training_curves.png", "training_history.json")

@@ -20,7 +20,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fmnist.analysis.metrics import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
 from fmnist.augment import make_augment, random_crop, random_erasing, random_flip
 from fmnist.cli import cli
 from fmnist.config import CnnConfig, CommonConfig
@@ -29,7 +28,7 @@ from fmnist.flows.cnn import run_cnn
 from fmnist.models import count_parameters
 from fmnist.models.convnets import build_cnn, describe, layer_output_sizes
 from fmnist.tracking import registry
-from tests.helpers import isolated_store, mlflow_run
+from tests.helpers import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS, isolated_store, mlflow_run
 
 RECIPES = ("paper", "fast", "bf16_cpu", "best")
 SHRINK = {"best": {"width": 8}, "bf16_cpu": {"width": 8}}

@@ -16,6 +16,7 @@ from sklearn.metrics import log_loss
 from fmnist.analysis import metrics as evaluation
 from fmnist.data import CLASS_NAMES
 from fmnist.tracking.eval_logging import evaluate_and_log
+from tests.helpers import HISTORY_ARTIFACTS, SPLIT_ARTIFACTS
 
 # Two samples per class (labels 0,0,1,1,...,9,9) and three mistakes:
 #   sample 1  (T-shirt/top) predicted Shirt with 0.60, true class 0.32
@@ -170,8 +171,8 @@ def test_evaluate_and_log_logs_metrics_and_every_artifact(tracking_store, tmp_pa
             run_id=run.info.run_id, artifact_path=evaluation.ARTIFACT_DIR, dst_path=str(tmp_path)
         )
     )
-    expected = [Path("test") / name for name in evaluation.SPLIT_ARTIFACTS]
-    expected += [Path(name) for name in evaluation.HISTORY_ARTIFACTS]
+    expected = [Path("test") / name for name in SPLIT_ARTIFACTS]
+    expected += [Path(name) for name in HISTORY_ARTIFACTS]
     for relative in expected:
         path = local / relative
         assert path.is_file() and path.stat().st_size > 0, relative

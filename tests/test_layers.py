@@ -320,6 +320,34 @@ def test_every_module_has_a_layer():
     assert not missing, f"add these modules to LAYERS in {Path(__file__).name}: {missing}"
 
 
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60  # so that a newcomer can read one at a sitting
+
+
+def oversized(source: str, where: str) -> list[str]:
+    """``where`` if over ``MAX_MODULE_LINES``, and each function of it over ``MAX_FUNCTION_LINES``
+    (decorators and docstring included)."""
+    n = len(source.splitlines())
+    found = [f"{where}: module of {n} lines"] if n > MAX_MODULE_LINES else []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if (n := node.end_lineno - first + 1) > MAX_FUNCTION_LINES:
+                found.append(f"{where}:{node.lineno}: {node.name} has {n} lines")
+    return found
+
+
+def test_no_module_or_function_is_too_long_to_read():
+    found = [
+        line
+        for path in package_modules().values()
+        for line in oversized(path.read_text(), str(path.relative_to(PROJECT_ROOT)))
+    ]
+    assert not found, "\n".join(found)
+    long_function = "def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    assert oversized(long_function, "m.py") == ["m.py:1: f has 61 lines"]
+    assert oversized("x = 1\n" * 401, "m.py") == ["m.py: module of 401 lines"]
+
+
 SYNTHETIC_ENGINE = '''\
 """A module that breaks every rule it can."""
 import click

@@ -260,24 +260,7 @@ def render_summary(
     """``eda_summary.md``: every number on one page, beside the study's, figures named."""
     ratios = [metrics[f"class_imbalance_ratio{s}"] for s in ("", "_val", "_test")]
     timed = {k.removesuffix("_seconds"): v for k, v in metrics.items() if k.endswith("_seconds")}
-    figures = [{"artifact": f"[`{k}.png`]({k}.png)", "shows": what} for k, what in FIGURES.items()]
-    counted = [
-        {"class": name, **{split: int(counts[split][i]) for split in SPLIT_NAMES}}
-        for i, name in enumerate(CLASS_NAMES)
-    ]
-    components = []
-    for threshold, key in COMPONENT_METRICS.items():
-        ours, study = int(metrics[key]), STUDY_COMPONENTS[threshold]
-        same = "matches" if ours == study else f"**differs** (ours {ours}, study {study})"
-        quantity = f"components for {threshold:.0%} variance"
-        components.append({"quantity": quantity, "ours": ours, "study": study, "": same})
-    separation: list[dict] = []
-    for key, label in (("pca", "PCA, 2 components"), ("tsne", "t-SNE, 2-D")):
-        separation.append({"embedding": label, "silhouette": metrics[f"{key}_silhouette"]})
-        worst = worst_classes(scores[key]["per_class_silhouette"])
-        separation[-1] |= {"5-NN accuracy": metrics[f"{key}_knn5_accuracy"], WORST: worst}
-    pixels = metrics["pixels_knn5_accuracy"]
-    separation.append({"embedding": "all 784 pixels (reference)", "5-NN accuracy": pixels})
+    counted, components, separation, figures = summary_tables(metrics, counts, scores)
     return "\n".join(
         [
             "# EDA summary",
@@ -331,3 +314,26 @@ def render_summary(
             "",
         ]
     )
+
+
+def summary_tables(metrics: Mapping[str, float], counts: dict, scores: dict) -> tuple[list, ...]:
+    """The summary's tables: class counts, PCA beside the study, separation, figures."""
+    figures = [{"artifact": f"[`{k}.png`]({k}.png)", "shows": what} for k, what in FIGURES.items()]
+    counted = [
+        {"class": name, **{split: int(counts[split][i]) for split in SPLIT_NAMES}}
+        for i, name in enumerate(CLASS_NAMES)
+    ]
+    components = []
+    for threshold, key in COMPONENT_METRICS.items():
+        ours, study = int(metrics[key]), STUDY_COMPONENTS[threshold]
+        same = "matches" if ours == study else f"**differs** (ours {ours}, study {study})"
+        quantity = f"components for {threshold:.0%} variance"
+        components.append({"quantity": quantity, "ours": ours, "study": study, "": same})
+    separation: list[dict] = []
+    for key, label in (("pca", "PCA, 2 components"), ("tsne", "t-SNE, 2-D")):
+        separation.append({"embedding": label, "silhouette": metrics[f"{key}_silhouette"]})
+        worst = worst_classes(scores[key]["per_class_silhouette"])
+        separation[-1] |= {"5-NN accuracy": metrics[f"{key}_knn5_accuracy"], WORST: worst}
+    pixels = metrics["pixels_knn5_accuracy"]
+    separation.append({"embedding": "all 784 pixels (reference)", "5-NN accuracy": pixels})
+    return counted, components, separation, figures

@@ -23,13 +23,6 @@ CLASSES = list(range(NUM_CLASSES))
 REPORT_ARGS = dict(labels=CLASSES, target_names=list(CLASS_NAMES), zero_division=0, digits=4)
 RANKINGS = {"roc_auc": skm.roc_auc_score, "average_precision": skm.average_precision_score}
 GALLERY_SIZE = 25
-# Always written under evaluation/test/; the history files under evaluation/ when given.
-SPLIT_ARTIFACTS = (
-    "metrics.json classification_report.txt classification_report.json confusion_matrix.json "
-    "confusion_matrix.csv confusion_matrix.png confusion_matrix_normalized.png roc_curves.png "
-    "precision_recall_curves.png misclassified.png misclassified.json"
-).split()
-HISTORY_ARTIFACTS = ("training_curves.png", "training_history.json")
 
 
 def metric_key(class_name: str) -> str:

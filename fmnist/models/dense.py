@@ -93,11 +93,10 @@ def dense_spec(pca_components: int, hidden: Sequence[int], dropout: float = 0.0)
 
 @dataclass(frozen=True)
 class PCABasis:
-    """A fitted projection: mean (784,), components (k, 784), explained variance ratios (k,)."""
+    """A fitted projection: mean (784,) and components (k, 784)."""
 
     mean: np.ndarray
     components: np.ndarray
-    explained_variance_ratio: np.ndarray
 
     @property
     def n_components(self) -> int:
@@ -117,7 +116,7 @@ def fit_pca(images: torch.Tensor, variance: float = 0.95) -> PCABasis:
     flat = flat.to(torch.float64).div_(255.0) if flat.dtype == torch.uint8 else flat.double()
     pca = PCA(n_components=variance, svd_solver="covariance_eigh").fit(flat.numpy())
     mean, components = pca.mean_.astype(np.float32), pca.components_.astype(np.float32)
-    return PCABasis(mean, components, pca.explained_variance_ratio_.astype(np.float64))
+    return PCABasis(mean, components)
 
 
 @torch.no_grad()

@@ -1,10 +1,6 @@
 """Search workers as Ray tasks (``--ray``), placed by Ray; the only module that imports Ray.
-
-``RayWorkers`` joins a cluster (``auto``, ``HOST:PORT``) or starts one (``local``) and runs
-``workers.work`` as tasks of a CPU each, or a GPU on CUDA, given the tracking URI and the
-``FMNIST_*`` / ``MLFLOW_*`` settings (no secret: a node has its own) by Ray's ``runtime_env``.
-Ray retries the task of a dead node elsewhere; the study fails and queues its trial again.
-"""
+Each task runs ``workers.work`` on a CPU (a GPU on CUDA) with the tracking URI and the
+``FMNIST_*`` / ``MLFLOW_*`` settings but no secret; Ray retries a dead node's task elsewhere."""
 
 from __future__ import annotations
 

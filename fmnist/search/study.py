@@ -1,10 +1,7 @@
 """A search's Optuna study: storage, sampler, the queue of points, dead workers, the summary.
-
-The study lives in a journal file beside the tracking store (one machine), or in an RDB that
-machines share, opened with Optuna's heartbeat: Optuna fails a silent worker's trial and
-``RetryHeartbeatStaleTrialCallback`` queues it again. Grid points go through Optuna's queue; a
-point is known by its key, its params as canonical JSON, apart from its run's name.
-"""
+A journal file beside the tracking store (one machine) or a shared RDB with Optuna's heartbeat,
+whose stale trials ``RetryHeartbeatStaleTrialCallback`` queues again. A point is known by its
+key (its params as canonical JSON), apart from its run's name."""
 
 from __future__ import annotations
 

@@ -193,15 +193,20 @@ def log_and_register(
     client.update_model_version(registered_name, version, description=description)
     if not client.get_registered_model(registered_name).description:  # never overwrite one
         client.update_registered_model(registered_name, description=MODEL_DESCRIPTION)
+    alias, reason = set_alias(client, registered_name, version, candidate)
+    return RegisteredInfo(registered_name, int(version), alias, reason, run_id, info.model_id)
+
+
+def set_alias(client, name: str, version: str, candidate: Candidate) -> tuple[str, str]:
+    """Give a new version its alias by the rule, against the champion; (alias, why)."""
     try:
-        champion_tags = client.get_model_version_by_alias(registered_name, CHAMPION).tags
-        champion = candidate_from_tags(champion_tags)
+        champion = candidate_from_tags(client.get_model_version_by_alias(name, CHAMPION).tags)
     except MlflowException:
         champion = None  # the first registered version
     alias, reason = choose_alias(candidate, champion)
-    client.set_registered_model_alias(registered_name, alias, version)
-    client.set_model_version_tag(registered_name, version, "alias_reason", reason)
-    return RegisteredInfo(registered_name, int(version), alias, reason, run_id, info.model_id)
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "alias_reason", reason)
+    return alias, reason
 
 
 def registered_from(client, name: str, run_id: str) -> RegisteredInfo | None:
