@@ -38,8 +38,9 @@ from optuna.trial import TrialState
 from fmnist.cli import cli
 from fmnist.search import cluster
 from fmnist.search import study as studies
+from fmnist.search.driver import start_workers
 from fmnist.search.spec import SamplerSpec, SearchData, SearchSpec
-from fmnist.search.workers import Work, start_workers
+from fmnist.search.workers import Work
 from tests.helpers import PROJECT_ROOT
 from tests.test_cnn_search import write_space
 from tests.test_distributed_search import (

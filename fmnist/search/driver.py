@@ -23,8 +23,9 @@ from fmnist.config import SearchOptions
 from fmnist.errors import FmnistError, TrainingDiverged
 from fmnist.liveness import process_id
 from fmnist.search import study as studies
+from fmnist.search.cluster import RayWorkers
 from fmnist.search.spec import SearchData, SearchSpec
-from fmnist.search.workers import Work, pending_count, start_workers, wait_for_parent
+from fmnist.search.workers import LocalWorkers, Work, pending_count, wait_for_parent, worker_count
 from fmnist.tracking import search_runs
 from fmnist.train import engine
 from fmnist.train.runtime import seed_everything
@@ -116,6 +117,13 @@ def run_search(
         workers.stop()
         raise
     return outcome
+
+
+def start_workers(job: Work, ray_address: str, n_jobs: int, pending: int):
+    """Ray tasks with ``--ray`` (Ray is imported only then), else forked processes."""
+    if ray_address:
+        return RayWorkers(job, ray_address, n_jobs, pending)
+    return LocalWorkers(job, worker_count(n_jobs, pending))
 
 
 def trained_by(study, spec: SearchSpec, ids: list[str], since) -> list[str]:

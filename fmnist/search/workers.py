@@ -46,15 +46,6 @@ class Work:
     catch: tuple[type[Exception], ...] = ()
 
 
-def start_workers(job: Work, ray_address: str, n_jobs: int, pending: int):
-    """Ray tasks with ``--ray`` (Ray is imported only then), else forked processes."""
-    if ray_address:
-        from fmnist.search.cluster import RayWorkers
-
-        return RayWorkers(job, ray_address, n_jobs, pending)
-    return LocalWorkers(job, worker_count(n_jobs, pending))
-
-
 def worker_count(n_jobs: int, pending: int) -> int:
     """``n_jobs`` workers (0: one per usable CPU core), never more than the pending trials."""
     if n_jobs <= 0:
