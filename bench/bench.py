@@ -11,10 +11,11 @@ of 64 images with malformed ones mixed in: 5xx count, p50/p99, throughput), (8) 
 answers (``cli_times.py``: every ``--help``, and a cold ``fmnist predict`` of one PNG with each
 model the memory part registered), (9) what Ray costs a search on one machine (``ray_search.py``:
 the dense grid and a small CNN search with forked workers and with ``--ray local``; a row saying
-so without ray). Prints a table of
+so without ray), (10) CPU time to accuracy of the CNN recipes (``cnn_time.py``: whole ``fmnist
+cnn`` commands against the study's CNN pipeline run in the same process). Prints a table of
 ratios reference / ours and writes JSON. ``--quick`` shrinks every measurement to about two
 minutes; ratios then compare like with like on the shrunk workloads. Usage:
-``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,tracking,memory,serve,cli,ray]``.
+``python bench/bench.py [--quick] [--out FILE] [--parts dense,cnn,...,cnn_time]``.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
 import cli_times  # noqa: E402
+import cnn_time  # noqa: E402
 import dense_grid  # noqa: E402
 import ray_search  # noqa: E402
 import reference  # noqa: E402
 import serve_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-PARTS = ("dense", "cnn", "tracking", "memory", "serve", "cli", "ray")
+PARTS = ("dense", "cnn", "tracking", "memory", "serve", "cli", "ray", "cnn_time")
 
 
 def machine() -> str:
@@ -310,6 +312,7 @@ def table(results: dict) -> str:
         )
     lines += serve_load.table_rows(results.get("serve", {}))
     lines += ray_search.ray_rows(results.get("ray", {}))
+    lines += cnn_time.time_rows(results.get("cnn_time", {}))
     lines += cli_times.table_rows(
         {
             "help": results.get("cli", {}),
@@ -355,6 +358,8 @@ def main(quick: bool, data_dir: str, seeds: int, out: str, parts: str) -> None:
         results["cli"] = cli_times.bench_help()
     if "ray" in chosen:
         results["ray"] = ray_search.bench_ray(data_dir, quick)
+    if "cnn_time" in chosen:
+        results["cnn_time"] = cnn_time.bench_time_to_accuracy(arrays, data_dir, quick)
     text = table(results)
     click.echo(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from gpu_best import add_common_arguments, load_data, pick_device  # noqa: E402
 def train_point(space, params, data, epochs: int, seed: int, device, on_epoch_end=None) -> dict:
     """Train one point of the space for ``epochs``; test accuracy as the registered model's."""
     from fmnist.train.engine import evaluate, fit
-    from fmnist.train.runtime import seed_everything
+    from fmnist.train.settings import seed_everything
 
     train, val, test = data
     seed_everything(seed)

@@ -139,7 +139,7 @@ class EvaluateConfig:
     model: str = f"models:/{CNN_REGISTERED_NAME}@champion"  # any MLflow model URI or a folder
     robustness: bool = True  # run the corruption suite (about a minute per model on a CPU)
     robustness_images: int = 2000  # a seeded stratified subset for the suite (0: all 10,000)
-    batch_size: int = 1000  # images per pyfunc call: bounds the memory of a CNN's activations
+    batch_size: int = 256  # images per pyfunc call: a CNN's activations stay in a CPU's cache
 
     def validate(self) -> None:
         if self.robustness_images < 0 or self.batch_size < 1:

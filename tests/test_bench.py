@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+import cnn_time  # noqa: E402
 import reference  # noqa: E402
 
 from fmnist.data import Split, load_fashion_mnist, make_splits  # noqa: E402
@@ -36,6 +37,30 @@ def test_reference_and_ours_load_the_same_pixels_and_split(synthetic_data_dir):
     np.testing.assert_allclose(
         x_train, splits.train.images.reshape(len(y_train), -1).numpy() / 255.0, atol=1e-7
     )
+
+
+def test_the_study_cnn_run_keeps_its_best_epoch_and_scores_it_on_the_test_set(
+    synthetic_data_dir,
+):
+    arrays = reference.load_arrays(str(synthetic_data_dir))
+    result = reference.run_paper_cnn(arrays, epochs=2, limit=64)
+    assert len(result["epoch_seconds"]) == 2 and result["images"] == 64
+    assert result["seconds"] > sum(result["epoch_seconds"])  # validation and test beside
+    correct = result["test_accuracy"] * len(arrays[3])
+    assert abs(correct - round(correct)) < 1e-9 and 0 <= correct <= len(arrays[3])
+
+
+def test_time_rows_count_a_command_in_study_cnn_epochs():
+    """Seconds over the study's mean epoch (here 400 s / 20 s), the seeds' mean accuracy."""
+    run = {"test_accuracy": 0.94, "seconds": 380.0, "train_seconds": 300.0, "test_seconds": 5.0}
+    runs = [
+        {**run, "epochs": 12, "bf16": "False"},
+        {**run, "seconds": 420.0, "test_accuracy": 0.95},
+    ]
+    study = {"epoch_seconds": [10.0, 30.0], "seconds": 50.0, "test_accuracy": 0.9}
+    rows = cnn_time.time_rows({"study": study, "recipes": {"fast": runs}})
+    assert "one epoch 20.0 s" in rows[0] and "90.00%, 50 s" in rows[0]
+    assert "94.50% ± 0.71%, 400 s | 20.0 study-CNN epochs" in rows[1]
 
 
 def test_reference_networks_are_ours():

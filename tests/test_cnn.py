@@ -166,6 +166,24 @@ def test_training_with_bf16_and_augmentation_learns(synthetic_data_dir):
     assert result.best_val_accuracy >= 0.5, [h["val_accuracy"] for h in result.history]
 
 
+def test_micro_batches_sum_to_the_whole_batch_gradient_and_loss():
+    """Without BatchNorm (the one layer that sees the whole batch), parts of 3 images give the
+    gradient and mean loss of one pass over 8, computed here with plain autograd."""
+    from fmnist.train.engine import forward_backward
+    from fmnist.train.settings import TrainConfig
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    inputs, targets = torch.rand(8, 28, 28), torch.randint(0, 10, (8,))
+    expected_loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+    expected_grads = torch.autograd.grad(expected_loss, list(model.parameters()))
+    logits, loss = forward_backward(model, inputs, targets, TrainConfig(micro_batch=3))
+    assert logits.shape == (8, 10)
+    assert torch.allclose(loss, expected_loss, atol=1e-6)
+    for param, expected in zip(model.parameters(), expected_grads, strict=True):
+        assert torch.allclose(param.grad, expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("steps", [1, 4, 7])
 def test_one_cycle_schedule_survives_tiny_runs(steps):
     """A one-epoch run of 4 steps (2000 images at batch 512): torch's OneCycleLR divided by 0."""

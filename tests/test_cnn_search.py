@@ -27,8 +27,7 @@ from fmnist.flows.cnn_search import run_cnn_search
 from fmnist.search.spaces import CnnSpace
 from fmnist.tracking import format_param
 from fmnist.train.recipes import Dimension, build_classifier, load_recipe, load_space, model_spec
-from fmnist.train.runtime import seed_everything
-from fmnist.train.settings import train_config
+from fmnist.train.settings import seed_everything, train_config
 from tests.helpers import PROJECT_ROOT, isolated_store, search_table, store_copy
 
 TINY_RECIPE = """\
@@ -75,6 +74,7 @@ IMPORTANCES = {"search/param_importances.png", "search/param_importances.png.txt
 TRIAL_SETTINGS = {
     "optimizer": "adamw",
     "weight_decay": "0.01",
+    "micro_batch": "0",
     "schedule": "onecycle",
     "label_smoothing": "0.1",
     "early_stopping_patience": "0",

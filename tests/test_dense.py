@@ -212,6 +212,7 @@ def test_fit_takes_the_numpy_epoch_only_where_it_applies(splits):
     assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None  # momentum
     assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), NumpyEpoch)
     assert runner_for(mlp, optimizer="adam", lr=0.1, flip=True) is None
+    assert runner_for(mlp, optimizer="adam", lr=0.1, micro_batch=4) is None
     cnn = build_model({"family": "cnn", "arch": "paper"})
     assert runner_for(cnn, optimizer="adam", lr=0.1) is None
 

@@ -134,6 +134,7 @@ def test_one_parent_and_a_child_per_point_with_params_and_histories(searched):
             "hidden": "16",
             "optimizer": optimizer,
             "batch_size": "32",
+            "micro_batch": "0",
             "lr": "0.003",
             "weight_decay": "0.0",
             "epochs": "2",

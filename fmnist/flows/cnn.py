@@ -34,8 +34,7 @@ from fmnist.train.recipes import (
     model_spec,
     recipe_from_dict,
 )
-from fmnist.train.runtime import resolve_device, seed_everything
-from fmnist.train.settings import RUN_FIELDS, train_config
+from fmnist.train.settings import RUN_FIELDS, resolve_device, seed_everything, train_config
 
 # train / validation / test images and epochs of quick mode: a model clearly above chance
 QUICK_SIZES = (10000, 2000, 2000)
@@ -211,7 +210,7 @@ def evaluate_test(
 ) -> tuple[dict, float]:
     """Calibrate on the validation split, score and log the test set; metrics, temperature."""
     start = time.perf_counter()
-    predict = {"batch_size": 1024, "device": device, "bf16": False, "tta_flip": recipe.tta_flip}
+    predict = {"batch_size": recipe.val_batch_size, "device": device, "tta_flip": recipe.tta_flip}
     metrics, temperature = calibrated_test(model, val, test, result.history, **predict)
     best = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy}
     seconds = {"train_seconds": result.seconds, "test_seconds": time.perf_counter() - start}

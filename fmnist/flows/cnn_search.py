@@ -24,8 +24,7 @@ from fmnist.search.spaces import CnnSpace
 from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.search_runs import SUMMARY_DIR
 from fmnist.train.recipes import SpaceFile, load_space
-from fmnist.train.runtime import resolve_device, search_device
-from fmnist.train.settings import RUN_FIELDS
+from fmnist.train.settings import RUN_FIELDS, resolve_device, search_device
 
 BEST_RECIPE = "search-best"  # the retrained recipe's file stem: its run is ``cnn-search-best``
 SUMMARY_KEYS = tuple(  # what the command reports, in this order

@@ -29,7 +29,7 @@ from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.tracking.registry import log_and_register
 from fmnist.tracking.search_runs import load_trial_model
 from fmnist.train.recipes import DnnGrid, grid_extras, grid_identity, load_grid
-from fmnist.train.runtime import search_device
+from fmnist.train.settings import search_device
 
 TITLE = "Table I: dense-network grid (validation accuracy %, ours beside the study's)"
 SUMMARY_KEYS = tuple(  # what the command reports, in this order

@@ -28,8 +28,7 @@ from fmnist.search.spec import SearchData, SearchSpec
 from fmnist.search.workers import LocalWorkers, Work, pending_count, wait_for_parent, worker_count
 from fmnist.tracking import search_runs
 from fmnist.train import engine
-from fmnist.train.runtime import seed_everything
-from fmnist.train.settings import hyperparameters
+from fmnist.train.settings import hyperparameters, seed_everything
 
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 EPOCH_METRICS += ("epoch_seconds", "images_per_second")

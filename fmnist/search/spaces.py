@@ -27,11 +27,6 @@ LABELS |= {"weight_decay": "wd", "batch_size": "bs", "label_smoothing": "ls", "e
 LABELS |= {"ema_decay": "ema"}
 
 
-def hidden_key(hidden) -> str:
-    """Hidden widths as an Optuna-friendly categorical value: [64, 32] -> "64-32"."""
-    return "-".join(str(int(width)) for width in hidden)
-
-
 def parse_hidden(key: str) -> list[int]:
     return [int(width) for width in str(key).split("-")]
 
@@ -47,7 +42,7 @@ class DnnSpace:
     def choices(self) -> dict[str, list]:
         grid = self.grid
         return {
-            "hidden": [hidden_key(h) for h in grid.hidden],
+            "hidden": ["-".join(map(str, h)) for h in grid.hidden],  # [64, 32] -> "64-32"
             "optimizer": list(grid.optimizers),
             "batch_size": list(grid.batch_sizes),
         }

@@ -62,7 +62,7 @@ def make_runner(
     model: nn.Module, trainer: Trainer, cfg: TrainConfig, epoch_runner
 ) -> EpochRunner | None:
     """``epoch_runner``'s runner when the settings allow one, else None (autograd)."""
-    fancy = (trainer.ema, cfg.label_smoothing, cfg.bf16, cfg.compile)
+    fancy = (trainer.ema, cfg.label_smoothing, cfg.bf16, cfg.compile, cfg.micro_batch)
     if epoch_runner is None or any(fancy) or make_augment(cfg.crop_padding, cfg.flip, cfg.erasing):
         return None
     return epoch_runner(model, trainer.optimizer, trainer.scheduler)
@@ -95,11 +95,8 @@ def train_one_epoch(
         inputs, targets = scale_pixels(split.images[index]), split.labels[index]
         if augment is not None:
             inputs = augment(inputs)
-        with autocast_for(device, cfg.bf16):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
         trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logits, loss = forward_backward(model, inputs, targets, cfg)
         trainer.optimizer.step()
         if trainer.scheduler is not None:
             trainer.scheduler.step()
@@ -115,7 +112,24 @@ def train_one_epoch(
     return {"train_loss": float(loss_sum) / n, "train_accuracy": float(correct) / n}
 
 
-@torch.no_grad()
+def forward_backward(
+    model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's logits and mean loss, its gradients accumulated: in one pass, or in parts of
+    ``cfg.micro_batch`` images whose losses are weighted by their share of the batch."""
+    size, logits, loss_sum = cfg.micro_batch or len(targets), [], 0.0
+    for part, part_targets in zip(inputs.split(size), targets.split(size), strict=True):
+        with autocast_for(inputs.device, cfg.bf16):
+            part_logits = model(part)
+            loss = F.cross_entropy(part_logits, part_targets, label_smoothing=cfg.label_smoothing)
+        share = len(part_targets) / len(targets)  # 1.0 in one pass: the same numbers as before
+        (loss * share).backward()
+        logits.append(part_logits.detach())
+        loss_sum = loss_sum + loss.detach() * share
+    return torch.cat(logits), loss_sum
+
+
+@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     images: torch.Tensor,

@@ -1,12 +1,15 @@
 """``TrainConfig``: every setting of one ``fit`` call as plain values in a frozen dataclass that
-recipes and grids extend; ``RULES`` defines each one's valid values.
-"""
+recipes and grids extend (``RULES``: each one's valid values); seeding, and picking a device."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+import torch
 
 from fmnist.errors import ConfigError
 
@@ -22,6 +25,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0  # the study's L2 regularisation (decoupled for adamw)
     batch_size: int = 128
+    # forward/backward in parts of this many images, gradients summed (BatchNorm normalises each
+    # part); 0: whole batches. Faster on a CPU, where a part's activations stay in cache.
+    micro_batch: int = 0
     epochs: int = 10
     schedule: str = "none"  # per-step learning-rate schedule (SCHEDULES)
     early_stopping_patience: int = 0  # epochs without a better validation accuracy; 0: never
@@ -58,6 +64,7 @@ RULES = {
     "lr": (lambda v: v > 0, "must be positive"),
     "weight_decay": (lambda v: v >= 0, "must not be negative"),
     "batch_size": (lambda v: v > 0, "must be positive"),
+    "micro_batch": (lambda v: v >= 0, "must not be negative"),
     "epochs": (lambda v: v > 0, "must be positive"),
     "schedule": (lambda v: (v or "none") in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
     "early_stopping_patience": (lambda v: v >= 0, "must not be negative"),
@@ -81,3 +88,30 @@ def hyperparameters(cfg: TrainConfig) -> dict[str, Any]:
 def train_config(settings: Any, **run: Any) -> TrainConfig:
     """The ``TrainConfig`` part of ``settings`` (a recipe...), with ``run``'s values set."""
     return TrainConfig(**{name: getattr(settings, name) for name in HYPERPARAMETERS}, **run)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    choice = (device or "auto").lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but no CUDA device is available.")
+    if choice not in {"cpu", "cuda"}:
+        raise ConfigError(f"Unknown device {device!r}: use auto, cpu or cuda.")
+    return torch.device(choice)
+
+
+def search_device(device: str, elsewhere: bool) -> str:
+    """The device of a search's trials: ``resolve_device`` here; for workers on other machines
+    (Ray tasks: this machine's hardware says nothing of theirs) ``cuda`` if asked for, else CPU."""
+    if elsewhere:
+        return "cuda" if (device or "").lower() == "cuda" else "cpu"
+    return str(resolve_device(device))
