@@ -24,25 +24,30 @@ DEFAULT_SEEDS = (42, 1, 2)
 RECIPES = {"fast": DEFAULT_SEEDS, "paper": (42,)}  # the default recipe first
 
 
+def timed_fmnist(args: list[str], folder: str, env: dict[str, str]) -> tuple[float, list]:
+    """``python -m fmnist ARGS`` in ``folder``, timed end to end; the runs of its experiment
+    ``bench`` (the command must log there)."""
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "fmnist", *args]
+    done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"fmnist {' '.join(args[:3])} failed: {done.stderr[-2000:]}")
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    return seconds, client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+
+
 def run_cnn_command(recipe: str, seed: int, data_dir: str, quick: bool) -> dict:
     """``fmnist cnn`` on a fresh store, timed end to end; what its run logged."""
     folder = tempfile.mkdtemp(prefix="cnn-time-")
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
-        command = [sys.executable, "-m", "fmnist", "cnn", "--recipe", recipe, "--seed", str(seed)]
-        command += ["--data-dir", data_dir, "--quiet", "--experiment-name", "bench"]
-        command += ["--quick"] if quick else []
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"fmnist cnn --recipe {recipe} failed: {done.stderr[-2000:]}")
-        import mlflow
-
-        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-        experiment = client.get_experiment_by_name("bench").experiment_id
-        (run,) = client.search_runs([experiment])
+        args = ["cnn", "--recipe", recipe, "--seed", str(seed), "--data-dir", data_dir]
+        args += ["--quiet", "--experiment-name", "bench", *(["--quick"] if quick else [])]
+        seconds, (run,) = timed_fmnist(args, folder, env)
         metrics, params = run.data.metrics, run.data.params
         return {
             "seconds": seconds,

@@ -16,8 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from cnn_time import timed_fmnist
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP = """\
@@ -53,20 +54,11 @@ def run_search(args: list[str], ray: bool) -> dict:
     """One search command on a fresh store, timed end to end; its trials' run and fit times."""
     folder = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
     try:
-        env = ray_env(folder)
-        command = [sys.executable, "-m", "fmnist", *args, *(["--ray", "local"] if ray else [])]
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if done.returncode != 0:
-            raise RuntimeError(f"{args[0]} (ray={ray}) failed: {done.stderr[-2000:]}")
-        import mlflow
-
-        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-        experiment = client.get_experiment_by_name("bench").experiment_id
+        args = [*args, *(["--ray", "local"] if ray else [])]
+        seconds, runs = timed_fmnist(args, folder, ray_env(folder))
         trials = [
             ((r.info.end_time - r.info.start_time) / 1000, r.data.metrics["fit_seconds"])
-            for r in client.search_runs([experiment])
+            for r in runs
             if "optuna_trial" in r.data.tags and "fit_seconds" in r.data.metrics
         ]
         return {"seconds": seconds, "trials": len(trials), "overhead": median_overhead(trials)}
