@@ -46,7 +46,7 @@ def run_cnn_command(recipe: str, seed: int, data_dir: str, quick: bool) -> dict:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder}/mlflow.db"}
         env.pop("MLFLOW_RUN_ID", None)
         args = ["cnn", "--recipe", recipe, "--seed", str(seed), "--data-dir", data_dir]
-        args += ["--quiet", "--experiment-name", "bench", *(["--quick"] if quick else [])]
+        args += ["--quiet", "--experiment-name", "bench", *(["--epochs", "1"] if quick else [])]
         seconds, (run,) = timed_fmnist(args, folder, env)
         metrics, params = run.data.metrics, run.data.params
         return {

@@ -63,6 +63,14 @@ def test_time_rows_count_a_command_in_study_cnn_epochs():
     assert "94.50% ± 0.71%, 400 s | 20.0 study-CNN epochs" in rows[1]
 
 
+@pytest.mark.slow
+def test_the_time_part_runs_a_whole_command_and_reads_back_what_it_logged(synthetic_data_dir):
+    run = cnn_time.run_cnn_command("paper", 0, str(synthetic_data_dir), quick=True)
+    assert run["epochs"] == 1 and run["bf16"] in ("true", "false")
+    assert 0 < run["train_seconds"] + run["test_seconds"] < run["seconds"]
+    assert 0.0 <= run["test_accuracy"] <= 1.0
+
+
 def test_reference_networks_are_ours():
     assert count_parameters(reference.PaperCNN()) == count_parameters(
         build_model({"family": "cnn", "arch": "paper"})
