@@ -46,22 +46,24 @@ def load_arrays(root: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
 
-def split_train(x: np.ndarray, y: np.ndarray, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """The training part of the stratified 80/20 split (no PCA: the CNN takes images)."""
+def split(x: np.ndarray, y: np.ndarray, seed: int = 42):
+    """The notebook's stratified 80/20 split: x_train, x_val, y_train, y_val."""
     from sklearn.model_selection import train_test_split
 
-    x_train, _, y_train, _ = train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+    return train_test_split(x, y, test_size=0.2, stratify=y, random_state=seed)
+
+
+def split_train(x: np.ndarray, y: np.ndarray, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """The training part of the stratified 80/20 split (no PCA: the CNN takes images)."""
+    x_train, _, y_train, _ = split(x, y, seed)
     return x_train, y_train
 
 
 def split_and_project(x: np.ndarray, y: np.ndarray, seed: int = 42):
     """Stratified 80/20 split and PCA(0.95) fitted on the training part."""
     from sklearn.decomposition import PCA
-    from sklearn.model_selection import train_test_split
 
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=seed
-    )
+    x_train, x_val, y_train, y_val = split(x, y, seed)
     pca = PCA(n_components=0.95)
     return pca.fit_transform(x_train), pca.transform(x_val), y_train, y_val, pca
 
@@ -199,11 +201,7 @@ def run_paper_cnn(arrays, epochs: int = 10, seed: int = 0, limit: int | None = N
     epoch by validation accuracy kept and scored on the test set; seconds of each training epoch
     and of the whole run (validation and test included)."""
     x, y, x_test, y_test = arrays
-    from sklearn.model_selection import train_test_split
-
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, y, test_size=0.2, stratify=y, random_state=42
-    )
+    x_train, x_val, y_train, y_val = split(x, y)
     n = len(y_train) if limit is None else min(limit, len(y_train))
     torch.manual_seed(seed)
     started = time.perf_counter()
