@@ -53,6 +53,22 @@ def test_child_runs_nest_under_parent_by_id(tracking_store):
     assert got.info.experiment_id == parent.info.experiment_id
 
 
+@pytest.mark.parametrize("status", ["RUNNING", "FINISHED", "KILLED"])
+def test_a_dead_workers_trial_run_ends_failed_whatever_state_the_kill_left(tracking_store, status):
+    # FINISHED: the worker was killed after its run ended and before Optuna recorded the trial
+    # (seen in CI); the trial is failed and its point trained again, so its run must not stay
+    # FINISHED beside the retrained one.
+    from fmnist.tracking import search_runs
+
+    mlflow.set_experiment("dead-worker")
+    run = mlflow.start_run()
+    mlflow.end_run(status)
+    search_runs.fail_run(run.info.run_id, {"error": "worker w stopped"})
+    got = mlflow.get_run(run.info.run_id)
+    assert (got.info.status, got.data.tags["error"]) == ("FAILED", "worker w stopped")
+    search_runs.fail_run(None, {"error": "never started"})  # a trial killed before its run
+
+
 def test_redacts_passwords_in_uris():
     assert redact_uri("postgresql://bob:s3cret@db:5432/x") == "postgresql://bob:***@db:5432/x"
     assert redact_uri("sqlite:///mlflow.db") == "sqlite:///mlflow.db"

@@ -22,7 +22,6 @@ from mlflow.exceptions import MlflowException
 
 from fmnist.analysis.report import markdown_table
 from fmnist.tracking.artifacts import read_model_files, write_model_files
-from fmnist.tracking.heartbeat import ENDED_TAG
 from fmnist.tracking.runs import reopen_run, start_run
 from fmnist.tracking.values import (
     log_changing_params,
@@ -154,12 +153,12 @@ def earlier_result(parent_run_id: str, model_uri: str | None) -> dict[str, Any]:
 
 
 def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:
-    """End run ``run_id`` FAILED with ``tags`` if it is still RUNNING (its process is gone), or
-    if the cleaner found it so first (``end_dead_runs`` ended it KILLED)."""
+    """End FAILED with ``tags`` the run of a trial whose worker died: RUNNING, KILLED by the
+    cleaner, or FINISHED when the kill came after the run ended and before Optuna's tell."""
     client = mlflow.MlflowClient()
     with suppress(MlflowException):  # a run deleted meanwhile: nothing left to end
         run = client.get_run(run_id) if run_id else None
-        if run is None or not (run.info.status == "RUNNING" or ENDED_TAG in run.data.tags):
+        if run is None or run.info.status == "FAILED":
             return
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
