@@ -157,9 +157,7 @@ def fail_run(run_id: str | None, tags: Mapping[str, str]) -> None:
     cleaner, or FINISHED when the kill came after the run ended and before Optuna's tell."""
     client = mlflow.MlflowClient()
     with suppress(MlflowException):  # a run deleted meanwhile: nothing left to end
-        run = client.get_run(run_id) if run_id else None
-        if run is None or run.info.status == "FAILED":
-            return
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        client.set_terminated(run_id, status="FAILED")
+        if run_id and client.get_run(run_id).info.status != "FAILED":
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
+            client.set_terminated(run_id, status="FAILED")
