@@ -21,9 +21,7 @@ IMAGE_SIZE = 28
 
 def scale_array(images: np.ndarray) -> np.ndarray:
     """uint8 pixels to float32 in [0, 1] as ``fmnist.data.scale_pixels``; floats pass through."""
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255.0)
-    return images
+    return images.astype(np.float32) / np.float32(255.0) if images.dtype == np.uint8 else images
 
 
 def read_idx(path: Path) -> np.ndarray:

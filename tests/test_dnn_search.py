@@ -246,6 +246,24 @@ def test_a_finished_search_is_not_run_again_and_a_worse_one_is_challenger(
         assert f"models:/fmnist-dnn/{champion.version}" == first["model_uri"]
 
 
+def test_each_local_store_has_its_own_journal(tmp_path, monkeypatch):
+    # two stores in one folder once shared a journal: a fresh store's search found the other's
+    # finished study, trained nothing and reported a model its registry did not hold
+    monkeypatch.chdir(tmp_path)
+    beside = {
+        f"sqlite:///{tmp_path}/mlflow.db": tmp_path / "optuna-journal.log",
+        "sqlite:///mlflow.db": tmp_path / "optuna-journal.log",
+        f"file://{tmp_path}/mlruns": tmp_path / "optuna-journal.log",
+        f"sqlite:///{tmp_path}/scratch.db": tmp_path / "scratch.db-optuna-journal.log",
+        f"sqlite:///{tmp_path}/b.db?timeout=5": tmp_path / "b.db-optuna-journal.log",
+        "http://tracking:5000": tmp_path / "optuna-journal.log",  # the working directory
+    }
+    for uri, journal in beside.items():
+        assert studies.resolve_storage("", uri) == str(journal), uri
+    assert studies.resolve_storage("j.log", "sqlite:///x.db") == str(tmp_path / "j.log")
+    assert studies.resolve_storage("postgresql://h/o", "") == "postgresql://h/o"
+
+
 def study_of(result: dict, folder: Path) -> optuna.Study:
     storage = studies.make_storage(str(folder / studies.JOURNAL_FILE))
     return optuna.load_study(study_name=result["study_name"], storage=storage)

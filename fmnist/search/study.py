@@ -77,14 +77,17 @@ def liveness() -> Liveness:
 
 
 def resolve_storage(storage: str, tracking_uri: str) -> str:
-    """``--storage``: an Optuna URL as given, a path as an absolute journal path; empty: a
-    journal in the tracking store's folder (a local store), else in the working directory."""
+    """``--storage``: an Optuna URL as given, a path as an absolute journal path; empty: a local
+    store's own journal beside it (``NAME-optuna-journal.log``, ``optuna-journal.log`` for the
+    default ``mlflow.db`` and ``mlruns``), else a journal in the working directory."""
     if "://" in storage:
         return storage
     folder = Path(storage).expanduser() if storage else Path.cwd() / JOURNAL_FILE
     for scheme in ("sqlite:///", "file://"):
         if not storage and tracking_uri.startswith(scheme):
-            folder = Path(tracking_uri.removeprefix(scheme)).parent / JOURNAL_FILE
+            store = Path(tracking_uri.removeprefix(scheme).split("?")[0])
+            own = f"{store.name}-" if store.name not in ("mlflow.db", "mlruns") else ""
+            folder = store.parent / f"{own}{JOURNAL_FILE}"
     return str(folder.resolve())
 
 

@@ -41,9 +41,7 @@ def format_param(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list | tuple):
         return json.dumps(list(value))
-    if isinstance(value, Path):
-        return value.name
-    return safe_text(str(value))
+    return value.name if isinstance(value, Path) else safe_text(str(value))
 
 
 def log_params_safe(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
