@@ -264,6 +264,17 @@ def test_each_local_store_has_its_own_journal(tmp_path, monkeypatch):
     assert studies.resolve_storage("postgresql://h/o", "") == "postgresql://h/o"
 
 
+def test_a_study_whose_runs_are_in_another_store_is_an_error_not_a_silent_skip(
+    synthetic_data_dir, searched, store, tmp_path
+):
+    # the journal of `searched` (a finished study), with this test's fresh store: the study's
+    # parent run is not here, so nothing it reports (its model, its table) could be found
+    journal = searched[3] / studies.JOURNAL_FILE
+    with pytest.raises(ConfigError, match="not in this tracking store"):
+        run_dnn_search(config(synthetic_data_dir, searched[2], storage=str(journal)))
+    assert runs_of() == [] and mlflow.MlflowClient().search_registered_models() == []
+
+
 def study_of(result: dict, folder: Path) -> optuna.Study:
     storage = studies.make_storage(str(folder / studies.JOURNAL_FILE))
     return optuna.load_study(study_name=result["study_name"], storage=storage)

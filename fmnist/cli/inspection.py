@@ -63,13 +63,8 @@ def eda(**kwargs) -> None:
     from fmnist.flows.eda import SUMMARY, run_eda
 
     result = run_eda(EdaConfig(common=pop_common(kwargs), **kwargs))
-    click.echo(
-        f"pca_components_90={int(result['pca_components_90'])} "
-        f"pca_components_95={int(result['pca_components_95'])} "
-        f"tsne_silhouette={result['tsne_silhouette']:.3f} "
-        f"pca_silhouette={result['pca_silhouette']:.3f} "
-        f"eda_seconds={result['eda_seconds']:.1f}"
-    )
+    keys = "pca_components_90 pca_components_95 tsne_silhouette pca_silhouette eda_seconds"
+    click.echo(pairs({key: round(float(result[key]), 3) for key in keys.split()}))
     click.echo(f"run {result['run_id']}: figures and {SUMMARY} are its artifacts.")
 
 

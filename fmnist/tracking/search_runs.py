@@ -21,6 +21,7 @@ import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 from mlflow.exceptions import MlflowException
 
 from fmnist.analysis.report import markdown_table
+from fmnist.errors import ConfigError
 from fmnist.tracking.artifacts import read_model_files, write_model_files
 from fmnist.tracking.runs import reopen_run, start_run
 from fmnist.tracking.values import (
@@ -37,6 +38,7 @@ if TYPE_CHECKING:  # search workers import this module, and they draw nothing (0
 SUMMARY_DIR = "search"
 CHECKPOINT_DIR = "checkpoint"  # child-run artifacts: best-epoch state dict and model spec
 HISTORY_FILE = "history.json"
+ELSEWHERE = "is not in this tracking store: use its store, or a new --study-name or --storage"
 
 
 @contextmanager
@@ -135,7 +137,9 @@ def log_search_summary(
 def run_exists(run_id: str) -> bool:
     try:
         return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":  # a study run against another store
+            raise ConfigError(f"{run_id}, the study's parent run, {ELSEWHERE}") from None
         return False
 
 
