@@ -63,8 +63,9 @@ def eda(**kwargs) -> None:
     from fmnist.flows.eda import SUMMARY, run_eda
 
     result = run_eda(EdaConfig(common=pop_common(kwargs), **kwargs))
-    keys = "pca_components_90 pca_components_95 tsne_silhouette pca_silhouette eda_seconds"
-    click.echo(pairs({key: round(float(result[key]), 3) for key in keys.split()}))
+    counts = {key: int(result[key]) for key in ("pca_components_90", "pca_components_95")}
+    scores = {key: round(float(result[key]), 3) for key in ("tsne_silhouette", "pca_silhouette")}
+    click.echo(pairs({**counts, **scores, "eda_seconds": round(float(result["eda_seconds"]), 1)}))
     click.echo(f"run {result['run_id']}: figures and {SUMMARY} are its artifacts.")
 
 

@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from fmnist.config import redact_uri
+from fmnist.config import DEFAULT_TRACKING_URI, redact_uri
 from fmnist.errors import FmnistError
 from fmnist.liveness import is_gone, machine_lock, process_id
 from fmnist.search.spec import SamplerSpec
@@ -42,6 +42,7 @@ CREATOR = "creator"  # the process that created the study, and so makes its pare
 FINALIZED = "registered_model_uri"
 FINALIZED_ROUND = "finalized_round"  # a sampled search's last: {"trials": n, "model_uri": ...}
 JOURNAL_FILE = "optuna-journal.log"
+PLAIN_JOURNAL = (Path(DEFAULT_TRACKING_URI).name, "mlruns")  # default stores: JOURNAL_FILE
 HEARTBEAT_ENV, DEFAULT_HEARTBEAT_SECONDS = "FMNIST_HEARTBEAT_SECONDS", 30
 GRACE_ENV, DEFAULT_GRACE_SECONDS = "FMNIST_GRACE_SECONDS", 120
 UNNAMED_SECONDS = 60  # a running trial that names no worker this long after its start is dead
@@ -86,7 +87,7 @@ def resolve_storage(storage: str, tracking_uri: str) -> str:
     for scheme in ("sqlite:///", "file://"):
         if not storage and tracking_uri.startswith(scheme):
             store = Path(tracking_uri.removeprefix(scheme).split("?")[0])
-            own = f"{store.name}-" if store.name not in ("mlflow.db", "mlruns") else ""
+            own = f"{store.name}-" if store.name not in PLAIN_JOURNAL else ""
             folder = store.parent / f"{own}{JOURNAL_FILE}"
     return str(folder.resolve())
 
