@@ -5,6 +5,7 @@ training step learns as well as the reference's autograd loop on the same featur
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -193,3 +194,39 @@ def test_cli_times_cover_every_command_and_report_the_slowest(tmp_path):
     rows = cli_times.table_rows({"help": help_rows, "predict": predict})
     assert "0.20 s, 0.60 s" in rows[0] and "`fmnist cnn --help`" in rows[0]
     assert "2.00 s / 2.50 s" in rows[1]
+
+
+# 30 s: two real commands in subprocesses
+@pytest.mark.slow
+def test_the_parts_profile_times_a_whole_command_part_by_part(synthetic_data_dir, tmp_path):
+    """bench/parts.py runs a real command (a one-epoch grid of two points, trained in this
+    process) and accounts for its time: nested parts within their parent, disjoint parts within
+    the total, the total within the wall time measured here, the command's exit code kept."""
+    import json
+    import subprocess
+    import time
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env.pop("MLFLOW_RUN_ID", None)
+    out, script = tmp_path / "parts.json", Path(__file__).resolve().parent.parent / "bench"
+    args = ["dnn-search", "--grid", "dnn_quick", "--epochs", "1", "--n-jobs", "1", "--quiet"]
+    command = [sys.executable, str(script / "parts.py"), "--json", str(out), *args]
+    command += ["--data-dir", str(synthetic_data_dir)]
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    parts = {row["part"].strip(): row for row in json.loads(out.read_text())["parts"]}
+    seconds = {part: row["seconds"] for part, row in parts.items()}
+    assert 0 < seconds["total"] < wall
+    for part in ("fit", "training epochs", "validation (each epoch)"):
+        assert parts[part]["calls"] == 2  # two points of one epoch each
+    assert seconds["training epochs"] + seconds["validation (each epoch)"] < seconds["fit"]
+    assert seconds["fit"] < seconds["search: workers' training"]  # both fits, in the join
+    assert seconds["torch.export"] < seconds["export and registration"]
+    disjoint = ["start-up and imports", "data", "PCA fit", "search: workers' training"]
+    disjoint += ["calibrated test", "export and registration"]
+    assert sum(seconds[part] for part in disjoint) < seconds["total"]
+    failed = [sys.executable, str(script / "parts.py"), "cnn", "--no-such-option"]
+    failed = subprocess.run(failed, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert failed.returncode == 2 and "No such option" in failed.stderr
