@@ -55,11 +55,10 @@ def wrap(module: str, attribute: str, label: str, seconds: dict, calls: Counter)
             calls[label] += 1
 
     setattr(owner, path[-1], timed)
-    # and wherever a module imported it by name, but in its own module when ``module`` is another
-    # (``predict_logits`` in a flow is the test's predictions, in the engine each validation)
-    skip = {module} if module == function.__module__ else {module, function.__module__}
+    # and wherever a module imported it by name, but not in its own module when ``module`` is
+    # another (``predict_logits`` in a flow predicts the test, in the engine it validates)
     for name, loaded in list(sys.modules.items()):
-        if name.startswith("fmnist.") and name not in skip:
+        if name.startswith("fmnist.") and name not in {module, function.__module__}:
             if getattr(loaded, path[-1], None) is function:
                 setattr(loaded, path[-1], timed)
 

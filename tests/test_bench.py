@@ -208,10 +208,10 @@ def test_the_parts_profile_times_a_whole_command_part_by_part(synthetic_data_dir
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     env.pop("MLFLOW_RUN_ID", None)
-    out, script = tmp_path / "parts.json", Path(__file__).resolve().parent.parent / "bench"
+    out, script = tmp_path / "parts.json", str(ROOT / "bench" / "parts.py")
     args = ["dnn-search", "--grid", "dnn_quick", "--epochs", "1", "--n-jobs", "1", "--quiet"]
-    command = [sys.executable, str(script / "parts.py"), "--json", str(out), *args]
-    command += ["--data-dir", str(synthetic_data_dir)]
+    args += ["--data-dir", str(synthetic_data_dir)]
+    command = [sys.executable, script, "--json", str(out), *args]
     started = time.perf_counter()
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -227,6 +227,6 @@ def test_the_parts_profile_times_a_whole_command_part_by_part(synthetic_data_dir
     disjoint = ["start-up and imports", "data", "PCA fit", "search: workers' training"]
     disjoint += ["calibrated test", "export and registration"]
     assert sum(seconds[part] for part in disjoint) < seconds["total"]
-    failed = [sys.executable, str(script / "parts.py"), "cnn", "--no-such-option"]
+    failed = [sys.executable, script, "cnn", "--no-such-option"]
     failed = subprocess.run(failed, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert failed.returncode == 2 and "No such option" in failed.stderr
