@@ -40,16 +40,10 @@ def unless_negated(ctx: click.Context, param: click.Parameter, value: bool) -> b
 
 def switch(name: str, default: bool, help: str):
     """The boolean option ``--name`` (a ``Switch``) and its ``--no-name``."""
+    hidden = {"is_flag": True, "is_eager": True, "hidden": True, "expose_value": False}
     return stack(
         click.option(f"--{name}", cls=Switch, default=default, help=help),
-        click.option(
-            f"--no-{name}",
-            is_flag=True,
-            is_eager=True,
-            hidden=True,
-            expose_value=False,
-            callback=record_negation,
-        ),
+        click.option(f"--no-{name}", callback=record_negation, **hidden),
     )
 
 

@@ -128,10 +128,8 @@ def measure_inference(model_uri: str, images: np.ndarray, repeats: int = 20) -> 
         start = time.perf_counter()
         model.predict(images[i % len(images)][None])
         latencies.append(time.perf_counter() - start)
-    return {
-        "inference_images_per_second": len(images) / batch_seconds,
-        "latency_p50_ms": float(np.median(latencies)) * 1000,
-    }
+    p50 = float(np.median(latencies)) * 1000
+    return {"inference_images_per_second": len(images) / batch_seconds, "latency_p50_ms": p50}
 
 
 def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
@@ -173,8 +171,7 @@ def run_compare(cfg: CompareConfig, parent_run_id: str | None = None) -> dict:
         compared = ",".join(c.run_id for c in candidates)
         tracking.log_params_safe({"include_quick": quick, "compared_runs": compared})
         best = max(rows, key=lambda r: r["test_accuracy"] or 0.0)
-        mlflow.log_metrics(
-            {"best_test_accuracy": best["test_accuracy"] or 0.0, "models_compared": len(rows)}
-        )
+        best_accuracy = best["test_accuracy"] or 0.0
+        mlflow.log_metrics({"best_test_accuracy": best_accuracy, "models_compared": len(rows)})
     summary = {"models": len(rows), "best": best["model"], "run_id": run.info.run_id}
     return summary | {"best_test_accuracy": best["test_accuracy"]}

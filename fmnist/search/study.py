@@ -275,12 +275,6 @@ def release_dead(study: optuna.Study, on_stale: StaleHook | None = None) -> list
     return released
 
 
-def fail_stale(study: optuna.Study) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
-
-
 @dataclass(frozen=True)
 class BestTrial:
     number: int

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,7 +116,9 @@ def work(
         running = count_trials(study, (TrialState.RUNNING,))
         if not (beating and running) or (deadline is not None and clock() >= deadline):
             return ran
-        studies.fail_stale(study)
+        with warnings.catch_warnings():  # fail_stale_trials is experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
         sleep(min(POLL_SECONDS, studies.liveness().heartbeat))
 
 

@@ -87,14 +87,12 @@ class Outage:
         now, limit = self.clock(), env_seconds(OUTAGE_ENV, DEFAULT_OUTAGE_SECONDS)
         if self.since is None:
             self.since, self.delay = now, 1.0
-            self.reason = next(
-                (m for m in NOT_SENT_MARKERS + MAYBE_SENT_MARKERS if m in str(exc)), "no answer"
-            )
+            markers = NOT_SENT_MARKERS + MAYBE_SENT_MARKERS
+            self.reason = next((m for m in markers if m in str(exc)), "no answer")
             print(
                 f"The MLflow tracking server at {redact_uri(tracking_uri())} went away "
                 f"({self.reason}). What the command logs meanwhile is kept and written when the "
-                f"server answers again (waiting up to {limit:.0f} s, "
-                f"{OUTAGE_ENV}).",
+                f"server answers again (waiting up to {limit:.0f} s, {OUTAGE_ENV}).",
                 file=sys.stderr,
                 flush=True,
             )

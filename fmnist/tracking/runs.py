@@ -83,14 +83,9 @@ def start_run(
         client, parent_id = MlflowClient(), parent_run_id or active.info.run_id
         parent = OUTAGE.ride_out(lambda: client.get_run(parent_id))
         # a run created twice would stay RUNNING for good: sent again only if it never arrived
-        child = OUTAGE.ride_out(
-            lambda: client.create_run(
-                parent.info.experiment_id,
-                run_name=run_name,
-                tags={**all_tags, "mlflow.parentRunId": parent_id},
-            ),
-            resend_safe=False,
-        )
+        experiment = parent.info.experiment_id
+        new = {"run_name": run_name, "tags": {**all_tags, "mlflow.parentRunId": parent_id}}
+        child = OUTAGE.ride_out(lambda: client.create_run(experiment, **new), resend_safe=False)
         run_id, in_run = child.info.run_id, active is not None
         run = OUTAGE.ride_out(
             lambda: mlflow.start_run(run_id=run_id, nested=in_run, log_system_metrics=sampled)

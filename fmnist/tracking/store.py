@@ -94,9 +94,8 @@ def locked_store_message(exc: BaseException, uri: str) -> str | None:
         "MLflow waits (20 s), so this command's write failed. SQLite lets one writer in at a "
         "time: a few commands on one machine are fine, many at once (or a slow disk) are not, "
         "and it must not be shared between machines or over a network file system. Move to a "
-        "tracking server: `mlflow server --backend-store-uri postgresql://... "
-        "--host 127.0.0.1 --port 5000`, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000 "
-        "(docs/distributed.md). Then run the command again: a search "
-        "trains only what is missing, `fmnist cnn --resume RUN_ID` goes on from its last "
-        "checkpoint."
+        "tracking server: `mlflow server --backend-store-uri postgresql://... --host 127.0.0.1 "
+        "--port 5000`, then MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/distributed.md). "
+        "Then run the command again: a search trains only what is missing, `fmnist cnn --resume "
+        "RUN_ID` goes on from its last checkpoint."
     )
