@@ -1,7 +1,11 @@
-"""The dense network: its PCA layer equals scikit-learn's transform, its spec rebuilds it, and the
-engine can overfit one small batch with it."""
+"""The dense network: its PCA layer equals scikit-learn's transform, its spec rebuilds it, the
+engine can overfit one small batch with it, and dense_kernel.c trains it as autograd and
+``torch.optim`` do."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,14 +15,8 @@ from sklearn.decomposition import PCA
 from fmnist.data import Split, load_fashion_mnist, make_splits
 from fmnist.models import build_model
 from fmnist.models.dense import PCAProjection, build_dense, build_mlp, dense_spec, fit_pca, project
-from fmnist.train import engine
-from fmnist.train.dense_loop import (
-    NumpyEpoch,
-    backpropagate,
-    cross_entropy_sum,
-    numpy_epoch,
-    scaled_one_hot,
-)
+from fmnist.train import dense_loop, engine
+from fmnist.train.dense_loop import KernelEpoch, kernel_epoch, load_kernel
 from fmnist.train.optim import make_optimizer, make_scheduler
 from fmnist.train.settings import TrainConfig
 
@@ -28,6 +26,18 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def splits(synthetic_data_dir):
     return make_splits(load_fashion_mnist(synthetic_data_dir))
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    """dense_kernel.c, which must build wherever a C compiler is found (as on CI)."""
+    monkeypatch.delenv(dense_loop.KERNEL, raising=False)
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler on this machine: autograd trains the dense network")
+    load_kernel.cache_clear()
+    assert load_kernel() is not None, "dense_kernel.c did not build"
+    yield
+    load_kernel.cache_clear()
 
 
 def as_float64(images: torch.Tensor) -> np.ndarray:
@@ -82,55 +92,30 @@ def test_engine_overfits_one_small_batch(splits):
     assert engine.evaluate(model, batch).accuracy == 1.0
 
 
-@pytest.mark.parametrize("hidden", [[16], [16, 8]])
-def test_hand_written_gradients_equal_autograd(hidden):
-    torch.manual_seed(0)
-    mlp = build_mlp(12, hidden)
-    features, targets = torch.randn(9, 12), torch.randint(0, 10, (9,))
-    weights = [p.detach().numpy() for p in mlp.parameters()]
-    grads = [np.empty_like(w) for w in weights]
-    one_hot = scaled_one_hot(targets.numpy(), 10)
-    logits = backpropagate(weights, features.numpy(), one_hot, grads)
-    reference_logits = mlp(features)
-    reference = torch.nn.functional.cross_entropy(reference_logits, targets)
-    reference.backward()
-    loss = cross_entropy_sum(logits, targets.numpy()) / 9
-    assert loss == pytest.approx(float(reference.detach()), rel=1e-6)
-    # backpropagate returns the logits less their row maximum: the same softmax and argmax
-    shifted = reference_logits - reference_logits.max(dim=1, keepdim=True).values
-    torch.testing.assert_close(torch.from_numpy(logits), shifted.detach())
-    for grad, param in zip(grads, mlp.parameters(), strict=True):
-        torch.testing.assert_close(torch.from_numpy(grad), param.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_scaled_one_hot_divides_each_row_by_its_batch_size():
-    one_hot = scaled_one_hot(np.array([3, 0, 1, 2, 9]), 10, batch_size=2)
-    assert one_hot.shape == (5, 10)
-    assert one_hot[0, 3] == 0.5 and one_hot[3, 2] == 0.5 and one_hot[4, 9] == 1.0
-    np.testing.assert_allclose(one_hot.sum(axis=1), [0.5, 0.5, 0.5, 0.5, 1.0])
-
-
-def autograd_epoch(mlp, opt, scheduler, features, targets, order, batch_size: int) -> float:
+def autograd_epoch(mlp, opt, scheduler, features, targets, order, batch_size: int):
     """One epoch as torch trains it (autograd, ``step()``, the scheduler's ``step()`` when there
-    is one); returns the summed loss."""
-    loss_sum = 0.0
+    is one); returns the summed loss and the count of rows whose logits' first maximum is their
+    class, before each batch's step."""
+    loss_sum, correct = 0.0, 0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        loss = torch.nn.functional.cross_entropy(mlp(features[index]), targets[index])
+        logits = mlp(features[index])
+        correct += int((logits.argmax(dim=1) == targets[index]).sum())
+        loss = torch.nn.functional.cross_entropy(logits, targets[index])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if scheduler is not None:
             scheduler.step()
         loss_sum += float(loss.detach()) * len(index)
-    return loss_sum
+    return loss_sum, correct
 
 
 @pytest.mark.parametrize(
     ("optimizer", "weight_decay"),
     [("adam", 0.0), ("adam", 0.01), ("adamw", 0.05), ("rmsprop", 0.01)],
 )
-def test_the_numpy_epoch_trains_as_the_torch_optimizer_does(optimizer, weight_decay):
+def test_the_kernel_epoch_trains_as_the_torch_optimizer_does(optimizer, weight_decay, kernel):
     """The dense grid's fast path: same weights, optimizer state and loss as autograd + step(),
     over two shuffled epochs of 60 rows at batch 16 (the last batch of each epoch is short)."""
     features, targets = torch.randn(60, 12), torch.randint(0, 10, (60,))
@@ -139,21 +124,24 @@ def test_the_numpy_epoch_trains_as_the_torch_optimizer_does(optimizer, weight_de
         torch.manual_seed(0)
         mlp = build_mlp(12, [16, 8])
         opt = make_optimizer(optimizer, mlp.parameters(), 0.01, weight_decay, CPU)
-        step = numpy_epoch(mlp, opt) if explicit else None
+        step = kernel_epoch(mlp, opt) if explicit else None
         generator = torch.Generator().manual_seed(1)
         losses = []
         for _ in range(2):
             order = torch.randperm(60, generator=generator)
             if explicit:
-                losses.append(step.run_epoch(features, targets, order, 16)[0])
+                losses.append(step.run_epoch(features, targets, order, 16))
             else:
                 losses.append(autograd_epoch(mlp, opt, None, features, targets, order, 16))
         return mlp, opt, losses
 
     fast, fast_opt, fast_losses = train(True)
     slow, slow_opt, slow_losses = train(False)
-    assert isinstance(numpy_epoch(fast, fast_opt), NumpyEpoch)
-    assert fast_losses == pytest.approx(slow_losses, rel=1e-5)
+    assert isinstance(kernel_epoch(fast, fast_opt), KernelEpoch)
+    assert [loss for loss, _ in fast_losses] == pytest.approx(
+        [x for x, _ in slow_losses], rel=1e-5
+    )
+    assert [correct for _, correct in fast_losses] == [correct for _, correct in slow_losses]
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     fast_state, slow_state = fast_opt.state_dict()["state"], slow_opt.state_dict()["state"]
@@ -166,8 +154,10 @@ def test_the_numpy_epoch_trains_as_the_torch_optimizer_does(optimizer, weight_de
     ("hidden", "optimizer", "schedule"),
     [([16, 8], "adam", "cosine"), ([16], "rmsprop", "triangle"), ([], "adamw", "cosine")],
 )
-def test_the_numpy_epoch_runs_a_schedule_as_the_torch_scheduler_does(hidden, optimizer, schedule):
-    """A per-step schedule in the numpy epoch (with and without a hidden layer): the same
+def test_the_kernel_epoch_runs_a_schedule_as_the_torch_scheduler_does(
+    hidden, optimizer, schedule, kernel
+):
+    """A per-step schedule in the kernel epoch (with and without a hidden layer): the same
     weights as autograd + ``step()`` + ``scheduler.step()``, and the scheduler left exactly
     where the stepped one is (rate, step count)."""
     features, targets = torch.randn(60, 12), torch.randint(0, 10, (60,))
@@ -177,7 +167,7 @@ def test_the_numpy_epoch_runs_a_schedule_as_the_torch_scheduler_does(hidden, opt
         mlp = build_mlp(12, hidden)
         opt = make_optimizer(optimizer, mlp.parameters(), 0.01, 0.01, CPU)
         scheduler = make_scheduler(schedule, opt, 0.01, 3, 4)
-        step = numpy_epoch(mlp, opt, scheduler)
+        step = kernel_epoch(mlp, opt, scheduler)
         generator = torch.Generator().manual_seed(1)
         for _ in range(2):  # two of the schedule's three epochs: it ends mid-way
             order = torch.randperm(60, generator=generator)
@@ -189,7 +179,7 @@ def test_the_numpy_epoch_runs_a_schedule_as_the_torch_scheduler_does(hidden, opt
 
     fast, fast_opt, fast_scheduler = train(True)
     slow, slow_opt, slow_scheduler = train(False)
-    assert isinstance(numpy_epoch(fast, fast_opt, fast_scheduler), NumpyEpoch)
+    assert isinstance(kernel_epoch(fast, fast_opt, fast_scheduler), KernelEpoch)
     for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert fast_scheduler.last_epoch == slow_scheduler.last_epoch == 8
@@ -200,39 +190,81 @@ def test_the_numpy_epoch_runs_a_schedule_as_the_torch_scheduler_does(hidden, opt
 def runner_for(model, **settings):
     """The epoch runner ``fit`` would take for ``model`` with these settings (None: autograd)."""
     cfg = TrainConfig(**settings)
-    return engine.make_runner(model, engine.make_trainer(model, cfg, 1), cfg, numpy_epoch)
+    return engine.make_runner(model, engine.make_trainer(model, cfg, 1), cfg, kernel_epoch)
 
 
-def test_fit_takes_the_numpy_epoch_only_where_it_applies(splits):
+def test_fit_takes_the_kernel_epoch_only_where_it_applies(splits, kernel):
     mlp = build_mlp(784, [8])
-    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1), NumpyEpoch)
-    assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), NumpyEpoch)
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1), KernelEpoch)
+    assert isinstance(runner_for(mlp, optimizer="rmsprop", lr=0.1), KernelEpoch)
     assert runner_for(mlp, optimizer="sgd", lr=0.1) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, label_smoothing=0.1) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, schedule="onecycle") is None  # momentum
-    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), NumpyEpoch)
+    assert isinstance(runner_for(mlp, optimizer="adam", lr=0.1, schedule="cosine"), KernelEpoch)
     assert runner_for(mlp, optimizer="adam", lr=0.1, flip=True) is None
     assert runner_for(mlp, optimizer="adam", lr=0.1, micro_batch=4) is None
     cnn = build_model({"family": "cnn", "arch": "paper"})
     assert runner_for(cnn, optimizer="adam", lr=0.1) is None
 
 
-def test_the_numpy_epoch_overfits_one_batch_of_raw_pixels(splits):
-    """``fit`` on an MLP takes the numpy epoch, raw uint8 pixels included, and it learns."""
+def test_the_kernel_epoch_overfits_one_batch_of_raw_pixels(splits, kernel):
+    """``fit`` on an MLP takes the kernel epoch, raw uint8 pixels included, and it learns."""
     torch.manual_seed(0)
     mlp = build_mlp(784, [64])
     batch = Split(splits.train.images[:32].reshape(32, -1), splits.train.labels[:32])
     settings = TrainConfig(optimizer="adam", lr=1e-2, batch_size=8, epochs=40, quiet=True)
-    assert isinstance(runner_for(mlp, **vars(settings)), NumpyEpoch)
-    result = engine.fit(mlp, batch, batch, settings, epoch_runner=numpy_epoch)
+    assert isinstance(runner_for(mlp, **vars(settings)), KernelEpoch)
+    result = engine.fit(mlp, batch, batch, settings, epoch_runner=kernel_epoch)
     assert result.history[-1]["train_loss"] < 0.05
     assert result.best_val_accuracy == 1.0
 
 
-def test_the_numpy_epoch_refuses_an_optimizer_over_other_parameters():
+@pytest.mark.parametrize(
+    ("compiler", "switch"), [("/nonexistent/cc", "1"), ("false", "1"), ("cc", "0")]
+)
+def test_without_a_working_c_compiler_autograd_trains_the_dense_network(
+    monkeypatch, compiler, switch
+):
+    """No compiler, one that fails, or ``FMNIST_DENSE_KERNEL=0``: no kernel epoch, so ``fit``
+    trains through autograd (``test_engine_overfits_one_small_batch``)."""
+    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv(dense_loop.KERNEL, switch)
+    load_kernel.cache_clear()
+    try:
+        assert load_kernel() is None
+        assert runner_for(build_mlp(12, [8]), optimizer="adam", lr=0.1) is None
+    finally:
+        load_kernel.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("hidden", "rows", "batch"), [([24, 19], 23, 7), ([40], 9, 9), ([], 5, 4)]
+)
+def test_the_kernel_trains_uneven_shapes_as_autograd_does(hidden, rows, batch, kernel):
+    """Widths that are not multiples of the kernel's panels (16 and 8 columns, 4 rows) and a
+    short last batch: the same weights and loss as autograd after one epoch of AdamW."""
+    features, targets = torch.randn(rows, 37), torch.randint(0, 10, (rows,))
+    results = []
+    for explicit in (True, False):
+        torch.manual_seed(0)
+        mlp = build_mlp(37, hidden)
+        opt = make_optimizer("adamw", mlp.parameters(), 0.01, 0.01, CPU)
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(1))
+        if explicit:
+            loss, _ = kernel_epoch(mlp, opt).run_epoch(features, targets, order, batch)
+        else:
+            loss, _ = autograd_epoch(mlp, opt, None, features, targets, order, batch)
+        results.append((loss, list(mlp.parameters())))
+    (fast_loss, fast), (slow_loss, slow) = results
+    assert fast_loss == pytest.approx(slow_loss, rel=1e-5)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_the_kernel_epoch_refuses_an_optimizer_over_other_parameters():
     mlp = build_mlp(12, [8])
     subset = make_optimizer("adam", list(mlp.parameters())[:2], 0.01, 0.0, CPU)
-    assert numpy_epoch(mlp, subset) is None
+    assert kernel_epoch(mlp, subset) is None
 
 
 def test_dropout_is_a_spec_key_that_rebuilds_the_architecture(splits):
@@ -260,7 +292,7 @@ def test_dropout_is_a_spec_key_that_rebuilds_the_architecture(splits):
 def test_dropout_takes_the_autograd_path_and_still_learns(splits):
     mlp = build_mlp(784, [32], dropout=0.2)
     optimizer = make_optimizer("adam", mlp.parameters(), 1e-3, 0.0, CPU)
-    assert numpy_epoch(mlp, optimizer) is None  # the numpy epoch has no dropout
+    assert kernel_epoch(mlp, optimizer) is None  # the kernel epoch has no dropout
     images = splits.train.images[:64].float().reshape(64, -1) / 255.0
     batch = Split(images, splits.train.labels[:64])
     cfg = TrainConfig(lr=0.01, batch_size=64, epochs=30, quiet=True)

@@ -3,7 +3,7 @@
 A space turns a trial into plain params (``suggest``: the only place a trial's values are
 read), names a point's run, builds what a trial trains and gives its table columns. ``DnnSpace``:
 a grid file's points (hidden layers x optimizer x batch size), the MLP on PCA features in the
-numpy epoch unless the grid augments images; ``CnnSpace``: a space file's keys on its base recipe,
+kernel epoch unless the grid augments images; ``CnnSpace``: a space file's keys on its base recipe,
 built as ``fmnist cnn`` builds a recipe. Both pickle: workers are processes or Ray tasks.
 """
 
@@ -17,7 +17,7 @@ from fmnist.models.dense import build_dense, dense_spec
 from fmnist.published import TABLE_I
 from fmnist.search.spec import Built, SamplerSpec
 from fmnist.train import recipes
-from fmnist.train.dense_loop import numpy_epoch
+from fmnist.train.dense_loop import kernel_epoch
 from fmnist.train.settings import train_config
 
 OPTIMIZER_LABELS = {"adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "sgd": "SGD"}
@@ -79,7 +79,7 @@ class DnnSpace:
             trainable=model if on_images else model.mlp,
             spec=dense_spec(context.n_components, hidden, grid.dropout),
             train=recipes.point_config(grid, params["optimizer"], int(params["batch_size"])),
-            epoch_runner=None if on_images or grid.dropout else numpy_epoch,
+            epoch_runner=None if on_images or grid.dropout else kernel_epoch,
         )
 
     def table_row(self, params) -> dict[str, Any]:

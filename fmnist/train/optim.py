@@ -46,7 +46,7 @@ def make_scheduler(
         return OneCycleLR(
             optimizer, lr, total, pct_start=pct, div_factor=10.0, final_div_factor=100.0
         )
-    if name == "cosine":  # CosineAnnealingLR's values, as a LambdaLR the numpy epoch runs itself
+    if name == "cosine":  # CosineAnnealingLR's values, as a LambdaLR the dense kernel runs too
         return LambdaLR(
             optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / max(total, 1)))
         )
