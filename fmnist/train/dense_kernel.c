@@ -1,9 +1,9 @@
 /* The dense network's epoch in C: a ReLU MLP, the mean softmax cross-entropy of each batch and
    Adam's, AdamW's or RMSprop's step, computed as torch computes them, in one call an epoch.
    dense_loop.py builds it with the machine's C compiler for its own CPU (-march=native) and
-   calls it through ctypes; numpy's version of the same epoch runs where no compiler is found.
-   Why C: at this size (batches of 32 x 187 features, 12,000 weights) numpy's twenty calls a
-   step cost more than their arithmetic, and here the step's sums stay in vector registers.
+   calls it through ctypes; where it does not build, autograd trains the network. Why C: at this
+   size (batches of 32 x 187 features, 12,000 weights) torch's and numpy's calls cost more than
+   their arithmetic (numpy needed twenty a step), and here a product's sums stay in registers.
    The weights and moments arrive in torch's layout (each layer's weight out x in, then its
    bias) and are transposed to in x out for the epoch, so that every product runs along rows. */
 #include <math.h>
@@ -33,7 +33,8 @@ static inline __attribute__((always_inline)) void panel(
             }
         }
         for (int q = 0; q < 4; q++)
-            for (int v = 0; v < nv; v++) *(v8 *)(c + (size_t)(r + q) * out + o0 + 8 * v) = acc[q][v];
+            for (int v = 0; v < nv; v++)
+                *(v8 *)(c + (size_t)(r + q) * out + o0 + 8 * v) = acc[q][v];
     }
     for (; r < m; r++) {
         v8 acc[2] = {start[0], start[1]};
@@ -93,6 +94,77 @@ static void optimizer_step(int size, float *restrict w, float *restrict g, float
     }
 }
 
+/* One network's shape and its working buffers: weights and gradients in the kernel's layout,
+   a batch's inputs, hidden activations, logits and two buffers of d loss / d activations. */
+typedef struct {
+    int layers;
+    const int *dims;
+    size_t size, hidden;
+    float *w, *g, *wt, *in, *acts, *z, *delta, *other;
+} Net;
+
+/* The batch's hidden activations (ReLU(a W + b), layer after layer) and its logits */
+static void forward(const Net *net, int rows) {
+    const float *a = net->in, *wl = net->w;
+    float *h = net->acts;
+    for (int l = 0; l < net->layers; l++) {
+        int fan_in = net->dims[l], out = net->dims[l + 1];
+        float *y = l == net->layers - 1 ? net->z : h;
+        gemm(rows, fan_in, out, a, fan_in, 1, wl, wl + (size_t)fan_in * out, y);
+        if (l < net->layers - 1) {
+            for (size_t k = 0; k < (size_t)rows * out; k++) y[k] = y[k] > 0.0f ? y[k] : 0.0f;
+            a = y, h = y + (size_t)rows * out;
+        }
+        wl += (size_t)fan_in * out + out;
+    }
+}
+
+/* d mean loss / d logits, (softmax - one-hot) / rows, into delta; the summed loss and the count
+   of rows whose first maximum is their label added to totals[0] and totals[1] */
+static void loss_gradient(const Net *net, int rows, const long long *order,
+                          const long long *labels, double *totals) {
+    int classes = net->dims[net->layers];
+    for (int r = 0; r < rows; r++) {
+        float *z = net->z + (size_t)r * classes, *d = net->delta + (size_t)r * classes, sum = 0.0f;
+        int label = (int)labels[order[r]], top = 0;
+        for (int c = 1; c < classes; c++) top = z[c] > z[top] ? c : top;
+        float shift = z[top];
+        for (int c = 0; c < classes; c++) z[c] -= shift, d[c] = expf(z[c]), sum += d[c];
+        totals[0] += log((double)sum) - z[label];
+        totals[1] += top == label;
+        sum *= (float)rows;
+        for (int c = 0; c < classes; c++) d[c] = d[c] / sum - (c == label ? 1.0f / rows : 0.0f);
+    }
+}
+
+/* Every layer's gradients into g, the last layer first, passing delta W^T (through W^T's
+   transpose in wt, masked where the ReLU gave 0) down to the layer below */
+static void backward(const Net *net, int rows) {
+    float *delta = net->delta, *other = net->other;
+    size_t offset = net->size, before = net->hidden;
+    for (int l = net->layers - 1; l >= 0; l--) {
+        int fan_in = net->dims[l], out = net->dims[l + 1];
+        offset -= (size_t)fan_in * out + out;
+        before -= l ? fan_in : 0;
+        const float *inputs = l ? net->acts + (size_t)rows * before : net->in;
+        float *gw = net->g + offset, *gb = gw + (size_t)fan_in * out;
+        memset(gb, 0, sizeof(float) * out);
+        for (int r = 0; r < rows; r++)
+            for (int o = 0; o < out; o++) gb[o] += delta[(size_t)r * out + o];
+        gemm(fan_in, rows, out, inputs, 1, fan_in, delta, NULL, gw);
+        if (l == 0) break;
+        const float *wl = net->w + offset;
+        float *wt = net->wt;
+        for (int i = 0; i < fan_in; i++)
+            for (int o = 0; o < out; o++) wt[(size_t)o * fan_in + i] = wl[(size_t)i * out + o];
+        gemm(rows, out, fan_in, delta, out, 1, wt, NULL, other);
+        for (size_t k = 0; k < (size_t)rows * fan_in; k++)
+            other[k] = inputs[k] > 0.0f ? other[k] : 0.0f;
+        float *swap = delta;
+        delta = other, other = swap;
+    }
+}
+
 /* One epoch, one step a batch of `batch` rows (the last may be short) taken from x (rows of
    dims[0] features) in the epoch's order; labels holds every row's class, lrs each step's rate,
    step the optimizer's step count before the epoch. w, avg and sq (torch's layout; avg unused
@@ -102,76 +174,35 @@ int dense_epoch(int layers, const int *dims, float *w, float *avg, float *sq, co
                 const long long *order, const long long *labels, int n, int batch,
                 const double *lrs, double step, double beta1, double beta2, double eps,
                 double decay, int decoupled, int rmsprop, double *result) {
-    size_t size = 0, hidden = 0, width = 0, features = dims[0];
-    for (int l = 0; l < layers; l++) size += (size_t)dims[l] * dims[l + 1] + dims[l + 1];
+    Net net = {.layers = layers, .dims = dims};
+    size_t width = 0, features = dims[0];
+    for (int l = 0; l < layers; l++) net.size += (size_t)dims[l] * dims[l + 1] + dims[l + 1];
     for (int l = 1; l <= layers; l++) width = (size_t)dims[l] > width ? (size_t)dims[l] : width;
-    for (int l = 1; l < layers; l++) hidden += dims[l];
-    float *buffer = malloc(sizeof(float) * (5 * size + batch * (features + hidden + 3 * width)));
+    for (int l = 1; l < layers; l++) net.hidden += dims[l];
+    size_t size = net.size, rows_total = batch * (features + net.hidden + 3 * width);
+    float *buffer = malloc(sizeof(float) * (5 * size + rows_total)), *avgs, *sqs;
     if (!buffer) return -1;
-    float *ws = buffer, *avgs = ws + size, *sqs = avgs + size, *g = sqs + size, *wt = g + size;
-    float *in = wt + size, *acts = in + batch * features, *z = acts + (size_t)batch * hidden;
-    float *delta = z + (size_t)batch * width, *other = delta + (size_t)batch * width;
-    relayout(layers, dims, w, ws, 0);
+    net.w = buffer, avgs = net.w + size, sqs = avgs + size, net.g = sqs + size;
+    net.wt = net.g + size, net.in = net.wt + size, net.acts = net.in + batch * features;
+    net.z = net.acts + batch * net.hidden, net.delta = net.z + batch * width;
+    net.other = net.delta + batch * width;
+    relayout(layers, dims, w, net.w, 0);
     relayout(layers, dims, avg, avgs, 0);
     relayout(layers, dims, sq, sqs, 0);
-    int classes = dims[layers];
-    double loss = 0.0, correct = 0.0;
+    result[0] = result[1] = 0.0;
     for (int start = 0, s = 0; start < n; start += batch, s++) {
         int rows = n - start < batch ? n - start : batch;
-        for (int r = 0; r < rows; r++)
-            memcpy(in + r * features, x + order[start + r] * features, sizeof(float) * features);
-        float *h = acts;
-        const float *a = in, *wl = ws;
-        for (int l = 0; l < layers; l++) { /* forward: ReLU(a W + b) into acts, the logits into z */
-            int fan_in = dims[l], out = dims[l + 1];
-            float *y = l == layers - 1 ? z : h;
-            gemm(rows, fan_in, out, a, fan_in, 1, wl, wl + (size_t)fan_in * out, y);
-            if (l < layers - 1) {
-                for (size_t k = 0; k < (size_t)rows * out; k++) y[k] = y[k] > 0.0f ? y[k] : 0.0f;
-                a = y, h = y + (size_t)rows * out;
-            }
-            wl += (size_t)fan_in * out + out;
-        }
-        for (int r = 0; r < rows; r++) { /* d mean loss / d logits: (softmax - one-hot) / rows */
-            float *zr = z + (size_t)r * classes, *d = delta + (size_t)r * classes, sum = 0.0f;
-            int label = (int)labels[order[start + r]], top = 0;
-            for (int c = 1; c < classes; c++) top = zr[c] > zr[top] ? c : top;
-            float shift = zr[top];
-            for (int c = 0; c < classes; c++) zr[c] -= shift, d[c] = expf(zr[c]), sum += d[c];
-            loss += log((double)sum) - zr[label];
-            correct += top == label;
-            sum *= (float)rows;
-            for (int c = 0; c < classes; c++) d[c] = d[c] / sum - (c == label ? 1.0f / rows : 0.0f);
-        }
-        size_t offset = size, before = hidden;
-        for (int l = layers - 1; l >= 0; l--) { /* backward, the last layer first */
-            int fan_in = dims[l], out = dims[l + 1];
-            offset -= (size_t)fan_in * out + out;
-            before -= l ? fan_in : 0;
-            const float *inputs = l ? acts + (size_t)rows * before : in;
-            float *gw = g + offset, *gb = gw + (size_t)fan_in * out;
-            memset(gb, 0, sizeof(float) * out);
-            for (int r = 0; r < rows; r++)
-                for (int o = 0; o < out; o++) gb[o] += delta[(size_t)r * out + o];
-            gemm(fan_in, rows, out, inputs, 1, fan_in, delta, NULL, gw);
-            if (l) { /* delta W^T, through W^T's transpose (wt), masked where the ReLU was 0 */
-                const float *wl_t = ws + offset;
-                for (int i = 0; i < fan_in; i++)
-                    for (int o = 0; o < out; o++) wt[(size_t)o * fan_in + i] = wl_t[(size_t)i * out + o];
-                gemm(rows, out, fan_in, delta, out, 1, wt, NULL, other);
-                for (size_t k = 0; k < (size_t)rows * fan_in; k++)
-                    other[k] = inputs[k] > 0.0f ? other[k] : 0.0f;
-                float *swap = delta;
-                delta = other, other = swap;
-            }
-        }
-        optimizer_step((int)size, ws, g, avgs, sqs, lrs[s], step + s + 1, beta1, beta2, eps,
+        for (int r = 0; r < rows; r++) /* the batch's rows, gathered */
+            memcpy(net.in + r * features, x + order[start + r] * features, sizeof *x * features);
+        forward(&net, rows);
+        loss_gradient(&net, rows, order + start, labels, result);
+        backward(&net, rows);
+        optimizer_step((int)size, net.w, net.g, avgs, sqs, lrs[s], step + s + 1, beta1, beta2, eps,
                        decay, decoupled, rmsprop);
     }
-    relayout(layers, dims, ws, w, 1);
+    relayout(layers, dims, net.w, w, 1);
     if (!rmsprop) relayout(layers, dims, avgs, avg, 1);
     relayout(layers, dims, sqs, sq, 1);
     free(buffer);
-    result[0] = loss, result[1] = correct;
     return 0;
 }
