@@ -19,6 +19,8 @@ from pathlib import Path
 
 import reference
 
+from fmnist.train.dense_loop import KERNEL
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Our runs of the dense grid, name: (grid, environment, label): the same work as the reference
@@ -30,7 +32,7 @@ DENSE_GRIDS = {
     "same_work": ("dnn_grid_l2.yaml", {}, "same work"),
     "same_work_autograd": (
         "dnn_grid_l2.yaml",
-        {"FMNIST_DENSE_KERNEL": "0"},
+        {KERNEL: "0"},
         "same work, autograd (no C compiler)",
     ),
     "to_accuracy": ("dnn_grid_fast.yaml", {}, "to equal accuracy"),

@@ -4,9 +4,6 @@ engine can overfit one small batch with it, and dense_kernel.c trains it as auto
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -32,7 +29,7 @@ def splits(synthetic_data_dir):
 def kernel(monkeypatch):
     """dense_kernel.c, which must build wherever a C compiler is found (as on CI)."""
     monkeypatch.delenv(dense_loop.KERNEL, raising=False)
-    if shutil.which(os.environ.get("CC") or "cc") is None:
+    if dense_loop.c_compiler() is None:
         pytest.skip("no C compiler on this machine: autograd trains the dense network")
     load_kernel.cache_clear()
     assert load_kernel() is not None, "dense_kernel.c did not build"

@@ -187,7 +187,7 @@ int dense_epoch(int layers, const int *dims, float *w, float *avg, float *sq, co
     net.z = net.acts + batch * net.hidden, net.delta = net.z + batch * width;
     net.other = net.delta + batch * width;
     relayout(layers, dims, w, net.w, 0);
-    relayout(layers, dims, avg, avgs, 0);
+    if (!rmsprop) relayout(layers, dims, avg, avgs, 0);
     relayout(layers, dims, sq, sqs, 0);
     result[0] = result[1] = 0.0;
     for (int start = 0, s = 0; start < n; start += batch, s++) {

@@ -24,11 +24,16 @@ from fmnist.data import scale_pixels
 KERNEL = "FMNIST_DENSE_KERNEL"  # 0: autograd trains the dense network even where the kernel builds
 
 
+def c_compiler() -> str | None:
+    """The C compiler's path: ``$CC``, else ``cc``, if found."""
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
 @functools.cache
 def load_kernel():
     """dense_kernel.c's ``dense_epoch``, built once a process for this CPU (about 0.7 s), or
-    None: no C compiler (``$CC``, else ``cc``), a failed build, or ``FMNIST_DENSE_KERNEL=0``."""
-    compiler = shutil.which(os.environ.get("CC") or "cc")
+    None: no C compiler, a failed build, or ``FMNIST_DENSE_KERNEL=0``."""
+    compiler = c_compiler()
     if compiler is None or os.environ.get(KERNEL, "1") == "0":
         return None
     source = Path(__file__).with_name("dense_kernel.c")
@@ -119,7 +124,7 @@ class KernelEpoch:
         features = np.ascontiguousarray(scale_pixels(inputs.numpy()), np.float32)
         dims = np.array([features.shape[1], *(p.shape[0] for p in self.params[::2])], np.intc)
         arrays = [dims, weights, moments[0], moments[-1], features]  # RMSprop: one moment
-        arrays += [order.numpy().astype(np.int64), labels.numpy().astype(np.int64)]
+        arrays += [t.numpy().astype(np.int64, copy=False) for t in (order, labels)]
         options = (*self.betas, self.eps, self.decay, self.decoupled, self.rmsprop)
         counts, result = (len(order), batch_size), np.zeros(2)
         if self.kernel(len(dims) - 1, *arrays, *counts, rates, step, *options, result):
