@@ -568,15 +568,21 @@ def test_a_search_whose_cluster_went_away_resumes_when_run_again(
     slow = start(script(ray_dir, [f"TEST_EPOCH_SLEEP=2 {command}"], {}), folder, "1.log", ray_dir)
     try:
 
-        def one_done_one_mid_trial():
+        def done_and_mid_trial_with_no_point_left_to_take():
+            # With a point still queued, a worker that finishes could pop it just before the
+            # kill and die before naming its trial: a run at once would then rightly leave that
+            # point alone for UNNAMED_SECONDS (tests/test_dnn_search.py covers that case).
             trials = trials_of(folder)
-            done = [t for t in trials if t.state == TrialState.COMPLETE]
-            running = [
-                t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
-            ]
-            return len(done) >= 1 and running
+            states = [t.state for t in trials]
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            return (
+                TrialState.COMPLETE in states
+                and TrialState.WAITING not in states
+                and running
+                and all(t.intermediate_values and studies.WORKER in t.user_attrs for t in running)
+            )
 
-        wait_for(one_done_one_mid_trial, slow, 300, "a trial done and one in the middle")
+        wait_for(done_and_mid_trial_with_no_point_left_to_take, slow, 300, "trials mid-way")
     finally:
         slow.kill()  # unshare's child, the namespace's first process, dies: so does all of it
         slow.wait()
