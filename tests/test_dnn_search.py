@@ -399,6 +399,8 @@ def test_a_trial_killed_before_it_named_its_worker_is_released_once_old(tmp_path
     study.enqueue_trial({"x": 1}, user_attrs={studies.POINT: '{"x": 1}'})
     unnamed = study.ask()
     assert studies.release_dead(study) == []  # it may be a live worker's, between two writes
+    summary = studies.summarize(study, [{"x": 1}])
+    assert (summary.held, summary.unnamed) == ([{"x": 1}], 1)  # the run says why it waits
     monkeypatch.setattr(studies, "UNNAMED_SECONDS", -1)
     assert [t.number for t in studies.release_dead(study)] == [unnamed.number]
     assert len(study.get_trials(states=(TrialState.WAITING,))) == 1

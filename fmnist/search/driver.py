@@ -30,6 +30,10 @@ from fmnist.tracking import search_runs
 from fmnist.train import engine
 from fmnist.train.settings import hyperparameters, seed_everything
 
+UNNAMED = (
+    f" A trial that names no worker is taken back {studies.UNNAMED_SECONDS} s after its start (its"
+    " worker was killed as it took it, or names it now): run the command again after that."
+)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
 EPOCH_METRICS += ("epoch_seconds", "images_per_second")
 
@@ -145,7 +149,8 @@ def finish(study, family: Family, outcome: SearchOutcome, finalize_only: bool) -
         names = ", ".join(spec.space.point_name(p) for p in summary.held)
         print(
             f"{len(summary.held)} points are still being trained by other workers ({names}); the "
-            "one that finishes last logs the table and registers the winner.",
+            "one that finishes last logs the table and registers the winner."
+            + (UNNAMED if summary.unnamed else ""),
             file=sys.stderr,
         )
     elif summary.missing and spec.grid:

@@ -291,6 +291,7 @@ class Summary:
     best: BestTrial | None
     missing: list[dict[str, Any]] = field(default_factory=list)
     held: list[dict[str, Any]] = field(default_factory=list)
+    unnamed: int = 0  # running trials that name no worker: a worker killed as it took one?
 
 
 def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary:
@@ -318,7 +319,8 @@ def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary
         best = BestTrial(
             best.number, float(best.value), dict(best.params), str(run_id), int(epoch)
         )
-    return Summary(rows, best, left["missing"], left["held"])
+    unnamed = sum(t.state == TrialState.RUNNING and WORKER not in t.user_attrs for t in trials)
+    return Summary(rows, best, left["missing"], left["held"], unnamed)
 
 
 def trial_columns(trial: FrozenTrial | None, run_name: str) -> dict[str, Any]:
