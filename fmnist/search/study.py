@@ -319,7 +319,7 @@ def summarize(study: optuna.Study, grid: Sequence[Mapping[str, Any]]) -> Summary
         best = BestTrial(
             best.number, float(best.value), dict(best.params), str(run_id), int(epoch)
         )
-    unnamed = sum(t.state == TrialState.RUNNING and WORKER not in t.user_attrs for t in trials)
+    unnamed = sum(t.state == TrialState.RUNNING and not t.user_attrs.get(WORKER) for t in trials)
     return Summary(rows, best, left["missing"], left["held"], unnamed)
 
 
